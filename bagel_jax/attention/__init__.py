@@ -1,0 +1,40 @@
+"""One attention entry point for the whole model: ``attention(q, k, v, q_meta, kv_meta, impl=...)``.
+
+``impl``: ``"reference"`` (dense jnp oracle), ``"tpu"`` (Pallas block-sparse kernel), ``"gpu"``,
+``"auto"`` (by backend). Every implementation takes the same O(L) metadata (mask.py).
+"""
+from __future__ import annotations
+
+import jax
+
+from bagel_jax.attention.mask import CAUSAL, FULL, NOISE, MaskMeta, Split, allowed, metadata_from_splits
+from bagel_jax.attention.reference import reference_attention
+
+IMPLS = ("reference", "tpu", "gpu", "auto")
+
+
+def resolve_impl(impl: str) -> str:
+    """Maps ``auto`` to the implementation for the default backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    return {"tpu": "tpu", "gpu": "gpu"}.get(backend, "reference")
+
+
+def attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *, impl: str = "reference",
+              scale: float | None = None, **kwargs):
+    """Split-wise masked attention. q [B, Lq, Hq, hd], k/v [B, Lkv, Hkv, hd] → [B, Lq, Hq, hd]."""
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        return reference_attention(q, k, v, q_meta, kv_meta, scale=scale)
+    if impl == "tpu":
+        from bagel_jax.attention.tpu_split_splash import split_splash_attention
+        return split_splash_attention(q, k, v, q_meta, kv_meta, scale=scale, **kwargs)
+    from bagel_jax.attention.gpu import gpu_attention
+    return gpu_attention(q, k, v, q_meta, kv_meta, scale=scale, **kwargs)
+
+
+__all__ = ["attention", "resolve_impl", "MaskMeta", "Split", "metadata_from_splits", "allowed",
+           "reference_attention", "CAUSAL", "FULL", "NOISE", "IMPLS"]

@@ -1,0 +1,25 @@
+"""The released BAGEL-7B-MoT shapes (Qwen2.5-7B MoT LLM, SigLIP so400m-14-980 with 26 layers, FLUX VAE).
+
+Command (plan a pod before paying for it):
+  python -m bagel_jax.aot --config=configs/bagel_7b_mot.py --topology=v5p:4x4x4
+Command (train / fine-tune; e.g. the reference's fine-tune recipe):
+  python -m bagel_jax.train --config=configs/bagel_7b_mot.py --config.train.lr=2e-5 \
+      --config.train.init_from=/ckpt/BAGEL-7B-MoT --workdir=gs://bucket/run
+Expected: 14.14B LLM params (7B active per token), 32K-token rows, per-chip HBM printed by the planner.
+"""
+from bagel_jax.config import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.name = "bagel_7b_mot"
+    # base_config() already holds the release shapes; stated here so the file reads as the spec.
+    c.model.update(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                   num_kv_heads=4, rope_theta=1_000_000.0, rms_norm_eps=1e-6, qk_norm=True,
+                   layer_module="mot", max_latent_size=64, vit_max_num_patch_per_side=70,
+                   dtype="bfloat16", remat="full")
+    c.model.vit.update(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, patch_size=14)
+    c.data.update(seq_len=32768, und_len=24576, gen_len=8192, max_vit_patches=16384, max_vae_images=8,
+                  vae_image_size=(1024, 1024), batch_size=64)
+    c.parallel.update(data=1, fsdp=-1, tensor=1)
+    return c
