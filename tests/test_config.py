@@ -1,0 +1,123 @@
+"""Config validation: every class of bad config is one line naming the key, raised before anything builds."""
+import importlib.util
+import pathlib
+
+import ml_collections
+import pytest
+
+from bagel_jax.config import ConfigError, base_config, check_devices, validate
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
+def test_shipped_configs_validate(name):
+    validate(load(name))
+
+
+def _unknown_key(c):
+    c.model.hiden_size = 3  # typo
+
+
+def _wrong_type(c):
+    # ConfigDict refuses `c.train.lr = "fast"` itself; a section replaced whole (e.g. by a sweep) is not checked.
+    section = c.train.to_dict()
+    section["lr"] = "fast"
+    c.train = ml_collections.ConfigDict(section)
+
+
+def _budget(c):
+    c.data.und_len = c.data.seq_len
+
+
+def _heads(c):
+    c.model.num_heads = 5
+
+
+def _kv_heads(c):
+    c.model.num_kv_heads = 3
+
+
+def _choice(c):
+    c.model.attention_impl = "flash"
+
+
+def _freeze(c):
+    c.train.freeze = ("vit", "decoder")
+
+
+def _probability(c):
+    c.data.vit_cond_dropout_prob = 1.5
+
+
+def _vae_size(c):
+    c.data.vae_image_size = (60, 64)
+
+
+def _vit_heads(c):
+    c.model.vit.num_heads = 7
+
+
+def _two_fill(c):
+    c.parallel.fsdp = -1
+
+
+BAD = [
+    (_unknown_key, "model.hiden_size"),
+    (_wrong_type, "train.lr"),
+    (_budget, "data.seq_len"),
+    (_heads, "model.num_heads"),
+    (_kv_heads, "model.num_kv_heads"),
+    (_choice, "model.attention_impl"),
+    (_freeze, "train.freeze"),
+    (_probability, "data.vit_cond_dropout_prob"),
+    (_vae_size, "data.vae_image_size"),
+    (_vit_heads, "model.vit.num_heads"),
+    (_two_fill, "parallel"),
+]
+
+
+@pytest.mark.parametrize("mutate,key", BAD, ids=[k for _, k in BAD])
+def test_bad_config_names_key(mutate, key):
+    c = load("tiny")
+    mutate(c)
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    msg = str(e.value)
+    assert msg.startswith(key + ":"), msg
+    assert "\n" not in msg
+
+
+def test_devices_mesh_and_batch():
+    c = load("tiny")
+    c.parallel.update(data=2, fsdp=2, tensor=2)
+    c.data.batch_size = 4
+    assert check_devices(c, 8) == (2, 2, 2, 1)
+    with pytest.raises(ConfigError, match=r"^parallel: .* 8 devices, but 4 are present"):
+        check_devices(c, 4)
+    c.data.batch_size = 6
+    with pytest.raises(ConfigError, match=r"^data.batch_size:"):
+        check_devices(c, 8)
+    c.parallel.update(data=-1, fsdp=1, tensor=1)
+    c.data.batch_size = 8
+    assert check_devices(c, 8) == (8, 1, 1, 1)
+
+
+def test_missing_key_is_reported():
+    c = load("tiny")
+    del c.train["ema_decay"]
+    with pytest.raises(ConfigError, match=r"^train.ema_decay: missing"):
+        validate(c)
+
+
+def test_base_config_is_release():
+    c = base_config()
+    assert (c.model.hidden_size, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads) == (3584, 28, 28, 4)
+    validate(c)
