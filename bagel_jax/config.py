@@ -48,6 +48,17 @@ def _data() -> ml_collections.ConfigDict:
         vit_transform=(980, 224, 14), vae_transform=(1024, 512, 16),  # (max side, min side, stride)
         text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,
         ce_loss_reweighting=False, num_workers=2, prefetch=2, shuffle=True,
+        # where each mixture kind reads from: "name[/config][:split]" under data_dir; "" = f"{builder}:{kind}"
+        sources=ml_collections.ConfigDict(dict(t2i="", vlm="", edit="", video="", web="")),
+        max_docs_per_row=256,  # documents per row (static size of the per-row record ids)
+        pack_buffer=64,  # documents the packer holds to choose from when filling a row
+        max_input_pixels=200_000_000,  # larger decoded images are skipped as too_large
+        # per-kind ViT resize rule, () = data.vit_transform (the reference's yaml: edit (518, 224, 14),
+        # vlm (980, 378, 14, 2_007_040))
+        vit_transform_by_kind=ml_collections.ConfigDict(dict(t2i=(), vlm=(), edit=(), video=(), web=())),
+        # dtype of vae_images / vit_patches: "float32" in [-1, 1] (PackedBatch contract) or "uint8" in [0, 255]
+        # (4x fewer host bytes; the model then normalises x / 127.5 - 1 and zeroes VAE padding using vae_hw)
+        pixel_dtype="float32",
     ))
 
 
@@ -88,6 +99,7 @@ CHOICES = {
     "model.connector_act": ("gelu_pytorch_tanh", "gelu", "silu"),
     "model.vit.hidden_act": ("gelu_pytorch_tanh", "gelu"),
     "train.schedule": ("constant", "cosine"), "train.nonfinite": ("skip", "halt"),
+    "data.pixel_dtype": ("float32", "uint8"),
 }
 FREEZABLE = ("vit", "connector", "und", "gen", "llm")
 FREE_FORM = ("evals", "parallel.rules_override")  # sections whose keys are not fixed by the schema
@@ -165,6 +177,31 @@ def _budgets(c):
     for k, wgt in d.mixture.items():
         _check(wgt >= 0, f"data.mixture.{k}", f"weight must be >= 0, got {wgt}")
     _check(sum(d.mixture.values()) > 0, "data.mixture", "all weights are 0")
+
+
+@rule
+def _data_transforms(c):
+    d, m = c.data, c.model
+    specs = [("vit_transform", d.vit_transform, m.vit.patch_size),
+             ("vae_transform", d.vae_transform, 8 * m.latent_patch_size)]
+    specs += [(f"vit_transform_by_kind.{k}", v, m.vit.patch_size) for k, v in d.vit_transform_by_kind.items() if v]
+    for key, spec, stride in specs:
+        spec = tuple(spec)
+        _check(len(spec) in (3, 4) and all(isinstance(v, int) and v > 0 for v in spec), f"data.{key}",
+               f"must be (max_size, min_size, stride[, max_pixels]) positive ints, got {spec}")
+        _check(spec[2] == stride, f"data.{key}", f"stride {spec[2]} must equal {stride}")
+        _check(spec[1] <= spec[0], f"data.{key}", f"min_size {spec[1]} > max_size {spec[0]}")
+    for key, spec, _ in specs[:1] + specs[2:]:
+        vit_side = spec[0] // m.vit.patch_size
+        _check(vit_side <= m.vit_max_num_patch_per_side, f"data.{key}",
+               f"max_size {spec[0]} gives {vit_side} patches per side > "
+               f"model.vit_max_num_patch_per_side={m.vit_max_num_patch_per_side}")
+    _check(d.vae_transform[0] <= min(d.vae_image_size), "data.vae_transform",
+           f"max_size {d.vae_transform[0]} exceeds data.vae_image_size {tuple(d.vae_image_size)}")
+    _check(d.max_vit_patches <= d.und_len, "data.max_vit_patches",
+           f"{d.max_vit_patches} > und_len {d.und_len} (every patch takes an und slot)")
+    _check(d.max_docs_per_row >= 1, "data.max_docs_per_row", f"must be >= 1, got {d.max_docs_per_row}")
+    _check(d.pack_buffer >= 1, "data.pack_buffer", f"must be >= 1, got {d.pack_buffer}")
 
 
 @rule

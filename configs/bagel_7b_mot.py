@@ -19,7 +19,9 @@ def get_config(arg=None):
                    layer_module="mot", max_latent_size=64, vit_max_num_patch_per_side=70,
                    dtype="bfloat16", remat="full")
     c.model.vit.update(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, patch_size=14)
-    c.data.update(seq_len=32768, und_len=24576, gen_len=8192, max_vit_patches=16384, max_vae_images=8,
+    # und ≈ 35% of the row fits the reference's t2i/vlm/edit mix (benchmarks/pack_fill.py: 97.4% fill);
+    # for 45K rows use seq_len=45056, und_len=15872, gen_len=29184, max_vae_images=16.
+    c.data.update(seq_len=32768, und_len=11520, gen_len=21248, max_vit_patches=11520, max_vae_images=12,
                   vae_image_size=(1024, 1024), batch_size=64)
     c.parallel.update(data=1, fsdp=-1, tensor=1)
     return c

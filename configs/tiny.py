@@ -15,7 +15,7 @@ def get_config(arg=None):
              vit_max_num_patch_per_side=8)
     m.vit.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=14, num_positions=64)
     m.vae.update(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, dtype="float32")
-    c.data.update(seq_len=512, und_len=384, gen_len=128, max_vit_patches=128, max_vae_images=4,
+    c.data.update(seq_len=512, und_len=384, gen_len=128, max_vit_patches=128, max_vae_images=8,
                   vae_image_size=(64, 64), batch_size=2, vit_transform=(112, 56, 14), vae_transform=(64, 32, 16))
     c.train.update(steps=30, lr=1e-3, warmup_steps=2, ema_decay=0.99, log_every=1, checkpoint_every=10)
     return c

@@ -1,0 +1,7 @@
+"""Input pipeline: TFDS builders → grain → packed ``PackedBatch`` rows (DESIGN §1, §4).
+
+images.py (resize/normalise/patchify, pure numpy + PIL) · tokenizer.py (SentencePiece | tokenizer.json) ·
+sample.py (segments → token layout per sample) · records.py (stored record → sample, per data kind) ·
+pack.py (budgets, packer, row writer, grain pack dataset) · pipeline.py (config → iterator for the trainer) ·
+builders/ (synthetic_shapes, t2i, vlm_sft, edit, interleaved_video, interleaved_web).
+"""

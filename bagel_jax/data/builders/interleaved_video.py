@@ -1,0 +1,56 @@
+"""Interleaved video: frames with a caption for each change between consecutive frames, via ``manual_dir``.
+
+``manual_dir`` holds ``*.jsonl`` files (any depth). Each line::
+
+    {"frames": "clip_0/" | ["f0.jpg", "f1.jpg", ...], "captions": ["the car turns left", ...]}
+
+``frames`` is a folder of frames (sorted by name) or a list of paths, relative to the jsonl's folder;
+``captions[i]`` describes the change from frame i to frame i + 1 (so len(captions) = frames − 1). At most
+``--max_frames`` (default 8) frames are kept per clip; when frames are dropped, the captions of the merged
+changes are joined.
+
+    python -m bagel_jax.data.builders.interleaved_video --manual_dir=/data/video --data_dir=/data/tfds
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from bagel_jax.data.builders import common
+
+
+class InterleavedVideo(common.LocalFilesBuilder):
+    """Frames + per-change captions from manual_dir (see module docstring)."""
+
+    DESCRIPTION = __doc__
+
+    def __init__(self, *, max_frames: int = 8, **kwargs):
+        self.max_frames = max_frames
+        super().__init__(**kwargs)
+
+    def _generate_examples(self, manual_dir):
+        for path in common.files(manual_dir, "*.jsonl"):
+            base, rel = os.path.dirname(path), os.path.relpath(path, manual_dir)
+            for i, item in common.jsonl(path):
+                frames = item["frames"]
+                paths = (common.frame_files(common.resolve(base, frames)) if isinstance(frames, str)
+                         else [common.resolve(base, f) for f in frames])
+                captions = list(item.get("captions", []))
+                keep = list(range(len(paths)))
+                if len(paths) > self.max_frames:
+                    keep = sorted(set(np.linspace(0, len(paths) - 1, self.max_frames).round().astype(int).tolist()))
+                    captions = [" ".join(captions[a:b]) for a, b in zip(keep[:-1], keep[1:])] \
+                        if len(captions) == len(paths) - 1 else captions
+                    paths = [paths[k] for k in keep]
+                images = [common.read_file(p) for p in paths]
+                names = [os.path.relpath(p, manual_dir) for p in paths]
+                yield f"{rel}:{i}", common.record("video", {"captions": captions}, images, names)
+
+
+def main(argv=None):
+    common.cli(InterleavedVideo, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

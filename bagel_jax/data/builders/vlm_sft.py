@@ -1,0 +1,58 @@
+"""VLM instruction data in LLaVA jsonl + image folder form (the reference's ``vlm_sft`` format), via ``manual_dir``.
+
+``manual_dir`` holds ``*.jsonl`` files (any depth). Each line::
+
+    {"image": "a.jpg" | ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "<image>\\nWhat ..."},
+                                                          {"from": "gpt", "value": "..."}]}
+    {"video": "clip_frames/", "conversations": [{"from": "human", "value": "<video>\\nDescribe it."}, ...]}
+
+Image paths are relative to the jsonl's folder (or its ``images/`` subfolder). A video is a folder of frames;
+at most ``--max_frames`` (default 8) are kept, evenly spread, and ``<video>`` becomes one ``<image>`` per frame.
+A missing image is stored empty and the sample is skipped (and counted) at training time.
+
+    python -m bagel_jax.data.builders.vlm_sft --manual_dir=/data/llava --data_dir=/data/tfds
+"""
+from __future__ import annotations
+
+import os
+
+from bagel_jax.data.builders import common
+
+
+class VlmSft(common.LocalFilesBuilder):
+    """LLaVA-style conversations with images from manual_dir (see module docstring)."""
+
+    DESCRIPTION = __doc__
+
+    def __init__(self, *, max_frames: int = 8, **kwargs):
+        self.max_frames = max_frames
+        super().__init__(**kwargs)
+
+    def _generate_examples(self, manual_dir):
+        for path in common.files(manual_dir, "*.jsonl"):
+            base, rel = os.path.dirname(path), os.path.relpath(path, manual_dir)
+            for i, item in common.jsonl(path):
+                conversations = [dict(c) for c in item.get("conversations", [])]
+                if "image" in item:
+                    paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
+                    paths = [common.resolve(base, p) for p in paths]
+                elif "video" in item:
+                    folder = common.resolve(base, item["video"])
+                    paths = common.sample_uniform(common.frame_files(folder), self.max_frames) or [folder]
+                    for c in conversations:
+                        if "<video>" in c.get("value", ""):
+                            c["value"] = c["value"].replace("<video>", "<image>" * len(paths))
+                            break
+                else:
+                    paths = []
+                images = [common.read_file(p) for p in paths]
+                names = [os.path.relpath(p, manual_dir) for p in paths]
+                yield f"{rel}:{i}", common.record("vlm", {"conversations": conversations}, images, names)
+
+
+def main(argv=None):
+    common.cli(VlmSft, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
