@@ -1,0 +1,208 @@
+"""Command-line inference with the reference (cache-free) path.
+
+    python -m bagel_jax.infer.cli --checkpoint=/path/BAGEL-7B-MoT --mode=t2i --prompt="a red fox" --out=fox.png
+    python -m bagel_jax.infer.cli --checkpoint=DIR --mode=understand --image=cat.jpg --prompt="What is this?"
+    python -m bagel_jax.infer.cli --checkpoint=DIR --mode=edit --image=cat.jpg --prompt="make it blue" --out=x.png
+    python -m bagel_jax.infer.cli --random_tiny --mode=t2i --prompt="a red square" --out=/tmp/x.png   # smoke run
+
+``--checkpoint`` is a release-layout directory (``ema.safetensors``, ``ae.safetensors``, ``llm_config.json``,
+``vit_config.json``, tokenizer files). ``--random_tiny`` first writes a random checkpoint at configs/tiny.py
+shapes plus a small SentencePiece tokenizer into ``--checkpoint`` (default: a temporary directory).
+Defaults per mode follow the reference's notebook/app (bagel.md §8.4): t2i cfg_text 4, cfg_img 1, interval
+[0.4, 1], global renorm; edit cfg_text 4, cfg_img 2, interval [0, 1], text_channel renorm; 50 steps, shift 3;
+understanding greedy, max 512 tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+MODES = ("understand", "t2i", "edit")
+MODE_DEFAULTS = {
+    "t2i": dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval="0.4,1.0", cfg_renorm_type="global"),
+    "edit": dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval="0.0,1.0", cfg_renorm_type="text_channel"),
+}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bagel_jax.infer.cli", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="", help="release-layout directory")
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--prompt", default="", help="the text input")
+    p.add_argument("--image", default="", help="input image (understand / edit)")
+    p.add_argument("--out", default="", help="output PNG (t2i / edit) or text file (understand)")
+    p.add_argument("--tokenizer", default="", help="tokenizer.json / *.model (default: in --checkpoint)")
+    p.add_argument("--config", default="", help="Python config file for non-checkpoint settings "
+                   "(dtype, attention impl, resize rules); default: bagel_jax.config.base_config()")
+    p.add_argument("--random_tiny", action="store_true", help="write and use a random tiny checkpoint")
+    p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"), help="compute dtype override")
+    p.add_argument("--height", type=int, default=0, help="t2i image height (default: data.vae_transform max)")
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--num_timesteps", type=int, default=50)
+    p.add_argument("--timestep_shift", type=float, default=3.0)
+    p.add_argument("--cfg_text_scale", type=float, default=None)
+    p.add_argument("--cfg_img_scale", type=float, default=None)
+    p.add_argument("--cfg_interval", default=None, help="'lo,hi': CFG applies when lo < t <= hi")
+    p.add_argument("--cfg_renorm_type", default=None, choices=("global", "channel", "text_channel"))
+    p.add_argument("--cfg_renorm_min", type=float, default=0.0)
+    p.add_argument("--max_length", type=int, default=512, help="understanding: max fed tokens")
+    p.add_argument("--do_sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.checkpoint and not args.random_tiny:
+        p.error("--checkpoint is required (or --random_tiny)")
+    if args.mode in ("understand", "edit") and not args.image:
+        p.error(f"--mode={args.mode} needs --image")
+    if args.mode != "understand" and not args.out:
+        p.error(f"--mode={args.mode} needs --out (a PNG path)")
+    for k, v in MODE_DEFAULTS.get(args.mode, {}).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def load_config_file(path: str):
+    spec = importlib.util.spec_from_file_location("bagel_cli_config", path)
+    if spec is None or not os.path.exists(path):
+        raise FileNotFoundError(f"--config: {path} does not exist")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def write_random_tiny(directory: str, config) -> None:
+    """A random release-layout checkpoint at ``config.model`` shapes + a SentencePiece tokenizer."""
+    from bagel_jax.convert.bagel_ckpt import write_random_checkpoint
+    from bagel_jax.data.builders import synthetic_shapes
+    from bagel_jax.data.tokenizer import train_sentencepiece
+
+    write_random_checkpoint(directory, config.model, seed=0)
+    tok = train_sentencepiece(synthetic_shapes.corpus(), os.path.join(directory, "tokenizer.model"),
+                              vocab_size=config.model.vocab_size)
+    if tok.vocab_size > config.model.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} ids > model.vocab_size {config.model.vocab_size}")
+
+
+def fit_rule(rule, largest: int):
+    """``rule`` with its max side capped at what the model's position tables cover (``largest`` pixels)."""
+    import dataclasses
+
+    if rule.max_size <= largest:
+        return rule
+    print(f"resize rule {rule.max_size}px capped at {largest}px (the model's position table)", file=sys.stderr)
+    return dataclasses.replace(rule, max_size=largest, min_size=min(rule.min_size, largest))
+
+
+def find_tokenizer(args) -> str:
+    if args.tokenizer:
+        return args.tokenizer
+    for name in ("tokenizer.json", "tokenizer.model"):
+        path = os.path.join(args.checkpoint, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"--tokenizer: no tokenizer.json or tokenizer.model in {args.checkpoint}")
+
+
+def safe_decode(tokenizer, ids) -> str:
+    """Decodes ids; ids outside the tokenizer's vocabulary (the LM head can be larger) render as ``<id:N>``."""
+    out, run = [], []
+    for i in ids:
+        if 0 <= int(i) < tokenizer.vocab_size:
+            run.append(int(i))
+            continue
+        if run:
+            out.append(tokenizer.decode(run))
+            run = []
+        out.append(f"<id:{int(i)}>")
+    if run:
+        out.append(tokenizer.decode(run))
+    return "".join(out)
+
+
+def read_image(path: str) -> np.ndarray:
+    from PIL import Image as PILImage
+
+    from bagel_jax.data.images import to_rgb
+    with PILImage.open(path) as img:
+        return np.asarray(to_rgb(img), np.uint8)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    from bagel_jax.config import base_config
+    from bagel_jax.convert.bagel_ckpt import load_checkpoint
+    from bagel_jax.data.images import ResizeRule
+    from bagel_jax.data.tokenizer import load_tokenizer
+    from bagel_jax.infer.context import Preprocess, interleave_contexts
+    from bagel_jax.infer.image import ImageSampler, decode_latents
+    from bagel_jax.infer.text import TextGenerator
+    from bagel_jax.model.bagel import Bagel
+
+    config_path = args.config or (os.path.join(REPO_ROOT, "configs", "tiny.py") if args.random_tiny else "")
+    config = load_config_file(config_path) if config_path else base_config()
+    if args.random_tiny:
+        args.checkpoint = args.checkpoint or tempfile.mkdtemp(prefix="bagel_random_tiny_")
+        write_random_tiny(args.checkpoint, config)
+        print(f"wrote a random tiny checkpoint to {args.checkpoint}", file=sys.stderr)
+    base = config.model
+    if args.dtype:
+        base.dtype = args.dtype
+    model_cfg, params = load_checkpoint(args.checkpoint, base)
+    tokenizer = load_tokenizer(find_tokenizer(args))
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids > the model's vocab_size {model_cfg.vocab_size}")
+    params = jax.tree.map(jax.numpy.asarray, params)
+    model = Bagel(model_cfg)
+    vae_rule = fit_rule(ResizeRule.from_tuple(config.data.vae_transform),
+                        model_cfg.max_latent_size * 8 * model_cfg.latent_patch_size)
+    vit_rule = fit_rule(ResizeRule.from_tuple(config.data.vit_transform),
+                        model_cfg.vit_max_num_patch_per_side * model_cfg.vit.patch_size)
+    pre = Preprocess(tokenizer, vae_rule, vit_rule)
+    rng = jax.random.key(args.seed)
+    items = ([read_image(args.image)] if args.image else []) + ([args.prompt] if args.prompt else [])
+    if not items:
+        raise ValueError("--prompt and/or --image: nothing to condition on")
+
+    if args.mode == "understand":
+        ctx = interleave_contexts(items, pre, understanding=True)
+        ids = TextGenerator(model, params, tokenizer).generate(
+            ctx.gen, max_length=args.max_length, do_sample=args.do_sample, temperature=args.temperature, rng=rng)
+        text = safe_decode(tokenizer, ids)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write(text + "\n")
+        return 0
+
+    if not model_cfg.visual_gen:
+        raise ValueError(f"--mode={args.mode}: the checkpoint has no generation weights (visual_gen=False)")
+    ctx = interleave_contexts(items, pre)
+    if args.mode == "t2i":
+        side = vae_rule.max_size
+        hw = (args.height or side, args.width or side)
+    else:
+        hw = ctx.image_hw
+    lo, hi = (float(v) for v in args.cfg_interval.split(","))
+    result = ImageSampler(model, params, tokenizer).sample(
+        ctx.gen, ctx.cfg_text, ctx.cfg_img, hw, num_timesteps=args.num_timesteps,
+        timestep_shift=args.timestep_shift, cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
+        cfg_interval=(lo, hi), cfg_renorm_type=args.cfg_renorm_type, cfg_renorm_min=args.cfg_renorm_min, rng=rng)
+    image = decode_latents(model_cfg.vae, params["vae"], result.latents, result.grid_hw, model_cfg.latent_patch_size)
+    from PIL import Image as PILImage
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    PILImage.fromarray(image).save(args.out)
+    print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

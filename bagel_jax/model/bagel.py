@@ -1,0 +1,295 @@
+"""BAGEL assembly (reference ``modeling/bagel/bagel.py`` ``Bagel.forward``, bagel.md §1.2–§1.4).
+
+One ``PackedBatch`` row in, per-slot CE and per-slot velocities out::
+
+    und slots [0, U):  text → embed_tokens(text_ids);  ViT patch → connector(SigLIP(patches)) + vit_pos_embed(vit_pos)
+    gen slots [U, L):  x0 = patchify(normalize(sample_posterior(VAE.encode(image))))[vae_src]      (frozen VAE)
+                       t  = shift(sigmoid(vae_timestep[image])) at noised slots, 0 at clean ones
+                       x_t = (1 − t)·x0 + t·ε,   h = vae2llm(x_t) + time_embedder(t) + latent_pos_embed(vae_pos)
+    (und_h, gen_h) = language_model(und_x, gen_x, position, mask)           (MoT: und / gen experts)
+    ce[u]          = CE(lm_head(und_h[u]), labels[u])                        (chunked over U, f32)
+    velocity_pred  = llm2vae(gen_h),  velocity_target = ε − x0,  mse_mask = noised slots
+
+Param tree (names chosen so the official state dict maps by a table, ``convert/bagel_ckpt.py``)::
+
+    language_model/...        LanguageModel (mot.py)            language_model.*
+    time_embedder/mlp_{0,2}   TimestepEmbedder                  time_embedder.mlp.{0,2}.*      (visual_gen)
+    vae2llm, llm2vae          Dense 64→D / D→64 (llm2vae zero)  vae2llm.*, llm2vae.*           (visual_gen)
+    latent_pos_embed/pos_embed  fixed sin-cos [M², D]           latent_pos_embed.pos_embed     (visual_gen)
+    vae/{encoder,decoder}     FluxVAE, frozen                   ae.safetensors (separate file)  (visual_gen)
+    vit_model/...             SiglipNaViT                       vit_model.vision_model.*       (visual_und)
+    connector/fc{1,2}         Connector                         connector.fc{1,2}.*            (visual_und)
+    vit_pos_embed/pos_embed   fixed sin-cos [S², D]             vit_pos_embed.pos_embed        (visual_und)
+
+**The VAE lives inside the param tree under ``vae``** (one tree to init, shard, checkpoint and load)
+but is frozen by construction: its outputs pass through ``stop_gradient``, so its gradient is exactly
+zero and no backward pass runs through it; ``train/optim.py`` additionally gives ``vae/`` no optimizer
+state (``ALWAYS_FROZEN``). It is not part of ``ema.safetensors``; the converter reads/writes it from/to
+``ae.safetensors``.
+
+Randomness: ``rng`` is split into (posterior, flow): the VAE posterior draw ε_z ~ N(0, 1) of shape
+[B, N, H/8, W/8, C] and the flow noise ε ~ N(0, 1) of shape [B, N, T, p²C] (per image and latent
+token, so a sample's noise does not depend on where it is packed). Both can be given explicitly
+(``noise=``) to reproduce a computation exactly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bagel_jax.batch import KIND_NOISED_VAE, KIND_TEXT, PackedBatch
+from bagel_jax.model.embeddings import Connector, PositionEmbedding, TimestepEmbedder
+from bagel_jax.model.layers import bias_init, kernel_init
+from bagel_jax.model.mot import HIDDEN_AXES, LanguageModel
+from bagel_jax.model.siglip import SiglipNaViT
+from bagel_jax.model.vae import FluxVAE, normalize_latent, patchify_latent
+
+
+def shift_timestep(t, shift: float):
+    """The reference's timestep shift ``s·t / (1 + (s − 1)·t)`` (identity for s = 1)."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def flow_time(logit, shift: float):
+    """Training flow time from the batch's raw logit: ``shift(sigmoid(z))``; z = −inf (clean) → 0."""
+    return shift_timestep(jax.nn.sigmoid(logit.astype(jnp.float32)), shift)
+
+
+def _scatter_rows(dest, slots, values):
+    """dest [B, U, D], slots int[B, P] (U = drop), values [B, P, D] → dest with values written at slots."""
+    return jax.vmap(lambda d, s, v: d.at[s].set(v.astype(d.dtype), mode="drop"))(dest, slots, values)
+
+
+def _gather_rows(src, index):
+    """src [B, M, F], index int[B, G] → [B, G, F]."""
+    return jnp.take_along_axis(src, index[..., None], axis=1)
+
+
+def chunked_cross_entropy(h, kernel, labels, chunk: int = 4096, dtype=jnp.float32):
+    """Per-slot CE of ``h @ kernel`` without materialising all logits.
+
+    Args:
+      h: [B, U, D] final-normed hidden states; kernel: [D, V] LM head; labels: int[B, U].
+      chunk: slots per chunk (the logits of one chunk, [B, chunk, V] f32, are the peak memory;
+        each chunk is rematerialised in the backward pass).
+
+    Returns:
+      float32[B, U]: logsumexp(logits) − logits[label] (computed everywhere; mask with the weights).
+    """
+    b, u, d = h.shape
+    chunk = max(1, min(chunk, u))
+    pad = (-u) % chunk
+    if pad:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, pad)))
+    n = (u + pad) // chunk
+    hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)
+    ls = labels.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        hc, lc = args
+        logits = jnp.einsum("bcd,dv->bcv", hc.astype(dtype), kernel.astype(dtype),
+                            preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, lc[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return lse - picked
+
+    ce = jax.lax.map(one, (hs, ls)) if n > 1 else one((hs[0], ls[0]))[None]
+    return ce.swapaxes(0, 1).reshape(b, n * chunk)[:, :u]
+
+
+class Bagel(nn.Module):
+    """The BAGEL model on packed rows. ``cfg`` is the config's ``model`` section.
+
+    ``ce_chunk``: und slots per chunk of the chunked LM-head cross entropy.
+    """
+
+    cfg: ml_collections.ConfigDict
+    ce_chunk: int = 4096
+
+    def setup(self):
+        cfg = self.cfg
+        d = cfg.hidden_size
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.language_model = LanguageModel(cfg)
+        if cfg.visual_gen:
+            patch_dim = cfg.latent_patch_size ** 2 * cfg.vae.z_channels
+            self.time_embedder = TimestepEmbedder(d, dtype=dtype, param_dtype=pdtype)
+            self.vae2llm = nn.Dense(d, dtype=dtype, param_dtype=pdtype, kernel_init=kernel_init("patch", "embed"),
+                                    bias_init=bias_init("embed"))
+            zeros = nn.initializers.zeros_init()  # the reference zero-initialises llm2vae (weight and bias)
+            self.llm2vae = nn.Dense(patch_dim, dtype=dtype, param_dtype=pdtype,
+                                    kernel_init=nn.with_logical_partitioning(zeros, ("embed", "patch")),
+                                    bias_init=nn.with_logical_partitioning(zeros, ("patch",)))
+            self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, d, dtype=dtype)
+            self.vae = FluxVAE(cfg.vae)
+        if cfg.visual_und:
+            self.vit_model = SiglipNaViT(cfg)
+            self.connector = Connector(d, cfg.connector_act, dtype=dtype, param_dtype=pdtype)
+            self.vit_pos_embed = PositionEmbedding(cfg.vit_max_num_patch_per_side, d, dtype=dtype)
+
+    # --- pieces -----------------------------------------------------------------------------------
+
+    def embed_und(self, batch: PackedBatch):
+        """Und-slot inputs [B, U, D]: token embeddings at text slots, ViT tokens at ``vit_slot``, 0 elsewhere."""
+        cfg = self.cfg
+        u = batch.und_len
+        kind_und = batch.kind[:, :u]
+        x = self.language_model.embed(batch.text_ids)
+        x = jnp.where((kind_und == KIND_TEXT)[..., None], x, jnp.zeros_like(x))
+        if cfg.visual_und:
+            vit = self.vit_model(batch.vit_patches, batch.vit_pos, batch.vit_image)
+            vit = self.connector(vit) + self.vit_pos_embed(batch.vit_pos)
+            x = _scatter_rows(x, batch.vit_slot, vit)
+        return nn.with_logical_constraint(x, HIDDEN_AXES)
+
+    def encode_latents(self, batch: PackedBatch, rng=None, posterior_noise=None):
+        """Clean normalised latent tokens of the row's images: float32[B, N, T, p²C] (frozen VAE).
+
+        ``posterior_noise`` float[B, N, H/8, W/8, C] replaces the posterior draw from ``rng``.
+        """
+        cfg = self.cfg
+        b, n, hh, ww, c = batch.vae_images.shape
+        images = batch.vae_images.reshape(b * n, hh, ww, c)
+        hw = batch.vae_hw.reshape(b * n, 2)
+        mean, logvar = self.vae.encode(images, hw)
+        mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)
+        if posterior_noise is None:
+            if rng is None:
+                raise ValueError("Bagel: an rng (or noise=dict(posterior=...)) is needed to sample the VAE posterior")
+            eps = jax.random.normal(rng, mean.shape, jnp.float32)
+        else:
+            eps = jnp.asarray(posterior_noise, jnp.float32).reshape(mean.shape)
+        z = mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps
+        tokens = patchify_latent(normalize_latent(z, cfg.vae), cfg.latent_patch_size)
+        return tokens.reshape(b, n, tokens.shape[1], tokens.shape[2])
+
+    def embed_gen(self, x_t, t, vae_pos):
+        """Gen-slot inputs [B, G, D] = vae2llm(x_t) + time_embedder(t) + latent_pos_embed(vae_pos)."""
+        h = self.vae2llm(x_t) + self.time_embedder(t) + self.latent_pos_embed(vae_pos)
+        return nn.with_logical_constraint(h, HIDDEN_AXES)
+
+    def lm_head_kernel(self):
+        """The LM head as a [D, V] array (the embedding matrix transposed when tied)."""
+        lm = self.language_model
+        if self.cfg.tie_word_embeddings:
+            return nn.unbox(lm.embed_tokens.variables["params"]["embedding"]).T
+        return nn.unbox(lm.lm_head.variables["params"]["kernel"])
+
+    def text_logits(self, und_h):
+        """[B, T, D] final-normed und hidden states → [B, T, V] logits."""
+        return self.language_model.logits(und_h)
+
+    def velocity(self, gen_h):
+        """[B, G, D] final-normed gen hidden states → predicted velocity float32[B, G, p²C]."""
+        return self.llm2vae(gen_h).astype(jnp.float32)
+
+    # --- forward ----------------------------------------------------------------------------------
+
+    def __call__(self, batch: PackedBatch, rng=None, *, noise: dict | None = None, x0=None, xt=None,
+                 deterministic: bool = True, return_logits: bool = False, with_ce: bool = True) -> dict[str, Any]:
+        """Forward of packed rows.
+
+        Args:
+          batch: ``PackedBatch`` (leading row dim B).
+          rng: PRNG key for the posterior draw and the flow noise (not needed if both are given).
+          noise: optional ``{'posterior': [B, N, H/8, W/8, C], 'flow': [B, N, T, p²C]}`` overriding the draws.
+          x0: optional float[B, N, T, p²C] clean latent tokens (skips the VAE; e.g. encoded once for sampling).
+          xt: optional (x_t float[B, G, p²C], t float[B, G]) used at the noised slots instead of noising
+            x0 (the sampler's current state and flow time).
+          deterministic: unused (no dropout).
+          return_logits: also return ``text_logits`` [B, U, V] (small models / tests only).
+          with_ce: compute ``ce`` (inference turns it off: it costs U·V·D per row).
+
+        Returns:
+          dict with ``und_hidden`` [B, U, D], ``ce`` float32[B, U] (if ``with_ce``: CE of the label at every
+          und slot; mask with ``batch.ce_weight > 0``), and when ``visual_gen`` and G > 0: ``velocity_pred``,
+          ``velocity_target`` float32[B, G, p²C], ``mse_mask`` bool[B, G] (noised slots), ``timestep``
+          float32[B, G] (flow time per slot), ``gen_hidden`` [B, G, D].
+        """
+        cfg = self.cfg
+        u, g = batch.und_len, batch.gen_len
+        noise = noise or {}
+        und_x = self.embed_und(batch)
+        out: dict[str, Any] = {}
+        if cfg.visual_gen and g > 0:
+            kind_gen = batch.kind[:, u:]
+            noised = kind_gen == KIND_NOISED_VAE
+            rng_post, rng_flow = jax.random.split(rng) if rng is not None else (None, None)
+            if x0 is None:
+                x0 = self.encode_latents(batch, rng_post, noise.get("posterior"))
+            b, n, t_img, f = x0.shape
+            flat_src = jnp.clip(batch.vae_src, 0, n * t_img - 1)
+            x0_slot = _gather_rows(x0.reshape(b, n * t_img, f), flat_src)
+            if "flow" in noise:
+                eps = jnp.asarray(noise["flow"], jnp.float32).reshape(b, n * t_img, f)
+            elif xt is None:
+                if rng_flow is None:
+                    raise ValueError("Bagel: an rng (or noise=dict(flow=...)) is needed for the flow noise")
+                eps = jax.random.normal(rng_flow, (b, n * t_img, f), jnp.float32)
+            else:
+                eps = jnp.zeros((b, n * t_img, f), jnp.float32)
+            eps_slot = _gather_rows(eps, flat_src)
+            t_per_image = flow_time(batch.vae_timestep, cfg.timestep_shift)  # [B, N]
+            t = jnp.where(noised, jnp.take_along_axis(t_per_image, flat_src // t_img, axis=1), 0.0)
+            x_t = (1.0 - t[..., None]) * x0_slot + t[..., None] * eps_slot
+            if xt is not None:
+                xt_val, xt_time = xt
+                x_t = jnp.where(noised[..., None], jnp.asarray(xt_val, jnp.float32), x_t)
+                t = jnp.where(noised, jnp.asarray(xt_time, jnp.float32), t)
+            gen_x = self.embed_gen(x_t, t, batch.vae_pos)
+            out.update(velocity_target=eps_slot - x0_slot, mse_mask=noised, timestep=t)
+        else:
+            gen_x = jnp.zeros((und_x.shape[0], g, cfg.hidden_size), und_x.dtype)
+
+        und_h, gen_h = self.language_model(und_x, gen_x, batch.position, batch.mask_meta(),
+                                           deterministic=deterministic)
+        if self.is_initializing():  # create the LM head and the whole VAE (decoder too) in the param tree
+            self.language_model.logits(und_h[:, :1])
+            if cfg.visual_gen:
+                self.vae.decode(jnp.zeros((1, 1, 1, cfg.vae.z_channels), jnp.float32))
+        out["und_hidden"] = und_h
+        if with_ce:
+            out["ce"] = chunked_cross_entropy(und_h, self.lm_head_kernel(), batch.labels, self.ce_chunk,
+                                              jnp.dtype(cfg.dtype))
+        if return_logits:
+            out["text_logits"] = self.text_logits(und_h)
+        if cfg.visual_gen and g > 0:
+            out["gen_hidden"] = gen_h
+            out["velocity_pred"] = self.velocity(gen_h)
+        return out
+
+
+def dummy_batch(model_cfg, batch_size: int = 1, *, seq_len: int = 16, und_len: int = 12, vit_patches: int = 4,
+                vae_images: int = 1, vae_hw: tuple[int, int] = (16, 16)) -> PackedBatch:
+    """An all-padding ``PackedBatch`` (small by default: parameter shapes do not depend on the budgets)."""
+    import numpy as np
+
+    from bagel_jax.batch import empty_row
+
+    row = empty_row(seq_len, und_len, vit_patches, model_cfg.vit.patch_size ** 2 * 3, vae_images, tuple(vae_hw))
+    return PackedBatch(**{k: jnp.asarray(np.broadcast_to(v, (batch_size,) + v.shape)) for k, v in row.items()})
+
+
+def make_init_fn(config):
+    """``(model, init_fn)`` for a full config; ``init_fn(rng) -> params`` (boxed with logical axis names),
+    the ``params`` collection of ``Bagel(config.model)`` incl. the frozen VAE under ``vae``."""
+    model = Bagel(config.model)
+    batch = dummy_batch(config.model)
+
+    def init_fn(rng):
+        k_params, k_noise = jax.random.split(rng)
+        return model.init({"params": k_params}, batch, k_noise)["params"]
+
+    return model, init_fn
+
+
+def init_bagel(config, rng):
+    """``(model, {'params': ...})`` (boxed) for a full config."""
+    model, init_fn = make_init_fn(config)
+    return model, {"params": init_fn(rng)}

@@ -1,0 +1,125 @@
+"""Bagel on packed rows = the unpacked oracle on each sample alone (tiny model, fp32)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bagel_testlib as lib
+from bagel_jax.batch import KIND_NOISED_VAE
+from bagel_jax.model.bagel import Bagel, chunked_cross_entropy, flow_time
+from bagel_jax.model.unpacked import dense_mask
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return lib.tiny_setup()
+
+
+@pytest.fixture(scope="module")
+def packed_run():
+    return lib.packed_four()
+
+
+def test_packed_equals_unpacked(setup, packed_run):
+    config, cfg, params, model = setup
+    docs, batch, per_doc, noise, out = packed_run
+    u = batch.und_len
+    for d, (doc, ref) in enumerate(zip(docs, lib.oracle_four()), start=1):
+        und, gen = lib.slots_of(batch, 0, d)
+        assert len(und) == len(ref["logits"]) and len(gen) == len(doc.gen_nat), doc.key
+        np.testing.assert_allclose(out["text_logits"][0, und], ref["logits"], atol=1e-5, rtol=1e-5,
+                                   err_msg=f"logits of sample {doc.key}")
+        np.testing.assert_allclose(out["ce"][0, und], ref["ce"], atol=1e-5, rtol=1e-5)
+        if len(gen):
+            np.testing.assert_allclose(out["velocity_pred"][0, gen], ref["velocity"], atol=1e-5, rtol=1e-5,
+                                       err_msg=f"velocity of sample {doc.key}")
+            np.testing.assert_allclose(out["velocity_target"][0, gen], ref["target"], atol=1e-5, rtol=1e-5)
+            np.testing.assert_array_equal(out["mse_mask"][0, gen], ref["noised"])
+            np.testing.assert_allclose(out["timestep"][0, gen], ref["t"], atol=1e-6)
+    # the row really holds every kind of token, and padding slots produce no loss mask
+    kinds = set(np.asarray(batch.kind[0]).tolist())
+    assert kinds == {0, 1, 2, 3, 4}
+    assert not np.any(out["mse_mask"][0][np.asarray(batch.doc[0, u:]) == 0])
+
+
+def test_noise_and_timestep_formulas(setup, packed_run):
+    """x_t / target follow the reference: t = shift(sigmoid(z)), clean t = 0, target = ε − x0 (ε from the rng)."""
+    config, cfg, params, model = setup
+    docs, batch, per_doc, noise, out = packed_run
+    z = np.asarray(batch.vae_timestep[0])
+    t_img = 1 / (1 + np.exp(-z.astype(np.float64)))
+    np.testing.assert_allclose(np.asarray(flow_time(jnp.asarray(z), 1.0)), np.nan_to_num(t_img), atol=1e-7)
+    s = 3.0
+    np.testing.assert_allclose(np.asarray(flow_time(jnp.asarray([0.3]), s)),
+                               [s * (1 / (1 + np.exp(-0.3))) / (1 + (s - 1) / (1 + np.exp(-0.3)))], rtol=1e-6)
+    u = batch.und_len
+    noised = np.asarray(batch.kind[0, u:]) == KIND_NOISED_VAE
+    np.testing.assert_array_equal(out["mse_mask"][0], noised)
+    assert np.all(out["timestep"][0][~noised] == 0) and np.all(out["timestep"][0][noised] > 0)
+
+
+@pytest.mark.slow
+def test_rng_drives_the_noise(setup, packed_run):
+    """The same rng gives the same noise, another rng other noise (posterior and flow drawn inside)."""
+    config, cfg, params, model = setup
+    docs, batch, per_doc, noise, out = packed_run
+    noised = np.asarray(out["mse_mask"][0])
+    fwd = jax.jit(lambda p, bt, r: model.apply({"params": p}, bt, r))
+    a, a2, b = (fwd(params, batch, jax.random.key(k)) for k in (1, 1, 2))
+    np.testing.assert_array_equal(np.asarray(a["velocity_target"]), np.asarray(a2["velocity_target"]))
+    assert not np.allclose(np.asarray(a["velocity_target"])[0, noised], np.asarray(b["velocity_target"])[0, noised])
+
+
+def test_dense_mask_matches_reference_example():
+    """bagel.md §3.2's printed example (splits [2,3,2,3,2], modes causal,full,causal,noise,full)."""
+    rows = ["x...........", "xx..........", "xxxxx.......", "xxxxx.......", "xxxxx.......", "xxxxxx......",
+            "xxxxxxx.....", "xxxxxxxxxx..", "xxxxxxxxxx..", "xxxxxxxxxx..", "xxxxxxx...xx", "xxxxxxx...xx"]
+    want = np.array([[c == "x" for c in r] for r in rows])
+    got = dense_mask([2, 3, 2, 3, 2], ["causal", "full", "causal", "noise", "full"])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_chunked_cross_entropy_matches_full():
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((2, 37, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((8, 11)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 11, (2, 37)), jnp.int32)
+    logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+    lse = np.log(np.exp(logits).sum(-1))
+    want = lse - np.take_along_axis(logits, np.asarray(labels)[..., None], -1)[..., 0]
+    ce = jax.jit(chunked_cross_entropy, static_argnums=3)
+    for chunk in (5, 64):
+        np.testing.assert_allclose(np.asarray(ce(h, w, labels, chunk)), want, rtol=1e-5, atol=1e-5)
+    g = jax.jit(jax.grad(lambda hh: chunked_cross_entropy(hh, w, labels, 5).sum()))(h)
+    g_full = jax.jit(jax.grad(lambda hh: (jax.nn.logsumexp(hh @ w, -1)
+                                          - jnp.take_along_axis(hh @ w, labels[..., None], -1)[..., 0]).sum()))(h)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_full), rtol=1e-5, atol=1e-6)
+
+
+def test_llm2vae_zero_init(setup):
+    """llm2vae starts at zero weight and bias (reference ``_init_weights``)."""
+    config, cfg, params, model = setup
+    v = model.init(jax.random.key(0), jnp.ones((1, 3, cfg.hidden_size)), method=Bagel.velocity)
+    llm2vae = nn.unbox(v["params"]["llm2vae"])
+    assert set(v["params"]) == {"llm2vae"} and llm2vae["kernel"].shape == (cfg.hidden_size, 64)
+    assert not np.any(np.asarray(llm2vae["kernel"])) and not np.any(np.asarray(llm2vae["bias"]))
+
+
+@pytest.mark.slow
+def test_vae_gets_zero_gradient(setup):
+    """The VAE inside the param tree is frozen: exactly zero gradient (stop_gradient on its outputs)."""
+    config, cfg, params, model = setup
+    lay, b = lib.layout(cfg), lib.budgets()
+    docs = lib.documents(lib.four_samples()[:1], lay)
+    batch = lib.packed_batch([docs], b)
+
+    def loss(p):
+        out = model.apply({"params": p}, batch, jax.random.key(0))
+        return jnp.sum(out["velocity_pred"] ** 2) + jnp.sum(out["ce"] * batch.ce_weight)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads["vae"]))
+    assert float(jnp.max(jnp.abs(grads["vae2llm"]["kernel"]))) > 0

@@ -1,0 +1,42 @@
+"""The inference CLI end to end on a random tiny checkpoint (subprocesses, as a user runs it)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+import bagel_testlib as lib
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", "bagel_jax.infer.cli", *args], cwd=lib.ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_t2i_then_understanding(tmp_path):
+    ckpt, png = tmp_path / "ckpt", tmp_path / "out" / "x.png"
+    r = _run(["--random_tiny", f"--checkpoint={ckpt}", "--mode=t2i", "--prompt=a red square on the left",
+              f"--out={png}", "--num_timesteps=3", "--seed=1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json", "tokenizer.model"):
+        assert (ckpt / name).exists(), name
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size == (64, 64) and img.mode == "RGB"
+        assert np.asarray(img).std() > 0
+
+    answer = tmp_path / "answer.txt"
+    r = _run([f"--checkpoint={ckpt}", "--config=configs/tiny.py", "--mode=understand", f"--image={png}",
+              "--prompt=what is in the image", "--max_length=4", f"--out={answer}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert answer.read_text().strip() == r.stdout.strip().splitlines()[-1].strip()
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    r = _run(["--random_tiny", "--mode=edit", "--prompt=x", f"--out={tmp_path / 'x.png'}"], tmp_path)
+    assert r.returncode == 2 and "--mode=edit needs --image" in r.stderr
+    r = _run(["--mode=t2i", "--prompt=x", f"--out={tmp_path / 'x.png'}"], tmp_path)
+    assert r.returncode == 2 and "--checkpoint is required" in r.stderr
