@@ -1,0 +1,204 @@
+"""Evaluators from a config, run during training or standalone (big_vision style).
+
+``config.evals`` maps a name to one evaluator::
+
+    config.evals.geneval = dict(type="shapes_geneval", num_examples=16, every=1000)   # 16 prompts per category
+    config.evals.vqa = dict(type="shapes_vqa", num_examples=48, every=1000, seed=1)
+    config.evals.edit = dict(type="shapes_edit", num_examples=32, every=0)             # 0: standalone only
+
+``type`` picks the class in ``EVALUATORS``; ``every`` is the step period in training (0 = never); every other
+key is passed to the class (unknown keys fail with the dotted key). Each evaluator consumes one callable,
+named by its ``fn_name``: ``generate_fn(prompt) -> image``, ``answer_fn(image, question) -> str`` or
+``edit_fn(image, instruction) -> image``; ``run_evals`` returns ``{f"{name}/{metric}": value}``.
+
+Standalone::
+
+    python -m bagel_jax.eval.runner --config=configs/tiny.py --fns=my.module:make_fns [--only=geneval,vqa]
+        [--output=/tmp/metrics.json]
+
+``--fns`` names ``factory(config, evaluators) -> {"generate_fn": ..., "answer_fn": ..., "edit_fn": ...}``
+(only the ones the selected evaluators need). ``--fns=bagel_jax.eval.runner:ground_truth_fns`` answers from
+the evaluators' own ground truth: a self-check of the scoring that must print 1.0 everywhere. Without
+``--config`` (or with an empty ``config.evals``) the evaluators of ``default_evals()`` run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import ml_collections
+import numpy as np
+
+from bagel_jax.config import ConfigError
+from bagel_jax.eval import edit, geneval, vqa
+
+EVALUATORS = {"shapes_geneval": geneval.ShapesGenEval, "shapes_vqa": vqa.ShapesVQA, "shapes_edit": edit.ShapesEdit}
+FN_NAMES = ("generate_fn", "answer_fn", "edit_fn")
+
+
+def default_evals() -> ml_collections.ConfigDict:
+    """The three shapes evaluators at a size that runs in about a minute with a tiny model on CPU."""
+    return ml_collections.ConfigDict(dict(
+        geneval=dict(type="shapes_geneval", num_examples=16, every=0),
+        vqa=dict(type="shapes_vqa", num_examples=48, every=0),
+        edit=dict(type="shapes_edit", num_examples=32, every=0),
+    ))
+
+
+@dataclasses.dataclass
+class Scheduled:
+    """An evaluator with its name and training period (``every`` steps; 0 = only standalone)."""
+    name: str
+    type: str
+    evaluator: Any
+    every: int
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step > 0 and step % self.every == 0
+
+
+def _parse(name: str, spec) -> tuple[str, int, dict]:
+    """One ``config.evals`` entry → (type, every, constructor kwargs); raises ``ConfigError``."""
+    if isinstance(spec, ml_collections.ConfigDict):
+        spec = spec.to_dict()
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"evals.{name}: expected a dict with a 'type', got {type(spec).__name__}")
+    kwargs = dict(spec)
+    kind = kwargs.pop("type", None)
+    if kind not in EVALUATORS:
+        raise ConfigError(f"evals.{name}.type: expected one of {sorted(EVALUATORS)}, got {kind!r}")
+    every = kwargs.pop("every", 0)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ConfigError(f"evals.{name}.every: expected an int >= 0, got {every!r}")
+    known = list(inspect.signature(EVALUATORS[kind]).parameters)
+    for key in kwargs:
+        if key not in known:
+            raise ConfigError(f"evals.{name}.{key}: unknown option for {kind}; known: type, every, {', '.join(known)}")
+    return kind, every, kwargs
+
+
+def validate_evals(evals) -> None:
+    """Checks every ``config.evals`` entry (type, every, option names) without drawing any examples."""
+    for name, spec in evals.items():
+        _parse(name, spec)
+
+
+def build_evaluators(evals) -> dict[str, Scheduled]:
+    """``config.evals`` → {name: Scheduled}; a bad entry raises ``ConfigError`` naming ``evals.<name>.<key>``."""
+    out = {}
+    for name, spec in evals.items():
+        kind, every, kwargs = _parse(name, spec)
+        try:
+            evaluator = EVALUATORS[kind](**kwargs)
+        except ValueError as e:  # the evaluators' messages start with the option name
+            raise ConfigError(f"evals.{name}.{e}") from e
+        out[name] = Scheduled(name, kind, evaluator, every)
+    return out
+
+
+def run_evals(evaluators: Mapping[str, Scheduled], *, step: int | None = None,
+              generate_fn: Callable | None = None, answer_fn: Callable | None = None,
+              edit_fn: Callable | None = None, log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Runs the evaluators due at ``step`` (all of them when ``step`` is None) → {"name/metric": value}.
+
+    Also reports ``name/seconds``. An evaluator whose callable was not given raises ``ValueError``.
+    """
+    fns = {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}
+    metrics = {}
+    for name, sched in evaluators.items():
+        if step is not None and not sched.due(step):
+            continue
+        fn = fns[sched.evaluator.fn_name]
+        if fn is None:
+            raise ValueError(f"evals.{name}: {sched.type} needs {sched.evaluator.fn_name}, none was given")
+        start = time.perf_counter()
+        result = sched.evaluator.run(fn)
+        metrics.update({f"{name}/{k}": float(v) for k, v in result.items()})
+        metrics[f"{name}/seconds"] = time.perf_counter() - start
+        if log is not None:
+            log(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items()))
+    return metrics
+
+
+def _key(image, text: str) -> tuple:
+    arr = np.ascontiguousarray(np.asarray(image))
+    return arr.shape, arr.tobytes(), text
+
+
+def ground_truth_fns(config, evaluators: Mapping[str, Scheduled]) -> dict[str, Callable]:
+    """Callables that answer from the evaluators' own ground truth (renders of the expected scene, the
+    reference answer); scoring them must give 1.0 everywhere. ``config`` is unused."""
+    del config
+    prompts, answers, edits = {}, {}, {}
+    for sched in evaluators.values():
+        ev = sched.evaluator
+        for e in ev.examples:
+            if isinstance(ev, geneval.ShapesGenEval):
+                prompts.setdefault(e.prompt, e)
+            elif isinstance(ev, vqa.ShapesVQA):
+                answers[_key(e.render(), e.question)] = e.answer
+            elif isinstance(ev, edit.ShapesEdit):
+                edits[_key(e.render(), e.instruction)] = e
+
+    def generate_fn(prompt):
+        return prompts[prompt].render()
+
+    def answer_fn(image, question):
+        return answers[_key(image, question)]
+
+    def edit_fn(image, instruction):
+        return edits[_key(image, instruction)].render("target")
+
+    return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}
+
+
+def load_factory(spec: str) -> Callable:
+    """``"package.module:function"`` → the function."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"--fns: expected 'package.module:function', got {spec!r}")
+    fn = getattr(importlib.import_module(module), attr, None)
+    if not callable(fn):
+        raise ValueError(f"--fns: {module} has no callable {attr!r}")
+    return fn
+
+
+def main(argv=None) -> dict[str, float]:
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Config file (get_config); its `evals` are run.",
+                                    flag_values=flag_values, lock_config=False)
+    flags.DEFINE_string("fns", None, "package.module:factory returning the callables.", flag_values=flag_values,
+                        required=True)
+    flags.DEFINE_list("only", [], "Run only these evals (names in config.evals).", flag_values=flag_values)
+    flags.DEFINE_string("output", "", "Write the metrics here as JSON.", flag_values=flag_values)
+    flag_values(sys.argv if argv is None else argv)
+    config = flag_values.config
+    evals = config.get("evals") if config is not None else None
+    evaluators = build_evaluators(evals if evals else default_evals())
+    unknown = [n for n in flag_values.only if n not in evaluators]
+    if unknown:
+        raise ValueError(f"--only: unknown evals {unknown}; known {sorted(evaluators)}")
+    if flag_values.only:
+        evaluators = {n: evaluators[n] for n in flag_values.only}
+    fns = dict(load_factory(flag_values.fns)(config, evaluators))
+    bad = [k for k in fns if k not in FN_NAMES]
+    if bad:
+        raise ValueError(f"--fns: the factory returned unknown callables {bad}; expected some of {FN_NAMES}")
+    metrics = run_evals(evaluators, log=print, **fns)
+    if flag_values.output:
+        with open(flag_values.output, "w") as f:
+            json.dump(metrics, f, indent=1, sort_keys=True)
+    print(json.dumps(metrics, sort_keys=True))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
