@@ -29,11 +29,12 @@ def attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *, imp
     impl = resolve_impl(impl)
     if impl == "reference":
         return reference_attention(q, k, v, q_meta, kv_meta, scale=scale)
+    from bagel_jax.attention.sharded import shard_attention  # per-device kernels under the context mesh
     if impl == "tpu":
         from bagel_jax.attention.tpu_split_splash import split_splash_attention
-        return split_splash_attention(q, k, v, q_meta, kv_meta, scale=scale, **kwargs)
+        return shard_attention(split_splash_attention, q, k, v, q_meta, kv_meta, scale=scale, **kwargs)
     from bagel_jax.attention.gpu import gpu_attention
-    return gpu_attention(q, k, v, q_meta, kv_meta, scale=scale, **kwargs)
+    return shard_attention(gpu_attention, q, k, v, q_meta, kv_meta, scale=scale, **kwargs)
 
 
 __all__ = ["attention", "resolve_impl", "MaskMeta", "Split", "metadata_from_splits", "allowed",

@@ -1,0 +1,192 @@
+"""Split-wise attention for GPU (and any XLA backend): block-sparse flash attention in plain jnp.
+
+Uses the same O(L) metadata and the same on-device block map / schedule as the TPU kernel
+(block_map.py). A ``while_loop`` walks the schedule ``chunk`` block pairs at a time: each chunk
+gathers its q, k, v tiles, computes masked logits as one batched matmul, and merges into per-row
+online-softmax state (scatter-max / scatter-add), so the work is proportional to the number of
+non-empty blocks (EMPTY blocks are never gathered), not to L². The backward pass (custom_vjp)
+recomputes each chunk's probabilities from the saved logsumexp and scatter-adds dq, dk, dv.
+
+Every op is standard XLA, so it compiles on GPU, TPU and CPU; it is tested on CPU against the dense
+reference. Its speed on a GPU against dense XLA attention (goal ≥3× at 8K–16K) is measured on a GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bagel_jax.attention import block_map
+from bagel_jax.attention.mask import MaskMeta
+from bagel_jax.attention.tpu_split_splash import _check_inputs, _meta_rows, _round_up
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    block_q: int
+    block_kv: int
+    chunk: int
+    group: int
+    scale: float
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _einsum(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=_precision(a.dtype))
+
+
+def _blocks(cfg: _Config, q, k, v, qm, km):
+    """Tiled views: q [B, n_q, bq, Hkv, G, hd], k/v [B, n_kv, bkv, Hkv, hd], meta [B, n, 4, block]."""
+    b, lq, hq, hd = q.shape
+    lkv, hkv = k.shape[1], k.shape[2]
+    bq, bkv = cfg.block_q, cfg.block_kv
+    qb = q.reshape(b, lq // bq, bq, hkv, cfg.group, hd)
+    kb = k.reshape(b, lkv // bkv, bkv, hkv, hd)
+    vb = v.reshape(b, lkv // bkv, bkv, hkv, hd)
+    qmb = qm.reshape(b, 4, lq // bq, bq).transpose(0, 2, 1, 3)
+    kmb = km.reshape(b, 4, lkv // bkv, bkv).transpose(0, 2, 1, 3)
+    return qb, kb, vb, qmb, kmb
+
+
+def _padded(cfg: _Config, sched):
+    """The schedule with ``chunk`` trailing steps, so every chunk can be sliced in bounds."""
+    return block_map.Schedule(jnp.pad(sched.steps, (0, cfg.chunk)), sched.count)
+
+
+def _chunk(cfg: _Config, sched, c):
+    """Steps ``c·chunk …`` of a ``_padded`` schedule: (b, i, j, live); ``live`` is False past ``count`` / EMPTY."""
+    entries = lax.dynamic_slice(sched.steps, (c * cfg.chunk,), (cfg.chunk,))
+    b, i, j, kind = block_map.unpack(entries)
+    live = (c * cfg.chunk + jnp.arange(cfg.chunk) < sched.count) & (kind != block_map.EMPTY)
+    return b, i, j, live
+
+
+def _logits(cfg: _Config, qc, kc, qmc, kmc, live):
+    """Scaled logits [C, Hkv, G, bq, bkv] and the mask [C, 1, 1, bq, bkv] of gathered tiles."""
+    s = _einsum("cqhgd,ckhd->chgqk", qc, kc) * cfg.scale
+    qd, qi, qh = qmc[:, 0, :, None], qmc[:, 1, :, None], qmc[:, 2, :, None]
+    kd, ki, kh = kmc[:, 0, None, :], kmc[:, 1, None, :], kmc[:, 3, None, :]
+    mask = (qd == kd) & (qd != 0) & (ki <= qh) & (qi <= kh) & live[:, None, None]
+    return s, mask[:, None, None]
+
+
+def _n_chunks(cfg, sched):
+    return (sched.count + cfg.chunk - 1) // cfg.chunk
+
+
+def _forward(cfg: _Config, q, k, v, qm, km, sched):
+    qb, kb, vb, qmb, kmb = _blocks(cfg, q, k, v, qm, km)
+    bsz, n_q, bq, hkv, g, hd = qb.shape
+    m0 = jnp.full((bsz, n_q, hkv, g, bq), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros_like(m0)
+    acc0 = jnp.zeros((bsz, n_q, hkv, g, bq, hd), jnp.float32)
+    sched = _padded(cfg, sched)
+
+    def body(state):
+        c, m, l, acc = state
+        b, i, j, live = _chunk(cfg, sched, c)
+        s, mask = _logits(cfg, qb[b, i], kb[b, j], qmb[b, i], kmb[b, j], live)
+        s = jnp.where(mask, s, -jnp.inf)
+        m_new = m.at[b, i].max(jnp.max(s, axis=-1))
+        m_row = m_new[b, i]
+        p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m_row), m_row, 0.0)[..., None]), 0.0)
+        alpha = jnp.where(jnp.isfinite(m_new), jnp.exp(m - m_new), 1.0)
+        l = (l * alpha).at[b, i].add(jnp.sum(p, axis=-1))
+        pv = _einsum("chgqk,ckhd->chgqd", p.astype(v.dtype), vb[b, j])
+        acc = (acc * alpha[..., None]).at[b, i].add(pv)
+        return c + 1, m_new, l, acc
+
+    _, m, l, acc = lax.while_loop(lambda st: st[0] < _n_chunks(cfg, sched), body, (0, m0, l0, acc0))
+    seen = l > 0
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)  # [B, n_q, Hkv, G, bq]
+    out = out.transpose(0, 1, 4, 2, 3, 5).reshape(q.shape).astype(q.dtype)
+    return out, lse
+
+
+def _backward(cfg: _Config, q, k, v, qm, km, sched, out, lse, do):
+    qb, kb, vb, qmb, kmb = _blocks(cfg, q, k, v, qm, km)
+    bsz, n_q, bq, hkv, g, hd = qb.shape
+    dob = do.reshape(qb.shape)
+    di = jnp.sum(out.astype(jnp.float32).reshape(qb.shape) * dob.astype(jnp.float32), axis=-1)
+    di = di.transpose(0, 1, 3, 4, 2)  # [B, n_q, Hkv, G, bq] like lse
+    sched = _padded(cfg, sched)
+
+    def body(state):
+        c, dq, dk, dv = state
+        b, i, j, live = _chunk(cfg, sched, c)
+        qc, kc, vc, doc = qb[b, i], kb[b, j], vb[b, j], dob[b, i]
+        s, mask = _logits(cfg, qc, kc, qmb[b, i], kmb[b, j], live)
+        p = jnp.where(mask, jnp.exp(s - lse[b, i][..., None]), 0.0)
+        dp = _einsum("cqhgd,ckhd->chgqk", doc, vc)
+        ds = p * (dp - di[b, i][..., None])
+        dq = dq.at[b, i].add(_einsum("chgqk,ckhd->cqhgd", ds.astype(k.dtype), kc) * cfg.scale)
+        dk = dk.at[b, j].add(_einsum("chgqk,cqhgd->ckhd", ds.astype(q.dtype), qc) * cfg.scale)
+        dv = dv.at[b, j].add(_einsum("chgqk,cqhgd->ckhd", p.astype(do.dtype), doc))
+        return c + 1, dq, dk, dv
+
+    init = (0, jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
+    _, dq, dk, dv = lax.while_loop(lambda st: st[0] < _n_chunks(cfg, sched), body, init)
+    return dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype), dv.reshape(v.shape).astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg, q, k, v, qm, km, sched):
+    return _forward(cfg, q, k, v, qm, km, sched)[0]
+
+
+def _core_fwd(cfg, q, k, v, qm, km, sched):
+    out, lse = _forward(cfg, q, k, v, qm, km, sched)
+    return out, (q, k, v, qm, km, sched, out, lse)
+
+
+def _core_bwd(cfg, res, do):
+    q, k, v, qm, km, sched, out, lse = res
+    dq, dk, dv = _backward(cfg, q, k, v, qm, km, sched, out, lse, do)
+    return dq, dk, dv, None, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def gpu_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *, scale: float | None = None,
+                  block_q: int = 128, block_kv: int = 128, chunk: int | None = None):
+    """Split-wise masked attention with GQA, block-sparse in XLA (differentiable).
+
+    Args:
+      q: [B, Lq, Hq, hd]; k, v: [B, Lkv, Hkv, hd] with Hq % Hkv == 0.
+      q_meta, kv_meta: MaskMeta int32[B, Lq] / int32[B, Lkv] (kv_meta defaults to q_meta).
+      scale: softmax scale, default 1/sqrt(hd).
+      block_q, block_kv: tile sizes (multiples of 8; clipped to the padded sequence).
+      chunk: block pairs per loop iteration (default: the number of q blocks per batch).
+
+    Returns:
+      [B, Lq, Hq, hd] in q's dtype; queries with no allowed key give zeros.
+    """
+    kv_meta = q_meta if kv_meta is None else kv_meta
+    _check_inputs(q, k, v, q_meta, kv_meta)
+    bsz, lq, hq, hd = q.shape
+    lkv, hkv = k.shape[1], k.shape[2]
+    for name, val in (("block_q", block_q), ("block_kv", block_kv)):
+        if val <= 0 or val % 8:
+            raise ValueError(f"attention {name} must be a positive multiple of 8, got {val}")
+    bq, bkv = min(block_q, _round_up(lq, 8)), min(block_kv, _round_up(lkv, 8))
+    lq_p, lkv_p = _round_up(lq, bq), _round_up(lkv, bkv)
+    chunk = max(1, lq_p // bq) if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"attention chunk must be >= 1, got {chunk}")
+    cfg = _Config(block_q=bq, block_kv=bkv, chunk=chunk, group=hq // hkv,
+                  scale=hd**-0.5 if scale is None else float(scale))
+    qm, km = _meta_rows(q_meta, lq_p), _meta_rows(kv_meta, lkv_p)
+    (sched,) = block_map.schedules(MaskMeta(*(qm[:, r] for r in range(4))), MaskMeta(*(km[:, r] for r in range(4))),
+                                   bq, bkv, by=("q",))
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+    out = _core(cfg, pad(q, lq_p), pad(k, lkv_p), pad(v, lkv_p), qm, km, sched)
+    return out[:, :lq]
+

@@ -1,0 +1,445 @@
+"""Block-sparse flash attention for the split-wise mask: a Pallas TPU kernel (forward, dq, dkv).
+
+Designed after jax's splash attention (block-sparse grid, scalar-prefetched block indices, online
+softmax), with two differences: the mask is evaluated per tile from O(L) metadata (mask.py) instead
+of a static mask or an L×L array, and the block map is computed per batch on device (block_map.py).
+
+Layout and grid. q, k, v and the outputs stay in their natural [B, L, H·hd] layout (head_dim padded
+to a multiple of 128); a block of q is ``[block_q, G·hd]``, all G = Hq/Hkv query heads of one kv head,
+so every K/V tile is read once per group. The grid is ``(Hkv, steps)`` where ``steps`` is the traced
+number of visited blocks: the schedule (scalar-prefetched into SMEM) lists only non-empty blocks,
+plus one step for each q row (kv column) that has none, so its zeros are written. FULL blocks skip
+the mask, PARTIAL ones evaluate ``allowed`` from the metadata tiles; EMPTY blocks are never visited.
+
+Queries with no allowed key (padding, doc 0) output zeros and get a logsumexp of +1e30, so the
+backward pass gives them zero weight. Softmax statistics and accumulators are f32; matmuls run in
+the input dtype (bf16 or f32, the latter at HIGHEST precision) with f32 accumulation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from bagel_jax.attention import block_map
+from bagel_jax.attention.mask import MaskMeta
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # logit of a masked pair (finite: no inf - inf)
+NO_KEY_LSE = 1e30  # logsumexp of a query with no allowed key: exp(s - lse) == 0 in the backward pass
+LANES = 128
+SMEM_BYTES = 1 << 20  # scalar memory per TensorCore on v4 / v5e / v5p / v6e: holds a kernel's schedule
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static kernel parameters (hashable: a nondiff argument of the custom_vjp)."""
+
+    block_q: int
+    block_kv: int
+    block_q_bwd: int
+    block_kv_bwd: int
+    group: int  # query heads per kv head
+    head_dim: int  # padded to a multiple of 128
+    scale: float
+    interpret: bool
+    vmem_limit_bytes: int | None
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _dot(a, b, dims, precision):
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _head_cols(t, hd: int):
+    """Lane slice of query head ``t`` (traced) inside a [block, G·hd] tile."""
+    return pl.ds(pl.multiple_of(t * hd, LANES), hd)
+
+
+def _allowed(q_doc, q_index, q_hi, kv_doc, kv_index, kv_hi):
+    """The split-wise rule on broadcastable tiles (q column / kv row, or the transpose)."""
+    return (q_doc == kv_doc) & (q_doc != 0) & (kv_index <= q_hi) & (q_index <= kv_hi)
+
+
+def _step_flags(steps_ref, key_fn):
+    """Current step, and whether it opens / closes its line (q row or kv column) of the schedule."""
+    s, n = pl.program_id(1), pl.num_programs(1)
+    step = steps_ref[s]
+    key = key_fn(step)
+    first = jnp.logical_or(s == 0, key_fn(steps_ref[jnp.maximum(s - 1, 0)]) != key)
+    last = jnp.logical_or(s == n - 1, key_fn(steps_ref[jnp.minimum(s + 1, n - 1)]) != key)
+    return step, first, last
+
+
+def _index_maps():
+    """Block index maps reading the scalar-prefetched schedule; grid = (kv head g, step s)."""
+
+    def q_rows(g, s, st):  # [B, Lq, Hq·hd] blocks of one q-head group
+        b, i, _, _ = block_map.unpack(st[s])
+        return b, i, g
+
+    def kv_rows(g, s, st):  # [B, Lkv, Hkv·hd] blocks of one kv head
+        b, _, j, _ = block_map.unpack(st[s])
+        return b, j, g
+
+    def q_stats(g, s, st):  # [B, Hkv, G, Lq]
+        b, i, _, _ = block_map.unpack(st[s])
+        return b, g, 0, i
+
+    def q_meta(g, s, st):  # [B, 4, Lq]
+        b, i, _, _ = block_map.unpack(st[s])
+        return b, 0, i
+
+    def kv_meta(g, s, st):  # [B, 4, Lkv]
+        b, _, j, _ = block_map.unpack(st[s])
+        return b, 0, j
+
+    return q_rows, kv_rows, q_stats, q_meta, kv_meta
+
+
+def _compiler_params(cfg: _Config):
+    kw = dict(dimension_semantics=("parallel", "arbitrary"))
+    if cfg.vmem_limit_bytes is not None:
+        kw["vmem_limit_bytes"] = cfg.vmem_limit_bytes
+    return pltpu.CompilerParams(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward
+
+
+def _fwd_kernel(steps_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
+                cfg: _Config, precision):
+    hd, group = cfg.head_dim, cfg.group
+    step, first, last = _step_flags(steps_ref, block_map.row_key)
+    kind = block_map.unpack(step)[3]
+
+    @pl.when(first)
+    def _init():
+        m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
+        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    def compute(masked: bool):
+        k, v = k_ref[...], v_ref[...]
+        if masked:
+            mask = _allowed(qm_ref[0][:, None], qm_ref[1][:, None], qm_ref[2][:, None],
+                            km_ref[0:1, :], km_ref[1:2, :], km_ref[3:4, :])
+
+        def head(t, carry):
+            s = _dot(q_ref[:, _head_cols(t, hd)], k, NT, precision) * cfg.scale
+            if masked:
+                s = jnp.where(mask, s, MASK_VALUE)
+            m_prev, l_prev = m_scr[t], l_scr[t]  # [bq, 128], lane-replicated
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+            p = jnp.exp(s - m_next[:, :1])
+            alpha = jnp.exp(m_prev - m_next)
+            l_scr[t] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+            m_scr[t] = m_next
+            pv = _dot(p.astype(v.dtype), v, NN, precision)
+            acc_scr[t] = alpha[:, :1] * acc_scr[t] + pv
+            return carry
+
+        lax.fori_loop(0, group, head, 0)
+
+    pl.when(kind == block_map.PARTIAL)(lambda: compute(True))
+    pl.when(kind == block_map.FULL)(lambda: compute(False))
+
+    @pl.when(last)
+    def _finish():
+        def head(t, carry):
+            m, l = m_scr[t][:, :1], l_scr[t][:, :1]
+            seen = m > 0.5 * MASK_VALUE  # at least one allowed key
+            safe_l = jnp.where(seen, l, 1.0)
+            o = jnp.where(seen, acc_scr[t] / safe_l, 0.0)
+            o_ref[:, _head_cols(t, hd)] = o.astype(o_ref.dtype)
+            lse = jnp.where(seen, m + jnp.log(safe_l), NO_KEY_LSE)
+            lse_ref[pl.ds(t, 1), :] = lse[:, 0][None, :]
+            return carry
+
+        lax.fori_loop(0, group, head, 0)
+
+
+def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
+    """q [B, Lq, Hq·hd], k/v [B, Lkv, Hkv·hd] → out like q, lse f32[B, Hkv, G, Lq]."""
+    b, lq, _ = q.shape
+    hkv = k.shape[-1] // cfg.head_dim
+    bq, bkv, hd, g = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.group
+    q_rows, kv_rows, q_stats, q_meta, kv_meta = _index_maps()
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, precision=_precision(q.dtype))
+    out, lse = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(hkv, count),
+            in_specs=[
+                pl.BlockSpec((None, bq, g * hd), q_rows),
+                pl.BlockSpec((None, bkv, hd), kv_rows),
+                pl.BlockSpec((None, bkv, hd), kv_rows),
+                pl.BlockSpec((None, 4, bq), q_meta),
+                pl.BlockSpec((None, 4, bkv), kv_meta),
+            ],
+            out_specs=[
+                pl.BlockSpec((None, bq, g * hd), q_rows),
+                pl.BlockSpec((None, None, g, bq), q_stats),
+            ],
+            scratch_shapes=[pltpu.VMEM((g, bq, LANES), jnp.float32), pltpu.VMEM((g, bq, LANES), jnp.float32),
+                            pltpu.VMEM((g, bq, hd), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, hkv, g, lq), jnp.float32)],
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="split_splash_fwd",
+    )(steps, q, k, v, qm, km)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# backward: dq walks q rows, dkv walks kv columns (both over non-empty blocks only)
+
+
+def _dq_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, km_ref, dq_ref, dq_scr, *,
+               cfg: _Config, precision):
+    hd, group = cfg.head_dim, cfg.group
+    step, first, last = _step_flags(steps_ref, block_map.row_key)
+    kind = block_map.unpack(step)[3]
+
+    @pl.when(first)
+    def _init():
+        dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+
+    def compute(masked: bool):
+        k, v = k_ref[...], v_ref[...]
+        if masked:
+            mask = _allowed(qm_ref[0][:, None], qm_ref[1][:, None], qm_ref[2][:, None],
+                            km_ref[0:1, :], km_ref[1:2, :], km_ref[3:4, :])
+
+        def head(t, carry):
+            cols = _head_cols(t, hd)
+            s = _dot(q_ref[:, cols], k, NT, precision) * cfg.scale
+            if masked:
+                s = jnp.where(mask, s, MASK_VALUE)
+            p = jnp.exp(s - lse_ref[pl.ds(t, 1), :][0][:, None])
+            dp = _dot(do_ref[:, cols], v, NT, precision)
+            ds = p * (dp - di_ref[pl.ds(t, 1), :][0][:, None])
+            dq_scr[t] = dq_scr[t] + _dot(ds.astype(k.dtype), k, NN, precision)
+            return carry
+
+        lax.fori_loop(0, group, head, 0)
+
+    pl.when(kind == block_map.PARTIAL)(lambda: compute(True))
+    pl.when(kind == block_map.FULL)(lambda: compute(False))
+
+    @pl.when(last)
+    def _finish():
+        def head(t, carry):
+            dq_ref[:, _head_cols(t, hd)] = (dq_scr[t] * cfg.scale).astype(dq_ref.dtype)
+            return carry
+
+        lax.fori_loop(0, group, head, 0)
+
+
+def _dkv_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, km_ref, dk_ref, dv_ref,
+                dk_scr, dv_scr, *, cfg: _Config, precision):
+    hd, group = cfg.head_dim, cfg.group
+    step, first, last = _step_flags(steps_ref, block_map.col_key)
+    kind = block_map.unpack(step)[3]
+
+    @pl.when(first)
+    def _init():
+        dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+        dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+    def compute(masked: bool):
+        k, v = k_ref[...], v_ref[...]
+        if masked:  # transposed tile: kv along sublanes, q along lanes
+            mask = _allowed(qm_ref[0:1, :], qm_ref[1:2, :], qm_ref[2:3, :],
+                            km_ref[0][:, None], km_ref[1][:, None], km_ref[3][:, None])
+
+        def head(t, carry):
+            dk, dv = carry
+            cols = _head_cols(t, hd)
+            q, do = q_ref[:, cols], do_ref[:, cols]
+            s = _dot(k, q, NT, precision) * cfg.scale  # [bkv, bq]
+            if masked:
+                s = jnp.where(mask, s, MASK_VALUE)
+            p = jnp.exp(s - lse_ref[pl.ds(t, 1), :])
+            dv = dv + _dot(p.astype(do.dtype), do, NN, precision)
+            dp = _dot(v, do, NT, precision)
+            ds = p * (dp - di_ref[pl.ds(t, 1), :])
+            dk = dk + _dot(ds.astype(q.dtype), q, NN, precision)
+            return dk, dv
+
+        dk_scr[...], dv_scr[...] = lax.fori_loop(0, group, head, (dk_scr[...], dv_scr[...]))
+
+    pl.when(kind == block_map.PARTIAL)(lambda: compute(True))
+    pl.when(kind == block_map.FULL)(lambda: compute(False))
+
+    @pl.when(last)
+    def _finish():
+        dk_ref[...] = (dk_scr[...] * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
+    b, lq, _ = q.shape
+    hkv = k.shape[-1] // cfg.head_dim
+    bq, bkv, hd, g = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.head_dim, cfg.group
+    di = jnp.sum(out.astype(jnp.float32).reshape(b, lq, hkv, g, hd)
+                 * do.astype(jnp.float32).reshape(b, lq, hkv, g, hd), axis=-1).transpose(0, 2, 3, 1)
+    q_rows, kv_rows, q_stats, q_meta, kv_meta = _index_maps()
+    precision = _precision(q.dtype)
+    in_specs = [
+        pl.BlockSpec((None, bq, g * hd), q_rows),
+        pl.BlockSpec((None, bkv, hd), kv_rows),
+        pl.BlockSpec((None, bkv, hd), kv_rows),
+        pl.BlockSpec((None, bq, g * hd), q_rows),
+        pl.BlockSpec((None, None, g, bq), q_stats),
+        pl.BlockSpec((None, None, g, bq), q_stats),
+        pl.BlockSpec((None, 4, bq), q_meta),
+        pl.BlockSpec((None, 4, bkv), kv_meta),
+    ]
+    args = (q, k, v, do, lse, di, qm, km)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, precision=precision),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(hkv, dq_sched.count), in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, bq, g * hd), q_rows),
+            scratch_shapes=[pltpu.VMEM((g, bq, hd), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="split_splash_dq",
+    )(dq_sched.steps, *args)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, precision=precision),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(hkv, dkv_sched.count), in_specs=in_specs,
+            out_specs=[pl.BlockSpec((None, bkv, hd), kv_rows), pl.BlockSpec((None, bkv, hd), kv_rows)],
+            scratch_shapes=[pltpu.VMEM((bkv, hd), jnp.float32), pltpu.VMEM((bkv, hd), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="split_splash_dkv",
+    )(dkv_sched.steps, *args)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom_vjp core on the kernel layout
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg, q, k, v, qm, km, fwd_sched, dq_sched, dkv_sched):
+    return _forward(cfg, q, k, v, qm, km, *fwd_sched)[0]
+
+
+def _core_fwd(cfg, q, k, v, qm, km, fwd_sched, dq_sched, dkv_sched):
+    out, lse = _forward(cfg, q, k, v, qm, km, *fwd_sched)
+    return out, (q, k, v, qm, km, out, lse, dq_sched, dkv_sched)
+
+
+def _core_bwd(cfg, res, do):
+    q, k, v, qm, km, out, lse, dq_sched, dkv_sched = res
+    dq, dk, dv = _backward(cfg, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry
+
+
+def _meta_rows(meta: MaskMeta, length: int) -> jnp.ndarray:
+    """int32[B, 4, length]: doc, index, q_hi, kv_hi, padded with doc 0 (never allowed)."""
+    rows = jnp.stack([meta.doc, meta.index, meta.q_hi, meta.kv_hi], axis=1).astype(jnp.int32)
+    return jnp.pad(rows, ((0, 0), (0, 0), (0, length - rows.shape[-1])))
+
+
+def _check_inputs(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention q, k, v must be [B, L, H, hd], got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention k {k.shape} and v {v.shape} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention q {q.shape} and k {k.shape} differ in batch or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention q heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
+    for name, meta, want in (("q_meta", q_meta, q.shape[:2]), ("kv_meta", kv_meta, k.shape[:2])):
+        for field in ("doc", "index", "q_hi", "kv_hi"):
+            shape = getattr(meta, field).shape
+            if tuple(shape) != tuple(want):
+                raise ValueError(f"attention {name}.{field} has shape {tuple(shape)}, expected {tuple(want)}")
+
+
+def split_splash_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *,
+                           scale: float | None = None, block_q: int = 512, block_kv: int = 512,
+                           block_q_bwd: int | None = None, block_kv_bwd: int | None = None,
+                           interpret: bool = False, vmem_limit_bytes: int | None = None):
+    """Split-wise masked attention with GQA as a block-sparse Pallas TPU kernel (differentiable).
+
+    Args:
+      q: [B, Lq, Hq, hd]; k, v: [B, Lkv, Hkv, hd], Hq % Hkv == 0 (q head h reads kv head h // (Hq/Hkv)).
+      q_meta, kv_meta: MaskMeta, each field int32[B, Lq] / int32[B, Lkv] (kv_meta defaults to q_meta).
+      scale: softmax scale, default 1/sqrt(hd).
+      block_q, block_kv: tile sizes of the forward pass (multiples of 128; clipped to the padded length).
+      block_q_bwd, block_kv_bwd: tile sizes of the dq / dkv passes (default: the forward ones).
+      interpret: run the Pallas kernels in interpret mode (CPU tests).
+      vmem_limit_bytes: scoped VMEM limit handed to Mosaic (default: the compiler's).
+
+    Returns:
+      [B, Lq, Hq, hd] in q's dtype; queries with no allowed key give zeros. Sequences are zero-padded
+      to the block sizes and head_dim to a multiple of 128 internally.
+    """
+    kv_meta = q_meta if kv_meta is None else kv_meta
+    _check_inputs(q, k, v, q_meta, kv_meta)
+    bsz, lq, hq, hd = q.shape
+    lkv, hkv = k.shape[1], k.shape[2]
+    scale = hd**-0.5 if scale is None else float(scale)
+    block_q_bwd = block_q if block_q_bwd is None else block_q_bwd
+    block_kv_bwd = block_kv if block_kv_bwd is None else block_kv_bwd
+    for name, val in (("block_q", block_q), ("block_kv", block_kv), ("block_q_bwd", block_q_bwd),
+                      ("block_kv_bwd", block_kv_bwd)):
+        if val <= 0 or val % LANES:
+            raise ValueError(f"attention {name} must be a positive multiple of {LANES}, got {val}")
+    # clip blocks to the (128-padded) sequence, then pad the sequence to a multiple of every block
+    lq_128, lkv_128 = _round_up(lq, LANES), _round_up(lkv, LANES)
+    bq, bq_bwd = min(block_q, lq_128), min(block_q_bwd, lq_128)
+    bkv, bkv_bwd = min(block_kv, lkv_128), min(block_kv_bwd, lkv_128)
+    lq_p = _round_up(lq, math.lcm(bq, bq_bwd))
+    lkv_p = _round_up(lkv, math.lcm(bkv, bkv_bwd))
+    hd_p = _round_up(hd, LANES)
+    cfg = _Config(block_q=bq, block_kv=bkv, block_q_bwd=bq_bwd, block_kv_bwd=bkv_bwd, group=hq // hkv,
+                  head_dim=hd_p, scale=scale, interpret=bool(interpret), vmem_limit_bytes=vmem_limit_bytes)
+
+    def to_kernel(x, length):
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, hd_p - hd)))
+        return x.reshape(x.shape[0], length, x.shape[2] * hd_p)
+
+    if not interpret:
+        smem = 4 * bsz * max((lq_p // bq) * (lkv_p // bkv), (lq_p // bq_bwd) * (lkv_p // bkv_bwd))
+        if smem > SMEM_BYTES - (64 << 10):
+            raise ValueError(f"attention schedule needs {smem >> 10} KiB of TPU scalar memory (SMEM, 1 MiB): "
+                             "use larger block_q / block_kv or fewer rows per device")
+    qm, km = _meta_rows(q_meta, lq_p), _meta_rows(kv_meta, lkv_p)
+    q_meta_p = MaskMeta(*(qm[:, r] for r in range(4)))
+    kv_meta_p = MaskMeta(*(km[:, r] for r in range(4)))
+    (fwd_sched,) = block_map.schedules(q_meta_p, kv_meta_p, bq, bkv, by=("q",))
+    dq_sched, dkv_sched = block_map.schedules(q_meta_p, kv_meta_p, bq_bwd, bkv_bwd, by=("q", "kv"))
+    out = _core(cfg, to_kernel(q, lq_p), to_kernel(k, lkv_p), to_kernel(v, lkv_p), qm, km,
+                fwd_sched, dq_sched, dkv_sched)
+    return out.reshape(bsz, lq_p, hq, hd_p)[:, :lq, :, :hd]
