@@ -59,6 +59,7 @@ def _data() -> ml_collections.ConfigDict:
         # dtype of vae_images / vit_patches: "float32" in [-1, 1] (PackedBatch contract) or "uint8" in [0, 255]
         # (4x fewer host bytes; the model then normalises x / 127.5 - 1 and zeroes VAE padding using vae_hw)
         pixel_dtype="float32",
+        synthetic_examples=0,  # > 0: the trainer builds synthetic_shapes (this many per split) if data_dir lacks it
     ))
 
 
@@ -71,6 +72,9 @@ def _train() -> ml_collections.ConfigDict:
         nonfinite="skip",  # skip | halt: what a step with NaN/inf gradients does
         log_every=10, checkpoint_every=2000, keep_checkpoints=3, init_from="",
         eval_every=0, peak_tflops=0.0,
+        # every sample_every steps (0 = never): EMA-model images for sample_prompts (sample_steps Euler steps)
+        # and its answer to sample_question about the first image, written to TensorBoard
+        sample_every=0, sample_prompts=("a red circle",), sample_question="", sample_steps=20,
     ))
 
 

@@ -90,16 +90,6 @@ def write_random_tiny(directory: str, config) -> None:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids > model.vocab_size {config.model.vocab_size}")
 
 
-def fit_rule(rule, largest: int):
-    """``rule`` with its max side capped at what the model's position tables cover (``largest`` pixels)."""
-    import dataclasses
-
-    if rule.max_size <= largest:
-        return rule
-    print(f"resize rule {rule.max_size}px capped at {largest}px (the model's position table)", file=sys.stderr)
-    return dataclasses.replace(rule, max_size=largest, min_size=min(rule.min_size, largest))
-
-
 def find_tokenizer(args) -> str:
     if args.tokenizer:
         return args.tokenizer
@@ -108,22 +98,6 @@ def find_tokenizer(args) -> str:
         if os.path.exists(path):
             return path
     raise FileNotFoundError(f"--tokenizer: no tokenizer.json or tokenizer.model in {args.checkpoint}")
-
-
-def safe_decode(tokenizer, ids) -> str:
-    """Decodes ids; ids outside the tokenizer's vocabulary (the LM head can be larger) render as ``<id:N>``."""
-    out, run = [], []
-    for i in ids:
-        if 0 <= int(i) < tokenizer.vocab_size:
-            run.append(int(i))
-            continue
-        if run:
-            out.append(tokenizer.decode(run))
-            run = []
-        out.append(f"<id:{int(i)}>")
-    if run:
-        out.append(tokenizer.decode(run))
-    return "".join(out)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -140,11 +114,8 @@ def main(argv=None) -> int:
 
     from bagel_jax.config import base_config
     from bagel_jax.convert.bagel_ckpt import load_checkpoint
-    from bagel_jax.data.images import ResizeRule
     from bagel_jax.data.tokenizer import load_tokenizer
-    from bagel_jax.infer.context import Preprocess, interleave_contexts
-    from bagel_jax.infer.image import ImageSampler, decode_latents
-    from bagel_jax.infer.text import TextGenerator
+    from bagel_jax.infer.api import Inferencer
     from bagel_jax.model.bagel import Bagel
 
     config_path = args.config or (os.path.join(REPO_ROOT, "configs", "tiny.py") if args.random_tiny else "")
@@ -161,46 +132,34 @@ def main(argv=None) -> int:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids > the model's vocab_size {model_cfg.vocab_size}")
     params = jax.tree.map(jax.numpy.asarray, params)
-    model = Bagel(model_cfg)
-    vae_rule = fit_rule(ResizeRule.from_tuple(config.data.vae_transform),
-                        model_cfg.max_latent_size * 8 * model_cfg.latent_patch_size)
-    vit_rule = fit_rule(ResizeRule.from_tuple(config.data.vit_transform),
-                        model_cfg.vit_max_num_patch_per_side * model_cfg.vit.patch_size)
-    pre = Preprocess(tokenizer, vae_rule, vit_rule)
+    inferencer = Inferencer(Bagel(model_cfg), params, tokenizer, config.data)
     rng = jax.random.key(args.seed)
-    items = ([read_image(args.image)] if args.image else []) + ([args.prompt] if args.prompt else [])
-    if not items:
+    image = read_image(args.image) if args.image else None
+    if image is None and not args.prompt:
         raise ValueError("--prompt and/or --image: nothing to condition on")
 
     if args.mode == "understand":
-        ctx = interleave_contexts(items, pre, understanding=True)
-        ids = TextGenerator(model, params, tokenizer).generate(
-            ctx.gen, max_length=args.max_length, do_sample=args.do_sample, temperature=args.temperature, rng=rng)
-        text = safe_decode(tokenizer, ids)
+        text = inferencer.answer(image, args.prompt, max_length=args.max_length, do_sample=args.do_sample,
+                                 temperature=args.temperature, rng=rng)
         print(text)
         if args.out:
             with open(args.out, "w") as fh:
                 fh.write(text + "\n")
         return 0
 
-    if not model_cfg.visual_gen:
-        raise ValueError(f"--mode={args.mode}: the checkpoint has no generation weights (visual_gen=False)")
-    ctx = interleave_contexts(items, pre)
-    if args.mode == "t2i":
-        side = vae_rule.max_size
-        hw = (args.height or side, args.width or side)
-    else:
-        hw = ctx.image_hw
     lo, hi = (float(v) for v in args.cfg_interval.split(","))
-    result = ImageSampler(model, params, tokenizer).sample(
-        ctx.gen, ctx.cfg_text, ctx.cfg_img, hw, num_timesteps=args.num_timesteps,
-        timestep_shift=args.timestep_shift, cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
-        cfg_interval=(lo, hi), cfg_renorm_type=args.cfg_renorm_type, cfg_renorm_min=args.cfg_renorm_min, rng=rng)
-    image = decode_latents(model_cfg.vae, params["vae"], result.latents, result.grid_hw, model_cfg.latent_patch_size)
+    sampling = dict(num_timesteps=args.num_timesteps, timestep_shift=args.timestep_shift,
+                    cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale, cfg_interval=(lo, hi),
+                    cfg_renorm_type=args.cfg_renorm_type, cfg_renorm_min=args.cfg_renorm_min, rng=rng)
+    if args.mode == "t2i":
+        side = inferencer.vae_rule.max_size
+        out = inferencer.generate(args.prompt, (args.height or side, args.width or side), **sampling)
+    else:
+        out = inferencer.edit(image, args.prompt, **sampling)
     from PIL import Image as PILImage
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    PILImage.fromarray(image).save(args.out)
-    print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]})")
+    PILImage.fromarray(out).save(args.out)
+    print(f"wrote {args.out} ({out.shape[1]}x{out.shape[0]})")
     return 0
 
 

@@ -143,7 +143,7 @@ class Bagel(nn.Module):
         x = self.language_model.embed(batch.text_ids)
         x = jnp.where((kind_und == KIND_TEXT)[..., None], x, jnp.zeros_like(x))
         if cfg.visual_und:
-            vit = self.vit_model(batch.vit_patches, batch.vit_pos, batch.vit_image)
+            vit = self.vit_model(pixels_to_unit(batch.vit_patches), batch.vit_pos, batch.vit_image)
             vit = self.connector(vit) + self.vit_pos_embed(batch.vit_pos)
             x = _scatter_rows(x, batch.vit_slot, vit)
         return nn.with_logical_constraint(x, HIDDEN_AXES)
@@ -155,7 +155,7 @@ class Bagel(nn.Module):
         """
         cfg = self.cfg
         b, n, hh, ww, c = batch.vae_images.shape
-        images = batch.vae_images.reshape(b * n, hh, ww, c)
+        images = pixels_to_unit(batch.vae_images).reshape(b * n, hh, ww, c)
         hw = batch.vae_hw.reshape(b * n, 2)
         mean, logvar = self.vae.encode(images, hw)
         mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)
@@ -263,6 +263,15 @@ class Bagel(nn.Module):
             out["gen_hidden"] = gen_h
             out["velocity_pred"] = self.velocity(gen_h)
         return out
+
+
+def pixels_to_unit(x):
+    """Pixels as float32 in [-1, 1]: uint8 [0, 255] (``data.pixel_dtype="uint8"``) is scaled on device,
+    float input is taken as already normalised. Padding needs no zeroing: the VAE masks it by ``vae_hw`` and
+    padding ViT patches are dropped by the scatter."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return x.astype(jnp.float32) / 127.5 - 1.0
+    return x
 
 
 def dummy_batch(model_cfg, batch_size: int = 1, *, seq_len: int = 16, und_len: int = 12, vit_patches: int = 4,
