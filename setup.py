@@ -11,14 +11,20 @@ INSTALL_REQUIRES = [
     "absl-py==2.5.1", "safetensors==0.8.0", "pillow==13.0.0", "numpy==2.4.6", "etils==1.15.0",
     "protobuf==7.36.2", "tokenizers==0.23.3",
 ]
+# XManager launcher. xmanager>=0.8.3 needs protobuf<7; 0.8.1 is the newest that installs beside protobuf 7.
+# kubernetes>=37 needs python-dateutil>=3, which google-cloud-bigquery (via aiplatform) rejects: without
+# this bound pip backtracks for many minutes.
+LAUNCH = ["xmanager==0.8.1", "kubernetes<37"]
 EXTRAS = {
     "test": [
         "pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15",
         "torch==2.13.0",  # exact pin: pip takes the local CPU wheel (a range pulls CUDA builds)
         "transformers==5.23.0", "diffusers==0.42.1", "huggingface-hub==2.4.0",
         "nbclient", "nbformat", "ipykernel",
+        *LAUNCH,  # tests/test_launch.py builds XManager jobs (dry run)
     ],
     "tpu": ["libtpu==0.0.42.1"],  # = what jax[tpu]==0.10.2 pins; AOT compile against TPU topologies
+    "launch": LAUNCH,
 }
 
 setup(
