@@ -1,0 +1,297 @@
+"""AOT planner: compile the full train step for a TPU topology on this (CPU) host, run nothing.
+
+    python -m bagel_jax.aot --config=configs/bagel_7b_mot.py --topology=v5p:4x4x4 [--step_time=12.5]
+
+Builds compile-only TPU devices (``jax.experimental.topologies``; needs libtpu, the ``[tpu]`` extra), the
+mesh of ``config.parallel`` on them, abstract params / optimizer / EMA (``jax.eval_shape``, no arrays) and
+an abstract global batch, then lowers and compiles the same ``TrainStep`` the trainer runs. Prints per-chip
+HBM (arguments, outputs, temporaries, peak) against the chip's capacity, compiled FLOPs, BAGEL's formula
+FLOPs, and the MFU a given ``--step_time`` would mean. A step that does not fit reports XLA's
+out-of-memory numbers instead. Use it to choose mesh, remat and batch before paying for a pod.
+
+The model + loss come from ``LOSSES`` (``register_loss``) or ``--loss=module:builder``: ``bagel`` (the full
+model and its losses on a ``PackedBatch`` of the config's budgets; the default) and ``mot_lm`` (the MoT
+LanguageModel alone on text and gen token slots: CE + a stand-in squared loss on gen states).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: never contend for /tmp/libtpu_lockfile
+if __name__ == "__main__":  # the planner never runs on accelerators; silence libtpu's host probing
+    for _k, _v in (("JAX_PLATFORMS", "cpu"), ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+                   ("TPU_WORKER_HOSTNAMES", "localhost")):
+        os.environ.setdefault(_k, _v)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bagel_jax.config import ConfigError, validate  # noqa: E402
+from bagel_jax.parallel.mesh import abstract_batch, logical_rules, make_mesh  # noqa: E402
+from bagel_jax.train import metrics as metrics_lib  # noqa: E402
+from bagel_jax.train.optim import make_optimizer, trainable_mask  # noqa: E402
+from bagel_jax.train.state import abstract_state, num_params  # noqa: E402
+from bagel_jax.train.step import make_train_step  # noqa: E402
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """What the planner (and the trainer) needs from a model.
+
+    init_fn: rng -> params (boxed with logical names); loss_fn: (params, batch, rng) -> (loss, aux);
+    batch: pytree of ``jax.ShapeDtypeStruct`` with the *global* batch shapes;
+    batch_metrics_fn: optional batch -> {name: scalar} (e.g. packing stats).
+    """
+    init_fn: Callable[[jax.Array], Any]
+    loss_fn: Callable
+    batch: Any
+    batch_metrics_fn: Callable | None = None
+
+
+LOSSES: dict[str, Callable[[Any], ModelSpec]] = {}
+
+
+def register_loss(name: str):
+    """Decorator: ``@register_loss("name") def build(config) -> ModelSpec``."""
+    def wrap(builder):
+        LOSSES[name] = builder
+        return builder
+    return wrap
+
+
+def default_loss() -> str:
+    return "bagel" if "bagel" in LOSSES else "mot_lm"
+
+
+@register_loss("bagel")
+def _bagel(config) -> ModelSpec:
+    """The full BAGEL (ViT, VAE, MoT) and its CE + flow-MSE loss on a ``PackedBatch`` of the config's budgets."""
+    from bagel_jax.batch import FIELDS, PackedBatch
+    from bagel_jax.data.pack import field_shapes
+    from bagel_jax.data.pipeline import budgets_from_config
+    from bagel_jax.model.bagel import make_init_fn
+    from bagel_jax.train.losses import make_loss_fn
+
+    model, init_fn = make_init_fn(config)
+    shapes = field_shapes(budgets_from_config(config), config.data.batch_size)
+    batch = PackedBatch(**{f: jax.ShapeDtypeStruct(*shapes[f]) for f in FIELDS})
+    return ModelSpec(init_fn, make_loss_fn(model, config), batch, lambda b: metrics_lib.packing_stats(b.doc))
+
+
+@register_loss("mot_lm")
+def _mot_lm(config) -> ModelSpec:
+    """MoT LanguageModel on a row of U text slots (und expert) and G token slots (gen expert).
+
+    CE (chunked over the sequence, so [B, U, V] logits never exist at once) on und slots + the mean square
+    of the final gen states (a FLOP-negligible stand-in for the flow head, so the gen expert is live).
+    """
+    from bagel_jax.attention.mask import MaskMeta
+    from bagel_jax.model import mot
+    from bagel_jax.train.losses import ce_sum_count, cross_entropy
+
+    cfg, d = config.model, config.data
+    model = mot.LanguageModel(cfg)
+    rows, und, gen = d.batch_size, d.und_len, d.gen_len
+    chunk = next(c for c in (2048, 1024, 512, 256, 128, und) if und % c == 0)
+
+    def init_fn(rng):
+        return mot.init_params(cfg, rng)["params"]
+
+    def loss_fn(params, batch, rng):
+        del rng
+        meta = MaskMeta(doc=batch["doc"], index=batch["index"], q_hi=batch["q_hi"], kv_hi=batch["kv_hi"])
+
+        def run(m):
+            return m(m.embed(batch["text_ids"]), m.embed(batch["gen_ids"]), batch["position"], meta)
+
+        und_h, gen_h = model.apply({"params": params}, method=run)
+
+        @jax.checkpoint
+        def chunk_ce(h, labels, weight):
+            logits = model.apply({"params": params}, h, method=mot.LanguageModel.logits)
+            return ce_sum_count(cross_entropy(logits, labels), weight, False)
+
+        split = lambda x: x.reshape((x.shape[0], und // chunk, chunk) + x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+        sums, counts = jax.lax.map(lambda xs: chunk_ce(*xs),
+                                   (split(und_h), split(batch["labels"]), split(batch["ce_weight"])))
+        ce_sum, ce_count = jnp.sum(sums), jnp.sum(counts)
+        gen_sum = jnp.sum(jnp.mean(jnp.square(gen_h.astype(jnp.float32)), -1))
+        gen_count = jnp.asarray(gen_h.shape[0] * gen_h.shape[1], jnp.float32)
+        loss = ce_sum / jnp.maximum(ce_count, 1.0) + gen_sum / jnp.maximum(gen_count, 1.0)
+        return loss, dict(ce_sum=ce_sum, ce_count=ce_count, gen_sum=gen_sum, gen_count=gen_count)
+
+    i32, f32 = jnp.int32, jnp.float32
+    s = jax.ShapeDtypeStruct
+    batch = dict(text_ids=s((rows, und), i32), gen_ids=s((rows, gen), i32), labels=s((rows, und), i32),
+                 ce_weight=s((rows, und), f32),
+                 **{k: s((rows, und + gen), i32) for k in ("position", "doc", "index", "q_hi", "kv_hi")})
+    return ModelSpec(init_fn, loss_fn, batch, lambda b: metrics_lib.packing_stats(b["doc"]))
+
+
+# --- topology --------------------------------------------------------------------------------------
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+    """Compile-only TPU devices for ``topology`` (e.g. ``v5p:4x4x4``, ``v5e:4x4``, ``v6e:2x2``)."""
+    from jax.experimental import topologies
+    kw: dict[str, Any] = {}
+    if topology.startswith(("v4", "v5p")):
+        kw["chip_config_name"] = "megacore"
+    if num_slices > 1:
+        kw["num_slices"] = num_slices
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu", **kw).devices)
+    except Exception as e:  # libtpu missing or unknown topology
+        raise SystemExit(f"--topology={topology}: cannot build compile-only TPU devices "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); install the [tpu] extra") from None
+
+
+def resolve_attention(config):
+    """On a TPU target, ``auto`` means the Pallas kernel when it is importable, the reference otherwise."""
+    if config.model.attention_impl == "auto":
+        try:
+            import bagel_jax.attention.tpu_split_splash  # noqa: F401
+            config.model.attention_impl = "tpu"
+        except ImportError:
+            config.model.attention_impl = "reference"
+    return config.model.attention_impl
+
+
+# --- plan ------------------------------------------------------------------------------------------
+
+def get_builder(loss: str) -> Callable[[Any], ModelSpec]:
+    """A registered name, or ``package.module:function`` (imported; returns a ``ModelSpec`` for a config)."""
+    if ":" in loss:
+        import importlib
+        module, fn = loss.split(":", 1)
+        return getattr(importlib.import_module(module), fn)
+    if loss not in LOSSES:
+        raise ConfigError(f"--loss: unknown {loss!r} (registered: {', '.join(sorted(LOSSES))})")
+    return LOSSES[loss]
+
+
+def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
+    """Compiles the train step of ``config`` for ``devices``; returns sizes, memory, FLOPs and timings.
+
+    If XLA runs out of HBM, returns the same dict with ``oom`` = XLA's message and no memory/FLOP fields.
+    """
+    loss = loss or default_loss()
+    builder = get_builder(loss)
+    validate(config, num_devices=len(devices))
+    mesh = make_mesh(config, devices)
+    rules = logical_rules(config)
+    spec = builder(config)
+    params_shape = jax.eval_shape(spec.init_fn, jax.random.PRNGKey(0))
+    tx, schedule = make_optimizer(config.train, params_shape)
+    state = abstract_state(spec.init_fn, tx, mesh, rules)
+    batch = abstract_batch(spec.batch, mesh, rules)
+    trainable = trainable_mask(params_shape, tuple(config.train.freeze))
+    step = make_train_step(spec.loss_fn, tx, schedule, config, mesh=mesh, rules=rules,
+                           state_shardings=jax.tree.map(lambda x: x.sharding, state), trainable=trainable,
+                           batch_metrics_fn=spec.batch_metrics_fn)
+    kind = devices[0].device_kind
+    rows, length = config.data.batch_size, config.data.seq_len
+    info = dict(
+        loss=loss, device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
+        attention=config.model.attention_impl, remat=config.model.remat,
+        params=num_params(state.params),
+        trainable_params=num_params([x for x, keep in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainable))
+                                     if keep]),
+        hbm_bytes=metrics_lib.hbm_bytes(kind), peak_tflops=metrics_lib.peak_tflops(kind, config.train.peak_tflops),
+        tokens_per_step=rows * length,
+        formula_flops=metrics_lib.train_flops(config.model, rows * length, rows * length ** 2),
+        formula_flops_causal=metrics_lib.train_flops(config.model, rows * length, rows * length ** 2, causal=True))
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch)
+    info["lower_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        info.update(oom=str(e).strip().splitlines()[0], compile_seconds=time.perf_counter() - t0)
+        return info
+    info["compile_seconds"] = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    info.update(
+        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+        temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+        code_bytes=mem.generated_code_size_in_bytes,
+        peak_bytes=mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes,
+        compiled_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0, compiled=compiled)
+    return info
+
+
+def report(p: dict[str, Any], step_time: float = 0.0) -> str:
+    """Human-readable table of a ``plan``."""
+    def gib(b):
+        return f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.2f} MiB"
+
+    def count(n):
+        return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+    hbm = p["hbm_bytes"]
+    lines = [
+        f"model/loss      {p['loss']}  attention={p['attention']}  remat={p['remat']}",
+        f"devices         {p['num_devices']} × {p['device_kind']}   mesh {p['mesh']}",
+        f"params          {count(p['params'])} ({count(p['trainable_params'])} trainable)",
+    ]
+    if "oom" in p:
+        lines += [f"per-chip HBM    DOES NOT FIT: {p['oom']}",
+                  f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s"]
+        return "\n".join(lines)
+    fits = "unknown chip" if not hbm else ("FITS" if p["peak_bytes"] <= hbm else "DOES NOT FIT")
+    lines += [
+        f"per-chip HBM    arguments {gib(p['argument_bytes'])} | outputs {gib(p['output_bytes'])} | "
+        f"temporaries {gib(p['temp_bytes'])} | aliased {gib(p['alias_bytes'])}",
+        f"                peak ≈ {gib(p['peak_bytes'])} of {gib(hbm) if hbm else '?'} per chip → {fits}",
+        f"FLOPs / step    compiled {p['compiled_flops_per_device'] * p['num_devices']:.4g} "
+        f"({p['compiled_flops_per_device']:.4g} per device; Pallas kernels count 0)",
+        f"                BAGEL formula {p['formula_flops']:.4g} (causal-halved {p['formula_flops_causal']:.4g}), "
+        f"{p['tokens_per_step']} tokens, one sample per row",
+        f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
+    ]
+    if step_time > 0 and p["peak_tflops"]:
+        denom = step_time * p["num_devices"] * p["peak_tflops"] * 1e12
+        lines.append(f"MFU @ {step_time:g} s/step  formula {p['formula_flops'] / denom:.1%} "
+                     f"(causal {p['formula_flops_causal'] / denom:.1%}), compiled "
+                     f"{p['compiled_flops_per_device'] * p['num_devices'] / denom:.1%}; "
+                     f"{p['tokens_per_step'] / step_time / p['num_devices']:.0f} tokens/s/chip")
+    return "\n".join(lines)
+
+
+def main(argv):
+    from absl import flags
+    cfg = flags.FLAGS.config
+    resolve_attention(cfg)
+    devices = topology_devices(flags.FLAGS.topology, flags.FLAGS.num_slices)
+    try:
+        p = plan(cfg, devices, flags.FLAGS.loss or None)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    print(report(p, flags.FLAGS.step_time))
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=False)
+    flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5p:4x4x4, v5e:4x4, v6e:8x8")
+    flags.DEFINE_integer("num_slices", 1, "number of slices (multi-slice, with parallel.dcn_*)")
+    flags.DEFINE_float("step_time", 0.0, "seconds per step to turn FLOPs into MFU")
+    flags.DEFINE_string("loss", "", f"registered model/loss name or module:builder (default {default_loss()!r})")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main, argv=sys.argv)

@@ -1,0 +1,199 @@
+"""Orbax checkpoints: the sharded ``TrainState`` + each host's data-iterator state, async, keep-N, resume.
+
+Layout: ``<workdir>/checkpoints/<step>/{state, data}``. ``state`` is the whole ``TrainState`` (params,
+optimizer, EMA, step, rng, nonfinite count) written shard-by-shard from every host (no gather); ``data``
+holds one JSON file per host (``process_<i>-of-<n>.json``) with that host's iterator ``get_state()``,
+snapshotted when ``save`` is called. Orbax writes into a temporary directory and renames it on commit,
+so a process killed mid-save leaves the previous checkpoint intact.
+
+Restores take abstract arrays that carry the *current* shardings, so a checkpoint written on one mesh /
+device count restores resharded onto another. ``init_from`` loads params only (a converted official
+checkpoint saved as a params pytree, or another run's checkpoint directory).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+
+from bagel_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
+
+STATE, DATA = "state", "data"
+
+
+# --- the per-host data-iterator state item ---------------------------------------------------------
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Writes/reads one JSON file per process: that host's data-iterator state (any JSON-able value)."""
+
+    def save(self, directory: epath.Path, args: "DataStateSave"):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / _data_file()).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
+        path = directory / _data_file()
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir())
+            raise FileNotFoundError(f"{path}: no data-iterator state for this host (found {found}); the host "
+                                    f"count changed since the save, restore with data=False to restart the stream")
+        return json.loads(path.read_text())
+
+    def metadata(self, directory: epath.Path) -> Any:
+        return None
+
+    def finalize(self, directory: epath.Path):
+        pass
+
+    def close(self):
+        pass
+
+
+def _data_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# --- manager ---------------------------------------------------------------------------------------
+
+class Checkpointer:
+    """``CheckpointManager`` over ``<workdir>/checkpoints`` with items ``state`` and ``data``.
+
+    save(step, state, data_state) is asynchronous (returns once arrays are copied off device, so the next
+    step may donate them); call ``wait()`` before reading what was written, ``close()`` at exit.
+    ``stop_requested(step)`` is True after SIGTERM (single process) or at a multi-host preemption sync point.
+    """
+
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, handle_sigterm: bool = False):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+        self._sigterm = False
+        if handle_sigterm:
+            self.install_sigterm_handler()
+
+    @classmethod
+    def from_config(cls, workdir: str, config, **kw) -> "Checkpointer":
+        return cls(workdir, keep=config.train.keep_checkpoints, **kw)
+
+    # preemption
+    def install_sigterm_handler(self):
+        """SIGTERM sets a flag that ``stop_requested`` reports (the loop then saves and exits). Multi-host
+        runs rely on JAX's preemption service instead (its sync point makes every host stop at one step)."""
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the end of this step")
+        self._sigterm = True
+
+    def stop_requested(self, step: int) -> bool:
+        return self._sigterm or self.manager.reached_preemption(step)
+
+    # save / restore
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: TrainState, data_state: Any = None, *, force: bool = True) -> bool:
+        """Starts saving ``state`` (and this host's ``data_state``, JSON-able) as ``step``."""
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_state is not None:
+            items[DATA] = DataStateSave(data_state)
+        return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, abstract: TrainState, step: int | None = None, *, data: bool = True) -> tuple[TrainState, Any]:
+        """(state, data_state or None) of ``step`` (default latest), resharded onto ``abstract``'s shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        items = {STATE: ocp.args.StandardRestore(abstract)}
+        has_data = data and (self.directory / str(step) / DATA).exists()
+        if has_data:
+            items[DATA] = DataStateRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out[STATE], (out[DATA] if has_data else None)
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# --- params only (init_from) -----------------------------------------------------------------------
+
+def load_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> Any:
+    """Params restored sharded onto ``abstract_params``' shardings.
+
+    ``path``: a params pytree saved with ``ocp.StandardCheckpointer().save(path, params)`` (what the
+    converter writes), or a run's workdir / ``checkpoints`` dir / step dir (its ``state.params``, or
+    ``state.ema_params`` with ``use_ema``).
+    """
+    root = epath.Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    step_dir = _find_state_dir(root)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    if step_dir is None:  # a plain params pytree
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(root, abstract_params)
+    field = "ema_params" if use_ema else "params"
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+            item={field: abstract_params}, restore_args={field: restore_args}, partial_restore=True))
+    return out[field]
+
+
+def _find_state_dir(root: epath.Path) -> epath.Path | None:
+    """The step directory holding a ``state`` item under ``root`` (latest step), or None."""
+    if (root / STATE).exists():
+        return root
+    for base in (root / "checkpoints", root):
+        steps = [p for p in base.iterdir() if p.name.isdigit() and (p / STATE).exists()] if base.exists() else []
+        if steps:
+            return max(steps, key=lambda p: int(p.name))
+    return None
+
+
+# --- the loop's entry point ------------------------------------------------------------------------
+
+def restore_or_init(ckpt: Checkpointer, init_fn, optimizer, mesh, rules, rng: jax.Array, config
+                    ) -> tuple[TrainState, TrainState, Any]:
+    """(state, shardings, data_state): resumes the latest checkpoint in the workdir if there is one,
+    else creates a fresh sharded state and, if ``train.init_from`` is set, loads its params (EMA = params)."""
+    shardings = state_shardings(init_fn, optimizer, mesh, rules)
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(abstract_state(init_fn, optimizer, mesh, rules))
+        logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+        return state, shardings, data_state
+    state, shardings = create_train_state(init_fn, optimizer, mesh, rules, rng)
+    if config.train.init_from:
+        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                       state.params)
+        params = load_params(config.train.init_from, abstract_params)
+        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
+        state = state.replace(params=params, ema_params=copy(params))
+        logging.info("params loaded from %s", config.train.init_from)
+    return state, shardings, None

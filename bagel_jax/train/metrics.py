@@ -1,0 +1,215 @@
+"""Training metrics: BAGEL's FLOP formula, MFU, packing stats, and the writers (TensorBoard + JSON lines).
+
+FLOPs per step follow the reference (bagel.md §7.5, ``qwen2_flop_coefficients``): the LLM only, one
+expert (= the active params of a token), attention as dense ``len²`` per sample::
+
+    N      = (3·D·I + D·(2·Hq·hd + 2·Hkv·hd))·L + 2·V·D
+    flops  = 6·N·Σtokens + 12·hd·Hq·L·Σ_samples len²
+
+``causal=True`` halves the attention term (a causal mask computes about half the score matrix); MFU is
+reported both ways. clu (which imports TensorFlow, ~2 s) is imported only when a writer is created.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bagel_jax.config import head_dim
+
+# Dense bf16 peak TFLOP/s per JAX device, matched by substring of ``device.device_kind`` (lower case), longest
+# key first. TPU v4/v5p run as megacore (one device per chip); TPU7x exposes each of its 2 TensorCores as a
+# device (2307 TFLOP/s per chip). GPU values are the reference's ``detect_peak_tflops`` table.
+PEAK_TFLOPS: dict[str, float] = {
+    "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
+    "tpu v6 lite": 918.0, "tpu v6e": 918.0, "tpu7x": 1153.5,
+    "mi300x": 1336.0, "h100": 989.0, "h800": 989.0, "h200": 989.0, "h20": 148.0, "a100": 312.0, "a800": 312.0,
+    "l40": 181.05, "l20": 119.5, "910b": 354.0,
+}
+# HBM per JAX device, GiB (same device convention as above).
+HBM_GIB: dict[str, float] = {
+    "tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0, "tpu v5p": 95.0, "tpu v5": 95.0,
+    "tpu v6 lite": 32.0, "tpu v6e": 32.0, "tpu7x": 96.0, "h100": 80.0, "h200": 141.0, "a100": 80.0,
+}
+
+
+def _lookup(table: Mapping[str, float], device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    for key in sorted(table, key=len, reverse=True):
+        if key in kind:
+            return table[key]
+    return None
+
+
+def peak_tflops(device_kind: str | None = None, override: float = 0.0) -> float | None:
+    """Peak bf16 TFLOP/s of one device (``override`` > 0 wins; None if the device is unknown)."""
+    if override > 0:
+        return float(override)
+    return _lookup(PEAK_TFLOPS, device_kind or jax.devices()[0].device_kind)
+
+
+def hbm_bytes(device_kind: str) -> float | None:
+    gib = _lookup(HBM_GIB, device_kind)
+    return None if gib is None else gib * 2 ** 30
+
+
+def flop_coefficients(model_cfg) -> tuple[float, float]:
+    """(flops per token, flops per unit of Σ len²) of one training step (fwd + bwd), reference formula."""
+    d, i, layers, v = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers, model_cfg.vocab_size
+    hq, hkv, hd = model_cfg.num_heads, model_cfg.num_kv_heads, head_dim(model_cfg)
+    mlp = 3 * d * i
+    attn_linear = d * (hq * hd + 2 * hkv * hd + hq * hd)
+    dense = (mlp + attn_linear) * layers + 2 * v * d
+    return 6.0 * dense, 12.0 * hd * hq * layers
+
+
+def train_flops(model_cfg, tokens: float, sum_len_sq: float, *, causal: bool = False) -> float:
+    """FLOPs of one step over ``tokens`` real tokens whose samples have Σ len² = ``sum_len_sq``."""
+    per_token, per_len_sq = flop_coefficients(model_cfg)
+    return per_token * tokens + per_len_sq * sum_len_sq * (0.5 if causal else 1.0)
+
+
+def packing_stats(doc) -> dict[str, jax.Array]:
+    """From ``doc`` int[B, L] (0 = padding): tokens (real), sum_len_sq (Σ over samples of len², f32) and
+    fill (real / all slots). Works in or out of jit."""
+    doc = jnp.asarray(doc)
+    counts = jax.vmap(lambda d: jnp.bincount(d, length=doc.shape[-1] + 1))(doc)[:, 1:].astype(jnp.float32)
+    tokens = jnp.sum(counts)
+    return dict(tokens=tokens, sum_len_sq=jnp.sum(counts * counts), fill=tokens / doc.size)
+
+
+# --- aggregation over a logging window -------------------------------------------------------------
+
+_SUMMED = ("tokens", "sum_len_sq", "nonfinite")
+_LAST = ("lr", "nonfinite_steps")
+
+
+def aggregate(window: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Host-side reduction of per-step metrics: sums/counts/tokens summed, lr and counters last, the rest
+    averaged; every ``<name>_sum``/``<name>_count`` pair gives ``<name>`` = exact mean over the window."""
+    window = [{k: np.asarray(v, np.float64) for k, v in m.items()} for m in jax.device_get(list(window))]
+    if not window:
+        return {}
+    out = {}
+    for key in window[0]:
+        values = np.stack([m[key] for m in window])
+        if key in _LAST:
+            out[key] = float(values[-1])
+        elif key in _SUMMED or key.endswith(("_sum", "_count")):
+            out[key] = float(values.sum())
+        else:
+            out[key] = float(values.mean())
+    for key in list(out):
+        if key.endswith("_sum") and key[:-4] + "_count" in out:
+            out[key[:-4]] = out[key] / max(out[key[:-4] + "_count"], 1.0)
+    return out
+
+
+def throughput(model_cfg, tokens: float, sum_len_sq: float, seconds: float, steps: int, num_devices: int,
+               peak: float | None) -> dict[str, float]:
+    """tokens/s/device, TFLOP/s/device, MFU (and the causal-halved variants) over a window of ``steps``."""
+    out = dict(step_time=seconds / max(steps, 1),
+               tokens_per_sec_per_device=tokens / seconds / num_devices)
+    for suffix, causal in (("", False), ("_causal", True)):
+        tflops = train_flops(model_cfg, tokens, sum_len_sq, causal=causal) / seconds / num_devices / 1e12
+        out["tflops_per_device" + suffix] = tflops
+        if peak:
+            out["mfu" + suffix] = tflops / peak
+    return out
+
+
+# --- writers ---------------------------------------------------------------------------------------
+
+class JsonlWriter:
+    """Appends ``{"step": s, name: value, ...}`` lines to a file (scalars and texts)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._f = open(path, "a", buffering=1)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]):
+        self._f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        self._f.write(json.dumps({"step": int(step), **{k: str(v) for k, v in texts.items()}}) + "\n")
+
+    def flush(self):
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+class MetricsLogger:
+    """Buffers per-step device metrics; every ``log_every`` steps fetches them once, adds throughput/MFU
+    and writes TensorBoard (``<workdir>/tensorboard``) + ``<workdir>/metrics.jsonl`` (host 0 only).
+
+    Loop use: ``logger.step(step, metrics)`` after each train step (step = steps done), ``logger.close()``.
+    Extra host-side scalars (e.g. the pipeline's skipped-sample count) go in ``step(..., extra={...})``.
+    """
+
+    def __init__(self, workdir: str, config, *, num_devices: int | None = None, total_steps: int | None = None):
+        from clu import metric_writers, periodic_actions  # imports TensorFlow: keep it lazy
+
+        self.config = config
+        self.log_every = max(int(config.train.log_every), 1)
+        self.num_devices = num_devices or jax.device_count()
+        self.peak = peak_tflops(override=config.train.peak_tflops)
+        lead = jax.process_index() == 0
+        self.writer = metric_writers.create_default_writer(
+            os.path.join(workdir, "tensorboard"), just_logging=not lead, asynchronous=False)
+        self.jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if lead else None
+        self.progress = periodic_actions.ReportProgress(
+            num_train_steps=total_steps or config.train.steps, writer=self.writer, every_steps=self.log_every)
+        self._window: list[Mapping[str, Any]] = []
+        self._t0 = time.perf_counter()
+        if self.peak is None:
+            logging.warning("unknown device %r: set train.peak_tflops for MFU", jax.devices()[0].device_kind)
+
+    def step(self, step: int, metrics: Mapping[str, Any], extra: Mapping[str, float] | None = None) -> dict | None:
+        """Records one step's metrics; on logging steps writes and returns the aggregated scalars."""
+        self._window.append(metrics)
+        self.progress(step)
+        if step % self.log_every:
+            return None
+        return self.flush(step, extra)
+
+    def flush(self, step: int, extra: Mapping[str, float] | None = None) -> dict | None:
+        if not self._window:
+            return None
+        scalars = aggregate(self._window)
+        seconds = time.perf_counter() - self._t0
+        if "tokens" in scalars:
+            scalars.update(throughput(self.config.model, scalars["tokens"], scalars.get("sum_len_sq", 0.0),
+                                      seconds, len(self._window), self.num_devices, self.peak))
+        scalars.update(extra or {})
+        self.write_scalars(step, scalars)
+        self._window, self._t0 = [], time.perf_counter()
+        return scalars
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]):
+        self.writer.write_scalars(step, scalars)
+        if self.jsonl:
+            self.jsonl.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, Any]):
+        """images: {name: uint8/float [N, H, W, C]} (e.g. a generated grid)."""
+        self.writer.write_images(step, images)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        self.writer.write_texts(step, texts)
+        if self.jsonl:
+            self.jsonl.write_texts(step, texts)
+
+    def close(self):
+        self.writer.flush()
+        self.writer.close()
+        if self.jsonl:
+            self.jsonl.close()

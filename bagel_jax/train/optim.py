@@ -1,0 +1,129 @@
+"""Optimizer: AdamW with warmup + constant/cosine schedule, global-norm clipping, per-module freezing.
+
+Matches the reference (bagel.md §7.1/§7.3): ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay)``,
+``clip_grad_norm_(max_grad_norm)`` over trainable params, HF ``get_constant_schedule_with_warmup`` or
+``get_cosine_with_min_lr_schedule_with_warmup`` (the first update uses lr = 0 when warmup > 0).
+
+Freezing (``config.train.freeze``) selects parameters by their path in the param tree ('/'-joined keys,
+a leading 'params/' ignored) with the regexes in ``FREEZE_PATTERNS``. Frozen leaves get zero updates and
+no optimizer state (``optax.multi_transform`` → ``set_to_zero``); the VAE (``ALWAYS_FROZEN``) is frozen
+whether listed or not. ``und`` freezes the und expert and the token embedding (whose only gradient path
+is und tokens) but not ``lm_head``, mirroring what the reference's ``freeze_und`` detaches (§2.7); unlike
+the reference it freezes *parameters* only, so gradients still flow through und activations into the
+ViT/connector when those train.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from bagel_jax.config import FREEZABLE, ConfigError
+
+# freeze name -> regex searched in the '/'-joined param path
+FREEZE_PATTERNS: dict[str, str] = {
+    "vit": r"^vit_model/",
+    "connector": r"^connector/",
+    "llm": r"^language_model/",
+    "und": r"^language_model/(?!.*_moe_gen)(?!(.*/)?lm_head(/|$))",
+    "gen": r"^language_model/.*_moe_gen",
+}
+ALWAYS_FROZEN = r"^vae(_model)?/"
+TRAIN, FROZEN = "train", "frozen"
+
+assert set(FREEZE_PATTERNS) == set(FREEZABLE), "FREEZE_PATTERNS and config.FREEZABLE must list the same modules"
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def param_path(path) -> str:
+    """'/'-joined key path of a param leaf, without a leading 'params/'."""
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if keys and keys[0] == "params":
+        keys = keys[1:]
+    return "/".join(keys)
+
+
+def param_labels(params: Any, freeze=()) -> Any:
+    """Tree of ``"train"`` / ``"frozen"`` labels, one per param leaf (boxed leaves count as one leaf).
+
+    Raises ``ConfigError`` (key ``train.freeze``) for an unknown module or one that matches no parameter.
+    """
+    for name in freeze:
+        if name not in FREEZE_PATTERNS:
+            raise ConfigError(f"train.freeze: unknown module {name!r} (freezable: {', '.join(FREEZE_PATTERNS)})")
+    patterns = [re.compile(FREEZE_PATTERNS[n]) for n in freeze]
+    always = re.compile(ALWAYS_FROZEN)
+    hits = {n: 0 for n in freeze}
+
+    def label(path, _):
+        p = param_path(path)
+        frozen = bool(always.search(p))
+        for name, pat in zip(freeze, patterns):
+            if pat.search(p):
+                hits[name] += 1
+                frozen = True
+        return FROZEN if frozen else TRAIN
+
+    labels = jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_box)
+    for name, n in hits.items():
+        if n == 0:
+            raise ConfigError(f"train.freeze: module {name!r} matches no parameter (pattern {FREEZE_PATTERNS[name]!r})")
+    return labels
+
+
+def trainable_mask(params: Any, freeze=()) -> Any:
+    """Tree of Python bools: True where the leaf trains."""
+    return jax.tree.map(lambda label: label == TRAIN, param_labels(params, freeze))
+
+
+def make_schedule(train_cfg) -> optax.Schedule:
+    """lr(step): linear warmup 0 → lr over ``warmup_steps``, then constant or cosine down to ``min_lr``
+    at ``steps`` (HF ``get_cosine_with_min_lr_schedule_with_warmup``; flat at ``min_lr`` afterwards)."""
+    lr, warmup = float(train_cfg.lr), int(train_cfg.warmup_steps)
+    if train_cfg.schedule == "constant":
+        after = optax.constant_schedule(lr)
+    elif train_cfg.schedule == "cosine":
+        min_lr, decay = float(train_cfg.min_lr), max(int(train_cfg.steps) - warmup, 1)
+
+        def after(step):
+            progress = jnp.clip(step / decay, 0.0, 1.0)
+            return min_lr + (lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    else:
+        raise ConfigError(f"train.schedule: must be 'constant' or 'cosine', got {train_cfg.schedule!r}")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(train_cfg, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, schedule) for ``params`` (real, abstract or boxed: only the tree paths are read).
+
+    The optimizer's step count only advances on applied updates, so ``schedule(count)`` is the lr used.
+    """
+    schedule = make_schedule(train_cfg)
+    inner = []
+    if train_cfg.max_grad_norm > 0:
+        inner.append(optax.clip_by_global_norm(train_cfg.max_grad_norm))
+    inner.append(optax.adamw(schedule, b1=train_cfg.beta1, b2=train_cfg.beta2, eps=train_cfg.eps,
+                             weight_decay=train_cfg.weight_decay))
+    freeze = tuple(train_cfg.freeze)
+    param_labels(params, freeze)  # validate now (one-line ConfigError), before anything compiles
+    tx = optax.multi_transform({TRAIN: optax.chain(*inner), FROZEN: optax.set_to_zero()},
+                               lambda p: param_labels(p, freeze))
+    return tx, schedule
+
+
+def trainable_global_norm(tree: Any, mask: Any) -> jax.Array:
+    """Global L2 norm over the leaves of ``tree`` where ``mask`` (a bool tree) is True; f32 scalar."""
+    leaves = [x for x, keep in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if keep]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))

@@ -1,0 +1,91 @@
+"""TrainState and its sharded creation; EMA update.
+
+The state is created *already sharded*: ``jax.eval_shape(init)`` gives the boxed (logically named)
+abstract params, the logical rules turn their names into ``NamedSharding``s (optimizer state and EMA
+inherit the params' names through optax's tree maps), and ``jax.jit(init, out_shardings=...)`` writes
+every shard on its own device. No device or host ever holds a full copy of params, optimizer or EMA.
+
+Init runs *outside* ``jax.set_mesh``: the out_shardings alone place the params, and flax's
+``DenseGeneral`` cannot initialise a logically partitioned multi-dim kernel under a mesh (it constrains
+the flat kernel with the N-d names). Activation constraints inside ``init`` are therefore no-ops.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bagel_jax.parallel.mesh import logical_shardings
+
+InitFn = Callable[[jax.Array], Any]  # rng -> params (leaves may be nn.LogicallyPartitioned)
+
+
+@struct.dataclass
+class TrainState:
+    """step: int32[] steps taken (= batches consumed); params / ema_params: f32 param trees;
+    opt_state: optax state; rng: uint32[2] base key (the step's key is ``fold_in(rng, step)``);
+    nonfinite_steps: int32[] steps whose update was dropped for NaN/inf gradients or loss."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array
+    nonfinite_steps: jax.Array
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+    """``ema = decay·ema + (1 − decay)·params`` leafwise (the reference's ``fsdp_ema_update``, no warmup)."""
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
+
+
+def _init_state(init_fn: InitFn, optimizer: optax.GradientTransformation, rng: jax.Array, *, boxed: bool) -> TrainState:
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)  # raw uint32 keys checkpoint as plain arrays
+    init_rng, state_rng = jax.random.split(rng)
+    params = init_fn(init_rng)
+    opt_state = optimizer.init(params)
+    if not boxed:
+        params, opt_state = nn.meta.unbox(params), nn.meta.unbox(opt_state)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, ema_params=params,
+                      rng=state_rng, nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(init_fn: InitFn, optimizer: optax.GradientTransformation, mesh: Mesh, rules) -> Any:
+    """``TrainState`` of ``NamedSharding``s, from the logical names of the params (no arrays are created)."""
+    boxed = jax.eval_shape(lambda r: _init_state(init_fn, optimizer, r, boxed=True), jax.random.PRNGKey(0))
+    shardings = logical_shardings(boxed, mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    return shardings.replace(step=replicated, rng=replicated, nonfinite_steps=replicated)
+
+
+def abstract_state(init_fn: InitFn, optimizer: optax.GradientTransformation, mesh: Mesh, rules) -> TrainState:
+    """``TrainState`` of ``ShapeDtypeStruct``s carrying their shardings (for AOT compile and sharded restore)."""
+    shardings = state_shardings(init_fn, optimizer, mesh, rules)
+    shapes = jax.eval_shape(lambda r: _init_state(init_fn, optimizer, r, boxed=False), jax.random.PRNGKey(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def make_init(init_fn: InitFn, optimizer: optax.GradientTransformation, shardings: TrainState
+              ) -> Callable[[jax.Array], TrainState]:
+    """Jitted ``rng -> TrainState`` writing every array straight into ``shardings`` (compile once, call many)."""
+    return jax.jit(lambda r: _init_state(init_fn, optimizer, r, boxed=False), out_shardings=shardings)
+
+
+def create_train_state(init_fn: InitFn, optimizer: optax.GradientTransformation, mesh: Mesh, rules,
+                       rng: jax.Array) -> tuple[TrainState, TrainState]:
+    """(state, shardings): a fresh state with every array created on its own shards.
+
+    ``rng``: a ``jax.random.PRNGKey`` (uint32[2]); split into the init key and the state's base key.
+    """
+    shardings = state_shardings(init_fn, optimizer, mesh, rules)
+    return make_init(init_fn, optimizer, shardings)(rng), shardings
+
+
+def num_params(tree: Any) -> int:
+    """Total number of scalars in ``tree``."""
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

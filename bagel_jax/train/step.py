@@ -1,0 +1,161 @@
+"""The jitted train step, generic in the loss.
+
+``loss_fn(params, batch, rng) -> (loss, aux)``: ``loss`` a f32 scalar (already normalised over the
+batch it sees); ``aux`` a flat dict of f32 scalars that are *additive over rows* — per-loss sums and
+counts named ``<name>_sum`` / ``<name>_count`` (e.g. ``ce_sum``, ``ce_count``). The step reports each pair's
+mean as ``<name>`` (the exact token mean over the global batch, also under gradient accumulation).
+
+Gradient accumulation (``train.grad_accum_steps`` = k > 1) splits the global batch into k microbatches
+(microbatch i holds rows i, i+k, ...; every device keeps its own rows) and averages their gradients, as
+the reference does (``loss / gradient_accumulation_steps``); this equals the full-batch gradient when
+microbatches carry equal loss counts.
+
+A step whose gradient norm or loss is NaN/inf is not applied: params, optimizer state and EMA stay, the
+step counter advances (the batch is consumed), ``nonfinite_steps`` counts it, metrics carry
+``nonfinite=1``. With ``train.nonfinite='halt'`` the loop calls ``check_finite`` on fetched metrics and
+stops with ``NonFiniteError``; the bad update was never applied, so the last checkpoint is clean.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bagel_jax.config import ConfigError
+from bagel_jax.parallel.mesh import batch_shards, batch_spec, use_mesh
+from bagel_jax.train.optim import trainable_global_norm
+from bagel_jax.train.state import TrainState, ema_update
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class NonFiniteError(RuntimeError):
+    """Raised by ``check_finite`` when ``train.nonfinite='halt'`` and a step had NaN/inf gradients or loss."""
+
+
+def check_accumulation(config, mesh: Mesh, rules) -> int:
+    """Validates ``train.grad_accum_steps`` against the batch and mesh; returns k."""
+    k, shards, rows = config.train.grad_accum_steps, batch_shards(mesh, rules), config.data.batch_size
+    if k < 1 or rows % (shards * k):
+        raise ConfigError(f"train.grad_accum_steps: {k} microbatches × {shards} batch shards do not divide "
+                          f"data.batch_size={rows}")
+    return k
+
+
+def loss_means(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """``<name>`` = ``<name>_sum / max(<name>_count, 1)`` for every sum/count pair in ``aux``."""
+    out = {}
+    for key in aux:
+        if key.endswith("_sum") and key[:-4] + "_count" in aux:
+            name = key[:-4]
+            out[name] = aux[key] / jnp.maximum(aux[name + "_count"], 1.0)
+    return out
+
+
+def _microbatches(batch: Any, k: int, mesh: Mesh, rules) -> Any:
+    """[B, ...] -> [k, B/k, ...] with microbatch i = rows i, i+k, ... (no data moves between devices)."""
+    spec = batch_spec(rules)
+    sharding = NamedSharding(mesh, P(None, *spec))
+
+    def split(x):
+        y = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(y, sharding)
+
+    return jax.tree.map(split, batch)
+
+
+def _accumulated_grads(loss_fn: LossFn, params, batch, rng, k: int, mesh: Mesh, rules, param_shardings):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+        (loss, aux), grads = grad_fn(params, batch, rng)
+        return loss, aux, grads
+    micro = _microbatches(batch, k, mesh, rules)
+    first = jax.tree.map(lambda x: x[0], micro)
+    _, aux_shape = jax.eval_shape(loss_fn, params, first, rng)
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape),
+             jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), param_shardings))
+
+    def body(carry, xs):
+        mb, i = xs
+        (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
+    return loss / k, aux, jax.tree.map(lambda g: g / k, grads)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule, config,
+                    *, mesh: Mesh, rules, state_shardings: TrainState, trainable: Any,
+                    batch_metrics_fn: Callable[[Any], dict[str, jax.Array]] | None = None,
+                    donate: bool = True) -> "TrainStep":
+    """A ``TrainStep``: ``(state, batch) -> (state, metrics)``, jitted with explicit shardings.
+
+    trainable: bool tree (``optim.trainable_mask``); grad norm and EMA cover trainable leaves only.
+    batch_metrics_fn: optional ``batch -> {name: scalar}`` added to metrics (e.g. ``metrics.packing_stats``).
+    metrics: loss, grad_norm (before clipping), lr (used by this update), nonfinite (0/1), nonfinite_steps,
+    every aux entry (summed over microbatches) and every ``<name>`` mean.
+    """
+    k = check_accumulation(config, mesh, rules)
+    decay = float(config.train.ema_decay)
+    mask_leaves = jax.tree.leaves(trainable)
+
+    def step_fn(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, aux, grads = _accumulated_grads(loss_fn, state.params, batch, rng, k, mesh, rules,
+                                              state_shardings.params)
+        grad_norm = trainable_global_norm(grads, trainable)
+        ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        treedef = jax.tree.structure(state.params)
+        ema = jax.tree.unflatten(treedef, [
+            ema_update(e, p, decay) if keep else e
+            for e, p, keep in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(params), mask_leaves)])
+
+        def where_ok(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        bad = (~ok).astype(jnp.int32)
+        new_state = state.replace(step=state.step + 1, params=where_ok(params, state.params),
+                                  opt_state=where_ok(opt_state, state.opt_state),
+                                  ema_params=where_ok(ema, state.ema_params),
+                                  nonfinite_steps=state.nonfinite_steps + bad)
+        metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step - state.nonfinite_steps),
+                       nonfinite=bad, nonfinite_steps=new_state.nonfinite_steps, **aux, **loss_means(aux))
+        if batch_metrics_fn is not None:
+            metrics.update(batch_metrics_fn(batch))
+        return new_state, metrics
+
+    return TrainStep(step_fn, mesh, rules, state_shardings, donate)
+
+
+class TrainStep:
+    """Callable jitted step; ``lower(abstract_state, abstract_batch)`` for AOT compilation."""
+
+    def __init__(self, step_fn, mesh: Mesh, rules, state_shardings: TrainState, donate: bool):
+        self.mesh, self.rules = mesh, rules
+        batch_sharding = NamedSharding(mesh, batch_spec(rules))
+        self.jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                              out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                              donate_argnums=(0,) if donate else ())
+
+    def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted(state, batch)
+
+    def lower(self, state, batch):
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted.lower(state, batch)
+
+
+def check_finite(metrics: dict[str, Any], config, previous_nonfinite: int = 0) -> int:
+    """Host side, on fetched metrics: returns ``nonfinite_steps``; raises ``NonFiniteError`` if it grew and
+    ``train.nonfinite == 'halt'``."""
+    count = int(metrics["nonfinite_steps"])
+    if count > previous_nonfinite and config.train.nonfinite == "halt":
+        raise NonFiniteError(f"train.nonfinite=halt: {count - previous_nonfinite} step(s) with NaN/inf gradients "
+                             f"or loss (none applied); last loss={float(metrics['loss'])}")
+    return count

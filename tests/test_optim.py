@@ -1,0 +1,167 @@
+"""Optimizer (vs torch AdamW + clip_grad_norm_ + HF schedules), freezing, EMA, NaN skipping, accumulation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import train_toy as T
+from bagel_jax.config import ConfigError
+from bagel_jax.parallel.mesh import shard_batch
+from bagel_jax.train import optim
+from bagel_jax.train.step import NonFiniteError, check_finite
+
+
+def _train_cfg(**kw):
+    c = T.toy_config().train
+    c.update(kw)
+    return c
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_schedule_matches_transformers(schedule):
+    torch = pytest.importorskip("torch")
+    from transformers import optimization as hf
+    cfg = _train_cfg(schedule=schedule, lr=3e-4, min_lr=1e-5, warmup_steps=5, steps=40)
+    ours = optim.make_schedule(cfg)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    if schedule == "constant":
+        sched = hf.get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
+    else:
+        sched = hf.get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps, min_lr=cfg.min_lr)
+    for step in range(cfg.steps):
+        np.testing.assert_allclose(float(ours(step)), sched.get_last_lr()[0], rtol=1e-5, atol=1e-12, err_msg=str(step))
+        opt.step()
+        sched.step()
+
+
+def test_adamw_with_clipping_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    params = {"language_model": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
+              "connector": {"b": rng.normal(size=(5,)).astype(np.float32)}}
+    cfg = _train_cfg(lr=1e-2, warmup_steps=0, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)
+    tx, _ = optim.make_optimizer(cfg, params)
+    state = tx.init(params)
+    tparams = [torch.nn.Parameter(torch.tensor(params["language_model"]["w"])),
+               torch.nn.Parameter(torch.tensor(params["connector"]["b"]))]
+    topt = torch.optim.AdamW(tparams, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+    ours = jax.tree.map(jnp.asarray, params)
+    for scale in (3.0, 0.1, 5.0):  # global norms above and below max_grad_norm
+        grads = {"language_model": {"w": scale * rng.normal(size=(3, 4)).astype(np.float32)},
+                 "connector": {"b": scale * rng.normal(size=(5,)).astype(np.float32)}}
+        updates, state = tx.update(grads, state, ours)
+        ours = optax.apply_updates(ours, updates)
+        tparams[0].grad, tparams[1].grad = (torch.tensor(grads["language_model"]["w"]),
+                                            torch.tensor(grads["connector"]["b"]))
+        torch.nn.utils.clip_grad_norm_(tparams, cfg.max_grad_norm)
+        topt.step()
+        np.testing.assert_allclose(ours["language_model"]["w"], tparams[0].detach().numpy(), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(ours["connector"]["b"], tparams[1].detach().numpy(), rtol=2e-5, atol=1e-6)
+
+
+def _frozen_paths(params, freeze):
+    labels = optim.param_labels(params, freeze)
+    flat = jax.tree_util.tree_flatten_with_path(labels)[0]
+    return {optim.param_path(p) for p, label in flat if label == optim.FROZEN}
+
+
+def test_freeze_patterns_select_the_modules():
+    params = jax.eval_shape(T.init_fn, jax.random.PRNGKey(0))  # boxed abstract params: paths are what matter
+    params = dict(params, vae={"encoder": {"kernel": jnp.zeros(2)}})
+    paths = {optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=optim._is_box)[0]}
+    assert len(paths) == 20  # 19 toy params + the VAE stand-in
+    assert _frozen_paths(params, ()) == {"vae/encoder/kernel"}  # the VAE is always frozen
+    assert _frozen_paths(params, ("vit",)) - {"vae/encoder/kernel"} == {"vit_model/kernel", "vit_model/bias"}
+    assert _frozen_paths(params, ("connector",)) - {"vae/encoder/kernel"} == {"connector/kernel"}
+    llm = {p for p in paths if p.startswith("language_model/")}
+    assert _frozen_paths(params, ("llm",)) - {"vae/encoder/kernel"} == llm
+    gen = {p for p in llm if "_moe_gen" in p}
+    assert gen and _frozen_paths(params, ("gen",)) - {"vae/encoder/kernel"} == gen
+    und = _frozen_paths(params, ("und",)) - {"vae/encoder/kernel"}
+    assert und == llm - gen - {"language_model/lm_head/kernel"}
+    assert "language_model/embed_tokens" in und and "language_model/layer_0_und/q_proj/kernel" in und
+
+
+@pytest.mark.parametrize("freeze,msg", [(("decoder",), "unknown module 'decoder'"),
+                                        (("vit",), "module 'vit' matches no parameter")])
+def test_bad_freeze_is_config_error(freeze, msg):
+    params = {"language_model": {"w": jnp.zeros(3)}}  # no vit_model in this tree
+    with pytest.raises(ConfigError, match=rf"^train.freeze: {msg}"):
+        optim.make_optimizer(_train_cfg(freeze=freeze), params)
+
+
+def test_frozen_modules_do_not_move_and_hold_no_optimizer_state():
+    run = T.toy_run(num_devices=1, data=1, train=(("freeze", ("vit", "gen")), ("warmup_steps", 0)))
+    start = T.host_tree(run.init())
+    state, _ = run.run(run.init(), T.ToyData(8), 3)
+    end = T.host_tree(state)
+    mask = jax.tree.leaves(run.trainable)
+    paths = [optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(end.params)[0]]
+    for path, trains, a, b, ema in zip(paths, mask, jax.tree.leaves(start.params), jax.tree.leaves(end.params),
+                                       jax.tree.leaves(end.ema_params)):
+        frozen = path.startswith("vit_model/") or "_moe_gen" in path
+        assert trains == (not frozen), path
+        if frozen:
+            np.testing.assert_array_equal(a, b, err_msg=path)
+            np.testing.assert_array_equal(ema, a, err_msg=path)
+        else:
+            assert not np.array_equal(a, b), path
+    adam = state.opt_state.inner_states["train"].inner_state[1][0]
+    assert "vit_model" not in adam.mu or not jax.tree.leaves(adam.mu["vit_model"])
+
+
+def _halt():
+    c = T.toy_config()
+    c.train.nonfinite = "halt"
+    return c
+
+
+def test_ema_and_nonfinite_step_skipped_and_counted():
+    run = T.toy_run(data=8)
+    data = T.ToyData(8)
+    state, _ = run.run(run.init(), data, 2)
+    before = T.host_tree(state)
+    bad = next(data)
+    bad["patches"][0, 0, 0] = np.nan
+    state, metrics = run.step(state, shard_batch(bad, run.mesh, run.rules))
+    after = T.host_tree(state)
+    assert int(metrics["nonfinite"]) == 1 and int(metrics["nonfinite_steps"]) == 1
+    assert not np.isfinite(float(metrics["grad_norm"]))
+    assert int(after.step) == 3 and int(after.nonfinite_steps) == 1
+    for name in ("params", "opt_state", "ema_params", "rng"):
+        for a, b in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name))):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    with pytest.raises(NonFiniteError, match="train.nonfinite=halt"):
+        check_finite(metrics, _halt(), 0)
+    assert check_finite(metrics, T.toy_config(), 0) == 1  # skip mode: counted, no error
+
+    # the next good step is applied with the lr of the 3rd update, and EMA follows its formula
+    state, metrics = run.step(state, shard_batch(next(data), run.mesh, run.rules))
+    good = T.host_tree(state)
+    assert int(metrics["nonfinite"]) == 0 and int(good.nonfinite_steps) == 1 and int(good.step) == 4
+    np.testing.assert_allclose(float(metrics["lr"]), float(run.schedule(2)), rtol=1e-7)
+    decay = run.config.train.ema_decay
+    for e0, p1, e1 in zip(jax.tree.leaves(after.ema_params), jax.tree.leaves(good.params),
+                          jax.tree.leaves(good.ema_params)):
+        np.testing.assert_allclose(e1, decay * e0 + (1 - decay) * p1, rtol=1e-6, atol=1e-7)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(good.params)))
+
+
+def test_gradient_accumulation_equals_full_batch():
+    # equal loss counts per microbatch (deterministic loss): the averaged gradient is the full-batch gradient
+    full = T.toy_run(num_devices=1, data=1, loss=T.deterministic_loss_fn)
+    accum = T.toy_run(loss=T.deterministic_loss_fn, train=(("grad_accum_steps", 2),), data=2, fsdp=2, tensor=2)
+    s_full, h_full = full.run(full.init(), T.ToyData(8), 3)
+    s_acc, h_acc = accum.run(accum.init(), T.ToyData(8), 3)
+    np.testing.assert_allclose([h["loss"] for h in h_acc], [h["loss"] for h in h_full], rtol=1e-5)
+    np.testing.assert_allclose([h["ce_count"] for h in h_acc], [h["ce_count"] for h in h_full])
+    np.testing.assert_allclose([h["ce"] for h in h_acc], [h["ce"] for h in h_full], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(T.host_tree(s_acc.params)), jax.tree.leaves(T.host_tree(s_full.params))):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_accumulation_not_dividing_batch_is_config_error():
+    with pytest.raises(ConfigError, match=r"^train.grad_accum_steps: 3 microbatches × 8 batch shards"):
+        T.toy_run(train=(("grad_accum_steps", 3),), data=8)
