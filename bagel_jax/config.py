@@ -34,7 +34,10 @@ def _model() -> ml_collections.ConfigDict:
             layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", num_positions=4900)),
         vae=ml_collections.ConfigDict(dict(
             ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16, in_channels=3, out_ch=3,
-            scale_factor=0.3611, shift_factor=0.1159, dtype="bfloat16")),
+            scale_factor=0.3611, shift_factor=0.1159, dtype="bfloat16",
+            # a VAE-stage workdir (bagel_jax/train/vae_train.py) or its export/ae.safetensors: a fresh run loads
+            # params['vae'] from it, and its vae.json sets scale_factor / shift_factor
+            init_from="")),
     ))
 
 

@@ -104,3 +104,18 @@ def test_multislice_mesh_spans_slices_along_dcn_axis():
     mesh = make_mesh(config, devices)
     slices = [[d.slice_index for d in row.flat] for row in mesh.devices]
     assert slices == [[0, 0, 0, 0], [1, 1, 1, 1]]  # data (DCN) across slices, fsdp within a slice
+
+
+@pytest.mark.slow
+def test_full_bagel_compiles_for_v5e_with_vae_frozen(v5e_devices):
+    import jax
+
+    from bagel_jax.model.bagel import make_init_fn
+    config = _tiny_config()
+    config.parallel.update(data=2, fsdp=2)
+    config.data.batch_size = 4
+    p = aot.plan(config, v5e_devices, "bagel")
+    shapes = jax.eval_shape(make_init_fn(config)[1], jax.random.PRNGKey(0))
+    vae = sum(x.size for x in jax.tree.leaves(shapes["vae"]))
+    assert p["loss"] == "bagel" and p["argument_bytes"] > 0 and vae > 0
+    assert p["trainable_params"] == p["params"] - vae  # the VAE is always frozen, everything else trains

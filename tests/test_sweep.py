@@ -92,10 +92,11 @@ def test_runner_runs_each_point_in_its_own_workdir(tmp_path, monkeypatch, capsys
 def test_tiny_sweep_end_to_end_with_trainer(tmp_path):
     """2 points of the tiny lr × shift sweep, 3 steps each, with the real trainer; prints the table."""
     workdir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "bagel_jax.sweep", "--config=configs/tiny.py", f"--sweep={SWEEP}:3",
-           f"--workdir={workdir}", "--limit=2"]
+    cmd = [sys.executable, "-m", "bagel_jax.sweep", "--config=configs/tiny_shapes.py", f"--sweep={SWEEP}:3",
+           f"--workdir={workdir}", "--limit=2", "--trainer_arg=--config.data.synthetic_examples=40"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, not the 8 simulated
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1800,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         env={**env, "JAX_PLATFORMS": "cpu"})
     print(out.stdout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())

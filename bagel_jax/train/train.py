@@ -27,6 +27,7 @@ from bagel_jax.train.losses import make_loss_fn
 from bagel_jax.train.metrics import MetricsLogger, packing_stats
 from bagel_jax.train.optim import make_optimizer, trainable_mask
 from bagel_jax.train.step import check_finite, make_train_step
+from bagel_jax.train.vae_train import apply_vae_init_config, replace_vae_params
 
 
 def prepare_data(config, workdir: str) -> None:
@@ -35,8 +36,12 @@ def prepare_data(config, workdir: str) -> None:
         config.data.data_dir = os.path.join(workdir, "data")
     if config.data.builder == "synthetic_shapes" and config.data.synthetic_examples > 0:
         from bagel_jax.data.builders import synthetic_shapes
-        synthetic_shapes.build(config.data.data_dir, num_examples=config.data.synthetic_examples,
-                               seed=config.data.seed, vocab_size=config.model.vocab_size)
+        if jax.process_index() == 0:  # the workdir is shared by all hosts: one builds, the others wait
+            synthetic_shapes.build(config.data.data_dir, num_examples=config.data.synthetic_examples,
+                                   seed=config.data.seed, vocab_size=config.model.vocab_size)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("bagel_jax:synthetic_data_built")
 
 
 def write_config(config, workdir: str) -> None:
@@ -101,6 +106,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     """
     devices = jax.devices() if devices is None else list(devices)
     validate(config, num_devices=len(devices))
+    apply_vae_init_config(config)  # model.vae.init_from: scale/shift from the VAE stage's vae.json
     os.makedirs(workdir, exist_ok=True)
     prepare_data(config, workdir)
     write_config(config, workdir)
@@ -110,8 +116,11 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     abstract_params = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     optimizer, schedule = make_optimizer(config.train, abstract_params)
     ckpt = Checkpointer.from_config(workdir, config, handle_sigterm=True)
+    fresh = ckpt.latest_step() is None
     state, shardings, data_state = restore_or_init(ckpt, init_fn, optimizer, mesh, rules,
                                                    jax.random.PRNGKey(config.train.seed), config)
+    if fresh and config.model.vae.init_from:  # the frozen VAE from the VAE stage (no optimizer state to touch)
+        state = replace_vae_params(state, shardings, config.model.vae.init_from, config.model.vae)
     trainable = trainable_mask(abstract_params, tuple(config.train.freeze))
     train_step = make_train_step(make_loss_fn(model, config), optimizer, schedule, config, mesh=mesh, rules=rules,
                                  state_shardings=shardings, trainable=trainable, batch_metrics_fn=batch_metrics)
@@ -153,7 +162,7 @@ def main(argv):
     from absl import flags
 
     from bagel_jax import distributed
-    distributed.initialize_distributed()
+    distributed.initialize_distributed()  # multi-host: --coordinator_address/--num_processes/--process_id
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
@@ -162,6 +171,8 @@ def main(argv):
 def run():
     from absl import app, flags
     from ml_collections import config_flags
+
+    import bagel_jax.distributed  # noqa: F401  (defines the multi-host flags before parsing)
     config_flags.DEFINE_config_file("config", None, "Python config file (get_config()), e.g. configs/tiny_shapes.py",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "output directory: checkpoints, metrics, TensorBoard, config.json")

@@ -1,0 +1,38 @@
+"""Tiny FLUX-architecture VAE on the synthetic shapes images: the autoencoder stage for tiny BAGEL runs.
+
+Command:  python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=/tmp/tiny_vae
+Then:     python -m bagel_jax.train --config=configs/tiny_shapes.py --workdir=/tmp/bagel_tiny \\
+              --config.model.vae.init_from=/tmp/tiny_vae
+Expected: PSNR_LINE
+Model:    model.vae of configs/tiny.py (ch 32, ch_mult (1, 1, 1, 1), 1 res block, z 16: 8× down, 378k params);
+          64×64 canvas, images resized by data.vae_transform (64, 32, 16) exactly as BAGEL feeds its VAE.
+Loss:     L1 + 1e-6 · per-element KL (no LPIPS / GAN terms, which FLUX's own training used).
+Data:     2000 t2i images (data.seed 42: its first 200 are the tiny_shapes run's); held-out PSNR on 64 images
+          rendered with vae_stage.eval_seed 1042.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load(name):
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(f"bagel_configs_{name}", os.path.join(here, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def get_config(arg=None):
+    c = _load("tiny_shapes")  # same model.vae and data transforms as the BAGEL run that will use this VAE
+    c.name = "tiny_vae"
+    c.data.update(batch_size=8, synthetic_examples=2000, num_workers=0)
+    c.train.update(steps=1500, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, beta1=0.9, beta2=0.99,
+                   eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, ema_decay=0.995, log_every=50,
+                   checkpoint_every=500, keep_checkpoints=2, sample_every=0)
+    # keys of the VAE stage only (bagel_jax.train.vae_train.vae_stage_defaults)
+    c.vae_stage = ml_collections.ConfigDict(dict(
+        loss="l1", kl_weight=1e-6, eval_every=250, eval_images=64, eval_seed=1042, eval_batch=16,
+        stats_images=256, export="ema"))
+    return c
