@@ -62,6 +62,7 @@ def _data() -> ml_collections.ConfigDict:
         # dtype of vae_images / vit_patches: "float32" in [-1, 1] (PackedBatch contract) or "uint8" in [0, 255]
         # (4x fewer host bytes; the model then normalises x / 127.5 - 1 and zeroes VAE padding using vae_hw)
         pixel_dtype="float32",
+        emulate_hosts=1,  # > 1: one process reads as this many hosts (reproduces a multi-host data stream)
         synthetic_examples=0,  # > 0: the trainer builds synthetic_shapes (this many per split) if data_dir lacks it
     ))
 
@@ -209,6 +210,8 @@ def _data_transforms(c):
            f"{d.max_vit_patches} > und_len {d.und_len} (every patch takes an und slot)")
     _check(d.max_docs_per_row >= 1, "data.max_docs_per_row", f"must be >= 1, got {d.max_docs_per_row}")
     _check(d.pack_buffer >= 1, "data.pack_buffer", f"must be >= 1, got {d.pack_buffer}")
+    _check(d.emulate_hosts >= 1 and d.batch_size % d.emulate_hosts == 0, "data.emulate_hosts",
+           f"must be >= 1 and divide batch_size {d.batch_size}, got {d.emulate_hosts}")
 
 
 @rule

@@ -34,5 +34,5 @@ def get_config(arg=None):
     # keys of the VAE stage only (bagel_jax.train.vae_train.vae_stage_defaults)
     c.vae_stage = ml_collections.ConfigDict(dict(
         loss="l1", kl_weight=1e-6, eval_every=250, eval_images=64, eval_seed=1042, eval_batch=16,
-        stats_images=256, export="ema"))
+        stats_images=256, export="params"))
     return c

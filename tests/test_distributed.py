@@ -117,13 +117,14 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 def test_two_process_tiny_training_matches_one_process(tmp_path):
-    """Two processes × 2 CPU devices vs one process × 4 devices: same global mesh and batch, so the
+    """Two processes × 2 CPU devices vs one process × 4 devices reading as 2 hosts (data.emulate_hosts=2):
+    same global mesh and batch, so the
     losses of every step (functions of the state after the previous update) agree to tolerance."""
     steps = 4
     common = [sys.executable, "-m", "bagel_jax.train", "--config=configs/tiny_shapes.py",
               f"--config.train.steps={steps}", "--config.train.checkpoint_every=1000",
               "--config.data.batch_size=4", "--config.data.synthetic_examples=40"]
-    run_processes([[*common, f"--workdir={tmp_path / 'single'}"]],
+    run_processes([[*common, f"--workdir={tmp_path / 'single'}", "--config.data.emulate_hosts=2"]],
                   clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), timeout=1800)
     address = f"127.0.0.1:{free_port()}"
     run_processes([[*common, f"--workdir={tmp_path / 'multi'}", f"--coordinator_address={address}",

@@ -92,13 +92,13 @@ def test_config_validation_names_the_key():
 
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
-    """train_vae on 8 shapes images (batch 8: every step sees the same fixed batch), 2 devices, 12 steps."""
+    """train_vae on 8 shapes images (batch 8: every step sees the same fixed batch), 1 device, 12 steps."""
     workdir = str(tmp_path_factory.mktemp("vae_run"))
     c = tiny_vae_config(eval_every=0, eval_images=8, eval_batch=8, stats_images=8)
     c.data.update(synthetic_examples=8, batch_size=8)
     c.train.update(steps=STEPS, lr=2e-3, warmup_steps=0, schedule="constant", log_every=1, checkpoint_every=STEPS,
                    ema_decay=0.5)
-    result = vae_train.train_vae(c, workdir, devices=jax.devices()[:2])
+    result = vae_train.train_vae(c, workdir, devices=jax.devices()[:1])
     return c, workdir, result
 
 

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from bagel_jax.config import base_config, head_dim
-from bagel_jax.convert.hf import stack_layers, unstack_layers
+from bagel_jax.convert.hf import hf_to_ours, ours_to_hf, stack_layers, unstack_layers
 from bagel_jax.convert.hf_vision import flux_ae_keys, flux_ae_to_params, params_to_flux_ae
 from bagel_jax.model.embeddings import sincos_2d_table
 
@@ -173,32 +173,12 @@ def official_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 def to_ours(kind: str, w: np.ndarray, hd: int) -> np.ndarray:
     """Official (torch) layout → our layout."""
-    if kind == "copy":
-        return w
-    if kind == "linear":
-        return w.T
-    if kind == "in_heads":  # [H·hd, D] → [D, H, hd]
-        return w.T.reshape(w.shape[1], -1, hd)
-    if kind == "heads":  # [H·hd] → [H, hd]
-        return w.reshape(-1, hd)
-    if kind == "heads_out":  # [D, H·hd] → [H, hd, D]
-        return w.T.reshape(-1, hd, w.shape[0])
-    raise ValueError(f"unknown layout kind {kind!r}")
+    return hf_to_ours(kind, w, hd)
 
 
 def to_official(kind: str, w: np.ndarray) -> np.ndarray:
     """Our layout → official (torch) layout (inverse of ``to_ours``)."""
-    if kind == "copy":
-        return w
-    if kind == "linear":
-        return w.T
-    if kind == "in_heads":
-        return w.reshape(w.shape[0], -1).T
-    if kind == "heads":
-        return w.reshape(-1)
-    if kind == "heads_out":
-        return w.reshape(-1, w.shape[-1]).T
-    raise ValueError(f"unknown layout kind {kind!r}")
+    return ours_to_hf(kind, w)
 
 
 def _set(tree: dict, path: tuple[str, ...], value):

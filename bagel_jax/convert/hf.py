@@ -75,10 +75,11 @@ def _entries(cfg) -> list[tuple[str, tuple[str, ...], str]]:
     return out
 
 
-def _hf_to_ours(kind: str, w: np.ndarray, hd: int) -> np.ndarray:
+def hf_to_ours(kind: str, w: np.ndarray, hd: int) -> np.ndarray:
+    """Torch layout → ours for a layout ``kind`` (copy | transpose/linear | in_heads | heads | heads_out)."""
     if kind == "copy":
         return w
-    if kind == "transpose":
+    if kind in ("transpose", "linear"):
         return w.T
     if kind == "in_heads":  # [H·hd, D] → [D, H, hd]
         return w.T.reshape(w.shape[1], -1, hd)
@@ -86,13 +87,14 @@ def _hf_to_ours(kind: str, w: np.ndarray, hd: int) -> np.ndarray:
         return w.reshape(-1, hd)
     if kind == "heads_out":  # [D, H·hd] → [H, hd, D]
         return w.T.reshape(-1, hd, w.shape[0])
-    raise ValueError(kind)
+    raise ValueError(f"unknown layout kind {kind!r}")
 
 
-def _ours_to_hf(kind: str, w: np.ndarray) -> np.ndarray:
+def ours_to_hf(kind: str, w: np.ndarray) -> np.ndarray:
+    """Our layout → torch layout (inverse of ``hf_to_ours``)."""
     if kind == "copy":
         return w
-    if kind == "transpose":
+    if kind in ("transpose", "linear"):
         return w.T
     if kind == "in_heads":  # [D, H, hd] → [H·hd, D]
         return w.reshape(w.shape[0], -1).T
@@ -100,7 +102,7 @@ def _ours_to_hf(kind: str, w: np.ndarray) -> np.ndarray:
         return w.reshape(-1)
     if kind == "heads_out":  # [H, hd, D] → [D, H·hd]
         return w.reshape(-1, w.shape[-1]).T
-    raise ValueError(kind)
+    raise ValueError(f"unknown layout kind {kind!r}")
 
 
 def expected_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -164,7 +166,7 @@ def qwen2_to_params(state_dict: Mapping[str, Any], cfg, copy_to_gen: bool = True
             continue
         if key not in sd:
             raise ConversionError(f"{prefix}{key}: missing from the state dict")
-        w = _hf_to_ours(kind, _to_numpy(sd.pop(key)), hd)
+        w = hf_to_ours(kind, _to_numpy(sd.pop(key)), hd)
         if w.shape != shapes[path]:
             raise ConversionError(f"{prefix}{key}: expected shape {shapes[path]} for {'/'.join(path)}, found "
                                   f"{w.shape} after conversion")
@@ -189,7 +191,7 @@ def params_to_qwen2(params: Mapping, cfg, prefix: str = "") -> dict[str, np.ndar
     tree = jax.tree.map(np.asarray, nn.unbox(tree))
     if "layers" in tree:
         tree = unstack_layers(tree)
-    return {prefix + key: _ours_to_hf(kind, _get(tree, path)) for key, path, kind in _entries(cfg)}
+    return {prefix + key: ours_to_hf(kind, _get(tree, path)) for key, path, kind in _entries(cfg)}
 
 
 def stack_layers(tree: Mapping, num_layers: int) -> dict:

@@ -27,7 +27,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from bagel_jax.batch import PackedBatch
+from bagel_jax.batch import FIELDS, PackedBatch
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import common
 from bagel_jax.data.pack import Budgets, PackIterDataset, Skipped, split_extras
@@ -221,8 +221,48 @@ class TrainIterator(grain.DatasetIterator):
         return "TrainIterator"
 
 
+class EmulatedHostsIterator:
+    """One process reading as ``n`` hosts (``data.emulate_hosts``): host i's rows, concatenated in host order —
+    the global batch an n-host run assembles with ``make_array_from_process_local_data`` — so a pod run's data
+    stream is reproduced exactly on one machine (debugging, and the multi-process equivalence test)."""
+
+    def __init__(self, iterators: list[TrainIterator]):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> PackedBatch:
+        rows = [next(it) for it in self.iterators]
+        return PackedBatch(**{f: np.concatenate([getattr(r, f) for r in rows]) for f in FIELDS})
+
+    def metrics(self) -> dict[str, float]:
+        """Counters summed over the emulated hosts; fills averaged."""
+        per_host = [it.metrics() for it in self.iterators]
+        return {k: float(np.mean if k.startswith("data/fill") else np.sum)([m.get(k, 0.0) for m in per_host])
+                for k in per_host[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"hosts": [it.get_state() for it in self.iterators]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for it, s in zip(self.iterators, state["hosts"], strict=True):
+            it.set_state(s)
+
+
 def make_train_iterator(config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1,
-                        **kwargs) -> TrainIterator:
-    """``TrainIterator`` over ``make_dataset(config, process_index, process_count, **kwargs)``."""
+                        **kwargs) -> TrainIterator | EmulatedHostsIterator:
+    """``TrainIterator`` over ``make_dataset(config, process_index, process_count, **kwargs)``; with
+    ``data.emulate_hosts = n > 1`` (single process only) an ``EmulatedHostsIterator`` over n host shards."""
+    n = config.data.emulate_hosts
+    if n > 1:
+        if process_count != 1:
+            raise ValueError(f"data.emulate_hosts={n} needs a single process, got {process_count}")
+        return EmulatedHostsIterator([make_train_iterator_for_host(config, i, n, **kwargs) for i in range(n)])
+    return make_train_iterator_for_host(config, process_index, process_count, **kwargs)
+
+
+def make_train_iterator_for_host(config: ml_collections.ConfigDict, process_index: int, process_count: int,
+                                 **kwargs) -> TrainIterator:
     ds = make_dataset(config, process_index, process_count, **kwargs)
     return TrainIterator(iter(ds), budgets_from_config(config))

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bagel_jax.config import ConfigError, validate
+from bagel_jax.config import ConfigError, base_config, validate
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import common
 from bagel_jax.model.vae import FluxVAE, valid_mask
@@ -397,8 +397,9 @@ def load_vae_params(path: str, vae_cfg=None) -> dict:
     ae.safetensors. ``vae_cfg`` (default: the architecture in vae.json) must match the exported architecture."""
     from bagel_jax.convert.bagel_ckpt import load_vae_params as load_ae
     stats = load_latent_stats(path)
-    if vae_cfg is None:
-        vae_cfg = ml_collections.ConfigDict({**stats["vae"], "ch_mult": tuple(stats["vae"]["ch_mult"])})
+    if vae_cfg is None:  # the schema's model.vae with the exported architecture
+        vae_cfg = base_config().model.vae
+        vae_cfg.update({**stats["vae"], "ch_mult": tuple(stats["vae"]["ch_mult"])})
     _check_arch(stats, vae_cfg, path)
     return load_ae(os.path.join(_export_dir(path), AE_FILE), ml_collections.ConfigDict({"vae": vae_cfg}))
 
@@ -511,14 +512,14 @@ def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
                              batch=config.vae_stage.eval_batch, seed=config.train.seed)
         suffix = "_ema" if config.vae_stage.export == "ema" else ""
         info = dict(step=step, weights=config.vae_stage.export, loss=config.vae_stage.loss,
-                    kl_weight=float(config.vae_stage.kl_weight), wall_seconds=time.perf_counter() - t0,
+                    kl_weight=float(config.vae_stage.kl_weight), run_wall_seconds=time.perf_counter() - t0,
                     psnr_eval=result.get(f"eval/psnr{suffix}"),
                     psnr_eval_sample=result.get(f"eval/psnr_sample{suffix}"),
                     eval_images=int(config.vae_stage.eval_images), eval_seed=int(config.vae_stage.eval_seed))
         directory = export_vae(os.path.join(workdir, EXPORT_DIR), export_params, config.model.vae, stats, info)
         meta = load_latent_stats(directory)
         result.update(scale_factor=meta["scale_factor"], shift_factor=meta["shift_factor"],
-                      wall_seconds=info["wall_seconds"])
+                      run_wall_seconds=info["run_wall_seconds"])
         logger.write_scalars(step, {k: result[k] for k in ("scale_factor", "shift_factor")})
         print(f"VAE exported to {directory}; use it in BAGEL with\n"
               f"  --config.model.vae.init_from={workdir}\n"
