@@ -239,8 +239,8 @@ class EmulatedHostsIterator:
     def metrics(self) -> dict[str, float]:
         """Counters summed over the emulated hosts; fills averaged."""
         per_host = [it.metrics() for it in self.iterators]
-        return {k: float(np.mean if k.startswith("data/fill") else np.sum)([m.get(k, 0.0) for m in per_host])
-                for k in per_host[0]}
+        reduce = {k: np.mean if k.startswith("data/fill") else np.sum for k in per_host[0]}
+        return {k: float(reduce[k]([m.get(k, 0.0) for m in per_host])) for k in per_host[0]}
 
     def get_state(self) -> dict[str, Any]:
         return {"hosts": [it.get_state() for it in self.iterators]}
