@@ -90,11 +90,23 @@ def _parallel() -> ml_collections.ConfigDict:
     ))
 
 
+def _vae_stage() -> ml_collections.ConfigDict:
+    """Keys read only by the VAE stage (bagel_jax/train/vae_train.py, configs/tiny_vae.py)."""
+    return ml_collections.ConfigDict(dict(
+        loss="l2",  # l2 | l1: the reconstruction term
+        kl_weight=1e-6,  # on the per-latent-element mean KL
+        eval_every=250,  # steps between held-out PSNR evals (0 = only at the end)
+        eval_images=64, eval_seed=1042, eval_batch=16,  # held-out images from the shapes generator with eval_seed
+        stats_images=256,  # training images for the latent mean/std (scale_factor / shift_factor)
+        export="params",  # params | ema: which weights go to <workdir>/export
+    ))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key the project knows, with release-like defaults (BAGEL-7B-MoT)."""
     return ml_collections.ConfigDict(dict(
         model=_model(), data=_data(), train=_train(), parallel=_parallel(),
-        evals=ml_collections.ConfigDict(), name="bagel",
+        evals=ml_collections.ConfigDict(), name="bagel", vae_stage=_vae_stage(),
     ))
 
 

@@ -82,6 +82,8 @@ def test_config_validation_names_the_key():
     c.vae_stage.typo = 1
     with pytest.raises(ConfigError, match="^vae_stage.typo: unknown"):
         vae_train.validate_vae_config(c)
+    with pytest.raises(ConfigError, match="^vae_stage.eval_batch: must be > 0"):
+        vae_train.validate_vae_config(tiny_vae_config(eval_batch=0))
     c = tiny_vae_config()
     c.train.freeze = ("vit",)
     with pytest.raises(ConfigError, match="^train.freeze: "):
@@ -94,7 +96,7 @@ def test_config_validation_names_the_key():
 def vae_run(tmp_path_factory):
     """train_vae on 8 shapes images (batch 8: every step sees the same fixed batch), 1 device, 12 steps."""
     workdir = str(tmp_path_factory.mktemp("vae_run"))
-    c = tiny_vae_config(eval_every=0, eval_images=8, eval_batch=8, stats_images=8)
+    c = tiny_vae_config(eval_every=0, eval_images=8, eval_batch=8, stats_images=8, export="ema")
     c.data.update(synthetic_examples=8, batch_size=8)
     c.train.update(steps=STEPS, lr=2e-3, warmup_steps=0, schedule="constant", log_every=1, checkpoint_every=STEPS,
                    ema_decay=0.5)

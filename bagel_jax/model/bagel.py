@@ -156,8 +156,12 @@ class Bagel(nn.Module):
         cfg = self.cfg
         b, n, hh, ww, c = batch.vae_images.shape
         images = pixels_to_unit(batch.vae_images).reshape(b * n, hh, ww, c)
+        # each chip encodes only its own rows' images (unconstrained, XLA replicated the encoder over the batch)
+        images = nn.with_logical_constraint(images, VAE_IMAGE_AXES)
         hw = batch.vae_hw.reshape(b * n, 2)
         mean, logvar = self.vae.encode(images, hw)
+        mean = nn.with_logical_constraint(mean, VAE_IMAGE_AXES)
+        logvar = nn.with_logical_constraint(logvar, VAE_IMAGE_AXES)
         mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)
         if posterior_noise is None:
             if rng is None:
@@ -263,6 +267,9 @@ class Bagel(nn.Module):
             out["gen_hidden"] = gen_h
             out["velocity_pred"] = self.velocity(gen_h)
         return out
+
+
+VAE_IMAGE_AXES = ("activation_batch", "activation_height", "activation_width", "activation_channels")
 
 
 def pixels_to_unit(x):
