@@ -10,7 +10,6 @@ program; only process 0 writes logs, every process joins checkpoints.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -157,27 +156,9 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     return last
 
 
-def main(argv):
-    del argv
-    from absl import flags
-
-    from bagel_jax import distributed
-    distributed.initialize_distributed()  # multi-host: --coordinator_address/--num_processes/--process_id
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    if jax.process_index() == 0:
-        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
-
-
 def run():
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    import bagel_jax.distributed  # noqa: F401  (defines the multi-host flags before parsing)
-    config_flags.DEFINE_config_file("config", None, "Python config file (get_config()), e.g. configs/tiny_shapes.py",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "output directory: checkpoints, metrics, TensorBoard, config.json")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    from bagel_jax.train.app import run as run_app
+    run_app(train, example_config="configs/tiny_shapes.py", workdir_help="output directory: checkpoints, metrics, TensorBoard, config.json")
 
 
 if __name__ == "__main__":

@@ -500,25 +500,9 @@ def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
     return result
 
 
-def main(argv):
-    del argv
-    from absl import flags
-
-    from bagel_jax import distributed
-    distributed.initialize_distributed()
-    result = train_vae(flags.FLAGS.config, flags.FLAGS.workdir)
-    if jax.process_index() == 0:
-        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
-
-
 def run():
-    from absl import app, flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "Python config file (get_config()), e.g. configs/tiny_vae.py",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "output directory: checkpoints, metrics, TensorBoard, export/")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    from bagel_jax.train.app import run as run_app
+    run_app(train_vae, example_config="configs/tiny_vae.py", workdir_help="output directory: checkpoints, metrics, TensorBoard, export/")
 
 
 if __name__ == "__main__":
