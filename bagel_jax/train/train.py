@@ -158,7 +158,8 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
 
 def run():
     from bagel_jax.train.app import run as run_app
-    run_app(train, example_config="configs/tiny_shapes.py", workdir_help="output directory: checkpoints, metrics, TensorBoard, config.json")
+    run_app(train, example_config="configs/tiny_shapes.py",
+            workdir_help="output directory: checkpoints, metrics, TensorBoard, config.json")
 
 
 if __name__ == "__main__":

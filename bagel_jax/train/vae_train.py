@@ -502,7 +502,8 @@ def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
 
 def run():
     from bagel_jax.train.app import run as run_app
-    run_app(train_vae, example_config="configs/tiny_vae.py", workdir_help="output directory: checkpoints, metrics, TensorBoard, export/")
+    run_app(train_vae, example_config="configs/tiny_vae.py",
+            workdir_help="output directory: checkpoints, metrics, TensorBoard, export/")
 
 
 if __name__ == "__main__":
