@@ -119,6 +119,18 @@ def _compiler_params(cfg: _Config):
     return pltpu.CompilerParams(**kw)
 
 
+def _row_tile_mask(qm_ref, km_ref):
+    """bool[bq, bkv] of a (q-block, kv-block) tile from its metadata refs (q along sublanes)."""
+    return _allowed(qm_ref[0][:, None], qm_ref[1][:, None], qm_ref[2][:, None],
+                    km_ref[0:1, :], km_ref[1:2, :], km_ref[3:4, :])
+
+
+def _by_block_kind(kind, compute):
+    """Runs ``compute(masked)`` for a partial block (rule evaluated in-kernel) or a full one (no mask)."""
+    pl.when(kind == block_map.PARTIAL)(lambda: compute(True))
+    pl.when(kind == block_map.FULL)(lambda: compute(False))
+
+
 # ----------------------------------------------------------------------------------------------------
 # forward
 
@@ -138,8 +150,7 @@ def _fwd_kernel(steps_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, 
     def compute(masked: bool):
         k, v = k_ref[...], v_ref[...]
         if masked:
-            mask = _allowed(qm_ref[0][:, None], qm_ref[1][:, None], qm_ref[2][:, None],
-                            km_ref[0:1, :], km_ref[1:2, :], km_ref[3:4, :])
+            mask = _row_tile_mask(qm_ref, km_ref)
 
         def head(t, carry):
             s = _dot(q_ref[:, _head_cols(t, hd)], k, NT, precision) * cfg.scale
@@ -157,8 +168,7 @@ def _fwd_kernel(steps_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, 
 
         lax.fori_loop(0, group, head, 0)
 
-    pl.when(kind == block_map.PARTIAL)(lambda: compute(True))
-    pl.when(kind == block_map.FULL)(lambda: compute(False))
+    _by_block_kind(kind, compute)
 
     @pl.when(last)
     def _finish():
@@ -227,8 +237,7 @@ def _dq_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, 
     def compute(masked: bool):
         k, v = k_ref[...], v_ref[...]
         if masked:
-            mask = _allowed(qm_ref[0][:, None], qm_ref[1][:, None], qm_ref[2][:, None],
-                            km_ref[0:1, :], km_ref[1:2, :], km_ref[3:4, :])
+            mask = _row_tile_mask(qm_ref, km_ref)
 
         def head(t, carry):
             cols = _head_cols(t, hd)
@@ -243,8 +252,7 @@ def _dq_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, 
 
         lax.fori_loop(0, group, head, 0)
 
-    pl.when(kind == block_map.PARTIAL)(lambda: compute(True))
-    pl.when(kind == block_map.FULL)(lambda: compute(False))
+    _by_block_kind(kind, compute)
 
     @pl.when(last)
     def _finish():
@@ -288,8 +296,7 @@ def _dkv_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref,
 
         dk_scr[...], dv_scr[...] = lax.fori_loop(0, group, head, (dk_scr[...], dv_scr[...]))
 
-    pl.when(kind == block_map.PARTIAL)(lambda: compute(True))
-    pl.when(kind == block_map.FULL)(lambda: compute(False))
+    _by_block_kind(kind, compute)
 
     @pl.when(last)
     def _finish():
