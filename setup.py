@@ -20,7 +20,7 @@ EXTRAS = {
         "pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15",
         "torch==2.13.0",  # exact pin: pip takes the local CPU wheel (a range pulls CUDA builds)
         "transformers==5.23.0", "diffusers==0.42.1", "huggingface-hub==2.4.0",
-        "nbclient", "nbformat", "ipykernel",
+        "nbclient", "nbformat", "ipykernel", "matplotlib==3.10.9",  # notebooks/ (executed by tests/test_notebook.py)
         *LAUNCH,  # tests/test_launch.py builds XManager jobs (dry run)
     ],
     "tpu": ["libtpu==0.0.42.1"],  # = what jax[tpu]==0.10.2 pins; AOT compile against TPU topologies

@@ -37,7 +37,10 @@ def _model() -> ml_collections.ConfigDict:
             scale_factor=0.3611, shift_factor=0.1159, dtype="bfloat16",
             # a VAE-stage workdir (bagel_jax/train/vae_train.py) or its export/ae.safetensors: a fresh run loads
             # params['vae'] from it, and its vae.json sets scale_factor / shift_factor
-            init_from="")),
+            init_from="",
+            # encode a row's image slots one after another (scan): per-chip VAE activations of one image per row
+            # instead of max_vae_images (what lets 12 × 1024² images per row fit; slower for tiny images)
+            encode_scan=False)),
     ))
 
 

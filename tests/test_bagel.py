@@ -99,6 +99,22 @@ def test_chunked_cross_entropy_matches_full():
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_full), rtol=1e-5, atol=1e-6)
 
 
+def test_encode_scan_equals_one_call(setup, packed_run):
+    """``model.vae.encode_scan`` (image slots encoded one after another) = the one-call encode: same params,
+    same outputs."""
+    config, cfg, params, model = setup
+    docs, batch, per_doc, noise, out = packed_run
+    scan_cfg = cfg.copy_and_resolve_references()
+    scan_cfg.vae.encode_scan = True
+    scanned = Bagel(scan_cfg, ce_chunk=64)
+    init = jax.eval_shape(lambda: scanned.init(jax.random.key(0), batch, noise=noise)["params"])
+    assert jax.tree.structure(nn.unbox(init)) == jax.tree.structure(params)
+    got = jax.jit(lambda p, bt, n: scanned.apply({"params": p}, bt, noise=n))(params, batch, noise)
+    assert batch.vae_images.shape[1] > 1
+    for key in ("velocity_target", "velocity_pred", "ce"):
+        np.testing.assert_allclose(np.asarray(got[key]), out[key], atol=1e-5, rtol=1e-5, err_msg=key)
+
+
 def test_llm2vae_zero_init(setup):
     """llm2vae starts at zero weight and bias (reference ``_init_weights``)."""
     config, cfg, params, model = setup

@@ -13,8 +13,11 @@ named by its ``fn_name``: ``generate_fn(prompt) -> image``, ``answer_fn(image, q
 
 Standalone::
 
-    python -m bagel_jax.eval.runner --config=configs/tiny.py --fns=my.module:make_fns [--only=geneval,vqa]
-        [--output=/tmp/metrics.json]
+    python -m bagel_jax.eval.runner --workdir=/tmp/run [--params=ema|params|untrained] [--only=geneval,vqa]
+    python -m bagel_jax.eval.runner --config=configs/tiny.py --fns=my.module:make_fns [--output=/tmp/m.json]
+
+``--workdir`` evaluates a training run (its config.json and latest checkpoint, or with ``--params=untrained``
+the same model freshly initialised: the baseline); see ``eval/from_workdir.py``.
 
 ``--fns`` names ``factory(config, evaluators) -> {"generate_fn": ..., "answer_fn": ..., "edit_fn": ...}``
 (only the ones the selected evaluators need). ``--fns=bagel_jax.eval.runner:ground_truth_fns`` answers from
@@ -175,12 +178,21 @@ def main(argv=None) -> dict[str, float]:
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "Config file (get_config); its `evals` are run.",
                                     flag_values=flag_values, lock_config=False)
-    flags.DEFINE_string("fns", None, "package.module:factory returning the callables.", flag_values=flag_values,
-                        required=True)
+    flags.DEFINE_string("fns", None, "package.module:factory returning the callables.", flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "A training run to evaluate (instead of --fns).", flag_values=flag_values)
+    flags.DEFINE_enum("params", "ema", ["ema", "params", "untrained"], "With --workdir: which weights.",
+                      flag_values=flag_values)
     flags.DEFINE_list("only", [], "Run only these evals (names in config.evals).", flag_values=flag_values)
     flags.DEFINE_string("output", "", "Write the metrics here as JSON.", flag_values=flag_values)
     flag_values(sys.argv if argv is None else argv)
     config = flag_values.config
+    if bool(flag_values.fns) == bool(flag_values.workdir):
+        raise ValueError("--fns / --workdir: give exactly one")
+    run = None
+    if flag_values.workdir:
+        from bagel_jax.eval import from_workdir
+        run = from_workdir.load_run_config(flag_values.workdir)
+        config = config if config is not None else run
     evals = config.get("evals") if config is not None else None
     evaluators = build_evaluators(evals if evals else default_evals())
     unknown = [n for n in flag_values.only if n not in evaluators]
@@ -188,7 +200,11 @@ def main(argv=None) -> dict[str, float]:
         raise ValueError(f"--only: unknown evals {unknown}; known {sorted(evaluators)}")
     if flag_values.only:
         evaluators = {n: evaluators[n] for n in flag_values.only}
-    fns = dict(load_factory(flag_values.fns)(config, evaluators))
+    if run is not None:
+        fns = from_workdir.inferencer_fns(from_workdir.run_inferencer(flag_values.workdir, flag_values.params, run))
+        fns = {k: v for k, v in fns.items() if any(e.evaluator.fn_name == k for e in evaluators.values())}
+    else:
+        fns = dict(load_factory(flag_values.fns)(config, evaluators))
     bad = [k for k in fns if k not in FN_NAMES]
     if bad:
         raise ValueError(f"--fns: the factory returned unknown callables {bad}; expected some of {FN_NAMES}")

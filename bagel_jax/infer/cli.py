@@ -90,14 +90,15 @@ def write_random_tiny(directory: str, config) -> None:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids > model.vocab_size {config.model.vocab_size}")
 
 
-def find_tokenizer(args) -> str:
-    if args.tokenizer:
-        return args.tokenizer
+def find_tokenizer(checkpoint: str, tokenizer: str = "") -> str:
+    """``tokenizer`` if given, else the checkpoint directory's tokenizer.json / tokenizer.model."""
+    if tokenizer:
+        return tokenizer
     for name in ("tokenizer.json", "tokenizer.model"):
-        path = os.path.join(args.checkpoint, name)
+        path = os.path.join(checkpoint, name)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"--tokenizer: no tokenizer.json or tokenizer.model in {args.checkpoint}")
+    raise FileNotFoundError(f"--tokenizer: no tokenizer.json or tokenizer.model in {checkpoint}")
 
 
 def read_image(path: str) -> np.ndarray:
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     if args.dtype:
         base.dtype = args.dtype
     model_cfg, params = load_checkpoint(args.checkpoint, base)
-    tokenizer = load_tokenizer(find_tokenizer(args))
+    tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer))
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids > the model's vocab_size {model_cfg.vocab_size}")
     params = jax.tree.map(jax.numpy.asarray, params)

@@ -93,8 +93,11 @@ def chunked_cross_entropy(h, kernel, labels, chunk: int = 4096, dtype=jnp.float3
     @jax.checkpoint
     def one(args):
         hc, lc = args
+        # rows stay on their chips (unconstrained, XLA gathered all rows' hidden states to each chip)
+        hc = nn.with_logical_constraint(hc, ("activation_batch", "activation_length", "activation_embed"))
         logits = jnp.einsum("bcd,dv->bcv", hc.astype(dtype), kernel.astype(dtype),
                             preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, lc[..., None].astype(jnp.int32), axis=-1)[..., 0]
         return lse - picked
@@ -148,6 +151,24 @@ class Bagel(nn.Module):
             x = _scatter_rows(x, batch.vit_slot, vit)
         return nn.with_logical_constraint(x, HIDDEN_AXES)
 
+    def _encode_slot_by_slot(self, batch: PackedBatch):
+        """``model.vae.encode_scan``: a ``scan`` over the N image slots, each step encoding slot i of every row
+        (sharded over the batch), so a chip holds the encoder activations of one image per local row instead of
+        N. Same (mean, logvar) [B·N, h, w, C] as the one-call encode."""
+        b, n, hh, ww, c = batch.vae_images.shape
+        images = jnp.swapaxes(batch.vae_images, 0, 1)  # [N, B, H, W, C]: slot-major
+        hw = jnp.swapaxes(batch.vae_hw, 0, 1)
+
+        def one_slot(vae, carry, xs):
+            x, x_hw = xs
+            x = nn.with_logical_constraint(pixels_to_unit(x), VAE_IMAGE_AXES)
+            moments = vae.encode(x, x_hw)
+            return carry, tuple(nn.with_logical_constraint(t, VAE_IMAGE_AXES) for t in moments)
+
+        scan = nn.scan(one_slot, variable_broadcast="params", split_rngs={"params": False}, length=n)
+        _, (mean, logvar) = scan(self.vae, None, (images, hw))  # [N, B, h, w, C]
+        return tuple(jnp.swapaxes(t, 0, 1).reshape(b * n, *t.shape[2:]) for t in (mean, logvar))
+
     def encode_latents(self, batch: PackedBatch, rng=None, posterior_noise=None):
         """Clean normalised latent tokens of the row's images: float32[B, N, T, p²C] (frozen VAE).
 
@@ -155,11 +176,13 @@ class Bagel(nn.Module):
         """
         cfg = self.cfg
         b, n, hh, ww, c = batch.vae_images.shape
-        images = pixels_to_unit(batch.vae_images).reshape(b * n, hh, ww, c)
-        # each chip encodes only its own rows' images (unconstrained, XLA replicated the encoder over the batch)
-        images = nn.with_logical_constraint(images, VAE_IMAGE_AXES)
-        hw = batch.vae_hw.reshape(b * n, 2)
-        mean, logvar = self.vae.encode(images, hw)
+        if cfg.vae.encode_scan:
+            mean, logvar = self._encode_slot_by_slot(batch)
+        else:
+            images = pixels_to_unit(batch.vae_images).reshape(b * n, hh, ww, c)
+            # each chip encodes only its own rows' images (unconstrained, XLA replicated the encoder over the batch)
+            images = nn.with_logical_constraint(images, VAE_IMAGE_AXES)
+            mean, logvar = self.vae.encode(images, batch.vae_hw.reshape(b * n, 2))
         mean = nn.with_logical_constraint(mean, VAE_IMAGE_AXES)
         logvar = nn.with_logical_constraint(logvar, VAE_IMAGE_AXES)
         mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)

@@ -95,6 +95,8 @@ def bagel_loss_fn(model, params, batch: PackedBatch, rng, *, ce_weight: float = 
       'mse_sum', 'mse_count'} (additive over rows: a trainer re-averages exactly across micro-batches
       and hosts; ``train/step.py`` reports ``<name> = <name>_sum / <name>_count``).
     """
+    if "vae" in params:  # frozen: no tangents through the encoder, so no residuals are kept for it
+        params = {**params, "vae": jax.lax.stop_gradient(params["vae"])}
     out = model.apply({"params": params}, batch, rng, **apply_kwargs)
     sums, counts = loss_terms(out, batch, ce_loss_reweighting=ce_loss_reweighting)
     loss = total_loss(sums, counts, ce_weight, mse_weight)

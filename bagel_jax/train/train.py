@@ -91,10 +91,11 @@ class Evals:
         due = {k: e for k, e in self.evaluators.items() if e.due(step)}
         if not due:
             return
+        from bagel_jax.eval.from_workdir import inferencer_fns
         from bagel_jax.eval.runner import run_evals
         from bagel_jax.infer.api import Inferencer
         inf = Inferencer(self.model, jax.device_get(params), self.tokenizer, self.config.data)
-        scores = run_evals(due, step=step, generate_fn=inf.generate, answer_fn=inf.answer, edit_fn=inf.edit)
+        scores = run_evals(due, step=step, **inferencer_fns(inf))
         logger.write_scalars(step, {f"eval/{k}": float(v) for k, v in scores.items()})
 
 

@@ -1,0 +1,94 @@
+"""Evaluate a training run's workdir: its config, its checkpoint (EMA or raw params) or the untrained model.
+
+    python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro [--params=ema|params|untrained]
+        [--only=geneval,vqa] [--output=scores.json]
+
+``untrained`` is the baseline the reproduction is compared against: the same config and the same frozen VAE
+(``model.vae.init_from``) with freshly initialised weights (``train.seed``), i.e. the model at step 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from bagel_jax.config import ConfigError
+
+PARAMS = ("ema", "params", "untrained")
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config the trainer wrote to ``workdir/config.json`` (lists back to tuples), over
+    ``base_config()`` so keys newer than the run keep their defaults."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--workdir: {path} not found (the trainer writes it on start)")
+    with open(path) as fh:
+        raw = json.load(fh)
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+    from bagel_jax.config import base_config
+
+    def merge(base, new):  # keys added to the schema after the run was started keep their defaults
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(base.get(k), ml_collections.ConfigDict):
+                merge(base[k], v)
+            else:
+                base[k] = v
+
+    config = base_config()
+    with config.unlocked():
+        merge(config, tuples(raw))
+    return config
+
+
+def load_run_params(config, workdir: str, which: str = "ema"):
+    """``(model, params)`` of the run: the latest checkpoint's EMA / raw params, or the untrained init.
+
+    The untrained model keeps the run's frozen VAE, so it differs from the trained one only in what training
+    changes. Params are unboxed host arrays.
+    """
+    from flax.core import meta
+
+    from bagel_jax.model.bagel import make_init_fn
+    from bagel_jax.train.checkpoint import load_params
+    from bagel_jax.train.vae_train import load_vae_params
+
+    if which not in PARAMS:
+        raise ConfigError(f"--params: expected one of {PARAMS}, got {which!r}")
+    model, init_fn = make_init_fn(config)
+    if which == "untrained":
+        params = meta.unbox(jax.jit(init_fn)(jax.random.PRNGKey(config.train.seed)))
+        if config.model.vae.init_from:
+            params = {**params, "vae": load_vae_params(config.model.vae.init_from, config.model.vae)}
+        return model, jax.device_get(params)
+    abstract = meta.unbox(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
+    params = load_params(workdir, abstract, use_ema=which == "ema")
+    return model, jax.device_get(params)
+
+
+def run_inferencer(workdir: str, which: str = "ema", config=None):
+    """An ``Inferencer`` on the run at ``workdir`` (``config`` defaults to the run's own)."""
+    from bagel_jax.data.pipeline import tokenizer_from_config
+    from bagel_jax.infer.api import Inferencer
+
+    config = load_run_config(workdir) if config is None else config
+    model, params = load_run_params(config, workdir, which)
+    return Inferencer(model, params, tokenizer_from_config(config), config.data)
+
+
+MAX_ANSWER_TOKENS = 32  # shapes-VQA answers are ~10 tokens; an untrained model never stops on its own
+
+
+def inferencer_fns(inf, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
+    """The evaluators' callables from an ``Inferencer`` (answers capped at ``max_answer_tokens`` fed tokens)."""
+    def answer_fn(image, question):
+        return inf.answer(image, question, max_length=max_answer_tokens)
+
+    return {"generate_fn": inf.generate, "answer_fn": answer_fn, "edit_fn": inf.edit}
