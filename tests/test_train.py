@@ -64,6 +64,23 @@ def test_cli_writes_metrics_tensorboard_checkpoints_config(cli_run):
     assert "data/skipped/too_large" in rows[-1] and rows[-1]["data/fill"] > 0.5
 
 
+def test_eval_runner_scores_the_workdir(cli_run, tmp_path):
+    """``python -m bagel_jax.eval.runner --workdir=DIR`` scores the run's EMA model (a few VQA questions)."""
+    workdir, _ = cli_run
+    evals = tmp_path / "evals.py"
+    evals.write_text("import ml_collections\n\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
+                     "    c.evals = dict(vqa=dict(type='shapes_vqa', num_examples=3))\n    return c\n")
+    out = tmp_path / "scores.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "bagel_jax.eval.runner", f"--workdir={workdir}", f"--config={evals}",
+           f"--output={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    scores = json.loads(out.read_text())
+    assert set(scores) == {"vqa/count", "vqa/color", "vqa/position", "vqa/overall", "vqa/seconds"}
+    assert 0.0 <= scores["vqa/overall"] <= 1.0
+
+
 def _fixed_batch_losses(config, params):
     """(ce, mse) token means on one fixed batch (data seed 123, not a training batch) with fixed noise."""
     from bagel_jax.data.pipeline import make_train_iterator
@@ -96,6 +113,12 @@ def test_both_losses_fall(cli_run):
     init_key, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))  # as train/state.py's _init_state
     initial = nn.meta.unbox(jax.jit(init_fn)(init_key))
     trained = saved_params(workdir, STEPS)["params"]
+    # eval/from_workdir.py loads the same two models from the workdir (the evaluators' trained / untrained)
+    from bagel_jax.eval import from_workdir
+    run_config = from_workdir.load_run_config(workdir)
+    for which, want in (("untrained", initial), ("params", trained)):
+        _, got = from_workdir.load_run_params(run_config, workdir, which)
+        jax.tree.map(np.testing.assert_array_equal, got, jax.device_get(want))
     ce0, mse0 = _fixed_batch_losses(config, initial)
     ce1, mse1 = _fixed_batch_losses(config, trained)
     msg = f"ce {ce0:.4f} -> {ce1:.4f}, mse {mse0:.4f} -> {mse1:.4f}"

@@ -51,20 +51,22 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 def load_run_params(config, workdir: str, which: str = "ema"):
     """``(model, params)`` of the run: the latest checkpoint's EMA / raw params, or the untrained init.
 
-    The untrained model keeps the run's frozen VAE, so it differs from the trained one only in what training
-    changes. Params are unboxed host arrays.
+    The untrained model is the run's step-0 params (same seed and init key as the trainer) with the run's
+    frozen VAE, so it differs from the trained one only in what training changed. Params are unboxed host
+    arrays.
     """
     from flax.core import meta
 
     from bagel_jax.model.bagel import make_init_fn
     from bagel_jax.train.checkpoint import load_params
+    from bagel_jax.train.state import split_init_key
     from bagel_jax.train.vae_train import load_vae_params
 
     if which not in PARAMS:
         raise ConfigError(f"--params: expected one of {PARAMS}, got {which!r}")
     model, init_fn = make_init_fn(config)
     if which == "untrained":
-        params = meta.unbox(jax.jit(init_fn)(jax.random.PRNGKey(config.train.seed)))
+        params = meta.unbox(jax.jit(init_fn)(split_init_key(jax.random.PRNGKey(config.train.seed))[0]))
         if config.model.vae.init_from:
             params = {**params, "vae": load_vae_params(config.model.vae.init_from, config.model.vae)}
         return model, jax.device_get(params)

@@ -17,7 +17,8 @@ Standalone::
     python -m bagel_jax.eval.runner --config=configs/tiny.py --fns=my.module:make_fns [--output=/tmp/m.json]
 
 ``--workdir`` evaluates a training run (its config.json and latest checkpoint, or with ``--params=untrained``
-the same model freshly initialised: the baseline); see ``eval/from_workdir.py``.
+its step-0 model: the baseline); see ``eval/from_workdir.py``. Its ``evals`` run, or those of ``--config``
+when given.
 
 ``--fns`` names ``factory(config, evaluators) -> {"generate_fn": ..., "answer_fn": ..., "edit_fn": ...}``
 (only the ones the selected evaluators need). ``--fns=bagel_jax.eval.runner:ground_truth_fns`` answers from

@@ -43,10 +43,17 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
     return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
 
 
-def _init_state(init_fn: InitFn, optimizer: optax.GradientTransformation, rng: jax.Array, *, boxed: bool) -> TrainState:
+def split_init_key(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A run's seed key → (the params' init key, the state's base key): a fresh run's step-0 params are
+    ``init_fn(split_init_key(PRNGKey(train.seed))[0])``."""
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)  # raw uint32 keys checkpoint as plain arrays
     init_rng, state_rng = jax.random.split(rng)
+    return init_rng, state_rng
+
+
+def _init_state(init_fn: InitFn, optimizer: optax.GradientTransformation, rng: jax.Array, *, boxed: bool) -> TrainState:
+    init_rng, state_rng = split_init_key(rng)
     params = init_fn(init_rng)
     opt_state = optimizer.init(params)
     if not boxed:
