@@ -119,3 +119,21 @@ def test_full_bagel_compiles_for_v5e_with_vae_frozen(v5e_devices):
     vae = sum(x.size for x in jax.tree.leaves(shapes["vae"]))
     assert p["loss"] == "bagel" and p["argument_bytes"] > 0 and vae > 0
     assert p["trainable_params"] == p["params"] - vae  # the VAE is always frozen, everything else trains
+
+
+@pytest.mark.slow
+def test_vae_encode_scan_cuts_encoder_memory(v5e_devices):
+    """``model.vae.encode_scan`` encodes a row's image slots one after another: with 4 images of 256² per row and
+    one row per chip, the step's temporaries drop (the 7B plan: 28.3 → 3.4 GiB for 12 × 1024² per row)."""
+    temps = {}
+    for scan in (False, True):
+        config = _tiny_config()
+        config.parallel.update(data=1, fsdp=4)
+        config.model.update(max_latent_size=16)
+        config.model.vae.update(ch=64, ch_mult=(1, 2, 4, 4), num_res_blocks=2, encode_scan=scan)
+        config.data.update(batch_size=4, seq_len=1536, und_len=512, gen_len=1024, max_vae_images=4,
+                           vae_image_size=(256, 256), vae_transform=(256, 128, 16))
+        p = aot.plan(config, v5e_devices, "bagel")
+        assert "oom" not in p, p.get("oom")
+        temps[scan] = p["temp_bytes"]
+    assert temps[True] < 0.6 * temps[False], temps
