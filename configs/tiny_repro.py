@@ -11,20 +11,13 @@ Expected: see the README's table (shapes-GenEval overall, shapes-VQA, shapes-edi
 Model:    4 MoT layers, hidden 128 (4 heads, 2 KV heads), ViT 3 layers × 64; the tiny VAE's 8× latents,
           2×2 patches: a 64 px image is 16 generation tokens.
 """
-import importlib.util
 import os
 
-
-def _tiny_shapes():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_shapes.py")
-    spec = importlib.util.spec_from_file_location("bagel_configs_tiny_shapes", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from bagel_jax.launch_utils import load_config
 
 
 def get_config(arg=None):
-    c = _tiny_shapes()
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_shapes.py"))
     c.name = "tiny_repro"
     c.model.update(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2)
     c.model.vit.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2)
