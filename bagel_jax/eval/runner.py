@@ -203,7 +203,6 @@ def main(argv=None) -> dict[str, float]:
         evaluators = {n: evaluators[n] for n in flag_values.only}
     if run is not None:
         fns = from_workdir.inferencer_fns(from_workdir.run_inferencer(flag_values.workdir, flag_values.params, run))
-        fns = {k: v for k, v in fns.items() if any(e.evaluator.fn_name == k for e in evaluators.values())}
     else:
         fns = dict(load_factory(flag_values.fns)(config, evaluators))
     bad = [k for k in fns if k not in FN_NAMES]
