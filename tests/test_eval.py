@@ -247,6 +247,17 @@ def test_geneval_adversaries_fail_their_category(gen_eval):
     s = score(lambda e: [Obj(shapes.SHAPES[(shapes.SHAPES.index(o.shape) + 1) % 3], o.color, o.cell)
                          for o in e.objects])
     assert s["single_object"] == s["two_object"] == s["colors"] == s["color_attr"] == 0.0
+    # one object more than the prompt describes (a shape the prompt does not name) → every category fails
+    def extra(e):
+        free = _free_cells(e.objects)[0]
+        named = {o.shape for o in e.objects}
+        other = next(sh for sh in shapes.SHAPES if sh not in named)
+        return list(e.objects) + [Obj(other, e.objects[0].color, free)]
+    s = score(extra)
+    assert s == {**{c: 0.0 for c in geneval.CATEGORIES}, "overall": 0.0}
+    lenient = geneval.ShapesGenEval(num_examples=10, seed=3, no_extras=False)  # GenEval's own rules
+    s = lenient.score([_render(e, extra(e)) for e in lenient.examples])
+    assert all(s[c] == 1.0 for c in geneval.CATEGORIES)  # counting ignores other shapes, as in GenEval
     # blank images score zero, and overall is the mean of the categories
     s = gen_eval.score([_render(e, []) for e in exs])
     assert s == {**{c: 0.0 for c in geneval.CATEGORIES}, "overall": 0.0}

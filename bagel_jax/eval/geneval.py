@@ -7,7 +7,8 @@ and the prompts are the builder's own captions (``synthetic_shapes.describe``), 
 shapes data understands them:
 
 =============  ===============================================  =============================================
-category       prompt (builder caption of a random scene)       correct when the detections hold
+category       prompt (builder caption of a random scene)       correct when the detections hold (and no more
+                                                                objects than the caption describes)
 =============  ===============================================  =============================================
 single_object  "A red circle at the top left."                  ≥ 1 circle
 two_object     "An image with one blue square and one red …"    ≥ 1 of each of the two (different) shapes
@@ -19,7 +20,10 @@ color_attr     "An image with one blue square and one red …"    a blue square 
 =============  ===============================================  =============================================
 
 Like GenEval, counting checks the shape count regardless of colour, and single/two-object and position
-checks ignore colour. Position is absolute (the captions name grid cells), where GenEval's prompts are
+checks ignore colour. Unlike GenEval, every prompt here is the caption of a whole scene, so an image is also
+wrong when it holds more objects than the prompt describes (``GenExample.no_extras``): without this rule an
+untrained model, whose images are colour blobs the detector reads as many shapes, passed the "≥ 1 circle"
+checks by chance (it scored 1.0 on single and two objects). Position is absolute (the captions name grid cells), where GenEval's prompts are
 relative. Prompts are drawn from a random stream separate from the builder's (a different salt), and
 ``exclude`` (e.g. every training caption) removes prompts outright.
 """
@@ -65,7 +69,12 @@ class GenExample:
     width: int
     height: int
 
+    no_extras: bool = True
+
     def correct(self, objs: Sequence[shapes.Obj]) -> bool:
+        """Every requirement holds and, with ``no_extras``, no more objects are detected than described."""
+        if self.no_extras and len(objs) > len(self.objects):
+            return False
         return all(r.holds(objs) for r in self.requirements)
 
     def render(self) -> np.ndarray:
@@ -144,13 +153,15 @@ def aggregate(categories: Sequence[str], correct: Sequence[bool]) -> dict[str, f
 
 class ShapesGenEval:
     """Evaluator: ``run(generate_fn)`` with ``generate_fn(prompt: str) -> image`` (PIL or [H, W, 3] uint8 /
-    float in [0, 1]) → {category: accuracy, ..., "overall": mean}. ``num_examples`` is per category."""
+    float in [0, 1]) → {category: accuracy, ..., "overall": mean}. ``num_examples`` is per category;
+    ``no_extras=False`` drops the whole-scene rule and scores exactly like GenEval's requirements."""
 
     fn_name = "generate_fn"
 
     def __init__(self, num_examples: int = 16, seed: int = 0, categories: Sequence[str] = CATEGORIES,
-                 exclude: Iterable[str] = (), min_px: int = 64, max_px: int = 96):
-        self.examples = make_examples(num_examples, seed, tuple(categories), exclude, min_px, max_px)
+                 exclude: Iterable[str] = (), min_px: int = 64, max_px: int = 96, no_extras: bool = True):
+        examples = make_examples(num_examples, seed, tuple(categories), exclude, min_px, max_px)
+        self.examples = [dataclasses.replace(e, no_extras=no_extras) for e in examples]
 
     @property
     def prompts(self) -> list[str]:
