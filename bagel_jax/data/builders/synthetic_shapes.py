@@ -4,7 +4,10 @@ Scenes of up to three coloured shapes (circle, square, triangle; six colours) on
 with PIL and stored as PNG. One split per data kind:
 
 * ``t2i``   an image and captions (objects, colours, counts, positions);
-* ``vlm``   an image and 1–3 question/answer turns about it (count, colour, position), LLaVA format;
+* ``vlm``   an image and 1–3 question/answer turns about it (count, colour, position), LLaVA format; half of
+  the conversations end with "Describe the image." answered by a caption. Without that turn a tiny model
+  trained from scratch learnt the answers' priors and ignored the image (blank-image CE equal to 4 digits);
+  a caption's every content word depends on the image;
 * ``edit``  2–3 images, each made from the previous by one edit (recolour, move, add, remove), with instructions
   ("make the circle blue"), two phrasings per step;
 * ``video`` 3–4 frames of one shape moving, a caption per change ("the red circle moves right");
@@ -38,6 +41,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
 SHAPES = ("circle", "square", "triangle")
 PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("no", "one", "two", "three")
+DESCRIBE = "Describe the image."
 MOVES = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 
 
@@ -133,9 +137,11 @@ class Generator:
     def _vlm(self, rng, i):
         objs = self._scene(rng)
         w, h = self._size(rng)
+        turns = [self._qa(rng, objs) for _ in range(int(rng.integers(1, 4)))]
+        if rng.random() < 0.5:  # caption turn last (LLaVA's "describe"): dense supervision of the image path
+            turns.append((DESCRIBE, describe(objs)[int(rng.integers(2))]))
         conv = []
-        for t in range(int(rng.integers(1, 4))):
-            q, a = self._qa(rng, objs)
+        for t, (q, a) in enumerate(turns):
             conv += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q}, {"from": "gpt", "value": a}]
         return common.record("vlm", {"conversations": conv}, [png(render(objs, w, h))], [f"vlm/{i}.png"])
 
@@ -210,7 +216,7 @@ class Generator:
 
 def corpus() -> list[str]:
     """Every phrase the generator can emit (tokenizer training text), independent of seed and sizes."""
-    out = ["Here is a picture of some shapes.", "That is all for today."]
+    out = ["Here is a picture of some shapes.", "That is all for today.", DESCRIBE]
     for color, shape, cell in itertools.product(COLORS, SHAPES, range(9)):
         o = Obj(shape, color, cell)
         out += describe([o]) + [f"What colour is the {shape} {_where(cell)}?", f"It is {color}.",
