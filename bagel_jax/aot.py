@@ -197,7 +197,7 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     rows, length = config.data.batch_size, config.data.seq_len
     info = dict(
         loss=loss, device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
-        attention=config.model.attention_impl, remat=config.model.remat,
+        attention=config.model.attention_impl, remat=config.model.remat, scan_layers=bool(config.model.scan_layers),
         params=num_params(state.params),
         trainable_params=num_params([x for x, keep in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainable))
                                      if keep]),
@@ -254,7 +254,9 @@ def report(p: dict[str, Any], step_time: float = 0.0) -> str:
         f"temporaries {gib(p['temp_bytes'])} | aliased {gib(p['alias_bytes'])}",
         f"                peak ≈ {gib(p['peak_bytes'])} of {gib(hbm) if hbm else '?'} per chip → {fits}",
         f"FLOPs / step    compiled {p['compiled_flops_per_device'] * p['num_devices']:.4g} "
-        f"({p['compiled_flops_per_device']:.4g} per device; Pallas kernels count 0)",
+        f"({p['compiled_flops_per_device']:.4g} per device; Pallas kernels count 0"
+        + ("; scan_layers: XLA counts the scanned layer once, so this misses the other layers" if p.get("scan_layers")
+           else "") + ")",
         f"                BAGEL formula {p['formula_flops']:.4g} (causal-halved {p['formula_flops_causal']:.4g}), "
         f"{p['tokens_per_step']} tokens, one sample per row",
         f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
