@@ -31,7 +31,10 @@ def _model() -> ml_collections.ConfigDict:
         timestep_shift=1.0,
         vit=ml_collections.ConfigDict(dict(
             hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, patch_size=14,
-            layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", num_positions=4900)),
+            layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", num_positions=4900,
+            # a ViT-stage workdir (bagel_jax/train/vit_train.py), its export/, or any transformers SigLIP vision
+            # checkpoint (dir or .safetensors): a fresh run loads params['vit_model'] from it
+            init_from="")),
         vae=ml_collections.ConfigDict(dict(
             ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16, in_channels=3, out_ch=3,
             scale_factor=0.3611, shift_factor=0.1159, dtype="bfloat16",
@@ -105,11 +108,20 @@ def _vae_stage() -> ml_collections.ConfigDict:
     ))
 
 
+def _vit_stage() -> ml_collections.ConfigDict:
+    """Keys read only by the ViT stage (bagel_jax/train/vit_train.py, configs/tiny_vit.py)."""
+    return ml_collections.ConfigDict(dict(
+        eval_every=250,  # steps between held-out evals (0 = only at the end)
+        eval_images=256, eval_seed=1042, eval_batch=64,  # held-out scenes from the shapes generator with eval_seed
+        export="params",  # params | ema: which weights go to <workdir>/export
+    ))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key the project knows, with release-like defaults (BAGEL-7B-MoT)."""
     return ml_collections.ConfigDict(dict(
         model=_model(), data=_data(), train=_train(), parallel=_parallel(),
-        evals=ml_collections.ConfigDict(), name="bagel", vae_stage=_vae_stage(),
+        evals=ml_collections.ConfigDict(), name="bagel", vae_stage=_vae_stage(), vit_stage=_vit_stage(),
     ))
 
 

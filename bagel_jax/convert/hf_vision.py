@@ -1,7 +1,7 @@
 """Vision-tower checkpoint converters: state dicts (torch or numpy tensors) ⇄ Flax params.
 
 * ``siglip_to_params(sd, cfg)``: ``transformers`` ``SiglipVisionModel`` (or BAGEL's ``vit_model.*``)
-  → ``SiglipNaViT`` params. The conv patch embedding becomes the Linear on (ph, pw, c)-ordered features
+  → ``SiglipNaViT`` params (``params_to_siglip`` is the inverse, with the HF conv patch embedding). The conv patch embedding becomes the Linear on (ph, pw, c)-ordered features
   (as the reference's ``convert_conv2d_to_linear``); only the first ``cfg.vit.num_layers`` encoder
   layers are taken (the reference drops the last one); the pooling ``head`` is not used.
 * ``diffusers_vae_to_params(sd, cfg)``: diffusers ``AutoencoderKL`` (FLUX layout, no quant convs)
@@ -29,7 +29,7 @@ from flax import traverse_util
 from bagel_jax.model.siglip import SiglipNaViT
 from bagel_jax.model.vae import FluxVAE
 
-__all__ = ["siglip_to_params", "diffusers_vae_to_params", "flux_ae_to_params", "params_to_flux_ae",
+__all__ = ["siglip_to_params", "params_to_siglip", "diffusers_vae_to_params", "flux_ae_to_params", "params_to_flux_ae",
            "flux_ae_keys", "SIGLIP_PREFIXES"]
 
 SIGLIP_PREFIXES = ("vit_model.vision_model.", "vision_model.", "")
@@ -120,6 +120,26 @@ def _convert(sd: Mapping[str, Any], entries: Iterable[Entry], expected: dict, wh
     return traverse_util.unflatten_dict(flat)
 
 
+def _to_torch(params, entries: Iterable[Entry], expected: dict, what: str, prefix: str = "") -> dict:
+    """Inverse of ``_convert``: Flax params → {prefix + key: float32 numpy array in torch layout}; strict."""
+    entries = list(entries)
+    flat = _flat_params(params)
+    wanted = {path for _, path, _ in entries}
+    for path in flat:
+        if path not in wanted:
+            raise KeyError(f"{what}: unexpected param {'/'.join(path)!r}")
+    out = {}
+    for key, path, layout in entries:
+        if path not in flat:
+            raise KeyError(f"{what}: missing param {'/'.join(path)!r} (for {key!r})")
+        value = np.asarray(flat[path], dtype=np.float32)
+        if tuple(value.shape) != expected[path]:
+            raise ValueError(f"{what}: param {'/'.join(path)!r} has shape {tuple(value.shape)}, "
+                             f"expected {expected[path]}")
+        out[prefix + key] = np.ascontiguousarray(layout.to_torch(value))
+    return out
+
+
 def _flat_params(params) -> dict:
     params = nn.meta.unbox(params)
     if isinstance(params, Mapping) and set(params) == {"params"}:
@@ -170,10 +190,7 @@ def siglip_to_params(hf_state_dict: Mapping[str, Any], cfg, prefix: str | None =
                            f"{SIGLIP_PREFIXES})")
         prefix = found[0]
     v = model_cfg.vit
-    feat = v.patch_size * v.patch_size * 3
-    module = SiglipNaViT(model_cfg)
-    expected = _expected_shapes(module, jnp.zeros((1, 1, feat)), jnp.zeros((1, 1), jnp.int32),
-                                jnp.ones((1, 1), jnp.int32))
+    expected = _siglip_expected(model_cfg)
     layer_re = re.compile(r"encoder\.layers\.(\d+)\.")
 
     def ignored(key: str) -> bool:
@@ -182,6 +199,23 @@ def siglip_to_params(hf_state_dict: Mapping[str, Any], cfg, prefix: str | None =
                 or (m is not None and int(m.group(1)) >= v.num_layers))
 
     return _convert(hf_state_dict, _siglip_entries(v.num_layers), expected, "siglip_to_params", ignored, prefix)
+
+
+def params_to_siglip(params, cfg, prefix: str = "vision_model.") -> dict[str, np.ndarray]:
+    """``SiglipNaViT`` params → a transformers ``SiglipVisionModel`` state dict (inverse of ``siglip_to_params``):
+    float32 numpy arrays keyed ``{prefix}embeddings.*`` etc., the patch embedding as the HF conv [D, 3, p, p]."""
+    model_cfg = _section(cfg, "model")
+    v = model_cfg.vit
+    out = _to_torch(params, _siglip_entries(v.num_layers), _siglip_expected(model_cfg), "params_to_siglip", prefix)
+    key = prefix + "embeddings.patch_embedding.weight"  # Linear [D, (ph, pw, c)] → conv [D, c, ph, pw]
+    out[key] = np.ascontiguousarray(out[key].reshape(-1, v.patch_size, v.patch_size, 3).transpose(0, 3, 1, 2))
+    return out
+
+
+def _siglip_expected(model_cfg) -> dict:
+    feat = model_cfg.vit.patch_size ** 2 * 3
+    return _expected_shapes(SiglipNaViT(model_cfg), jnp.zeros((1, 1, feat)), jnp.zeros((1, 1), jnp.int32),
+                            jnp.ones((1, 1), jnp.int32))
 
 
 # --- FLUX VAE: shared structure ------------------------------------------------------------------
@@ -310,23 +344,7 @@ def flux_ae_to_params(sd: Mapping[str, Any], cfg) -> dict:
 def params_to_flux_ae(params, cfg) -> dict[str, np.ndarray]:
     """``FluxVAE`` params → BFL FLUX state dict {key: float32 numpy array in torch layout}."""
     cfg = _section(cfg, "vae")
-    entries = _bfl_entries(cfg)
-    flat = _flat_params(params)
-    expected = _vae_expected(cfg)
-    wanted = {path for _, path, _ in entries}
-    for path in flat:
-        if path not in wanted:
-            raise KeyError(f"params_to_flux_ae: unexpected param {'/'.join(path)!r}")
-    out = {}
-    for key, path, layout in entries:
-        if path not in flat:
-            raise KeyError(f"params_to_flux_ae: missing param {'/'.join(path)!r} (for {key!r})")
-        value = np.asarray(flat[path], dtype=np.float32)
-        if tuple(value.shape) != expected[path]:
-            raise ValueError(f"params_to_flux_ae: param {'/'.join(path)!r} has shape {tuple(value.shape)}, "
-                             f"expected {expected[path]}")
-        out[key] = np.ascontiguousarray(layout.to_torch(value))
-    return out
+    return _to_torch(params, _bfl_entries(cfg), _vae_expected(cfg), "params_to_flux_ae")
 
 
 # --- diffusers AutoencoderKL layout --------------------------------------------------------------

@@ -3,8 +3,9 @@
     python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro [--params=ema|params|untrained]
         [--only=geneval,vqa] [--output=scores.json]
 
-``untrained`` is the baseline the reproduction is compared against: the same config and the same frozen VAE
-(``model.vae.init_from``) with freshly initialised weights (``train.seed``), i.e. the model at step 0.
+``untrained`` is the baseline the reproduction is compared against: the same config, the same frozen VAE
+(``model.vae.init_from``) and pretrained ViT (``model.vit.init_from``) with the other weights freshly initialised
+(``train.seed``), i.e. the model at step 0.
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def load_run_params(config, workdir: str, which: str = "ema"):
     """``(model, params)`` of the run: the latest checkpoint's EMA / raw params, or the untrained init.
 
     The untrained model is the run's step-0 params (same seed and init key as the trainer) with the run's
-    frozen VAE, so it differs from the trained one only in what training changed. Params are unboxed host
-    arrays.
+    frozen VAE and pretrained ViT, so it differs from the trained one only in what training changed. Params are
+    unboxed host arrays.
     """
     from flax.core import meta
 
@@ -61,6 +62,7 @@ def load_run_params(config, workdir: str, which: str = "ema"):
     from bagel_jax.train.checkpoint import load_params
     from bagel_jax.train.state import split_init_key
     from bagel_jax.train.vae_train import load_vae_params
+    from bagel_jax.train.vit_train import load_vit_params
 
     if which not in PARAMS:
         raise ConfigError(f"--params: expected one of {PARAMS}, got {which!r}")
@@ -69,6 +71,8 @@ def load_run_params(config, workdir: str, which: str = "ema"):
         params = meta.unbox(jax.jit(init_fn)(split_init_key(jax.random.PRNGKey(config.train.seed))[0]))
         if config.model.vae.init_from:
             params = {**params, "vae": load_vae_params(config.model.vae.init_from, config.model.vae)}
+        if config.model.vit.init_from:
+            params = {**params, "vit_model": load_vit_params(config.model.vit.init_from, config.model)}
         return model, jax.device_get(params)
     abstract = meta.unbox(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
     params = load_params(workdir, abstract, use_ema=which == "ema")

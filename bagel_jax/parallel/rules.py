@@ -25,6 +25,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     ("conv_out", None),
     ("conv_h", None),
     ("conv_w", None),
+    ("classes", None),            # outputs of the pretraining stages' classifier heads (vit_train.py)
     # --- activations ---
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", "sequence"),

@@ -27,6 +27,7 @@ from bagel_jax.train.metrics import MetricsLogger, packing_stats
 from bagel_jax.train.optim import make_optimizer, trainable_mask
 from bagel_jax.train.step import check_finite, make_train_step
 from bagel_jax.train.vae_train import apply_vae_init_config, replace_vae_params
+from bagel_jax.train.vit_train import check_vit_init, replace_vit_params
 
 
 def prepare_data(config, workdir: str) -> None:
@@ -107,6 +108,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     devices = jax.devices() if devices is None else list(devices)
     validate(config, num_devices=len(devices))
     apply_vae_init_config(config)  # model.vae.init_from: scale/shift from the VAE stage's vae.json
+    check_vit_init(config)  # model.vit.init_from: the checkpoint exists (loaded below, on a fresh start)
     os.makedirs(workdir, exist_ok=True)
     prepare_data(config, workdir)
     write_config(config, workdir)
@@ -121,6 +123,8 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
                                                    jax.random.PRNGKey(config.train.seed), config)
     if fresh and config.model.vae.init_from:  # the frozen VAE from the VAE stage (no optimizer state to touch)
         state = replace_vae_params(state, shardings, config.model.vae.init_from, config.model.vae)
+    if fresh and config.model.vit.init_from:  # the pretrained ViT (the ViT stage, or any HF SigLIP checkpoint)
+        state = replace_vit_params(state, shardings, config.model.vit.init_from, config.model)
     trainable = trainable_mask(abstract_params, tuple(config.train.freeze))
     train_step = make_train_step(make_loss_fn(model, config), optimizer, schedule, config, mesh=mesh, rules=rules,
                                  state_shardings=shardings, trainable=trainable, batch_metrics_fn=batch_metrics)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -59,11 +58,7 @@ from bagel_jax.config import ConfigError, base_config, validate
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import common
 from bagel_jax.model.vae import FluxVAE, valid_mask
-from bagel_jax.parallel.mesh import logical_rules, make_mesh, shard_batch
-from bagel_jax.train.checkpoint import Checkpointer, restore_or_init
-from bagel_jax.train.metrics import MetricsLogger
-from bagel_jax.train.optim import make_optimizer, trainable_mask
-from bagel_jax.train.step import check_finite, make_train_step
+from bagel_jax.train.stage import prepare_workdir, run_stage
 
 EXPORT_DIR, AE_FILE, STATS_FILE = "export", "ae.safetensors", "vae.json"
 ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_ch")
@@ -415,34 +410,13 @@ def replace_vae_params(state, shardings, path: str, vae_cfg=None):
 def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
     """Trains to ``train.steps`` (or SIGTERM), evaluates, exports to ``workdir/export``; returns the final
     scalars (last training log + ``eval/*`` + scale/shift)."""
-    from bagel_jax.train.train import prepare_data, write_config
-    t0 = time.perf_counter()
     devices = jax.devices() if devices is None else list(devices)
     validate_vae_config(config, num_devices=len(devices))
-    os.makedirs(workdir, exist_ok=True)
-    prepare_data(config, workdir)
-    write_config(config, workdir)
-
-    mesh, rules = make_mesh(config, devices), logical_rules(config)
+    prepare_workdir(config, workdir)
     model, init_fn = make_vae_init_fn(config)
-    abstract_params = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    optimizer, schedule = make_optimizer(config.train, abstract_params)
-    ckpt = Checkpointer.from_config(workdir, config, handle_sigterm=True)
-    state, shardings, data_state = restore_or_init(ckpt, init_fn, optimizer, mesh, rules,
-                                                   jax.random.PRNGKey(config.train.seed), config)
-    trainable = trainable_mask(abstract_params, ())
-    train_step = make_train_step(make_vae_loss_fn(model, config), optimizer, schedule, config, mesh=mesh,
-                                 rules=rules, state_shardings=shardings, trainable=trainable)
+    evaluator = ReconEval(model, config) if jax.process_index() == 0 and config.vae_stage.eval_images else None
 
-    data = iter(make_image_dataset(config, jax.process_index(), jax.process_count()))
-    if data_state is not None:
-        data.set_state(data_state)
-    lead = jax.process_index() == 0
-    logger = MetricsLogger(workdir, config, num_devices=len(devices))
-    evaluator = ReconEval(model, config) if lead and config.vae_stage.eval_images else None
-    every = int(config.vae_stage.eval_every)
-
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(step: int, state, logger) -> dict[str, float]:
         if evaluator is None:
             return {}
         out = {}
@@ -454,50 +428,29 @@ def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
         logging.info("step %d: %s", step, out)
         return out
 
-    start, nonfinite, last = int(state.step), int(state.nonfinite_steps), {}
-    logging.info("VAE stage %s from step %d to %d on mesh %s", config.name, start, config.train.steps,
-                 dict(mesh.shape))
-    for step in range(start + 1, config.train.steps + 1):
-        state, metrics = train_step(state, shard_batch(next(data), mesh, rules))
-        scalars = logger.step(step, metrics)
-        if scalars is not None:
-            last = scalars
-            nonfinite = check_finite(scalars, config, nonfinite)
-        final = step == config.train.steps
-        if every and step % every == 0 and not final:
-            evaluate(step)
-        stop = ckpt.stop_requested(step)
-        if final or stop or step % config.train.checkpoint_every == 0:
-            ckpt.save(step, state, data.get_state())
-        if stop and not final:
-            logging.warning("stop requested (SIGTERM): saved step %d, exiting", step)
-            ckpt.close()
-            logger.close()
-            return last
-    step = int(state.step)
-    result = {**last, **evaluate(step)}
-    export_params = state.ema_params if config.vae_stage.export == "ema" else state.params
-    if lead:
-        stats = latent_stats(model, export_params, training_images(config, config.vae_stage.stats_images),
-                             batch=config.vae_stage.eval_batch, seed=config.train.seed)
-        suffix = "_ema" if config.vae_stage.export == "ema" else ""
-        info = dict(step=step, weights=config.vae_stage.export, loss=config.vae_stage.loss,
-                    kl_weight=float(config.vae_stage.kl_weight), run_wall_seconds=time.perf_counter() - t0,
-                    psnr_eval=result.get(f"eval/psnr{suffix}"),
-                    psnr_eval_sample=result.get(f"eval/psnr_sample{suffix}"),
-                    eval_images=int(config.vae_stage.eval_images), eval_seed=int(config.vae_stage.eval_seed))
-        directory = export_vae(os.path.join(workdir, EXPORT_DIR), export_params, config.model.vae, stats, info)
+    def export(state, result, run_seconds: float, logger) -> dict[str, Any]:
+        step, stage = int(state.step), config.vae_stage
+        params = state.ema_params if stage.export == "ema" else state.params
+        stats = latent_stats(model, params, training_images(config, stage.stats_images), batch=stage.eval_batch,
+                             seed=config.train.seed)
+        suffix = "_ema" if stage.export == "ema" else ""
+        info = dict(step=step, weights=stage.export, loss=stage.loss, kl_weight=float(stage.kl_weight),
+                    run_wall_seconds=run_seconds, psnr_eval=result.get(f"eval/psnr{suffix}"),
+                    psnr_eval_sample=result.get(f"eval/psnr_sample{suffix}"), eval_images=int(stage.eval_images),
+                    eval_seed=int(stage.eval_seed))
+        directory = export_vae(os.path.join(workdir, EXPORT_DIR), params, config.model.vae, stats, info)
         meta = load_latent_stats(directory)
-        result.update(scale_factor=meta["scale_factor"], shift_factor=meta["shift_factor"],
-                      run_wall_seconds=info["run_wall_seconds"])
-        logger.write_scalars(step, {k: result[k] for k in ("scale_factor", "shift_factor")})
         print(f"VAE exported to {directory}; use it in BAGEL with\n"
               f"  --config.model.vae.init_from={workdir}\n"
               f"(sets --config.model.vae.scale_factor={meta['scale_factor']:.6g} "
               f"--config.model.vae.shift_factor={meta['shift_factor']:.6g} from {STATS_FILE})", flush=True)
-    logger.close()
-    ckpt.close()
-    return result
+        logger.write_scalars(step, {k: meta[k] for k in ("scale_factor", "shift_factor")})
+        return dict(scale_factor=meta["scale_factor"], shift_factor=meta["shift_factor"], run_wall_seconds=run_seconds)
+
+    return run_stage(config, workdir, init_fn=init_fn, loss_fn=make_vae_loss_fn(model, config),
+                     make_data=lambda index, count: iter(make_image_dataset(config, index, count)),
+                     evaluate=evaluate, export=export, every=int(config.vae_stage.eval_every), what="VAE stage",
+                     devices=devices)
 
 
 def run():

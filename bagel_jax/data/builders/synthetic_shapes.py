@@ -78,6 +78,15 @@ def render(objs: list[Obj], width: int, height: int, background=(245, 245, 240))
     return img
 
 
+def cell_labels(objs: list[Obj]) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid cell (row-major, 9): shape id (0 = empty, 1 + index in SHAPES) and colour id (0 = empty,
+    1 + index in COLORS), int32[9] each."""
+    shape, color = np.zeros(9, np.int32), np.zeros(9, np.int32)
+    for o in objs:
+        shape[o.cell], color[o.cell] = 1 + SHAPES.index(o.shape), 1 + list(COLORS).index(o.color)
+    return shape, color
+
+
 def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)
@@ -117,9 +126,14 @@ class Generator:
         rng = self.rng(split, i)
         return getattr(self, f"_{split}")(rng, i)
 
-    def _t2i(self, rng, i):
+    def t2i_scene(self, i: int) -> tuple[list[Obj], int, int]:
+        """The objects and (width, height) of ``t2i`` example ``i`` (what its image shows)."""
+        rng = self.rng("t2i", i)
         objs = self._scene(rng)
-        w, h = self._size(rng)
+        return (objs,) + self._size(rng)
+
+    def _t2i(self, rng, i):
+        objs, w, h = self.t2i_scene(i)
         return common.record("t2i", {"captions": describe(objs)}, [png(render(objs, w, h))], [f"t2i/{i}.png"])
 
     def _qa(self, rng, objs) -> tuple[str, str]:
