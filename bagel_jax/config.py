@@ -70,6 +70,7 @@ def _data() -> ml_collections.ConfigDict:
         pixel_dtype="float32",
         emulate_hosts=1,  # > 1: one process reads as this many hosts (reproduces a multi-host data stream)
         synthetic_examples=0,  # > 0: the trainer builds synthetic_shapes (this many per split) if data_dir lacks it
+        synthetic_square=False,  # the synthetic_shapes images are square (width = height)
     ))
 
 

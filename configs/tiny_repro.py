@@ -22,9 +22,12 @@ def get_config(arg=None):
     c.model.update(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2)
     c.model.vit.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2)
     c.data.update(batch_size=4, synthetic_examples=20000, mixture=dict(t2i=1.0, vlm=1.0, edit=0.25, video=0.0,
-                                                                         web=0.0))
+                                                                         web=0.0),
+                  synthetic_square=True,  # a grid cell is the same latent tokens / ViT patches in every image
+                  vit_transform=(84, 42, 14))  # 6×6 patches: 2×2 per grid cell
     c.train.update(steps=4000, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, ema_decay=0.995,
                    log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=1000)
-    c.evals.geneval = dict(type="shapes_geneval", num_examples=8, every=1000)
-    c.evals.vqa = dict(type="shapes_vqa", num_examples=48, every=1000)
+    c.evals.geneval = dict(type="shapes_geneval", num_examples=8, every=1000, square=True)
+    c.evals.vqa = dict(type="shapes_vqa", num_examples=48, every=1000, square=True)
+    c.evals.edit = dict(type="shapes_edit", num_examples=16, every=2000, square=True)
     return c

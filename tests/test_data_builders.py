@@ -187,3 +187,27 @@ def test_shapes_read_back_into_documents():
         common.open_source(d, "nothing:train")
     with pytest.raises(ValueError, match="no split 'train'"):
         common.open_source(d, "synthetic_shapes")
+
+
+def test_square_shapes_keep_the_scenes_and_the_data_dir_check(tmp_path):
+    """``square``: every image is width = height; scenes (objects, captions) are those of the default stream only
+    where the size draw does not shift them, so the option is part of the data dir's identity."""
+    gen, sq = synthetic_shapes.Generator(3), synthetic_shapes.Generator(3, square=True)
+    for i in range(20):
+        objs, w, h = sq.t2i_scene(i)
+        assert w == h and 64 <= w <= 96
+        assert objs == gen.t2i_scene(i)[0]  # the objects are drawn before the size
+        for split in ("vlm", "edit"):
+            ex = sq.example(split, i)
+            for png in ex["images"]:
+                w, h = PILImage.open(io.BytesIO(png)).size
+                assert w == h
+    synthetic_shapes.build(tmp_path / "sq", num_examples=4, seed=5, square=True)
+    with pytest.raises(ValueError, match="holds shapes built with"):
+        synthetic_shapes.build(tmp_path / "sq", num_examples=4, seed=5)
+    plain = synthetic_shapes.build(tmp_path / "plain", num_examples=4, seed=5)
+    meta = os.path.join(common.dataset_dir(plain, "synthetic_shapes"), "metadata.json")
+    old = json.load(open(meta))
+    del old["square"]  # a data dir built before the option existed still matches the default
+    json.dump(old, open(meta, "w"))
+    synthetic_shapes.build(tmp_path / "plain", num_examples=4, seed=5)

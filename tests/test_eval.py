@@ -1,6 +1,7 @@
 """bagel_jax.eval: the shape detector on rendered ground truth, and the three scorers with oracle and
 adversarial generators/answerers/editors."""
 import collections
+import dataclasses
 import json
 
 import ml_collections
@@ -451,3 +452,12 @@ def test_runner_cli(tmp_path):
         runner.main(["runner", "--fns=bagel_jax.eval.runner"])
     with pytest.raises(ValueError, match="--only"):
         runner.main(["runner", f"--config={config}", "--fns=bagel_jax.eval.runner:ground_truth_fns", "--only=zz"])
+
+
+@pytest.mark.parametrize("cls", [geneval.ShapesGenEval, vqa.ShapesVQA, edit.ShapesEdit])
+def test_square_evaluators_change_only_the_canvas(cls):
+    """``square=True`` (runs trained on square shapes) draws the same scenes and prompts on square canvases."""
+    plain, square = cls(num_examples=6), cls(num_examples=6, square=True)
+    for a, b in zip(plain.examples, square.examples):
+        assert b.width == b.height == a.width
+        assert dataclasses.replace(b, height=a.height) == a

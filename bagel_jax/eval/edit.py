@@ -20,7 +20,7 @@ import numpy as np
 
 from bagel_jax.data.builders import synthetic_shapes as shapes
 from bagel_jax.data.builders.synthetic_shapes import _where  # the builder's phrasing helper
-from bagel_jax.eval import detector
+from bagel_jax.eval import canvas, detector
 
 OPS = ("recolor", "move", "add", "remove")
 _SALT = 0xED17
@@ -59,7 +59,8 @@ def _unique(objs, **attrs) -> bool:
     return sum(all(getattr(o, k) == v for k, v in attrs.items()) for o in objs) == 1
 
 
-def draw_example(op: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96) -> EditExample:
+def draw_example(op: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96,
+                 square: bool = False) -> EditExample:
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     n_range = {"recolor": (1, 3), "move": (1, 3), "add": (1, 2), "remove": (2, 3)}[op]
@@ -88,17 +89,18 @@ def draw_example(op: str, rng: np.random.Generator, min_px: int = 64, max_px: in
             new = objs[:k] + objs[k + 1:]
             phrasings = [f"remove the {o.color} {o.shape}"] * by_both + [f"delete the {o.shape} {_where(o.cell)}"]
         if phrasings:
-            w, h = (int(v) for v in rng.integers(min_px, max_px + 1, size=2))
+            w, h = canvas.draw_size(rng, min_px, max_px, square)
             return EditExample(op, phrasings[rng.integers(len(phrasings))], tuple(objs), tuple(new), w, h)
 
 
-def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96) -> list[EditExample]:
+def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96,
+                  square: bool = False) -> list[EditExample]:
     """Example i has op ``OPS[i % 4]`` and depends only on (seed, i)."""
     if num_examples < 1:
         raise ValueError(f"num_examples: must be >= 1, got {num_examples}")
-    if not 8 <= min_px <= max_px:
-        raise ValueError(f"min_px/max_px: need 8 <= min_px <= max_px, got {min_px}, {max_px}")
-    return [draw_example(OPS[i % len(OPS)], np.random.default_rng([seed, _SALT, i]), min_px, max_px)
+    canvas.check_sizes(min_px, max_px)
+    return [draw_example(OPS[i % len(OPS)], np.random.default_rng([seed, _SALT, i]), min_px, max_px,
+                         square)
             for i in range(num_examples)]
 
 
@@ -108,8 +110,9 @@ class ShapesEdit:
 
     fn_name = "edit_fn"
 
-    def __init__(self, num_examples: int = 32, seed: int = 0, min_px: int = 64, max_px: int = 96):
-        self.examples = make_examples(num_examples, seed, min_px, max_px)
+    def __init__(self, num_examples: int = 32, seed: int = 0, min_px: int = 64, max_px: int = 96,
+                 square: bool = False):
+        self.examples = make_examples(num_examples, seed, min_px, max_px, square)
 
     def judge(self, images) -> list[tuple[bool, bool]]:
         images = list(images)

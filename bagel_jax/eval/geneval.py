@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from bagel_jax.data.builders import synthetic_shapes as shapes
-from bagel_jax.eval import detector
+from bagel_jax.eval import canvas, detector
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 _SALT = 0x6E5E  # separates this stream from the builder's (which seeds with [seed, split, i])
@@ -91,7 +91,8 @@ def _objs(rng, n: int, *, distinct_shapes=False, distinct_colors=False, same=Fal
             for s, c, cell in zip(shape_ids, color_ids, cells)]
 
 
-def draw_example(category: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96) -> GenExample:
+def draw_example(category: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96,
+                 square: bool = False) -> GenExample:
     """One example of ``category`` from ``rng`` (see the module table)."""
     if category == "single_object":
         objs = _objs(rng, 1)
@@ -113,18 +114,18 @@ def draw_example(category: str, rng: np.random.Generator, min_px: int = 64, max_
         prompt, reqs = shapes.describe(objs)[1], [Requirement(o.shape, color=o.color) for o in objs]
     else:
         raise ValueError(f"category: expected one of {CATEGORIES}, got {category!r}")
-    w, h = (int(v) for v in rng.integers(min_px, max_px + 1, size=2))
+    w, h = canvas.draw_size(rng, min_px, max_px, square)
     return GenExample(category, prompt, tuple(reqs), tuple(objs), w, h)
 
 
 def make_examples(num_per_category: int, seed: int = 0, categories: Sequence[str] = CATEGORIES,
-                  exclude: Iterable[str] = (), min_px: int = 64, max_px: int = 96) -> list[GenExample]:
+                  exclude: Iterable[str] = (), min_px: int = 64, max_px: int = 96,
+                  square: bool = False) -> list[GenExample]:
     """``num_per_category`` examples of each category, deterministic in ``seed``; example i of a category
     depends only on (seed, category, i). Prompts in ``exclude`` are redrawn."""
     if num_per_category < 1:
         raise ValueError(f"num_examples: must be >= 1, got {num_per_category}")
-    if not 8 <= min_px <= max_px:
-        raise ValueError(f"min_px/max_px: need 8 <= min_px <= max_px, got {min_px}, {max_px}")
+    canvas.check_sizes(min_px, max_px)
     exclude = set(exclude)
     out = []
     for category in categories:
@@ -133,7 +134,7 @@ def make_examples(num_per_category: int, seed: int = 0, categories: Sequence[str
         for i in range(num_per_category):
             rng = np.random.default_rng([seed, _SALT, CATEGORIES.index(category), i])
             for _ in range(_MAX_DRAWS):
-                ex = draw_example(category, rng, min_px, max_px)
+                ex = draw_example(category, rng, min_px, max_px, square)
                 if ex.prompt not in exclude:
                     break
             else:
@@ -154,13 +155,15 @@ def aggregate(categories: Sequence[str], correct: Sequence[bool]) -> dict[str, f
 class ShapesGenEval:
     """Evaluator: ``run(generate_fn)`` with ``generate_fn(prompt: str) -> image`` (PIL or [H, W, 3] uint8 /
     float in [0, 1]) → {category: accuracy, ..., "overall": mean}. ``num_examples`` is per category;
-    ``no_extras=False`` drops the whole-scene rule and scores exactly like GenEval's requirements."""
+    ``no_extras=False`` drops the whole-scene rule and scores exactly like GenEval's requirements; ``square`` draws
+    the reference scenes square (``render``; the generated images are whatever ``generate_fn`` makes)."""
 
     fn_name = "generate_fn"
 
     def __init__(self, num_examples: int = 16, seed: int = 0, categories: Sequence[str] = CATEGORIES,
-                 exclude: Iterable[str] = (), min_px: int = 64, max_px: int = 96, no_extras: bool = True):
-        examples = make_examples(num_examples, seed, tuple(categories), exclude, min_px, max_px)
+                 exclude: Iterable[str] = (), min_px: int = 64, max_px: int = 96, square: bool = False,
+                 no_extras: bool = True):
+        examples = make_examples(num_examples, seed, tuple(categories), exclude, min_px, max_px, square)
         self.examples = [dataclasses.replace(e, no_extras=no_extras) for e in examples]
 
     @property

@@ -20,7 +20,7 @@ import numpy as np
 
 from bagel_jax.data.builders import synthetic_shapes as shapes
 from bagel_jax.data.builders.synthetic_shapes import _plural, _where  # the builder's phrasing helpers
-from bagel_jax.eval import detector
+from bagel_jax.eval import canvas, detector
 
 KINDS = ("count", "color", "position")
 _SALT = 0x7A9A
@@ -55,7 +55,8 @@ def _scene(rng) -> list[shapes.Obj]:
                        int(c)) for c in cells]
 
 
-def draw_example(kind: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96) -> VQAExample:
+def draw_example(kind: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96,
+                 square: bool = False) -> VQAExample:
     while True:
         objs = _scene(rng)
         if kind == "count":
@@ -76,18 +77,19 @@ def draw_example(kind: str, rng: np.random.Generator, min_px: int = 64, max_px: 
                 (shapes.PLACES[o.cell], _where(o.cell))
         else:
             raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-        w, h = (int(v) for v in rng.integers(min_px, max_px + 1, size=2))
+        w, h = canvas.draw_size(rng, min_px, max_px, square)
         accepted = tuple(dict.fromkeys(normalize(s) for s in (a, *short)))
         return VQAExample(kind, q, a, accepted, tuple(objs), w, h)
 
 
-def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96) -> list[VQAExample]:
+def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96,
+                  square: bool = False) -> list[VQAExample]:
     """Example i has kind ``KINDS[i % 3]`` and depends only on (seed, i)."""
     if num_examples < 1:
         raise ValueError(f"num_examples: must be >= 1, got {num_examples}")
-    if not 8 <= min_px <= max_px:
-        raise ValueError(f"min_px/max_px: need 8 <= min_px <= max_px, got {min_px}, {max_px}")
-    return [draw_example(KINDS[i % len(KINDS)], np.random.default_rng([seed, _SALT, i]), min_px, max_px)
+    canvas.check_sizes(min_px, max_px)
+    return [draw_example(KINDS[i % len(KINDS)], np.random.default_rng([seed, _SALT, i]), min_px, max_px,
+                         square)
             for i in range(num_examples)]
 
 
@@ -97,8 +99,9 @@ class ShapesVQA:
 
     fn_name = "answer_fn"
 
-    def __init__(self, num_examples: int = 48, seed: int = 0, min_px: int = 64, max_px: int = 96):
-        self.examples = make_examples(num_examples, seed, min_px, max_px)
+    def __init__(self, num_examples: int = 48, seed: int = 0, min_px: int = 64, max_px: int = 96,
+                 square: bool = False):
+        self.examples = make_examples(num_examples, seed, min_px, max_px, square)
 
     def score(self, predictions: Sequence[str]) -> dict[str, float]:
         predictions = list(predictions)

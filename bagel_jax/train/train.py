@@ -38,7 +38,8 @@ def prepare_data(config, workdir: str) -> None:
         from bagel_jax.data.builders import synthetic_shapes
         if jax.process_index() == 0:  # the workdir is shared by all hosts: one builds, the others wait
             synthetic_shapes.build(config.data.data_dir, num_examples=config.data.synthetic_examples,
-                                   seed=config.data.seed, vocab_size=config.model.vocab_size)
+                                   seed=config.data.seed, vocab_size=config.model.vocab_size,
+                                   square=config.data.synthetic_square)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("bagel_jax:synthetic_data_built")

@@ -170,7 +170,7 @@ def held_out_images(config) -> dict[str, np.ndarray]:
     s = config.vae_stage
     if s.eval_seed == config.data.seed:
         raise ConfigError(f"vae_stage.eval_seed: {s.eval_seed} equals data.seed (held-out images must differ)")
-    gen, fn = Generator(seed=s.eval_seed), _image_transform(config)
+    gen, fn = Generator(seed=s.eval_seed, square=config.data.synthetic_square), _image_transform(config)
     items = [fn(gen.example("t2i", i)["images"][0], f"eval image {i}") for i in range(s.eval_images)]
     return {k: np.stack([it[k] for it in items]) for k in ("images", "hw")}
 

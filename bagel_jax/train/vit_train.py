@@ -11,15 +11,15 @@ the ViT's output patch features are averaged per cell and two linear heads class
 (empty, circle, square, triangle) and colour (empty + 6). The heads are discarded at export, as SigLIP's pooling
 head is in BAGEL.
 
-Data: the scenes of the run's own ``t2i`` split (``synthetic_shapes.Generator(data.seed).t2i_scene(i)``,
+Data: the scenes of the run's own ``t2i`` split (``Generator(data.seed, square=data.synthetic_square).t2i_scene(i)``,
 i < ``data.synthetic_examples``: the very images the BAGEL run trains on, no extra data), rendered, resized by
 ``data.vit_transform`` and patchified exactly as the BAGEL pipeline feeds its ViT, one image per row padded to
 (max_size / patch)² patches. Seeded shuffle, reshuffled each epoch, ``data.batch_size`` images per step.
 
-Loss: mean over the 9 cells of CE(shape) + CE(colour). Metrics: ``cls`` (that loss), ``cell_acc`` (both right) on the train
-batch; every ``vit_stage.eval_every`` steps ``eval/cell_acc``, ``eval/object_acc`` (cells that hold an object) and
-``eval/scene_acc`` (all 9 cells right) of params
-and EMA params on ``vit_stage.eval_images`` held-out scenes drawn with ``vit_stage.eval_seed``.
+Loss: mean over the 9 cells of CE(shape) + CE(colour). Metrics: ``cls`` (that loss), ``cell_acc`` (both right) on
+the train batch; every ``vit_stage.eval_every`` steps ``eval/cell_acc``, ``eval/object_acc`` (cells that hold an
+object) and ``eval/scene_acc`` (all 9 cells right) of params and EMA params on ``vit_stage.eval_images`` held-out
+scenes drawn with ``vit_stage.eval_seed``.
 
 Export (end of training; DIR/export/), a transformers ``SiglipVisionModel`` checkpoint::
 
@@ -86,8 +86,9 @@ class ScenePatches:
     Renders ``t2i`` scene i of ``Generator(seed)`` and prepares it as the BAGEL pipeline prepares ViT images.
     Picklable (grain workers)."""
 
-    def __init__(self, seed: int, rule: img_lib.ResizeRule, patch_size: int, max_patches_per_side: int):
-        self.generator = shapes.Generator(seed)
+    def __init__(self, seed: int, rule: img_lib.ResizeRule, patch_size: int, max_patches_per_side: int,
+                 square: bool = False):
+        self.generator = shapes.Generator(seed, square=square)
         self.rule, self.patch, self.side = rule, patch_size, max_patches_per_side
         self.max_patches = (rule.max_size // patch_size) ** 2
 
@@ -112,7 +113,7 @@ class ScenePatches:
 
 def _scenes(config, seed: int) -> ScenePatches:
     return ScenePatches(seed, img_lib.ResizeRule.from_tuple(config.data.vit_transform), config.model.vit.patch_size,
-                        config.model.vit_max_num_patch_per_side)
+                        config.model.vit_max_num_patch_per_side, config.data.synthetic_square)
 
 
 def make_scene_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -145,7 +146,7 @@ def held_out_scenes(config) -> dict[str, np.ndarray]:
 
 class CellProbe(nn.Module):
     """``SiglipNaViT`` (params under ``vit_model``, the name BAGEL uses) + per-cell mean pooling + two linear heads.
-    ``(patches [B, P, p·p·3], pos, image, cell int32[B, P]) → (shape logits [B, 9, 4], colour logits [B, 9, 7])``."""
+    ``(patches [B, P, p·p·3], pos, image, cell int32[B, P])`` → shape logits [B, 9, 4], colour logits [B, 9, 7]."""
 
     cfg: Any  # the config's ``model`` section
 

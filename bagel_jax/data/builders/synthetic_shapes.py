@@ -1,7 +1,8 @@
 """Synthetic shapes: procedurally generated multimodal data, no download. Deterministic from a seed.
 
 Scenes of up to three coloured shapes (circle, square, triangle; six colours) on a 3×3 grid of positions, rendered
-with PIL and stored as PNG. One split per data kind:
+with PIL and stored as PNG, each side 64–96 px (``square``: width = height, so a grid cell falls on the same latent
+tokens and ViT patches in every image once resized). One split per data kind:
 
 * ``t2i``   an image and captions (objects, colours, counts, positions);
 * ``vlm``   an image and 1–3 question/answer turns about it (count, colour, position), LLaVA format; half of
@@ -17,7 +18,7 @@ It is the default data for the tests, the tiny training run and the notebook. Al
 model trained on every phrase the generator can produce (``tokenizer_path(data_dir)``), 512 ids incl. the special
 tokens, which fits ``configs/tiny.py``.
 
-    python -m bagel_jax.data.builders.synthetic_shapes --data_dir=/tmp/shapes --num_examples=256 [--seed=0]
+    python -m bagel_jax.data.builders.synthetic_shapes --data_dir=/tmp/shapes --num_examples=256 [--seed=0] [--square]
 """
 from __future__ import annotations
 
@@ -106,16 +107,17 @@ def describe(objs: list[Obj]) -> list[str]:
 class Generator:
     """Deterministic example generator: example ``i`` of split ``s`` depends only on (seed, s, i)."""
 
-    def __init__(self, seed: int = 0, min_px: int = 64, max_px: int = 96):
+    def __init__(self, seed: int = 0, min_px: int = 64, max_px: int = 96, square: bool = False):
         if not 8 <= min_px <= max_px:
             raise ValueError(f"need 8 <= min_px <= max_px, got {min_px}, {max_px}")
-        self.seed, self.min_px, self.max_px = seed, min_px, max_px
+        self.seed, self.min_px, self.max_px, self.square = seed, min_px, max_px, square
 
     def rng(self, split: str, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLITS.index(split), i])
 
     def _size(self, rng) -> tuple[int, int]:
-        return int(rng.integers(self.min_px, self.max_px + 1)), int(rng.integers(self.min_px, self.max_px + 1))
+        w = int(rng.integers(self.min_px, self.max_px + 1))
+        return (w, w) if self.square else (w, int(rng.integers(self.min_px, self.max_px + 1)))
 
     def _scene(self, rng, n: int | None = None) -> list[Obj]:
         n = int(rng.integers(1, 4)) if n is None else n
@@ -254,8 +256,9 @@ class SyntheticShapes(common.RecordBuilder):
 
     DESCRIPTION = __doc__
 
-    def __init__(self, *, seed: int = 0, num_examples: int = 256, min_px: int = 64, max_px: int = 96, **kwargs):
-        self.params = dict(seed=seed, num_examples=num_examples, min_px=min_px, max_px=max_px)
+    def __init__(self, *, seed: int = 0, num_examples: int = 256, min_px: int = 64, max_px: int = 96,
+                 square: bool = False, **kwargs):
+        self.params = dict(seed=seed, num_examples=num_examples, min_px=min_px, max_px=max_px, square=square)
         super().__init__(**kwargs)
 
     def _metadata(self):
@@ -266,7 +269,7 @@ class SyntheticShapes(common.RecordBuilder):
 
     def _generate_examples(self, split):
         p = self.params
-        gen = Generator(p["seed"], p["min_px"], p["max_px"])
+        gen = Generator(p["seed"], p["min_px"], p["max_px"], p["square"])
         for i in range(p["num_examples"]):
             yield f"{split}{i:08d}", gen.example(split, i)
 
@@ -276,13 +279,13 @@ def tokenizer_path(data_dir: str) -> str:
 
 
 def build(data_dir: str, num_examples: int = 256, seed: int = 0, min_px: int = 64, max_px: int = 96,
-          vocab_size: int = 512) -> str:
+          vocab_size: int = 512, square: bool = False) -> str:
     """Builds the shapes dataset into ``data_dir`` (ArrayRecord, offline) and its tokenizer; returns data_dir.
 
     Rebuilding into a ``data_dir`` that already holds shapes made with other parameters raises.
     """
     from bagel_jax.data.tokenizer import train_sentencepiece
-    params = dict(seed=seed, num_examples=num_examples, min_px=min_px, max_px=max_px)
+    params = dict(seed=seed, num_examples=num_examples, min_px=min_px, max_px=max_px, square=square)
     try:
         existing = common.dataset_dir(data_dir, NAME)
     except FileNotFoundError:
@@ -290,7 +293,7 @@ def build(data_dir: str, num_examples: int = 256, seed: int = 0, min_px: int = 6
     if existing is not None:
         meta_path = os.path.join(existing, "metadata.json")
         old = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-        if {k: old.get(k) for k in params} != params:
+        if {k: old.get(k, False if k == "square" else None) for k in params} != params:  # older: no "square"
             raise ValueError(f"{existing} holds shapes built with {old}, not {params}; use another data_dir")
     common.build(SyntheticShapes, data_dir, **params)
     tok = tokenizer_path(data_dir)
@@ -307,8 +310,9 @@ def main(argv=None):
     p.add_argument("--min_px", type=int, default=64)
     p.add_argument("--max_px", type=int, default=96)
     p.add_argument("--vocab_size", type=int, default=512)
+    p.add_argument("--square", action="store_true", help="square images (width = height)")
     a = p.parse_args(argv)
-    out = build(a.data_dir, a.num_examples, a.seed, a.min_px, a.max_px, a.vocab_size)
+    out = build(a.data_dir, a.num_examples, a.seed, a.min_px, a.max_px, a.vocab_size, a.square)
     print(f"built {NAME} into {out}; tokenizer {tokenizer_path(out)}")
 
 
