@@ -32,15 +32,16 @@ def tiny_vit_config():
 def test_scene_rows_match_the_pipeline_and_label_every_cell():
     config = tiny_vit_config()
     fn = vit_train._scenes(config, config.data.seed)
-    gen = shapes.Generator(config.data.seed)
+    gen = shapes.Generator(config.data.seed, square=config.data.synthetic_square)
     p, side = config.model.vit.patch_size, config.model.vit_max_num_patch_per_side
+    max_patches = (config.data.vit_transform[0] // p) ** 2  # the longest side fits the rule's max size
     for i in range(6):
         row = fn(i)
         objs, w, h = gen.t2i_scene(i)
         pixels = img_lib.resize(np.asarray(shapes.render(objs, w, h)),
                                 img_lib.ResizeRule.from_tuple(config.data.vit_transform))
         n = (pixels.shape[0] // p) * (pixels.shape[1] // p)
-        assert row["patches"].shape == (64, p * p * 3) and row["image"].sum() == n
+        assert row["patches"].shape == (max_patches, p * p * 3) and row["image"].sum() == n
         np.testing.assert_array_equal(row["patches"][:n], img_lib.patchify(pixels, p))  # what BAGEL's ViT sees
         np.testing.assert_array_equal(row["pos"][:n], img_lib.flattened_position_ids(*pixels.shape[:2], p, side))
         assert set(row["cell"][:n]) == set(range(9))  # every grid cell owns patches
