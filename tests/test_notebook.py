@@ -12,7 +12,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "tiny_reproduction.ipynb")
-CI_SIZE = {"BAGEL_NB_VAE_STEPS": "500", "BAGEL_NB_STEPS": "1000", "BAGEL_NB_EVAL_EXAMPLES": "6"}
+CI_SIZE = {"BAGEL_NB_VAE_STEPS": "500", "BAGEL_NB_VIT_STEPS": "400", "BAGEL_NB_STEPS": "1000",
+           "BAGEL_NB_EVAL_EXAMPLES": "6"}
 
 
 def _outputs(nb) -> str:
@@ -45,6 +46,7 @@ def test_notebook_runs_and_training_beats_untrained(tmp_path, monkeypatch):
     result = json.loads(lines[0][len("RESULT "):])
     print(json.dumps(result, indent=1), file=sys.stderr)
     assert result["bagel_steps"] == int(CI_SIZE["BAGEL_NB_STEPS"])
+    assert result["vit_steps"] == int(CI_SIZE["BAGEL_NB_VIT_STEPS"]) and result["vit_object_acc"] > 0.5
     for name in ("geneval", "vqa"):
         assert result["trained"][f"{name}/overall"] > result["untrained"][f"{name}/overall"], name
     assert 0.0 <= result["trained"]["edit/overall"] <= 1.0
