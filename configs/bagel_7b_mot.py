@@ -2,10 +2,13 @@
 
 Command (plan a pod before paying for it):
   python -m bagel_jax.aot --config=configs/bagel_7b_mot.py --topology=v5p:4x4x4
+  python -m bagel_jax.aot --config=configs/bagel_7b_mot.py:45k --topology=v5p:4x4x4   # 45K-token rows
+  (v6e, 32 GiB chips: configs/bagel_7b_mot_v6e.py)
 Command (train / fine-tune; e.g. the reference's fine-tune recipe):
   python -m bagel_jax.train --config=configs/bagel_7b_mot.py --config.train.lr=2e-5 \
       --config.train.init_from=/ckpt/BAGEL-7B-MoT --workdir=gs://bucket/run
-Expected: 14.14B LLM params (7B active per token), 32K-token rows, per-chip HBM printed by the planner.
+Expected: 14.14B LLM params (7B active per token), 32K-token rows; the planner prints 73.48 GiB per v5p chip
+          (4.26 arguments + 69.22 temporaries; 45k: 73.95), see the README's AOT table.
 """
 from bagel_jax.config import base_config
 
@@ -20,9 +23,12 @@ def get_config(arg=None):
                    dtype="bfloat16", remat="full")
     c.model.vae.update(encode_scan=True)  # one image slot at a time: 3.4 instead of 28 GiB for 12 × 1024² per row
     c.model.vit.update(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, patch_size=14)
-    # und ≈ 35% of the row fits the reference's t2i/vlm/edit mix (benchmarks/pack_fill.py: 97.4% fill);
-    # for 45K rows use seq_len=45056, und_len=15872, gen_len=29184, max_vae_images=16.
+    # und ≈ 35% of the row fits the reference's t2i/vlm/edit mix (benchmarks/pack_fill.py: 97.4% fill; 45K: 97.8%)
     c.data.update(seq_len=32768, und_len=11520, gen_len=21248, max_vit_patches=11520, max_vae_images=12,
                   vae_image_size=(1024, 1024), batch_size=64)
+    if arg == "45k":
+        c.data.update(seq_len=45056, und_len=15872, gen_len=29184, max_vit_patches=15872, max_vae_images=16)
+    elif arg not in (None, "", "32k"):
+        raise ValueError(f"configs/bagel_7b_mot.py: unknown row length {arg!r} (use 32k or 45k)")
     c.parallel.update(data=1, fsdp=-1, tensor=1)
     return c

@@ -121,3 +121,16 @@ def test_base_config_is_release():
     c = base_config()
     assert (c.model.hidden_size, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads) == (3584, 28, 28, 4)
     validate(c)
+
+
+def test_release_config_row_lengths_and_v6e_plan():
+    from bagel_jax.launch_utils import load_config
+    release = str(CONFIG_DIR / "bagel_7b_mot.py")
+    short, long = load_config(release), load_config(release + ":45k")
+    assert (short.data.seq_len, long.data.seq_len, long.data.und_len + long.data.gen_len) == (32768, 45056, 45056)
+    assert long.data.max_vae_images == 16 and long.model.to_dict() == short.model.to_dict()
+    with pytest.raises(ValueError, match="64k"):
+        load_config(release + ":64k")
+    v6e = load_config(str(CONFIG_DIR / "bagel_7b_mot_v6e.py") + ":45k")
+    validate(v6e)
+    assert (v6e.parallel.tensor, v6e.model.scan_layers, v6e.data.seq_len) == (2, True, 45056)

@@ -1,0 +1,26 @@
+"""BAGEL-7B-MoT on TPU v6e (32 GiB per chip): one packed row per two chips.
+
+Command (plan):
+  python -m bagel_jax.aot --config=configs/bagel_7b_mot_v6e.py --topology=v6e:8x8 --step_time=10
+  python -m bagel_jax.aot --config=configs/bagel_7b_mot_v6e.py:45k --topology=v6e:8x8 --step_time=10
+Expected: mesh fsdp 32 × tensor 2; per chip 4.24 GiB arguments + 16.85 GiB temporaries = 21.09 GiB (45k:
+          4.30 + 17.79 = 22.09 GiB) of 31.25 GiB → fits; compile 13 min (45k: 26 min) on a 2-core host.
+Why:      with one 32K row per chip (configs/bagel_7b_mot.py) the row's own activations (MLP intermediates, f32
+          cross-entropy chunks, the gathered LM head) need ~37 GB of temporaries; tensor=2 splits heads, MLP and
+          vocabulary over a chip pair. The batch is 32 rows on 64 chips: set data.batch_size = chips / 2.
+          model.scan_layers scans the 28 decoder layers (compile 2-13 instead of 15-18 min; XLA then counts one
+          layer's FLOPs, so read MFU from the BAGEL formula).
+"""
+import os
+
+from bagel_jax.launch_utils import load_config
+
+
+def get_config(arg=None):
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bagel_7b_mot.py")
+    c = load_config(f"{base}:{arg}" if arg else base)
+    c.name = "bagel_7b_mot_v6e"
+    c.model.scan_layers = True
+    c.parallel.update(fsdp=-1, tensor=2)
+    c.data.batch_size = 32
+    return c
