@@ -2,14 +2,15 @@
 
 Commands (2 CPU cores; README "Reproduce at small scale"):
   python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=/tmp/tiny_vae        # ~20 min
+  python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~1 min
   python -m bagel_jax.train --config=configs/tiny_repro.py --workdir=/tmp/bagel_repro \\
-      --config.model.vae.init_from=/tmp/tiny_vae
+      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~55 min
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro                    # trained (EMA) scores
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --params=untrained   # the step-0 baseline
 Expected: see the README's table (shapes-GenEval overall, shapes-VQA, shapes-edit; trained vs untrained)
           and wall time; the evals below also run during training and land in metrics.jsonl / TensorBoard.
-Model:    4 MoT layers, hidden 128 (4 heads, 2 KV heads), ViT 3 layers × 64; the tiny VAE's 8× latents,
-          2×2 patches: a 64 px image is 16 generation tokens.
+Model:    4 MoT layers, hidden 128 (4 heads, 2 KV heads), ViT 3 layers × 64 (pretrained by the ViT stage); the
+          tiny VAE's 8× latents, 2×2 patches: a 64 px image is 16 generation tokens.
 """
 import os
 

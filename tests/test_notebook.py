@@ -12,8 +12,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "tiny_reproduction.ipynb")
-CI_SIZE = {"BAGEL_NB_VAE_STEPS": "500", "BAGEL_NB_VIT_STEPS": "400", "BAGEL_NB_STEPS": "1000",
-           "BAGEL_NB_EVAL_EXAMPLES": "6"}
+CI_SIZE = {"BAGEL_NB_VAE_STEPS": "800", "BAGEL_NB_VIT_STEPS": "300", "BAGEL_NB_STEPS": "1000",
+           "BAGEL_NB_EVAL_EXAMPLES": "8"}
 
 
 def _outputs(nb) -> str:
