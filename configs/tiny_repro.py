@@ -25,7 +25,7 @@ def get_config(arg=None):
     c.data.update(batch_size=4, synthetic_examples=20000, mixture=dict(t2i=1.0, vlm=1.0, edit=0.25, video=0.0,
                                                                          web=0.0),
                   synthetic_square=True,  # a grid cell is the same latent tokens / ViT patches in every image
-                  vit_transform=(84, 42, 14))  # 6×6 patches: 2×2 per grid cell
+                  vit_transform=(84, 84, 14))  # every image 84 px: 6×6 patches, 2×2 per grid cell
     c.train.update(steps=4000, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, ema_decay=0.995,
                    log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=1000)
     c.evals.geneval = dict(type="shapes_geneval", num_examples=8, every=1000, square=True)
