@@ -4,13 +4,14 @@ Commands (2 CPU cores; README "Reproduce at small scale"):
   python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=/tmp/tiny_vae        # ~20 min
   python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~1 min
   python -m bagel_jax.train --config=configs/tiny_repro.py --workdir=/tmp/bagel_repro \\
-      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~55 min
+      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~45 min
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro                    # trained (EMA) scores
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --params=untrained   # the step-0 baseline
 Expected: see the README's table (shapes-GenEval overall, shapes-VQA, shapes-edit; trained vs untrained)
           and wall time; the evals below also run during training and land in metrics.jsonl / TensorBoard.
 Model:    4 MoT layers, hidden 128 (4 heads, 2 KV heads), ViT 3 layers × 64 (pretrained by the ViT stage); the
-          tiny VAE's 8× latents, 2×2 patches: a 64 px image is 16 generation tokens.
+          tiny VAE's 8× latents, 2×2 patches. One token per grid cell on both sides (docs/DESIGN_NOTES.md 17): a
+          scene is 3×3 ViT patches (42 px) and 3×3 generation tokens (48 px).
 """
 import os
 
@@ -22,10 +23,12 @@ def get_config(arg=None):
     c.name = "tiny_repro"
     c.model.update(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2)
     c.model.vit.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2)
-    c.data.update(batch_size=4, synthetic_examples=20000, mixture=dict(t2i=1.0, vlm=1.0, edit=0.25, video=0.0,
+    c.data.update(batch_size=4, synthetic_examples=20000, mixture=dict(t2i=2.0, vlm=1.0, edit=0.5, video=0.0,
                                                                          web=0.0),
                   synthetic_square=True,  # a grid cell is the same latent tokens / ViT patches in every image
-                  vit_transform=(84, 84, 14))  # every image 84 px: 6×6 patches, 2×2 per grid cell
+                  # one token per grid cell: every image 42 px for the ViT (3×3 patches of 14 px) and 48 px for
+                  # the VAE (6×6 latents, 2×2 latent patches: 3×3 generation tokens of 16 px)
+                  vit_transform=(42, 42, 14), vae_transform=(48, 48, 16), vae_image_size=(48, 48))
     c.train.update(steps=4000, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, ema_decay=0.995,
                    log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=1000)
     c.evals.geneval = dict(type="shapes_geneval", num_examples=8, every=1000, square=True)

@@ -1,8 +1,8 @@
 """notebooks/tiny_reproduction.ipynb runs end to end at reduced size, and training beats the untrained model.
 
-The notebook itself asserts trained > untrained on shapes-GenEval and shapes-VQA (shapes-edit is printed: the
-tiny model does not learn to edit at this scale yet, see the README); this test runs it in a fresh kernel
-(nbclient) with the reduced step counts below and checks the scores it printed.
+The notebook itself asserts trained > untrained on shapes-GenEval and shapes-VQA (shapes-edit is printed: at this
+reduced size no edit is scored right yet, see the README); this test runs it in a fresh kernel (nbclient) with the
+reduced step counts below and checks the scores it printed.
 """
 import json
 import os
