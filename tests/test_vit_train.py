@@ -29,8 +29,10 @@ def tiny_vit_config():
     return c
 
 
-def test_scene_rows_match_the_pipeline_and_label_every_cell():
+@pytest.mark.parametrize("interpolate_pos", [False, True])
+def test_scene_rows_match_the_pipeline_and_label_every_cell(interpolate_pos):
     config = tiny_vit_config()
+    config.model.interpolate_pos = interpolate_pos  # the position ids follow the model's rule, as in BAGEL's rows
     fn = vit_train._scenes(config, config.data.seed)
     gen = shapes.Generator(config.data.seed, square=config.data.synthetic_square)
     p, side = config.model.vit.patch_size, config.model.vit_max_num_patch_per_side
@@ -43,7 +45,8 @@ def test_scene_rows_match_the_pipeline_and_label_every_cell():
         n = (pixels.shape[0] // p) * (pixels.shape[1] // p)
         assert row["patches"].shape == (max_patches, p * p * 3) and row["image"].sum() == n
         np.testing.assert_array_equal(row["patches"][:n], img_lib.patchify(pixels, p))  # what BAGEL's ViT sees
-        np.testing.assert_array_equal(row["pos"][:n], img_lib.flattened_position_ids(*pixels.shape[:2], p, side))
+        np.testing.assert_array_equal(row["pos"][:n], img_lib.flattened_position_ids(*pixels.shape[:2], p, side,
+                                                                                     interpolate_pos))
         assert set(row["cell"][:n]) == set(range(9))  # every grid cell owns patches
         for o in objs:  # the object's colour dominates the non-background pixels of its cell's patches
             shape_ids, color_ids = shapes.cell_labels(objs)

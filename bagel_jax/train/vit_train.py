@@ -87,9 +87,10 @@ class ScenePatches:
     Picklable (grain workers)."""
 
     def __init__(self, seed: int, rule: img_lib.ResizeRule, patch_size: int, max_patches_per_side: int,
-                 square: bool = False):
+                 square: bool = False, interpolate_pos: bool = False):
         self.generator = shapes.Generator(seed, square=square)
         self.rule, self.patch, self.side = rule, patch_size, max_patches_per_side
+        self.interpolate_pos = interpolate_pos
         self.max_patches = (rule.max_size // patch_size) ** 2
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
@@ -106,14 +107,16 @@ class ScenePatches:
 
         shape_ids, color_ids = shapes.cell_labels(objs)
         return dict(patches=pad(img_lib.patchify(pixels, p)),
-                    pos=pad(img_lib.flattened_position_ids(pixels.shape[0], pixels.shape[1], p, self.side)),
+                    pos=pad(img_lib.flattened_position_ids(pixels.shape[0], pixels.shape[1], p, self.side,
+                                                                  self.interpolate_pos)),
                     image=pad(np.ones(n, np.int32)), cell=pad(cell.astype(np.int32)), shape=shape_ids,
                     color=color_ids)
 
 
 def _scenes(config, seed: int) -> ScenePatches:
     return ScenePatches(seed, img_lib.ResizeRule.from_tuple(config.data.vit_transform), config.model.vit.patch_size,
-                        config.model.vit_max_num_patch_per_side, config.data.synthetic_square)
+                        config.model.vit_max_num_patch_per_side, config.data.synthetic_square,
+                        config.model.interpolate_pos)
 
 
 def make_scene_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
