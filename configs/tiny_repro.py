@@ -11,7 +11,9 @@ Expected: see the README's table (shapes-GenEval overall, shapes-VQA, shapes-edi
           and wall time; the evals below also run during training and land in metrics.jsonl / TensorBoard.
 Model:    4 MoT layers, hidden 128 (4 heads, 2 KV heads), ViT 3 layers × 64 (pretrained by the ViT stage); the
           tiny VAE's 8× latents, 2×2 patches. One token per grid cell on both sides (docs/DESIGN_NOTES.md 17): a
-          scene is 3×3 ViT patches (42 px) and 3×3 generation tokens (48 px).
+          scene is 3×3 ViT patches (42 px) and 3×3 generation tokens (48 px). Interpolated position ids on 16-wide
+          tables (note 18): the three cells of a side are ids 0, 5, 10, far enough apart in the sin-cos tables for
+          the model to tell positions apart.
 """
 import os
 
@@ -21,8 +23,11 @@ from bagel_jax.launch_utils import load_config
 def get_config(arg=None):
     c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_shapes.py"))
     c.name = "tiny_repro"
-    c.model.update(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2)
-    c.model.vit.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2)
+    # interpolated position ids on a 16-wide table (docs/DESIGN_NOTES.md 18): the 3 tokens of a side get ids 0, 5, 10
+    # of the fixed sin-cos tables, not 0, 1, 2, whose vectors are nearly equal (cosine 0.88–0.98)
+    c.model.update(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
+                   interpolate_pos=True, max_latent_size=16, vit_max_num_patch_per_side=16)
+    c.model.vit.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2, num_positions=256)
     c.data.update(batch_size=4, synthetic_examples=20000, mixture=dict(t2i=2.0, vlm=1.0, edit=0.5, video=0.0,
                                                                          web=0.0),
                   synthetic_square=True,  # a grid cell is the same latent tokens / ViT patches in every image

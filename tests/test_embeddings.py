@@ -1,6 +1,7 @@
 """Embeddings: timestep features and 2-D sin-cos table against the reference formulas (float64 numpy),
 the modules against torch written from the reference."""
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from bagel_jax.data.images import flattened_position_ids
+from bagel_jax.launch_utils import load_config
 from bagel_jax.model.embeddings import (Connector, PositionEmbedding, TimestepEmbedder, sincos_2d_table,
                                         timestep_embedding)
 
@@ -97,3 +100,18 @@ def test_connector_matches_torch_formula():
     _load_dense(params, "fc2", fc2)
     got = Connector(40).apply({"params": params}, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tiny_repro_cells_get_distinct_position_vectors():
+    """configs/tiny_repro.py (DESIGN_NOTES 18): the 3×3 cells' position vectors, as its rows and its ViT stage
+    index them, are far apart; the extrapolated ids 0, 1, 2 of BAGEL's default rule are nearly one vector."""
+    m = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny_repro.py")).model
+
+    def max_cosine(n, interpolate):
+        e = sincos_2d_table(m.hidden_size, n)[flattened_position_ids(3, 3, 1, n, interpolate)]
+        e = e / np.linalg.norm(e, axis=1, keepdims=True)
+        return (e @ e.T - 2 * np.eye(9)).max()
+
+    assert m.interpolate_pos and m.max_latent_size == m.vit_max_num_patch_per_side
+    assert max_cosine(m.max_latent_size, True) < 0.9
+    assert max_cosine(m.max_latent_size, False) > 0.95  # what it replaced
