@@ -108,7 +108,7 @@ class ScenePatches:
         shape_ids, color_ids = shapes.cell_labels(objs)
         return dict(patches=pad(img_lib.patchify(pixels, p)),
                     pos=pad(img_lib.flattened_position_ids(pixels.shape[0], pixels.shape[1], p, self.side,
-                                                                  self.interpolate_pos)),
+                                                           self.interpolate_pos)),
                     image=pad(np.ones(n, np.int32)), cell=pad(cell.astype(np.int32)), shape=shape_ids,
                     color=color_ids)
 
