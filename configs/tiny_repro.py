@@ -5,8 +5,9 @@ Commands (2 CPU cores; README "Reproduce at small scale"):
   python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~1 min
   python -m bagel_jax.train --config=configs/tiny_repro.py --workdir=/tmp/bagel_repro \\
       --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~45 min
-  python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro                    # trained (EMA) scores
-  python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --params=untrained   # the step-0 baseline
+  python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --config=configs/tiny_repro.py:report  # trained (EMA)
+  python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --config=configs/tiny_repro.py:report \
+      --params=untrained                                                        # the step-0 baseline
 Expected: see the README's table (shapes-GenEval overall, shapes-VQA, shapes-edit; trained vs untrained)
           and wall time; the evals below also run during training and land in metrics.jsonl / TensorBoard.
 Model:    4 MoT layers, hidden 128 (4 heads, 2 KV heads), ViT 3 layers × 64 (pretrained by the ViT stage); the
@@ -36,7 +37,14 @@ def get_config(arg=None):
                   vit_transform=(42, 42, 14), vae_transform=(48, 48, 16), vae_image_size=(48, 48))
     c.train.update(steps=4000, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, ema_decay=0.995,
                    log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=1000)
-    c.evals.geneval = dict(type="shapes_geneval", num_examples=8, every=1000, square=True)
-    c.evals.vqa = dict(type="shapes_vqa", num_examples=48, every=1000, square=True)
-    c.evals.edit = dict(type="shapes_edit", num_examples=16, every=2000, square=True)
+    if arg in (None, ""):  # in-run held-out sets: small, for a trend every 1000 steps
+        c.evals.geneval = dict(type="shapes_geneval", num_examples=8, every=1000, square=True)
+        c.evals.vqa = dict(type="shapes_vqa", num_examples=48, every=1000, square=True)
+        c.evals.edit = dict(type="shapes_edit", num_examples=16, every=2000, square=True)
+    elif arg == "report":  # the README's numbers: GenEval 16 prompts per category × 4 images (as GenEval), VQA 144
+        c.evals.geneval = dict(type="shapes_geneval", num_examples=16, samples_per_prompt=4, every=0, square=True)
+        c.evals.vqa = dict(type="shapes_vqa", num_examples=144, every=0, square=True)
+        c.evals.edit = dict(type="shapes_edit", num_examples=48, every=0, square=True)
+    else:
+        raise ValueError(f"configs/tiny_repro.py: unknown argument {arg!r} (none, or 'report' for the README's evals)")
     return c

@@ -134,3 +134,19 @@ def test_release_config_row_lengths_and_v6e_plan():
     v6e = load_config(str(CONFIG_DIR / "bagel_7b_mot_v6e.py") + ":45k")
     validate(v6e)
     assert (v6e.parallel.tensor, v6e.model.scan_layers, v6e.data.seq_len) == (2, True, 45056)
+
+
+def test_tiny_repro_report_evals():
+    """configs/tiny_repro.py:report: the README's held-out sets (GenEval 16 prompts per category × 4 images), the same
+    model and data as the training config; builds its evaluators; an unknown argument names the file."""
+    from bagel_jax.eval import runner
+    from bagel_jax.launch_utils import load_config
+    path = str(CONFIG_DIR / "tiny_repro.py")
+    train, report = load_config(path), load_config(path + ":report")
+    validate(report)
+    assert report.model.to_dict() == train.model.to_dict() and report.data.to_dict() == train.data.to_dict()
+    evaluators = runner.build_evaluators(report.evals)
+    assert len(evaluators["geneval"].evaluator.samples) == 6 * 16 * 4 and not any(
+        s.every for s in evaluators.values())
+    with pytest.raises(ValueError, match="tiny_repro.py: unknown argument 'big'"):
+        load_config(path + ":big")

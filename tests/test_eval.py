@@ -212,6 +212,33 @@ def test_geneval_oracle_scores_one(gen_eval):
     assert scores == {**{c: 1.0 for c in geneval.CATEGORIES}, "overall": 1.0}
 
 
+def test_geneval_samples_get_their_own_seeds():
+    """Every image of a run gets its own sampling seed (not one shared key), stable when more examples are drawn,
+    and a category's accuracy is the mean over all of its images (GenEval's 4 images per prompt)."""
+    ev = geneval.ShapesGenEval(num_examples=3, seed=5, samples_per_prompt=4)
+    assert len(ev.samples) == 3 * 6 * 4
+    assert [e for e, _ in ev.samples[::4]] == ev.examples
+    seeds = [s for _, s in ev.samples]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2 ** 31 for s in seeds)
+    bigger = geneval.ShapesGenEval(num_examples=5, seed=5, samples_per_prompt=4)
+    assert set(seeds) < {s for _, s in bigger.samples}
+    assert not set(seeds) & {s for _, s in geneval.ShapesGenEval(num_examples=3, seed=6, samples_per_prompt=4).samples}
+
+    calls = []
+
+    def right_for_the_first_sample(prompt, seed):  # the second..fourth image of each prompt is blank
+        calls.append((prompt, seed))
+        e = next(e for e, s in ev.samples if s == seed)
+        return _render(e, e.objects if (len(calls) - 1) % 4 == 0 else [])
+    s = ev.run(right_for_the_first_sample)
+    assert calls == [(e.prompt, seed) for e, seed in ev.samples]
+    assert s == {**{c: 0.25 for c in geneval.CATEGORIES}, "overall": 0.25}
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        geneval.ShapesGenEval(num_examples=1, samples_per_prompt=0)
+    with pytest.raises(ValueError, match="one per sample"):
+        ev.score([np.zeros((8, 8, 3), np.uint8)] * len(ev.examples))
+
+
 def test_geneval_adversaries_fail_their_category(gen_eval):
     exs = gen_eval.examples
 
@@ -357,8 +384,11 @@ def test_edit_scoring(edit_eval):
     fns = runner.ground_truth_fns(None, {"e": runner.Scheduled("e", "shapes_edit", edit_eval, 0)})
     assert edit_eval.run(fns["edit_fn"]) == {"edit_success": 1.0, "preservation": 1.0, "overall": 1.0,
                                              **{op: 1.0 for op in edit.OPS}}
+    seen = []
+    edit_eval.run(lambda image, instruction, seed: seen.append(seed) or image)
+    assert seen == edit_eval.seeds and len(set(seen)) == len(exs)  # each edit samples its own noise
     # doing nothing preserves everything and edits nothing
-    s = edit_eval.run(lambda image, instruction: image)
+    s = edit_eval.run(lambda image, instruction, seed: image)
     assert s["edit_success"] == 0.0 and s["preservation"] == 1.0 and s["overall"] == 0.0
 
     def render(e, objs):

@@ -24,6 +24,7 @@ from bagel_jax.eval import canvas, detector
 
 OPS = ("recolor", "move", "add", "remove")
 _SALT = 0xED17
+_NOISE_SALT = 0xED18  # the edited images' sampling seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +106,8 @@ def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: in
 
 
 class ShapesEdit:
-    """Evaluator: ``run(edit_fn)`` with ``edit_fn(image: uint8 [H, W, 3], instruction: str) -> image``
+    """Evaluator: ``run(edit_fn)`` with ``edit_fn(image: uint8 [H, W, 3], instruction: str, seed: int) -> image``
+    (``seed`` picks the sampling noise, its own per example: ``canvas.noise_seed``)
     → {"edit_success", "preservation", "overall", and "overall" per op as "recolor", "move", "add", "remove"}."""
 
     fn_name = "edit_fn"
@@ -113,6 +115,7 @@ class ShapesEdit:
     def __init__(self, num_examples: int = 32, seed: int = 0, min_px: int = 64, max_px: int = 96,
                  square: bool = False):
         self.examples = make_examples(num_examples, seed, min_px, max_px, square)
+        self.seeds = [canvas.noise_seed(seed, _NOISE_SALT, i) for i in range(num_examples)]
 
     def judge(self, images) -> list[tuple[bool, bool]]:
         images = list(images)
@@ -131,5 +134,5 @@ class ShapesEdit:
                 out[op] = float(np.mean(hits))
         return out
 
-    def run(self, edit_fn: Callable[[np.ndarray, str], object]) -> dict[str, float]:
-        return self.score([edit_fn(e.render(), e.instruction) for e in self.examples])
+    def run(self, edit_fn: Callable[[np.ndarray, str, int], object]) -> dict[str, float]:
+        return self.score([edit_fn(e.render(), e.instruction, noise) for e, noise in zip(self.examples, self.seeds)])

@@ -93,8 +93,15 @@ MAX_ANSWER_TOKENS = 32  # shapes-VQA answers are ~10 tokens; an untrained model 
 
 
 def inferencer_fns(inf, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
-    """The evaluators' callables from an ``Inferencer`` (answers capped at ``max_answer_tokens`` fed tokens)."""
+    """The evaluators' callables from an ``Inferencer`` (answers capped at ``max_answer_tokens`` fed tokens; an
+    image's ``seed`` is its sampling key, ``jax.random.key(seed)``)."""
+    def generate_fn(prompt, seed):
+        return inf.generate(prompt, rng=jax.random.key(seed))
+
     def answer_fn(image, question):
         return inf.answer(image, question, max_length=max_answer_tokens)
 
-    return {"generate_fn": inf.generate, "answer_fn": answer_fn, "edit_fn": inf.edit}
+    def edit_fn(image, instruction, seed):
+        return inf.edit(image, instruction, rng=jax.random.key(seed))
+
+    return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}

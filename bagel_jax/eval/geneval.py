@@ -26,6 +26,9 @@ untrained model, whose images are colour blobs the detector reads as many shapes
 checks by chance (it scored 1.0 on single and two objects). Position is absolute (the captions name grid cells), where GenEval's prompts are
 relative. Prompts are drawn from a random stream separate from the builder's (a different salt), and
 ``exclude`` (e.g. every training caption) removes prompts outright.
+
+Like GenEval (4 images per prompt), ``samples_per_prompt`` images are generated per prompt, each from its own
+sampling seed (``canvas.noise_seed``), and a category's accuracy is the mean over all of its images.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from bagel_jax.eval import canvas, detector
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 _SALT = 0x6E5E  # separates this stream from the builder's (which seeds with [seed, split, i])
+_NOISE_SALT = 0x6E5F  # the images' sampling seeds
 _MAX_DRAWS = 1000
 
 
@@ -153,32 +157,41 @@ def aggregate(categories: Sequence[str], correct: Sequence[bool]) -> dict[str, f
 
 
 class ShapesGenEval:
-    """Evaluator: ``run(generate_fn)`` with ``generate_fn(prompt: str) -> image`` (PIL or [H, W, 3] uint8 /
-    float in [0, 1]) → {category: accuracy, ..., "overall": mean}. ``num_examples`` is per category;
-    ``no_extras=False`` drops the whole-scene rule and scores exactly like GenEval's requirements; ``square`` draws
-    the reference scenes square (``render``; the generated images are whatever ``generate_fn`` makes)."""
+    """Evaluator: ``run(generate_fn)`` with ``generate_fn(prompt: str, seed: int) -> image`` (PIL or [H, W, 3]
+    uint8 / float in [0, 1]; ``seed`` picks the sampling noise) → {category: accuracy, ..., "overall": mean}.
+    ``num_examples`` is per category, ``samples_per_prompt`` images per prompt (GenEval: 4); ``no_extras=False``
+    drops the whole-scene rule and scores exactly like GenEval's requirements; ``square`` draws the reference scenes
+    square (``render``; the generated images are whatever ``generate_fn`` makes)."""
 
     fn_name = "generate_fn"
 
     def __init__(self, num_examples: int = 16, seed: int = 0, categories: Sequence[str] = CATEGORIES,
                  exclude: Iterable[str] = (), min_px: int = 64, max_px: int = 96, square: bool = False,
-                 no_extras: bool = True):
+                 no_extras: bool = True, samples_per_prompt: int = 1):
+        if samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt: must be >= 1, got {samples_per_prompt}")
         examples = make_examples(num_examples, seed, tuple(categories), exclude, min_px, max_px, square)
         self.examples = [dataclasses.replace(e, no_extras=no_extras) for e in examples]
+        per_category = {}
+        self.samples: list[tuple[GenExample, int]] = []  # (example, sampling seed) per image, example-major
+        for e in self.examples:
+            i = per_category[e.category] = per_category.get(e.category, -1) + 1
+            self.samples += [(e, canvas.noise_seed(seed, _NOISE_SALT, CATEGORIES.index(e.category), i, k))
+                             for k in range(samples_per_prompt)]
 
     @property
     def prompts(self) -> list[str]:
         return [e.prompt for e in self.examples]
 
     def judge(self, images) -> list[bool]:
-        """Correctness of each example given its image (same order as ``examples``)."""
+        """Correctness of each image (same order as ``samples``)."""
         images = list(images)
-        if len(images) != len(self.examples):
-            raise ValueError(f"images: expected {len(self.examples)} (one per example), got {len(images)}")
-        return [e.correct(detector.detect_objects(img)) for e, img in zip(self.examples, images)]
+        if len(images) != len(self.samples):
+            raise ValueError(f"images: expected {len(self.samples)} (one per sample), got {len(images)}")
+        return [e.correct(detector.detect_objects(img)) for (e, _), img in zip(self.samples, images)]
 
     def score(self, images) -> dict[str, float]:
-        return aggregate([e.category for e in self.examples], self.judge(images))
+        return aggregate([e.category for e, _ in self.samples], self.judge(images))
 
-    def run(self, generate_fn: Callable[[str], object]) -> dict[str, float]:
-        return self.score([generate_fn(e.prompt) for e in self.examples])
+    def run(self, generate_fn: Callable[[str, int], object]) -> dict[str, float]:
+        return self.score([generate_fn(e.prompt, noise) for e, noise in self.samples])

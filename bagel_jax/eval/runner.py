@@ -8,8 +8,9 @@
 
 ``type`` picks the class in ``EVALUATORS``; ``every`` is the step period in training (0 = never); every other
 key is passed to the class (unknown keys fail with the dotted key). Each evaluator consumes one callable,
-named by its ``fn_name``: ``generate_fn(prompt) -> image``, ``answer_fn(image, question) -> str`` or
-``edit_fn(image, instruction) -> image``; ``run_evals`` returns ``{f"{name}/{metric}": value}``.
+named by its ``fn_name``: ``generate_fn(prompt, seed) -> image``, ``answer_fn(image, question) -> str`` or
+``edit_fn(image, instruction, seed) -> image`` (``seed``: the image's own sampling seed, so images are independent
+draws); ``run_evals`` returns ``{f"{name}/{metric}": value}``.
 
 Standalone::
 
@@ -149,13 +150,15 @@ def ground_truth_fns(config, evaluators: Mapping[str, Scheduled]) -> dict[str, C
             elif isinstance(ev, edit.ShapesEdit):
                 edits[_key(e.render(), e.instruction)] = e
 
-    def generate_fn(prompt):
+    def generate_fn(prompt, seed):
+        del seed
         return prompts[prompt].render()
 
     def answer_fn(image, question):
         return answers[_key(image, question)]
 
-    def edit_fn(image, instruction):
+    def edit_fn(image, instruction, seed):
+        del seed
         return edits[_key(image, instruction)].render("target")
 
     return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}

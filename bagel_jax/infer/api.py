@@ -85,7 +85,7 @@ class Inferencer:
 
     def generate(self, prompt: str, hw: tuple[int, int] | None = None, *, num_timesteps: int = 50,
                  timestep_shift: float = 3.0, rng=None, **cfg_kw) -> np.ndarray:
-        """Text-to-image: uint8 [H, W, 3] (``generate_fn`` of shapes-GenEval). ``hw`` defaults to the VAE
+        """Text-to-image: uint8 [H, W, 3] (behind ``generate_fn`` of shapes-GenEval). ``hw`` defaults to the VAE
         rule's max side, square."""
         side = self.vae_rule.max_size
         return self._sample([prompt], hw or (side, side), num_timesteps=num_timesteps,
@@ -93,6 +93,6 @@ class Inferencer:
 
     def edit(self, image, instruction: str, *, num_timesteps: int = 50, timestep_shift: float = 3.0, rng=None,
              **cfg_kw) -> np.ndarray:
-        """Editing: uint8 [H, W, 3] at the VAE-resized input size (``edit_fn`` of shapes-edit)."""
+        """Editing: uint8 [H, W, 3] at the VAE-resized input size (behind ``edit_fn`` of shapes-edit)."""
         return self._sample([np.asarray(image, np.uint8), instruction], None, num_timesteps=num_timesteps,
                             timestep_shift=timestep_shift, rng=rng, **{**EDIT_DEFAULTS, **cfg_kw})
