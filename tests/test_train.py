@@ -138,6 +138,25 @@ def _train(workdir, steps, devices=None, **parallel):
     return metrics(str(workdir))
 
 
+def test_a_failing_eval_loses_no_training(tmp_path, monkeypatch):
+    """The step's checkpoint is written (and finished) before its evals run: an eval that raises stops the run
+    with that step on disk, readable."""
+    from bagel_jax.eval import runner
+    from bagel_jax.train.train import train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("eval broke")
+    monkeypatch.setattr(runner, "run_evals", broken)
+    c = tiny_shapes(steps=4, checkpoint_every=2)
+    c.data.synthetic_examples = 40
+    c.evals = dict(vqa=dict(type="shapes_vqa", num_examples=1, every=2))
+    with pytest.raises(RuntimeError, match="eval broke"):
+        train(c, str(tmp_path), devices=jax.devices()[:1])
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    assert [r["step"] for r in metrics(str(tmp_path))] == [1, 2]
+    assert int(saved_params(tmp_path, 2)["step"]) == 2
+
+
 @pytest.mark.slow
 def test_resume_is_bitwise(tmp_path):
     """6 steps straight vs 3 steps, stop, resume (params, optimizer, EMA, RNG, data iterator), 3 more."""

@@ -84,20 +84,20 @@ class Evals:
     """big_vision-style ``config.evals`` run on the EMA params at each evaluator's ``every``."""
 
     def __init__(self, model, config):
-        from bagel_jax.eval.runner import build_evaluators
+        # imported now, not at the first due step: a run picks up one version of the eval code, all of it
+        from bagel_jax.eval import from_workdir, runner
+        from bagel_jax.infer.api import Inferencer
+        self._fns, self._run, self._inferencer = from_workdir.inferencer_fns, runner.run_evals, Inferencer
         self.model, self.config = model, config
-        self.evaluators = build_evaluators(config.evals) if len(config.evals) else {}
+        self.evaluators = runner.build_evaluators(config.evals) if len(config.evals) else {}
         self.tokenizer = tokenizer_from_config(config) if self.evaluators else None
 
     def __call__(self, step: int, params, logger: MetricsLogger) -> None:
         due = {k: e for k, e in self.evaluators.items() if e.due(step)}
         if not due:
             return
-        from bagel_jax.eval.from_workdir import inferencer_fns
-        from bagel_jax.eval.runner import run_evals
-        from bagel_jax.infer.api import Inferencer
-        inf = Inferencer(self.model, jax.device_get(params), self.tokenizer, self.config.data)
-        scores = run_evals(due, step=step, **inferencer_fns(inf))
+        inf = self._inferencer(self.model, jax.device_get(params), self.tokenizer, self.config.data)
+        scores = self._run(due, step=step, **self._fns(inf))
         logger.write_scalars(step, {f"eval/{k}": float(v) for k, v in scores.items()})
 
 
@@ -139,26 +139,28 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     logging.info("training %s from step %d to %d on mesh %s", config.name, start, config.train.steps,
                  dict(mesh.shape))
 
-    for step in range(start + 1, config.train.steps + 1):
-        batch = shard_batch(next(data), mesh, rules)
-        state, metrics = train_step(state, batch)
-        log_now = step % max(int(config.train.log_every), 1) == 0
-        scalars = logger.step(step, metrics, extra=data.metrics() if log_now else None)
-        if scalars is not None:
-            last = scalars
-            nonfinite = check_finite(scalars, config, nonfinite)
-        if sampler.due(step):
-            sampler(step, state.ema_params, logger)
-        evals(step, state.ema_params, logger)
-        final = step == config.train.steps
-        stop = ckpt.stop_requested(step)
-        if final or stop or step % config.train.checkpoint_every == 0:
-            ckpt.save(step, state, data.get_state())
-        if stop and not final:
-            logging.warning("stop requested (SIGTERM): saved step %d, exiting", step)
-            break
-    logger.close()
-    ckpt.close()
+    try:  # an exception (a failing eval, a halt on NaN) still finishes the asynchronous checkpoint writes
+        for step in range(start + 1, config.train.steps + 1):
+            batch = shard_batch(next(data), mesh, rules)
+            state, metrics = train_step(state, batch)
+            log_now = step % max(int(config.train.log_every), 1) == 0
+            scalars = logger.step(step, metrics, extra=data.metrics() if log_now else None)
+            if scalars is not None:
+                last = scalars
+                nonfinite = check_finite(scalars, config, nonfinite)
+            final = step == config.train.steps
+            stop = ckpt.stop_requested(step)
+            if final or stop or step % config.train.checkpoint_every == 0:  # before samples and evals: if one of
+                ckpt.save(step, state, data.get_state())                     # them fails, no training is lost
+            if stop and not final:
+                logging.warning("stop requested (SIGTERM): saved step %d, exiting", step)
+                break
+            if sampler.due(step):
+                sampler(step, state.ema_params, logger)
+            evals(step, state.ema_params, logger)
+    finally:
+        logger.close()
+        ckpt.close()
     return last
 
 
