@@ -4,7 +4,7 @@ Commands (2 CPU cores; README "Reproduce at small scale"):
   python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=/tmp/tiny_vae        # ~20 min
   python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~1 min
   python -m bagel_jax.train --config=configs/tiny_repro.py --workdir=/tmp/bagel_repro \\
-      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~45 min
+      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~75 min
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --config=configs/tiny_repro.py:report  # trained (EMA)
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --config=configs/tiny_repro.py:report \
       --params=untrained                                                        # the step-0 baseline
@@ -29,18 +29,18 @@ def get_config(arg=None):
     c.model.update(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
                    interpolate_pos=True, max_latent_size=16, vit_max_num_patch_per_side=16)
     c.model.vit.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2, num_positions=256)
-    c.data.update(batch_size=4, synthetic_examples=20000, mixture=dict(t2i=2.0, vlm=1.0, edit=0.5, video=0.0,
+    c.data.update(batch_size=4, synthetic_examples=20000, mixture=dict(t2i=2.0, vlm=1.5, edit=0.5, video=0.0,
                                                                          web=0.0),
                   synthetic_square=True,  # a grid cell is the same latent tokens / ViT patches in every image
                   # one token per grid cell: every image 42 px for the ViT (3×3 patches of 14 px) and 48 px for
                   # the VAE (6×6 latents, 2×2 latent patches: 3×3 generation tokens of 16 px)
                   vit_transform=(42, 42, 14), vae_transform=(48, 48, 16), vae_image_size=(48, 48))
-    c.train.update(steps=4000, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, ema_decay=0.995,
+    c.train.update(steps=6000, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, ema_decay=0.995,
                    log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=1000)
-    if arg in (None, ""):  # in-run held-out sets: small, for a trend every 1000 steps
-        c.evals.geneval = dict(type="shapes_geneval", num_examples=8, every=1000, square=True)
+    if arg in (None, ""):  # in-run held-out sets: small, for a trend (~2 min per GenEval round)
+        c.evals.geneval = dict(type="shapes_geneval", num_examples=8, every=2000, square=True)
         c.evals.vqa = dict(type="shapes_vqa", num_examples=48, every=1000, square=True)
-        c.evals.edit = dict(type="shapes_edit", num_examples=16, every=2000, square=True)
+        c.evals.edit = dict(type="shapes_edit", num_examples=16, every=6000, square=True)
     elif arg == "report":  # the README's numbers: GenEval 16 prompts per category × 4 images (as GenEval), VQA 144
         c.evals.geneval = dict(type="shapes_geneval", num_examples=16, samples_per_prompt=4, every=0, square=True)
         c.evals.vqa = dict(type="shapes_vqa", num_examples=144, every=0, square=True)
