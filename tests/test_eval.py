@@ -382,14 +382,17 @@ def test_edit_examples(edit_eval):
 def test_edit_scoring(edit_eval):
     exs = edit_eval.examples
     fns = runner.ground_truth_fns(None, {"e": runner.Scheduled("e", "shapes_edit", edit_eval, 0)})
-    assert edit_eval.run(fns["edit_fn"]) == {"edit_success": 1.0, "preservation": 1.0, "overall": 1.0,
-                                             **{op: 1.0 for op in edit.OPS}}
+    perfect = edit_eval.run(fns["edit_fn"])
+    unedited = perfect.pop("edit_l1_unedited")
+    assert perfect == {"edit_success": 1.0, "preservation": 1.0, "overall": 1.0, **{op: 1.0 for op in edit.OPS},
+                       "edit_l1": 0.0, "rest_l1": 0.0}
     seen = []
     edit_eval.run(lambda image, instruction, seed: seen.append(seed) or image)
     assert seen == edit_eval.seeds and len(set(seen)) == len(exs)  # each edit samples its own noise
     # doing nothing preserves everything and edits nothing
     s = edit_eval.run(lambda image, instruction, seed: image)
     assert s["edit_success"] == 0.0 and s["preservation"] == 1.0 and s["overall"] == 0.0
+    assert s["rest_l1"] == 0.0 and s["edit_l1"] == s["edit_l1_unedited"] == unedited > 0.02
 
     def render(e, objs):
         return np.asarray(shapes.render(list(objs), e.width, e.height))
@@ -421,6 +424,32 @@ def test_edit_scoring(edit_eval):
     s = edit_eval.score([render(e, [_shift_color(o) if o not in e.target else o for o in e.source]
                                 if e.op == "remove" else e.target) for e in exs])
     assert s["remove"] == 0.0 and s["edit_success"] == pytest.approx(0.75) and s["preservation"] == 1.0
+
+
+def test_edit_l1_grades_every_edit(edit_eval):
+    """The distance to the target: zero for the target at any output size, split between the touched cells and
+    the rest, and ordered: the target < the unedited source < noise."""
+    exs = edit_eval.examples
+    at_48 = edit_eval.score([e.render("target", 48, 48) for e in exs])  # the model's output size, not the example's
+    assert at_48["edit_l1"] == 0.0 and at_48["rest_l1"] == 0.0 and at_48["overall"] == 1.0
+    e = next(e for e in exs if e.op == "move")
+    (old,), (new,) = set(e.source) - set(e.target), set(e.target) - set(e.source)
+    assert e.touched_cells() == {old.cell, new.cell}
+    # blanking the touched cells costs only edit_l1; blanking another object's cell costs only rest_l1
+    blank_touched = e.render("target", 90, 90).copy()
+    row, col = np.arange(90)[:, None] * 3 // 90, np.arange(90)[None, :] * 3 // 90
+    blank_touched[np.isin(row * 3 + col, list(e.touched_cells()))] = (245, 245, 240)
+    assert e.l1(blank_touched)[0] > 0.01 and e.l1(blank_touched)[1] == 0.0
+    kept = [o for o in e.target if o.cell not in e.touched_cells()]
+    if kept:
+        without = e.render("target", 90, 90).copy()
+        without[row * 3 + col == kept[0].cell] = (245, 245, 240)
+        assert e.l1(without)[0] == 0.0 and e.l1(without)[1] > 0.01
+    rng = np.random.default_rng(0)
+    noise = edit_eval.score([rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in exs])
+    assert noise["edit_l1"] > noise["edit_l1_unedited"] > 0 and noise["rest_l1"] > 0.2
+    with pytest.raises(ValueError, match="image: expected"):
+        e.l1(np.zeros((48, 48), np.uint8))
 
 
 # --- runner -----------------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ and the source S likewise; the cells the edit touches are those of the objects i
   the removed or moved-away one is gone);
 * ``preservation``: in every other cell D equals T (nothing else changed, appeared or vanished);
 * ``overall``: D == T (both of the above); also reported per operation.
+
+Those verdicts are all-or-nothing per edit, so a model that is only starting to edit scores 0 on a few dozen edits.
+Beside them, the distance to the ground truth (MagicBrush's L1, Zhang et al. 2023) grades every edit: the target is
+rendered at the edited image's size and compared pixel by pixel (mean |edited − target| / 255 over pixels and
+channels), over the touched cells (``edit_l1``) and over the rest (``rest_l1``). Lower is better; for reference,
+``edit_l1_unedited`` is what returning the source unchanged scores (a property of the examples, not of the model).
 """
 from __future__ import annotations
 
@@ -36,13 +42,29 @@ class EditExample:
     width: int
     height: int
 
-    def render(self, which: str = "source") -> np.ndarray:
+    def render(self, which: str = "source", width: int | None = None, height: int | None = None) -> np.ndarray:
+        """uint8 [H, W, 3] of the source or target scene, at the example's size unless given."""
         objs = {"source": self.source, "target": self.target}[which]
-        return np.asarray(shapes.render(list(objs), self.width, self.height))
+        return np.asarray(shapes.render(list(objs), width or self.width, height or self.height))
+
+    def touched_cells(self) -> set[int]:
+        return {o.cell for o in set(self.source) ^ set(self.target)}
+
+    def l1(self, image: np.ndarray, which: str = "target") -> tuple[float, float]:
+        """(touched cells, other cells): mean |image − the ``which`` scene rendered at image's size| / 255."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image: expected [H, W, 3], got shape {image.shape}")
+        h, w = image.shape[:2]
+        truth = self.render(which, w, h).astype(np.float32)
+        diff = np.abs(image.astype(np.float32) - truth).mean(-1) / 255.0  # [H, W]
+        cell = (np.arange(h)[:, None] * 3 // h) * 3 + np.arange(w)[None, :] * 3 // w  # [H, W]: 0..8 row-major
+        touched = np.isin(cell, sorted(self.touched_cells()))
+        return float(diff[touched].mean()), float(diff[~touched].mean()) if (~touched).any() else 0.0
 
     def judge(self, detected: Sequence[shapes.Obj]) -> tuple[bool, bool]:
         """(edit_success, preservation) of an edited image's detections."""
-        edited = {o.cell for o in set(self.source) ^ set(self.target)}
+        edited = self.touched_cells()
         d, t = collections.Counter(detected), collections.Counter(self.target)
         edit_ok = {o: n for o, n in d.items() if o.cell in edited} == {o: n for o, n in t.items() if o.cell in edited}
         preserve_ok = {o: n for o, n in d.items() if o.cell not in edited} == \
@@ -108,7 +130,8 @@ def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: in
 class ShapesEdit:
     """Evaluator: ``run(edit_fn)`` with ``edit_fn(image: uint8 [H, W, 3], instruction: str, seed: int) -> image``
     (``seed`` picks the sampling noise, its own per example: ``canvas.noise_seed``)
-    → {"edit_success", "preservation", "overall", and "overall" per op as "recolor", "move", "add", "remove"}."""
+    → {"edit_success", "preservation", "overall", and "overall" per op as "recolor", "move", "add", "remove";
+    "edit_l1", "rest_l1" (lower is better) and "edit_l1_unedited"}."""
 
     fn_name = "edit_fn"
 
@@ -124,6 +147,7 @@ class ShapesEdit:
         return [e.judge(detector.detect_objects(img)) for e, img in zip(self.examples, images)]
 
     def score(self, images) -> dict[str, float]:
+        images = list(images)
         verdicts = self.judge(images)
         both = [a and b for a, b in verdicts]
         out = {"edit_success": float(np.mean([a for a, _ in verdicts])),
@@ -132,6 +156,10 @@ class ShapesEdit:
             hits = [ok for e, ok in zip(self.examples, both) if e.op == op]
             if hits:
                 out[op] = float(np.mean(hits))
+        edit_l1, rest_l1 = np.mean([e.l1(img) for e, img in zip(self.examples, images)], axis=0)
+        sizes = [np.asarray(img).shape[1::-1] for img in images]  # (W, H) of each edited image
+        unedited = [e.l1(e.render("source", w, h))[0] for e, (w, h) in zip(self.examples, sizes)]
+        out.update(edit_l1=float(edit_l1), rest_l1=float(rest_l1), edit_l1_unedited=float(np.mean(unedited)))
         return out
 
     def run(self, edit_fn: Callable[[np.ndarray, str, int], object]) -> dict[str, float]:
