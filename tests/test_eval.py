@@ -383,7 +383,7 @@ def test_edit_scoring(edit_eval):
     exs = edit_eval.examples
     fns = runner.ground_truth_fns(None, {"e": runner.Scheduled("e", "shapes_edit", edit_eval, 0)})
     perfect = edit_eval.run(fns["edit_fn"])
-    unedited = perfect.pop("edit_l1_unedited")
+    unedited, blank = perfect.pop("edit_l1_unedited"), perfect.pop("edit_l1_blank")
     assert perfect == {"edit_success": 1.0, "preservation": 1.0, "overall": 1.0, **{op: 1.0 for op in edit.OPS},
                        "edit_l1": 0.0, "rest_l1": 0.0}
     seen = []
@@ -393,6 +393,9 @@ def test_edit_scoring(edit_eval):
     s = edit_eval.run(lambda image, instruction, seed: image)
     assert s["edit_success"] == 0.0 and s["preservation"] == 1.0 and s["overall"] == 0.0
     assert s["rest_l1"] == 0.0 and s["edit_l1"] == s["edit_l1_unedited"] == unedited > 0.02
+    # erasing everything: the removed shapes are right, the rest is lost
+    s = edit_eval.run(lambda image, instruction, seed: np.asarray(shapes.render([], *image.shape[1::-1])))
+    assert s["edit_l1"] == s["edit_l1_blank"] == blank > 0.02 and s["rest_l1"] > 0.01 and s["remove"] == 0.0
 
     def render(e, objs):
         return np.asarray(shapes.render(list(objs), e.width, e.height))

@@ -13,8 +13,9 @@ and the source S likewise; the cells the edit touches are those of the objects i
 Those verdicts are all-or-nothing per edit, so a model that is only starting to edit scores 0 on a few dozen edits.
 Beside them, the distance to the ground truth (MagicBrush's L1, Zhang et al. 2023) grades every edit: the target is
 rendered at the edited image's size and compared pixel by pixel (mean |edited − target| / 255 over pixels and
-channels), over the touched cells (``edit_l1``) and over the rest (``rest_l1``). Lower is better; for reference,
-``edit_l1_unedited`` is what returning the source unchanged scores (a property of the examples, not of the model).
+channels), over the touched cells (``edit_l1``) and over the rest (``rest_l1``). Lower is better. For reference, two
+edits that do nothing useful (properties of the examples, not of the model): ``edit_l1_unedited`` returns the source
+unchanged (its ``rest_l1`` is 0), ``edit_l1_blank`` returns an empty canvas.
 """
 from __future__ import annotations
 
@@ -50,13 +51,13 @@ class EditExample:
     def touched_cells(self) -> set[int]:
         return {o.cell for o in set(self.source) ^ set(self.target)}
 
-    def l1(self, image: np.ndarray, which: str = "target") -> tuple[float, float]:
-        """(touched cells, other cells): mean |image − the ``which`` scene rendered at image's size| / 255."""
+    def l1(self, image: np.ndarray) -> tuple[float, float]:
+        """(touched cells, other cells): mean |image − the target scene rendered at image's size| / 255."""
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image: expected [H, W, 3], got shape {image.shape}")
         h, w = image.shape[:2]
-        truth = self.render(which, w, h).astype(np.float32)
+        truth = self.render("target", w, h).astype(np.float32)
         diff = np.abs(image.astype(np.float32) - truth).mean(-1) / 255.0  # [H, W]
         cell = (np.arange(h)[:, None] * 3 // h) * 3 + np.arange(w)[None, :] * 3 // w  # [H, W]: 0..8 row-major
         touched = np.isin(cell, sorted(self.touched_cells()))
@@ -131,7 +132,7 @@ class ShapesEdit:
     """Evaluator: ``run(edit_fn)`` with ``edit_fn(image: uint8 [H, W, 3], instruction: str, seed: int) -> image``
     (``seed`` picks the sampling noise, its own per example: ``canvas.noise_seed``)
     → {"edit_success", "preservation", "overall", and "overall" per op as "recolor", "move", "add", "remove";
-    "edit_l1", "rest_l1" (lower is better) and "edit_l1_unedited"}."""
+    "edit_l1", "rest_l1" (lower is better) and the references "edit_l1_unedited", "edit_l1_blank"}."""
 
     fn_name = "edit_fn"
 
@@ -159,7 +160,9 @@ class ShapesEdit:
         edit_l1, rest_l1 = np.mean([e.l1(img) for e, img in zip(self.examples, images)], axis=0)
         sizes = [np.asarray(img).shape[1::-1] for img in images]  # (W, H) of each edited image
         unedited = [e.l1(e.render("source", w, h))[0] for e, (w, h) in zip(self.examples, sizes)]
-        out.update(edit_l1=float(edit_l1), rest_l1=float(rest_l1), edit_l1_unedited=float(np.mean(unedited)))
+        blank = [e.l1(np.asarray(shapes.render([], w, h)))[0] for e, (w, h) in zip(self.examples, sizes)]
+        out.update(edit_l1=float(edit_l1), rest_l1=float(rest_l1), edit_l1_unedited=float(np.mean(unedited)),
+                   edit_l1_blank=float(np.mean(blank)))
         return out
 
     def run(self, edit_fn: Callable[[np.ndarray, str, int], object]) -> dict[str, float]:
