@@ -23,7 +23,8 @@ when given.
 
 ``--fns`` names ``factory(config, evaluators) -> {"generate_fn": ..., "answer_fn": ..., "edit_fn": ...}``
 (only the ones the selected evaluators need). ``--fns=bagel_jax.eval.runner:ground_truth_fns`` answers from
-the evaluators' own ground truth: a self-check of the scoring that must print 1.0 everywhere. Without
+the evaluators' own ground truth: a self-check of the scoring that must print 1.0 for every accuracy and 0.0
+for shapes-edit's distances ``edit_l1`` and ``rest_l1`` (its ``*_unedited`` / ``*_blank`` are references). Without
 ``--config`` (or with an empty ``config.evals``) the evaluators of ``default_evals()`` run.
 """
 from __future__ import annotations
@@ -137,7 +138,8 @@ def _key(image, text: str) -> tuple:
 
 def ground_truth_fns(config, evaluators: Mapping[str, Scheduled]) -> dict[str, Callable]:
     """Callables that answer from the evaluators' own ground truth (renders of the expected scene, the
-    reference answer); scoring them must give 1.0 everywhere. ``config`` is unused."""
+    reference answer); scoring them must give 1.0 for every accuracy and 0.0 for the edit distances.
+    ``config`` is unused."""
     del config
     prompts, answers, edits = {}, {}, {}
     for sched in evaluators.values():
