@@ -34,10 +34,9 @@ Gen slot g holds a noised latent iff ``kind[U + g] == KIND_NOISED_VAE``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-from flax import struct
 
 KIND_PAD, KIND_TEXT, KIND_VIT, KIND_CLEAN_VAE, KIND_NOISED_VAE = 0, 1, 2, 3, 4
 
@@ -46,8 +45,10 @@ FIELDS = ("kind", "position", "index", "doc", "q_hi", "kv_hi", "text_ids", "labe
           "vae_src", "vae_pos")
 
 
-@struct.dataclass
-class PackedBatch:
+class PackedBatch(NamedTuple):
+    """The fields of the table above. A NamedTuple, so jax treats it as a pytree (jit, ``tree.map``, shardings
+    given as a ``PackedBatch`` of specs) while this module imports only numpy: the data pipeline stays jax-free."""
+
     kind: Any
     position: Any
     index: Any
@@ -79,10 +80,8 @@ class PackedBatch:
     def gen_len(self) -> int:
         return self.seq_len - self.und_len
 
-    def mask_meta(self):
-        """The row's attention metadata as a ``MaskMeta``."""
-        from bagel_jax.attention.mask import MaskMeta
-        return MaskMeta(doc=self.doc, index=self.index, q_hi=self.q_hi, kv_hi=self.kv_hi)
+    def replace(self, **fields) -> "PackedBatch":
+        return self._replace(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in FIELDS}

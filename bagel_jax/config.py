@@ -80,7 +80,11 @@ def _train() -> ml_collections.ConfigDict:
         beta1=0.9, beta2=0.95, eps=1e-15, weight_decay=0.0, max_grad_norm=1.0, ema_decay=0.9999,
         ce_weight=1.0, mse_weight=1.0, grad_accum_steps=1,
         freeze=(),  # subset of ("vit", "connector", "und", "gen", "llm"); the VAE is always frozen
-        nonfinite="skip",  # skip | halt: what a step with NaN/inf gradients does
+        # what a step with NaN/inf loss or gradients does (train/nonfinite.py): skip (its update; halt after
+        # max_consecutive_nonfinite in a row, 0 = never) | halt | rollback (to the newest usable checkpoint, then skip
+        # rollback_skip_batches batches; at most max_rollbacks times, then halt)
+        nonfinite="skip", max_consecutive_nonfinite=100, rollback_skip_batches=200, max_rollbacks=3,
+        # keep_checkpoints: the newest N checkpoints are kept (0 = all); the newest is never deleted
         log_every=10, checkpoint_every=2000, keep_checkpoints=3, init_from="",
         eval_every=0, peak_tflops=0.0,
         # every sample_every steps (0 = never): EMA-model images for sample_prompts (sample_steps Euler steps)
@@ -134,7 +138,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots"), "model.vae.dtype": ("float32", "bfloat16"),
     "model.connector_act": ("gelu_pytorch_tanh", "gelu", "silu"),
     "model.vit.hidden_act": ("gelu_pytorch_tanh", "gelu"),
-    "train.schedule": ("constant", "cosine"), "train.nonfinite": ("skip", "halt"),
+    "train.schedule": ("constant", "cosine"), "train.nonfinite": ("skip", "halt", "rollback"),
     "data.pixel_dtype": ("float32", "uint8"),
 }
 FREEZABLE = ("vit", "connector", "und", "gen", "llm")
@@ -249,6 +253,8 @@ def _training(c):
     _check(0.0 <= t.ema_decay <= 1.0, "train.ema_decay", f"must be in [0, 1], got {t.ema_decay}")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    for key in ("max_consecutive_nonfinite", "rollback_skip_batches", "max_rollbacks", "keep_checkpoints"):
+        _check(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
     for name in t.freeze:
         _check(name in FREEZABLE, "train.freeze", f"unknown module {name!r} (freezable: {', '.join(FREEZABLE)})")
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from bagel_jax.config import ConfigError
 from bagel_jax.data import images as img_lib
+from bagel_jax.convert import vae_export
 from bagel_jax.train import vae_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,12 +119,12 @@ def test_run_reduces_reconstruction_loss_on_fixed_batch(vae_run):
 
 def test_export_is_the_final_ema_params_with_latent_stats(vae_run):
     config, workdir, result = vae_run
-    meta = vae_train.load_latent_stats(workdir)
+    meta = vae_export.load_latent_stats(workdir)
     assert meta["scale_factor"] == pytest.approx(1.0 / meta["latent_std"])
     assert meta["shift_factor"] == meta["latent_mean"] and meta["step"] == STEPS and meta["weights"] == "ema"
     assert meta["vae"] == dict(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1, z_channels=16, in_channels=3, out_ch=3)
     assert meta["psnr_eval"] == pytest.approx(result["eval/psnr_ema"])
-    loaded = vae_train.load_vae_params(workdir)
+    loaded = vae_export.load_vae_params(workdir)
     with ocp.PyTreeCheckpointer() as ckptr:
         saved = ckptr.restore(os.path.join(workdir, "checkpoints", str(STEPS), "state"))
     ema = saved["ema_params"]
@@ -132,17 +133,17 @@ def test_export_is_the_final_ema_params_with_latent_stats(vae_run):
         np.testing.assert_array_equal(a, np.asarray(b))
     # the same file, addressed three ways
     for path in (os.path.join(workdir, "export"), os.path.join(workdir, "export", "ae.safetensors")):
-        np.testing.assert_array_equal(jax.tree.leaves(vae_train.load_vae_params(path))[0], jax.tree.leaves(loaded)[0])
+        np.testing.assert_array_equal(jax.tree.leaves(vae_export.load_vae_params(path))[0], jax.tree.leaves(loaded)[0])
 
 
 def test_load_into_bagel_state_and_latents_are_normalised(vae_run):
-    """load_vae_params round trip into a Bagel TrainState (train.py's hook), and the vae.json scale/shift make
+    """load_vae_params round trip into a Bagel TrainState (the BAGEL stage's fresh-state hook), and the vae.json scale/shift make
     BAGEL's normalised latents of the training images zero-mean, unit-std."""
     from bagel_jax.model.bagel import make_init_fn
     from bagel_jax.model.vae import FluxVAE, normalize_latent, sample_posterior, valid_mask
     from bagel_jax.parallel.mesh import logical_rules, make_mesh
     from bagel_jax.train.optim import make_optimizer
-    from bagel_jax.train.state import abstract_state, state_shardings
+    from bagel_jax.train.state import abstract_state, state_shardings, with_pretrained
 
     vae_config, workdir, _ = vae_run
     spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
@@ -150,7 +151,7 @@ def test_load_into_bagel_state_and_latents_are_normalised(vae_run):
     spec.loader.exec_module(mod)
     config = mod.get_config()
     config.model.vae.init_from = workdir
-    stats = vae_train.apply_vae_init_config(config)
+    stats = vae_export.apply_vae_init_config(config)
     assert (config.model.vae.scale_factor, config.model.vae.shift_factor) == (stats["scale_factor"],
                                                                               stats["shift_factor"])
     devices = jax.devices()[:2]
@@ -162,8 +163,8 @@ def test_load_into_bagel_state_and_latents_are_normalised(vae_run):
     state = jax.tree.map(lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding),
                          abstract_state(init_fn, optimizer, mesh, rules))
     before = jax.tree.map(np.asarray, state.params)
-    new = vae_train.replace_vae_params(state, shardings, workdir, config.model.vae)
-    loaded = vae_train.load_vae_params(workdir)
+    loaded = vae_export.load_vae_params(workdir)
+    new = with_pretrained(state, shardings, "vae", loaded, "model.vae.init_from")
     for tree in (new.params["vae"], new.ema_params["vae"]):
         for a, b, s in zip(jax.tree.leaves(tree), jax.tree.leaves(loaded), jax.tree.leaves(shardings.params["vae"])):
             np.testing.assert_array_equal(np.asarray(a), b)
@@ -190,10 +191,10 @@ def test_init_from_errors_name_the_key(vae_run, tmp_path):
     c = tiny_vae_config()
     c.model.vae.init_from = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="model.vae.init_from"):
-        vae_train.apply_vae_init_config(c)
+        vae_export.apply_vae_init_config(c)
     c.model.vae.init_from = workdir
     c.model.vae.ch = 64
     with pytest.raises(ConfigError, match="^model.vae.ch: 64 differs"):
-        vae_train.apply_vae_init_config(c)
+        vae_export.apply_vae_init_config(c)
     with pytest.raises(ConfigError, match="^model.vae.ch: "):
-        vae_train.load_vae_params(workdir, c.model.vae)
+        vae_export.load_vae_params(workdir, c.model.vae)

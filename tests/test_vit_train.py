@@ -15,6 +15,7 @@ from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import synthetic_shapes as shapes
 from bagel_jax.launch_utils import load_config
 from bagel_jax.model.siglip import SiglipNaViT
+from bagel_jax.convert import vit_export
 from bagel_jax.train import vit_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,7 @@ def test_export_is_a_transformers_siglip_checkpoint(vit_run):
     x = (image.astype(np.float32) / 127.5 - 1.0)
     with torch.no_grad():
         want = hf(torch.from_numpy(x).permute(2, 0, 1)[None]).last_hidden_state[0].numpy()
-    params = vit_train.load_vit_params(workdir, config.model)
+    params = vit_export.load_vit_params(workdir, config.model)
     patches = img_lib.patchify(image, p).astype(np.float32) / 127.5 - 1.0
     pos = img_lib.flattened_position_ids(side * p, side * p, p, side)
     got = SiglipNaViT(config.model).apply({"params": params}, patches[None], pos[None],
@@ -100,17 +101,17 @@ def test_export_is_a_transformers_siglip_checkpoint(vit_run):
 
 
 def test_bagel_loads_the_stage_and_untrained_baseline_keeps_it(vit_run):
-    """replace_vit_params (train.py's hook on a fresh start) puts the export in params and EMA, sharded, and
+    """load_vit_params + with_pretrained (the BAGEL stage's hook on a fresh start) puts the export in params and EMA, sharded, and
     leaves everything else alone."""
     from bagel_jax.model.bagel import make_init_fn
     from bagel_jax.parallel.mesh import logical_rules, make_mesh
     from bagel_jax.train.optim import make_optimizer
-    from bagel_jax.train.state import abstract_state, state_shardings
+    from bagel_jax.train.state import abstract_state, state_shardings, with_pretrained
 
     vit_config, workdir, _, _ = vit_run
     config = load_config(os.path.join(ROOT, "configs", "tiny_repro.py"))
     config.model.vit.init_from = workdir
-    vit_train.check_vit_init(config)
+    vit_export.check_vit_init(config)
     devices = jax.devices()[:2]
     mesh, rules = make_mesh(config, devices), logical_rules(config)
     _, init_fn = make_init_fn(config)
@@ -120,8 +121,8 @@ def test_bagel_loads_the_stage_and_untrained_baseline_keeps_it(vit_run):
     state = jax.tree.map(lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding),
                          abstract_state(init_fn, optimizer, mesh, rules))
     before = jax.tree.map(np.asarray, state.params)
-    new = vit_train.replace_vit_params(state, shardings, workdir, config.model)
-    loaded = vit_train.load_vit_params(workdir, config.model)
+    loaded = vit_export.load_vit_params(workdir, config.model)
+    new = with_pretrained(state, shardings, "vit_model", loaded, "model.vit.init_from")
     for tree in (new.params["vit_model"], new.ema_params["vit_model"]):
         for a, b, s in zip(jax.tree.leaves(tree), jax.tree.leaves(loaded),
                            jax.tree.leaves(shardings.params["vit_model"])):
@@ -145,8 +146,8 @@ def test_bad_config_and_init_from_errors_name_the_key(vit_run, tmp_path):
     c = load_config(os.path.join(ROOT, "configs", "tiny_repro.py"))
     c.model.vit.init_from = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="^model.vit.init_from: "):
-        vit_train.check_vit_init(c)
+        vit_export.check_vit_init(c)
     c.model.vit.init_from = workdir
     c.model.vit.hidden_size = 32
     with pytest.raises(ConfigError, match="^model.vit.init_from: .*shape"):
-        vit_train.load_vit_params(workdir, c.model)
+        vit_export.load_vit_params(workdir, c.model)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import grain
+from bagel_jax.data.grain_import import grain
 import numpy as np
 
-from bagel_jax.attention.mask import Split, metadata_from_splits
+from bagel_jax.splits import Split, metadata_from_splits
 from bagel_jax.batch import FIELDS
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.records import SKIP_REASONS

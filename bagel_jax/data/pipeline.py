@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import grain
+from bagel_jax.data.grain_import import grain
 import ml_collections
 import numpy as np
 

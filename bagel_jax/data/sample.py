@@ -24,7 +24,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from bagel_jax.attention.mask import CAUSAL, FULL, NOISE
+from bagel_jax.splits import CAUSAL, FULL, NOISE
 from bagel_jax.batch import KIND_CLEAN_VAE, KIND_NOISED_VAE, KIND_TEXT, KIND_VIT
 from bagel_jax.data import images as img_lib
 

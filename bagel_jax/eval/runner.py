@@ -18,7 +18,7 @@ Standalone::
     python -m bagel_jax.eval.runner --config=configs/tiny.py --fns=my.module:make_fns [--output=/tmp/m.json]
 
 ``--workdir`` evaluates a training run (its config.json and latest checkpoint, or with ``--params=untrained``
-its step-0 model: the baseline); see ``eval/from_workdir.py``. Its ``evals`` run, or those of ``--config``
+its step-0 model: the baseline); see ``infer/from_workdir.py``. Its ``evals`` run, or those of ``--config``
 when given.
 
 ``--fns`` names ``factory(config, evaluators) -> {"generate_fn": ..., "answer_fn": ..., "edit_fn": ...}``
@@ -196,7 +196,8 @@ def main(argv=None) -> dict[str, float]:
         raise ValueError("--fns / --workdir: give exactly one")
     run = None
     if flag_values.workdir:
-        from bagel_jax.eval import from_workdir
+        from bagel_jax.eval.inferencer_fns import inferencer_fns
+        from bagel_jax.infer import from_workdir
         run = from_workdir.load_run_config(flag_values.workdir)
         config = config if config is not None else run
     evals = config.get("evals") if config is not None else None
@@ -207,7 +208,7 @@ def main(argv=None) -> dict[str, float]:
     if flag_values.only:
         evaluators = {n: evaluators[n] for n in flag_values.only}
     if run is not None:
-        fns = from_workdir.inferencer_fns(from_workdir.run_inferencer(flag_values.workdir, flag_values.params, run))
+        fns = inferencer_fns(from_workdir.run_inferencer(flag_values.workdir, flag_values.params, run))
     else:
         fns = dict(load_factory(flag_values.fns)(config, evaluators))
     bad = [k for k in fns if k not in FN_NAMES]

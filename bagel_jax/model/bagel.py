@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bagel_jax.attention.mask import MaskMeta
 from bagel_jax.batch import KIND_NOISED_VAE, KIND_TEXT, PackedBatch
 from bagel_jax.model.embeddings import Connector, PositionEmbedding, TimestepEmbedder
 from bagel_jax.model.layers import bias_init, kernel_init
@@ -274,7 +275,7 @@ class Bagel(nn.Module):
         else:
             gen_x = jnp.zeros((und_x.shape[0], g, cfg.hidden_size), und_x.dtype)
 
-        und_h, gen_h = self.language_model(und_x, gen_x, batch.position, batch.mask_meta(),
+        und_h, gen_h = self.language_model(und_x, gen_x, batch.position, MaskMeta.of(batch),
                                            deterministic=deterministic)
         if self.is_initializing():  # create the LM head and the whole VAE (decoder too) in the param tree
             self.language_model.logits(und_h[:, :1])

@@ -1,4 +1,4 @@
 """``python -m bagel_jax.train --config=... --workdir=...`` (see train.py)."""
-from bagel_jax.train.train import run
+from bagel_jax.train.train import main
 
-run()
+main()

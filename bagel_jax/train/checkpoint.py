@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bagel_jax.convert.run_checkpoint import DATA, STATE, load_params  # noqa: F401  (the layout; re-exported)
 from bagel_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
-
-STATE, DATA = "state", "data"
 
 
 # --- the per-host data-iterator state item ---------------------------------------------------------
@@ -83,7 +82,9 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, handle_sigterm: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        # keep: the newest N steps (0 = all). Orbax deletes only after a save has committed, so the newest complete
+        # checkpoint is never removed.
+        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep) if keep else None, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
         self._sigterm = False
@@ -120,7 +121,12 @@ class Checkpointer:
         items = {STATE: ocp.args.StandardSave(state)}
         if data_state is not None:
             items[DATA] = DataStateSave(data_state)
-        return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        self.check_for_errors()  # an earlier background write that failed stops the run here
+        try:
+            return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointWriteError(f"{self.directory}: writing checkpoint {step} failed ({type(e).__name__}: "
+                                       f"{_first_line(e)}); the run stops, the previous checkpoint is intact") from e
 
     def restore(self, abstract: TrainState, step: int | None = None, *, data: bool = True) -> tuple[TrainState, Any]:
         """(state, data_state or None) of ``step`` (default latest), resharded onto ``abstract``'s shardings."""
@@ -134,58 +140,63 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out[STATE], (out[DATA] if has_data else None)
 
+    def set_aside_after(self, step: int) -> list[int]:
+        """Renames the checkpoints newer than ``step`` to ``<step>.set_aside[.k]`` (kept for inspection, no longer
+        resumed) so that training on from ``step`` can write those steps again. Returns the steps set aside."""
+        self.wait()
+        newer = [s for s in self.all_steps() if s > step]
+        if newer and jax.process_index() == 0:
+            for s in newer:
+                target, k = self.directory / f"{s}.set_aside", 1
+                while target.exists():
+                    target, k = self.directory / f"{s}.set_aside.{k}", k + 1
+                (self.directory / str(s)).rename(target)
+        if newer:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("bagel_jax:checkpoints_set_aside")
+            self.manager.reload()
+            logging.warning("checkpoints %s set aside (renamed *.set_aside): training continues from step %d",
+                            newer, step)
+        return newer
+
+    def check_for_errors(self):
+        """Raises ``CheckpointWriteError`` if a background save has failed (the previous checkpoint is intact)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001  (orbax re-raises whatever the writer thread hit)
+            raise CheckpointWriteError(f"{self.directory}: writing a checkpoint failed ({type(e).__name__}: "
+                                       f"{_first_line(e)}); the run stops, the previous checkpoint is intact") from e
+
     def wait(self):
         self.manager.wait_until_finished()
+        self.check_for_errors()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, ...)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 # --- params only (init_from) -----------------------------------------------------------------------
 
-def load_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> Any:
-    """Params restored sharded onto ``abstract_params``' shardings.
-
-    ``path``: a params pytree saved with ``ocp.StandardCheckpointer().save(path, params)`` (what the
-    converter writes), or a run's workdir / ``checkpoints`` dir / step dir (its ``state.params``, or
-    ``state.ema_params`` with ``use_ema``).
-    """
-    root = epath.Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"train.init_from: {path} does not exist")
-    step_dir = _find_state_dir(root)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-    if step_dir is None:  # a plain params pytree
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(root, abstract_params)
-    field = "ema_params" if use_ema else "params"
-    with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
-            item={field: abstract_params}, restore_args={field: restore_args}, partial_restore=True))
-    return out[field]
-
-
-def _find_state_dir(root: epath.Path) -> epath.Path | None:
-    """The step directory holding a ``state`` item under ``root`` (latest step), or None."""
-    if (root / STATE).exists():
-        return root
-    for base in (root / "checkpoints", root):
-        steps = [p for p in base.iterdir() if p.name.isdigit() and (p / STATE).exists()] if base.exists() else []
-        if steps:
-            return max(steps, key=lambda p: int(p.name))
-    return None
-
-
-# --- the loop's entry point ------------------------------------------------------------------------
-
-def restore_or_init(ckpt: Checkpointer, init_fn, optimizer, mesh, rules, rng: jax.Array, config
-                    ) -> tuple[TrainState, TrainState, Any]:
-    """(state, shardings, data_state): resumes the latest checkpoint in the workdir if there is one,
+def restore_or_init(ckpt: Checkpointer, init_fn, optimizer, mesh, rules, rng: jax.Array, config, *,
+                    step: int | None = None) -> tuple[TrainState, TrainState, Any]:
+    """(state, shardings, data_state): resumes checkpoint ``step`` (default: the latest) if the workdir has one,
     else creates a fresh sharded state and, if ``train.init_from`` is set, loads its params (EMA = params)."""
     shardings = state_shardings(init_fn, optimizer, mesh, rules)
     if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(abstract_state(init_fn, optimizer, mesh, rules))
+        state, data_state = ckpt.restore(abstract_state(init_fn, optimizer, mesh, rules), step)
         logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
         return state, shardings, data_state
     state, shardings = create_train_state(init_fn, optimizer, mesh, rules, rng)

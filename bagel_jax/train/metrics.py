@@ -124,15 +124,52 @@ def throughput(model_cfg, tokens: float, sum_len_sq: float, seconds: float, step
     return out
 
 
+def progress_line(step: int, total: int, scalars: Mapping[str, float], seconds: float, steps: int) -> str:
+    """``step 120/500 | loss 3.214 | 5,120 tokens/s | 0.84 s/step | ETA 5m19s``: the window of the last ``steps``
+    steps took ``seconds``; tokens/s counts real (non-padding) tokens; the ETA assumes this window's pace."""
+    seconds_per_step = seconds / max(steps, 1)
+    parts = [f"step {step}/{total}"]
+    if "loss" in scalars:
+        parts.append(f"loss {scalars['loss']:.4g}")
+    if "tokens" in scalars and seconds > 0:
+        parts.append(f"{scalars['tokens'] / seconds:,.0f} tokens/s")
+    parts.append(f"{seconds_per_step:.3g} s/step")
+    eta = int(round(max(total - step, 0) * seconds_per_step))
+    parts.append(f"ETA {eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"ETA {eta // 60}m{eta % 60:02d}s")
+    return " | ".join(parts)
+
+
 # --- writers ---------------------------------------------------------------------------------------
 
 class JsonlWriter:
     """Appends ``{"step": s, name: value, ...}`` lines to a file (scalars and texts)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, keep_through: int | None = None):
+        """``keep_through``: drop the rows of later steps first (a resumed or rolled-back run replays them)."""
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if keep_through is not None:
+            self.truncate(keep_through)
         self._f = open(path, "a", buffering=1)
+
+    def truncate(self, step: int) -> None:
+        """Rewrites the file without the rows of steps after ``step`` (atomically: write, then rename)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as fh:
+            lines = fh.readlines()
+        keep = [ln for ln in lines if _row_step(ln) <= step]
+        if len(keep) == len(lines):
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def rewind(self, step: int) -> None:
+        self._f.close()
+        self.truncate(step)
+        self._f = open(self.path, "a", buffering=1)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
         self._f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
@@ -147,6 +184,13 @@ class JsonlWriter:
         self._f.close()
 
 
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn last line (killed mid-write) goes
+
+
 class MetricsLogger:
     """Buffers per-step device metrics; every ``log_every`` steps fetches them once, adds throughput/MFU
     and writes TensorBoard (``<workdir>/tensorboard``) + ``<workdir>/metrics.jsonl`` (host 0 only).
@@ -155,8 +199,11 @@ class MetricsLogger:
     Extra host-side scalars (e.g. the pipeline's skipped-sample count) go in ``step(..., extra={...})``.
     """
 
-    def __init__(self, workdir: str, config, *, num_devices: int | None = None, total_steps: int | None = None):
-        from clu import metric_writers, periodic_actions  # imports TensorFlow: keep it lazy
+    def __init__(self, workdir: str, config, *, num_devices: int | None = None, total_steps: int | None = None,
+                 start_step: int = 0):
+        """``start_step``: the step the run (re)starts from; metrics.jsonl rows of later steps are dropped, so a
+        resumed run continues without duplicate steps (TensorBoard discards the orphaned later events itself)."""
+        from clu import metric_writers  # imports TensorFlow: keep it lazy
 
         self.config = config
         self.log_every = max(int(config.train.log_every), 1)
@@ -165,9 +212,8 @@ class MetricsLogger:
         lead = jax.process_index() == 0
         self.writer = metric_writers.create_default_writer(
             os.path.join(workdir, "tensorboard"), just_logging=not lead, asynchronous=False)
-        self.jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if lead else None
-        self.progress = periodic_actions.ReportProgress(
-            num_train_steps=total_steps or config.train.steps, writer=self.writer, every_steps=self.log_every)
+        self.jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), keep_through=start_step) if lead else None
+        self.total_steps = int(total_steps or config.train.steps)
         self._window: list[Mapping[str, Any]] = []
         self._t0 = time.perf_counter()
         if self.peak is None:
@@ -176,7 +222,6 @@ class MetricsLogger:
     def step(self, step: int, metrics: Mapping[str, Any], extra: Mapping[str, float] | None = None) -> dict | None:
         """Records one step's metrics; on logging steps writes and returns the aggregated scalars."""
         self._window.append(metrics)
-        self.progress(step)
         if step % self.log_every:
             return None
         return self.flush(step, extra)
@@ -191,8 +236,15 @@ class MetricsLogger:
                                       seconds, len(self._window), self.num_devices, self.peak))
         scalars.update(extra or {})
         self.write_scalars(step, scalars)
+        logging.info("%s", progress_line(step, self.total_steps, scalars, seconds, len(self._window)))
         self._window, self._t0 = [], time.perf_counter()
         return scalars
+
+    def rewind(self, step: int) -> None:
+        """Forgets buffered metrics and drops metrics.jsonl rows after ``step`` (a rollback replays them)."""
+        self._window, self._t0 = [], time.perf_counter()
+        if self.jsonl:
+            self.jsonl.rewind(step)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
         self.writer.write_scalars(step, scalars)

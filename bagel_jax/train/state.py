@@ -16,10 +16,13 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bagel_jax.config import ConfigError
+from bagel_jax.model.init_key import split_init_key
 from bagel_jax.parallel.mesh import logical_shardings
 
 InitFn = Callable[[jax.Array], Any]  # rng -> params (leaves may be nn.LogicallyPartitioned)
@@ -41,15 +44,6 @@ class TrainState:
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
     """``ema = decay·ema + (1 − decay)·params`` leafwise (the reference's ``fsdp_ema_update``, no warmup)."""
     return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
-
-
-def split_init_key(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A run's seed key → (the params' init key, the state's base key): a fresh run's step-0 params are
-    ``init_fn(split_init_key(PRNGKey(train.seed))[0])``."""
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        rng = jax.random.key_data(rng)  # raw uint32 keys checkpoint as plain arrays
-    init_rng, state_rng = jax.random.split(rng)
-    return init_rng, state_rng
 
 
 def _init_state(init_fn: InitFn, optimizer: optax.GradientTransformation, rng: jax.Array, *, boxed: bool) -> TrainState:
@@ -96,3 +90,24 @@ def create_train_state(init_fn: InitFn, optimizer: optax.GradientTransformation,
 def num_params(tree: Any) -> int:
     """Total number of scalars in ``tree``."""
     return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def with_pretrained(state: TrainState, shardings: TrainState, name: str, loaded: Any, source: str) -> TrainState:
+    """``state`` with ``params[name]`` and ``ema_params[name]`` replaced by ``loaded`` (a host tree with the model's
+    structure and shapes, e.g. a pretrained tower from ``bagel_jax.convert``), cast to the state's dtypes and placed
+    with its ``shardings``: two separate copies, as the train step donates the state. For a fresh run: the optimizer
+    state is zeros (or holds nothing for a frozen tower), so it stays valid. ``source`` names the config key in
+    errors."""
+    current = state.params[name]
+    if jax.tree.structure(loaded) != jax.tree.structure(current):
+        raise ConfigError(f"{source}: its {name} param tree differs from the model's")
+    for (kp, a), b in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(current)):
+        if tuple(a.shape) != tuple(b.shape):
+            raise ConfigError(f"{source}: {name}{jax.tree_util.keystr(kp)} has shape {tuple(a.shape)}, "
+                              f"the model has {tuple(b.shape)}")
+
+    def put(like, where):
+        return jax.tree.map(lambda a, x, s: jax.device_put(np.asarray(a, x.dtype), s), loaded, like, where)
+
+    return state.replace(params={**state.params, name: put(current, shardings.params[name])},
+                         ema_params={**state.ema_params, name: put(state.ema_params[name], shardings.ema_params[name])})

@@ -12,8 +12,7 @@ microbatches carry equal loss counts.
 
 A step whose gradient norm or loss is NaN/inf is not applied: params, optimizer state and EMA stay, the
 step counter advances (the batch is consumed), ``nonfinite_steps`` counts it, metrics carry
-``nonfinite=1``. With ``train.nonfinite='halt'`` the loop calls ``check_finite`` on fetched metrics and
-stops with ``NonFiniteError``; the bad update was never applied, so the last checkpoint is clean.
+``nonfinite=1``. What the run then does (skip, halt, roll back) is the loop's ``train/nonfinite.py``.
 """
 from __future__ import annotations
 
@@ -30,10 +29,6 @@ from bagel_jax.train.optim import trainable_global_norm
 from bagel_jax.train.state import TrainState, ema_update
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-
-
-class NonFiniteError(RuntimeError):
-    """Raised by ``check_finite`` when ``train.nonfinite='halt'`` and a step had NaN/inf gradients or loss."""
 
 
 def check_accumulation(config, mesh: Mesh, rules) -> int:
@@ -149,13 +144,3 @@ class TrainStep:
     def lower(self, state, batch):
         with use_mesh(self.mesh, self.rules):
             return self.jitted.lower(state, batch)
-
-
-def check_finite(metrics: dict[str, Any], config, previous_nonfinite: int = 0) -> int:
-    """Host side, on fetched metrics: returns ``nonfinite_steps``; raises ``NonFiniteError`` if it grew and
-    ``train.nonfinite == 'halt'``."""
-    count = int(metrics["nonfinite_steps"])
-    if count > previous_nonfinite and config.train.nonfinite == "halt":
-        raise NonFiniteError(f"train.nonfinite=halt: {count - previous_nonfinite} step(s) with NaN/inf gradients "
-                             f"or loss (none applied); last loss={float(metrics['loss'])}")
-    return count

@@ -1,9 +1,8 @@
 """The autoencoder stage: train the FLUX VAE architecture (``model.vae``) on a dataset's images, then export it
 for BAGEL. ``python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=DIR``.
 
-Same conventions as the BAGEL loop (train.py): config → validate → mesh + logical rules → sharded TrainState
-(resumed from DIR/checkpoints) → grain iterator (its state in the checkpoints) → jitted ``make_train_step`` →
-MetricsLogger (TensorBoard + DIR/metrics.jsonl) → async Orbax checkpoints; SIGTERM saves and exits.
+The stage plugs its model, loss, data, evals and export into the one training loop (``loop.py``): resume,
+metrics, checkpoints before evals, SIGTERM saves and exits.
 
 Data: the ``t2i`` source of ``data`` (``data.sources.t2i`` or ``{data.builder}:t2i``; synthetic shapes are built
 into DIR/data when ``data.synthetic_examples`` > 0), first image of each record, resized exactly as BAGEL resizes
@@ -35,33 +34,29 @@ Export (end of training; DIR/export/)::
     vae.json         {"scale_factor": 1/std, "shift_factor": mean, ...}: mean/std of sampled latents over
                      ``vae_stage.stats_images`` training images (valid positions, all channels)
 
-BAGEL picks it up with ``--config.model.vae.init_from=DIR``: train.py calls ``apply_vae_init_config`` (sets
-``model.vae.scale_factor`` / ``shift_factor`` from vae.json before the model is built) and, on a fresh start,
-``replace_vae_params`` (loads ae.safetensors into ``params['vae']`` and ``ema_params['vae']``, sharded like
-the originals). The stage also prints the equivalent ``--config`` overrides.
+BAGEL picks it up with ``--config.model.vae.init_from=DIR`` (``bagel_jax.convert.vae_export``: scale/shift from
+vae.json, the weights into ``params['vae']`` on a fresh start). The stage also prints the equivalent ``--config``
+overrides.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from bagel_jax.config import ConfigError, base_config, validate
+from bagel_jax.config import ConfigError, validate
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import common
 from bagel_jax.model.vae import FluxVAE, valid_mask
-from bagel_jax.train.stage import prepare_workdir, run_stage
+from bagel_jax.convert.vae_export import EXPORT_DIR, STATS_FILE, export_vae, load_latent_stats
+from bagel_jax.train import loop
+from bagel_jax.train.workdir import claim, prepare_workdir
 
-EXPORT_DIR, AE_FILE, STATS_FILE = "export", "ae.safetensors", "vae.json"
-ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_ch")
 SHUFFLE_STREAM = 7  # seeds the shuffle with (data.seed, 7): a stream the BAGEL pipeline does not use
 LOGVAR_RANGE = (-30.0, 20.0)  # as LDM's DiagonalGaussianDistribution (training loss only)
 
@@ -304,107 +299,6 @@ def latent_stats(model: FluxVAE, params, data: dict[str, np.ndarray], batch: int
     return {"latent_mean": mean, "latent_std": std, "latent_count": count}
 
 
-# --- export / import ---------------------------------------------------------------------------------------------
-
-def _arch(vae_cfg) -> dict:
-    return {k: (list(vae_cfg[k]) if k == "ch_mult" else int(vae_cfg[k])) for k in ARCH_KEYS}
-
-
-def export_vae(directory: str, params, vae_cfg, stats: dict[str, float], info: dict | None = None) -> str:
-    """Writes ``directory/ae.safetensors`` (BFL FLUX layout) and ``directory/vae.json`` (scale/shift,
-    architecture, ``info``); returns ``directory``."""
-    from safetensors.numpy import save_file
-
-    from bagel_jax.convert.hf_vision import params_to_flux_ae
-    os.makedirs(directory, exist_ok=True)
-    tree = jax.tree.map(np.asarray, jax.device_get(nn.meta.unbox(params)))
-    save_file(params_to_flux_ae(tree, vae_cfg), os.path.join(directory, AE_FILE))
-    if not stats["latent_std"] > 0:
-        raise ValueError(f"export_vae: latent std {stats['latent_std']} is not positive")
-    meta = dict(scale_factor=1.0 / stats["latent_std"], shift_factor=stats["latent_mean"], vae=_arch(vae_cfg),
-                **stats, **(info or {}))
-    with open(os.path.join(directory, STATS_FILE), "w") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True)
-    return directory
-
-
-def _export_dir(path: str) -> str:
-    """A VAE-stage workdir, its export/ dir, or the ae.safetensors in it → the export directory."""
-    if os.path.isfile(path):
-        return os.path.dirname(os.path.abspath(path))
-    for cand in (path, os.path.join(path, EXPORT_DIR)):
-        if os.path.isfile(os.path.join(cand, AE_FILE)):
-            return cand
-    raise FileNotFoundError(f"model.vae.init_from: no {AE_FILE} in {path} or {os.path.join(path, EXPORT_DIR)} "
-                            f"(run python -m bagel_jax.train.vae_train first)")
-
-
-def load_latent_stats(path: str) -> dict:
-    """The export's vae.json (scale_factor, shift_factor, vae architecture, training info)."""
-    file = os.path.join(_export_dir(path), STATS_FILE)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"model.vae.init_from: {file} not found (written next to {AE_FILE} by vae_train)")
-    with open(file) as fh:
-        return json.load(fh)
-
-
-def _check_arch(stats: dict, vae_cfg, path: str):
-    want = _arch(vae_cfg)
-    for key, value in want.items():
-        if stats["vae"].get(key) != value:
-            raise ConfigError(f"model.vae.{key}: {value} differs from the VAE in {path} "
-                              f"({key}={stats['vae'].get(key)}); use the VAE stage's model.vae")
-
-
-def load_vae_params(path: str, vae_cfg=None) -> dict:
-    """The exported VAE as a ``FluxVAE`` param tree of float32 numpy arrays (``{'encoder', 'decoder'}``, the
-    layout of ``Bagel`` ``params['vae']``). ``path``: the VAE-stage workdir, its export/ dir, or the
-    ae.safetensors. ``vae_cfg`` (default: the architecture in vae.json) must match the exported architecture."""
-    from bagel_jax.convert.bagel_ckpt import load_vae_params as load_ae
-    stats = load_latent_stats(path)
-    if vae_cfg is None:  # the schema's model.vae with the exported architecture
-        vae_cfg = base_config().model.vae
-        vae_cfg.update({**stats["vae"], "ch_mult": tuple(stats["vae"]["ch_mult"])})
-    _check_arch(stats, vae_cfg, path)
-    return load_ae(os.path.join(_export_dir(path), AE_FILE), ml_collections.ConfigDict({"vae": vae_cfg}))
-
-
-def apply_vae_init_config(config) -> dict | None:
-    """If ``model.vae.init_from`` is set: checks the architecture and sets ``model.vae.scale_factor`` /
-    ``shift_factor`` from its vae.json (call before the model is built). Returns the stats (None if unset)."""
-    path = config.model.vae.init_from
-    if not path:
-        return None
-    stats = load_latent_stats(path)
-    _check_arch(stats, config.model.vae, path)
-    config.model.vae.scale_factor = float(stats["scale_factor"])
-    config.model.vae.shift_factor = float(stats["shift_factor"])
-    logging.info("model.vae from %s: scale_factor=%.6g shift_factor=%.6g", path, config.model.vae.scale_factor,
-                 config.model.vae.shift_factor)
-    return stats
-
-
-def replace_vae_params(state, shardings, path: str, vae_cfg=None):
-    """``state`` with ``params['vae']`` and ``ema_params['vae']`` replaced by the exported VAE at ``path``, placed
-    with ``shardings`` (the state's ``TrainState`` of shardings); two separate copies, as the train step donates
-    the state. The VAE is frozen, so the optimizer state holds nothing for it."""
-    loaded = load_vae_params(path, vae_cfg)
-    current = state.params["vae"]
-    if jax.tree.structure(loaded) != jax.tree.structure(current):
-        raise ValueError(f"model.vae.init_from: {path} has a different VAE param tree than the model")
-    for (kp, a), b in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(current)):
-        if a.shape != b.shape:
-            raise ValueError(f"model.vae.init_from: vae{jax.tree_util.keystr(kp)} has shape {a.shape} in {path}, "
-                             f"the model has {b.shape}")
-
-    def put(tree, like, where):
-        return jax.tree.map(lambda a, x, s: jax.device_put(a.astype(x.dtype), s), tree, like, where)
-
-    params = {**state.params, "vae": put(loaded, current, shardings.params["vae"])}
-    ema = {**state.ema_params, "vae": put(loaded, state.ema_params["vae"], shardings.ema_params["vae"])}
-    return state.replace(params=params, ema_params=ema)
-
-
 # --- the loop ----------------------------------------------------------------------------------------------------
 
 def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
@@ -412,12 +306,20 @@ def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
     scalars (last training log + ``eval/*`` + scale/shift)."""
     devices = jax.devices() if devices is None else list(devices)
     validate_vae_config(config, num_devices=len(devices))
-    prepare_workdir(config, workdir)
+    with claim(workdir):  # one trainer per workdir
+        prepare_workdir(config, workdir)
+        return loop.run(config, workdir, vae_stage(config, workdir), devices)
+
+
+def vae_stage(config, workdir: str) -> loop.Stage:
+    """The VAE stage of the loop (``config`` validated, the workdir prepared)."""
     model, init_fn = make_vae_init_fn(config)
     evaluator = ReconEval(model, config) if jax.process_index() == 0 and config.vae_stage.eval_images else None
 
-    def evaluate(step: int, state, logger) -> dict[str, float]:
-        if evaluator is None:
+    due = loop.every(int(config.vae_stage.eval_every))
+
+    def evaluate(step: int, state, logger, final: bool) -> dict[str, float]:
+        if evaluator is None or not due(step, final):
             return {}
         out = {}
         for name, params in (("", state.params), ("_ema", state.ema_params)):
@@ -447,17 +349,17 @@ def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
         logger.write_scalars(step, {k: meta[k] for k in ("scale_factor", "shift_factor")})
         return dict(scale_factor=meta["scale_factor"], shift_factor=meta["shift_factor"], run_wall_seconds=run_seconds)
 
-    return run_stage(config, workdir, init_fn=init_fn, loss_fn=make_vae_loss_fn(model, config),
-                     make_data=lambda index, count: iter(make_image_dataset(config, index, count)),
-                     evaluate=evaluate, export=export, every=int(config.vae_stage.eval_every), what="VAE stage",
-                     devices=devices)
+    return loop.Stage(name="VAE stage", init_fn=init_fn, loss_fn=make_vae_loss_fn(model, config),
+                      make_data=lambda index, count: iter(make_image_dataset(config, index, count)),
+                      evaluate=evaluate, export=export,
+                      exported=lambda: os.path.isfile(os.path.join(workdir, EXPORT_DIR, STATS_FILE)))
 
 
-def run():
+def main():
     from bagel_jax.train.app import run as run_app
     run_app(train_vae, example_config="configs/tiny_vae.py",
             workdir_help="output directory: checkpoints, metrics, TensorBoard, export/")
 
 
 if __name__ == "__main__":
-    run()
+    main()

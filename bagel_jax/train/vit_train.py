@@ -32,7 +32,6 @@ copy are replaced, sharded like the originals); the same key loads any HF SigLIP
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -48,9 +47,10 @@ from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import synthetic_shapes as shapes
 from bagel_jax.model.bagel import pixels_to_unit
 from bagel_jax.model.siglip import SiglipNaViT
-from bagel_jax.train.stage import prepare_workdir, run_stage
+from bagel_jax.convert.vit_export import EXPORT_DIR, INFO_FILE, export_vit
+from bagel_jax.train import loop
+from bagel_jax.train.workdir import claim, prepare_workdir
 
-EXPORT_DIR, WEIGHTS_FILE, CONFIG_FILE, INFO_FILE = "export", "model.safetensors", "config.json", "vit_stage.json"
 NUM_CELLS = 9
 NUM_SHAPES, NUM_COLORS = 1 + len(shapes.SHAPES), 1 + len(shapes.COLORS)  # class 0 = empty cell
 SHUFFLE_STREAM = 11  # seeds the shuffle with (data.seed, 11): a stream no other pipeline uses
@@ -223,92 +223,6 @@ class CellEval:
                 "scene_acc": float(right.all(-1).mean())}
 
 
-# --- export / import ---------------------------------------------------------------------------------------------
-
-def hf_vision_config(model_cfg) -> dict:
-    """transformers ``SiglipVisionConfig`` of ``model.vit`` (exact layer count, no pooling head)."""
-    v = model_cfg.vit
-    side = int(round(v.num_positions ** 0.5))
-    if side * side != v.num_positions:
-        raise ConfigError(f"model.vit.num_positions: {v.num_positions} is not a square")
-    return dict(model_type="siglip_vision_model", architectures=["SiglipVisionModel"], hidden_size=v.hidden_size,
-                intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-                num_attention_heads=v.num_heads, patch_size=v.patch_size, image_size=side * v.patch_size,
-                num_channels=3, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act, vision_use_head=False)
-
-
-def export_vit(directory: str, vit_params, model_cfg, info: dict | None = None) -> str:
-    """Writes the ViT (``params['vit_model']``) as a transformers SigLIP vision checkpoint; returns ``directory``."""
-    from safetensors.numpy import save_file
-
-    from bagel_jax.convert.hf_vision import params_to_siglip
-    os.makedirs(directory, exist_ok=True)
-    tree = jax.tree.map(np.asarray, jax.device_get(nn.meta.unbox(vit_params)))
-    save_file(params_to_siglip(tree, model_cfg), os.path.join(directory, WEIGHTS_FILE))
-    with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
-        json.dump(hf_vision_config(model_cfg), fh, indent=2, sort_keys=True)
-    with open(os.path.join(directory, INFO_FILE), "w") as fh:
-        json.dump(info or {}, fh, indent=2, sort_keys=True)
-    return directory
-
-
-def _weights_file(path: str) -> str:
-    """A ViT-stage workdir, its export/ dir, an HF checkpoint dir, or a .safetensors file → the weights file."""
-    if os.path.isfile(path):
-        return path
-    for cand in (path, os.path.join(path, EXPORT_DIR)):
-        if os.path.isfile(os.path.join(cand, WEIGHTS_FILE)):
-            return os.path.join(cand, WEIGHTS_FILE)
-    raise FileNotFoundError(f"model.vit.init_from: no {WEIGHTS_FILE} in {path} or {os.path.join(path, EXPORT_DIR)} "
-                            f"(run python -m bagel_jax.train.vit_train first)")
-
-
-def check_vit_init(config) -> None:
-    """Raises ``ConfigError`` naming ``model.vit.init_from`` if it is set and holds no weights file."""
-    path = config.model.vit.init_from
-    if path:
-        if not config.model.visual_und:
-            raise ConfigError("model.vit.init_from: set, but model.visual_und is False (the model has no ViT)")
-        try:
-            _weights_file(path)
-        except FileNotFoundError as e:
-            raise ConfigError(str(e)) from None
-
-
-def load_vit_params(path: str, model_cfg) -> dict:
-    """An exported (or any transformers SigLIP) vision checkpoint as a ``SiglipNaViT`` param tree of float32 numpy
-    arrays (the layout of ``Bagel`` ``params['vit_model']``). Keys outside the vision model (a full SigLIP's
-    ``text_model.*``, ``logit_scale``) are skipped; a shape that does not fit ``model.vit`` raises."""
-    from safetensors.numpy import load_file
-
-    from bagel_jax.convert.hf_vision import SIGLIP_PREFIXES, siglip_to_params
-    file = _weights_file(path)
-    sd = load_file(file)
-    prefix = next((p for p in SIGLIP_PREFIXES if p + "post_layernorm.weight" in sd), None)
-    if prefix is None:
-        raise ConfigError(f"model.vit.init_from: {file} holds no SigLIP vision model (no post_layernorm.weight)")
-    try:
-        return siglip_to_params({k: v for k, v in sd.items() if k.startswith(prefix)}, model_cfg, prefix)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"model.vit.init_from: {file}: {e}") from None
-
-
-def replace_vit_params(state, shardings, path: str, model_cfg):
-    """``state`` with ``params['vit_model']`` and ``ema_params['vit_model']`` replaced by the checkpoint at ``path``
-    (two copies, placed with ``shardings``). The optimizer state of a fresh run is zeros, so it stays valid."""
-    loaded = load_vit_params(path, model_cfg)
-
-    def put(tree, like, where):
-        if jax.tree.structure(tree) != jax.tree.structure(like):
-            raise ConfigError(f"model.vit.init_from: {path} has a different ViT param tree than the model")
-        return jax.tree.map(lambda a, x, s: jax.device_put(np.asarray(a, x.dtype), s), tree, like, where)
-
-    params = {**state.params, "vit_model": put(loaded, state.params["vit_model"], shardings.params["vit_model"])}
-    ema = {**state.ema_params, "vit_model": put(loaded, state.ema_params["vit_model"],
-                                                shardings.ema_params["vit_model"])}
-    return state.replace(params=params, ema_params=ema)
-
-
 # --- the loop ----------------------------------------------------------------------------------------------------
 
 def train_vit(config, workdir: str, devices=None) -> dict[str, Any]:
@@ -316,12 +230,20 @@ def train_vit(config, workdir: str, devices=None) -> dict[str, Any]:
     (last training log + ``eval/*``)."""
     devices = jax.devices() if devices is None else list(devices)
     validate_vit_config(config, num_devices=len(devices))
-    prepare_workdir(config, workdir, build_data=False)  # scenes are rendered on the fly
+    with claim(workdir):  # one trainer per workdir
+        prepare_workdir(config, workdir, build_data=False)  # scenes are rendered on the fly
+        return loop.run(config, workdir, vit_stage(config, workdir), devices)
+
+
+def vit_stage(config, workdir: str) -> loop.Stage:
+    """The ViT stage of the loop (``config`` validated, the workdir prepared)."""
     model, init_fn = make_vit_init_fn(config)
     evaluator = CellEval(model, config) if jax.process_index() == 0 and config.vit_stage.eval_images else None
 
-    def evaluate(step: int, state, logger) -> dict[str, float]:
-        if evaluator is None:
+    due = loop.every(int(config.vit_stage.eval_every))
+
+    def evaluate(step: int, state, logger, final: bool) -> dict[str, float]:
+        if evaluator is None or not due(step, final):
             return {}
         out = {f"eval/{k}{name}": v for name, params in (("", state.params), ("_ema", state.ema_params))
                for k, v in evaluator(params).items()}
@@ -342,17 +264,17 @@ def train_vit(config, workdir: str, devices=None) -> dict[str, Any]:
               flush=True)
         return dict(run_wall_seconds=run_seconds)
 
-    return run_stage(config, workdir, init_fn=init_fn, loss_fn=make_vit_loss_fn(model),
-                     make_data=lambda index, count: iter(make_scene_dataset(config, index, count)),
-                     evaluate=evaluate, export=export, every=int(config.vit_stage.eval_every), what="ViT stage",
-                     devices=devices)
+    return loop.Stage(name="ViT stage", init_fn=init_fn, loss_fn=make_vit_loss_fn(model),
+                      make_data=lambda index, count: iter(make_scene_dataset(config, index, count)),
+                      evaluate=evaluate, export=export,
+                      exported=lambda: os.path.isfile(os.path.join(workdir, EXPORT_DIR, INFO_FILE)))
 
 
-def run():
+def main():
     from bagel_jax.train.app import run as run_app
     run_app(train_vit, example_config="configs/tiny_vit.py",
             workdir_help="output directory: checkpoints, metrics, TensorBoard, export/")
 
 
 if __name__ == "__main__":
-    run()
+    main()

@@ -1,4 +1,5 @@
-"""Evaluate a training run's workdir: its config, its checkpoint (EMA or raw params) or the untrained model.
+"""A training run's workdir as an inference model: its config, its checkpoint (EMA or raw params) or the untrained
+model. The eval CLI scores runs through it::
 
     python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro [--params=ema|params|untrained]
         [--only=geneval,vqa] [--output=scores.json]
@@ -58,11 +59,11 @@ def load_run_params(config, workdir: str, which: str = "ema"):
     """
     from flax.core import meta
 
+    from bagel_jax.convert.run_checkpoint import load_params
+    from bagel_jax.convert.vae_export import load_vae_params
+    from bagel_jax.convert.vit_export import load_vit_params
     from bagel_jax.model.bagel import make_init_fn
-    from bagel_jax.train.checkpoint import load_params
-    from bagel_jax.train.state import split_init_key
-    from bagel_jax.train.vae_train import load_vae_params
-    from bagel_jax.train.vit_train import load_vit_params
+    from bagel_jax.model.init_key import split_init_key
 
     if which not in PARAMS:
         raise ConfigError(f"--params: expected one of {PARAMS}, got {which!r}")
@@ -87,21 +88,3 @@ def run_inferencer(workdir: str, which: str = "ema", config=None):
     config = load_run_config(workdir) if config is None else config
     model, params = load_run_params(config, workdir, which)
     return Inferencer(model, params, tokenizer_from_config(config), config.data)
-
-
-MAX_ANSWER_TOKENS = 32  # shapes-VQA answers are ~10 tokens; an untrained model never stops on its own
-
-
-def inferencer_fns(inf, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
-    """The evaluators' callables from an ``Inferencer`` (answers capped at ``max_answer_tokens`` fed tokens; an
-    image's ``seed`` is its sampling key, ``jax.random.key(seed)``)."""
-    def generate_fn(prompt, seed):
-        return inf.generate(prompt, rng=jax.random.key(seed))
-
-    def answer_fn(image, question):
-        return inf.answer(image, question, max_length=max_answer_tokens)
-
-    def edit_fn(image, instruction, seed):
-        return inf.edit(image, instruction, rng=jax.random.key(seed))
-
-    return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}

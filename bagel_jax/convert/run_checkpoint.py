@@ -1,0 +1,51 @@
+"""Reading params out of a training run's Orbax checkpoints (or a params pytree the converter saved): what inference,
+evals and ``train.init_from`` need, without the trainer.
+
+Layout (written by ``bagel_jax.train.checkpoint.Checkpointer``): ``<workdir>/checkpoints/<step>/{state, data}``;
+``state`` holds the whole ``TrainState`` (``params``, ``ema_params``, ...). Only the asked-for field is read, sharded
+onto the given abstract params' shardings.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+STATE, DATA = "state", "data"  # the items of one checkpoint step
+
+
+def load_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> Any:
+    """Params restored sharded onto ``abstract_params``' shardings.
+
+    ``path``: a params pytree saved with ``ocp.StandardCheckpointer().save(path, params)`` (what the
+    converter writes), or a run's workdir / ``checkpoints`` dir / step dir (its ``state.params``, or
+    ``state.ema_params`` with ``use_ema``).
+    """
+    root = epath.Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    step_dir = _find_state_dir(root)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    if step_dir is None:  # a plain params pytree
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(root, abstract_params)
+    field = "ema_params" if use_ema else "params"
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+            item={field: abstract_params}, restore_args={field: restore_args}, partial_restore=True))
+    return out[field]
+
+
+def _find_state_dir(root: epath.Path) -> epath.Path | None:
+    """The step directory holding a ``state`` item under ``root`` (latest step), or None."""
+    if (root / STATE).exists():
+        return root
+    for base in (root / "checkpoints", root):
+        steps = [p for p in base.iterdir() if p.name.isdigit() and (p / STATE).exists()] if base.exists() else []
+        if steps:
+            return max(steps, key=lambda p: int(p.name))
+    return None
+
+
+# --- the loop's entry point ------------------------------------------------------------------------

@@ -1,0 +1,21 @@
+"""The evaluators' callables (``generate_fn``, ``answer_fn``, ``edit_fn``) from an ``Inferencer``."""
+from __future__ import annotations
+
+import jax
+
+MAX_ANSWER_TOKENS = 32  # shapes-VQA answers are ~10 tokens; an untrained model never stops on its own
+
+
+def inferencer_fns(inf, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
+    """The evaluators' callables from an ``Inferencer`` (answers capped at ``max_answer_tokens`` fed tokens; an
+    image's ``seed`` is its sampling key, ``jax.random.key(seed)``)."""
+    def generate_fn(prompt, seed):
+        return inf.generate(prompt, rng=jax.random.key(seed))
+
+    def answer_fn(image, question):
+        return inf.answer(image, question, max_length=max_answer_tokens)
+
+    def edit_fn(image, instruction, seed):
+        return inf.edit(image, instruction, rng=jax.random.key(seed))
+
+    return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}
