@@ -12,6 +12,10 @@ metadata). For each (mix, length) it times, in bf16 with head_dim 128 (one tenso
 * ``cudnn causal``: cuDNN flash attention with a plain causal mask on the same shapes (not the BAGEL mask:
   the speed a dense fused kernel reaches on a row of this length, for scale).
 
+Columns: L; mix; mask density (allowed (q, kv) pairs ÷ L², padding included); impl; fwd ms and fwd+bwd ms
+(median wall time of one jitted call); fwd+bwd vs dense (the dense row's fwd+bwd ms ÷ this row's: above 1 is
+faster than dense; for ``cudnn causal`` it compares runs of different masks).
+
 Correctness on the device: the ``gpu`` output and its gradients against the f32 oracle (``reference_attention``)
 at the shortest length. Prints a markdown table (median of ``--reps`` timed calls after two warm-ups, ms) and
 writes it, with the raw numbers as JSON, to ``--out``. Cases that run out of memory print ``OOM``; cases not

@@ -2,18 +2,24 @@
 
     python benchmarks/mask_blocks.py [--block 512] [--seed 0]
 
-Builds 32K and 45K rows of three mixes (T2I-heavy, VLM-heavy, interleaved) from the sample structures
-of the reference (shared/reference/bagel.md §3.3, §6.2), lays them out modality-sorted (und slots first,
-gen slots last, each region padded to its budget; ``index`` keeps the natural order), and counts per row:
+Builds rows of L = 32768 ("32K") and 46080 ("45K", 90 blocks of 512; the packing and AOT numbers use 45056) of
+three mixes (T2I-heavy, VLM-heavy, interleaved) from the sample structures of the reference (its bagel.md §3.3,
+§6.2), lays them out modality-sorted (und slots first, gen slots last, each region padded to its budget;
+``index`` keeps the natural order), and prints a markdown table whose counts are summed over ``--rows`` rows:
 
-* kernel: blocks the forward kernel computes (block map from per-block min/max, block_map.py) and its
-  grid steps (plus one step per q row without any block, which only writes zeros);
-* minimal: blocks that hold at least one allowed pair (exact, from the dense mask, chunked);
-* splash: blocks that splash attention with a static causal mask + segment ids visits (n(n+1)/2: it
-  cannot skip blocks by segment; and causal in physical order is not even the BAGEL mask);
-* mask bytes per row: our metadata (4 × int32 per token) + the three schedules (fwd, dq, dkv:
-  int32 per block pair) vs splash's dynamic mask (one bool per pair, L²).
-Prints a markdown table.
+* docs, und/gen tokens: documents packed and real tokens in the und and gen regions;
+* kernel blocks: (q, kv) blocks the forward kernel computes (block map from per-block min/max, block_map.py);
+* minimal: blocks that hold at least one allowed pair (exact, from the dense mask, chunked); kernel/min is
+  their ratio (1.000 = the kernel skips every empty block);
+* grid steps: the forward schedule's steps (kernel blocks plus one step per q block row without any block,
+  which only writes zeros);
+* FULL (min): blocks the kernel treats as fully allowed (no per-element mask), and the exact count of such blocks;
+* splash causal+seg: blocks that splash attention with a static causal mask + segment ids would visit, COUNTED
+  as n(n+1)/2 for n blocks per side (it cannot skip blocks by segment; and causal in physical order is not even
+  the BAGEL mask), not measured by running splash; splash/kernel is that count ÷ kernel blocks;
+* mask bytes/row ours: our metadata (4 × int32 per token) + the three schedules (fwd, dq, dkv: int32 per block
+  pair); splash dynamic: splash's dynamic mask at one byte per (q, kv) pair, L² bytes. Both are computed sizes.
+It also checks the block map against the dense mask and raises if it would skip a non-empty block.
 """
 from __future__ import annotations
 

@@ -8,8 +8,14 @@ Transforms as the reference's example.yaml: VAE (1024, 512, 16) for all; ViT (98
 (518, 224, 14) for edit. Rows: L = 32768 (und 11520, gen 21248, 12 VAE images of 1024², 1 row per batch).
 
 ``--pixel_dtype uint8`` ships raw pixels (the model normalises on device) instead of float32 in [-1, 1].
-Reports wall-clock real tokens/s with ``--workers`` grain worker processes (mp_prefetch), and — because the
-machine may be shared — the CPU seconds the workers used, i.e. the throughput per fully used core.
+Prints one line, measured over ``--batches`` rows after ``--warmup`` rows, with ``--workers`` grain worker
+processes (mp_prefetch):
+* K real tokens/s wall: non-padding tokens of the rows ÷ wall-clock seconds (depends on what else the machine runs);
+* tokens per CPU-second: the same tokens ÷ CPU seconds used by the main process and its workers, and that × the
+  number of workers ("tokens/s on N dedicated cores"): the throughput if each worker had a core to itself;
+* last-row fill, and the CPU seconds of the main process and of the workers.
+There is no second column: the official pipeline is not run here (its ≈200K real tokens/s with 2 workers,
+quoted in docs/EXPERIMENTS.md, was measured elsewhere).
 
     python benchmarks/pipeline_throughput.py [--workers 2] [--batches 40] [--workdir /tmp/bagel_pipeline_bench]
 """

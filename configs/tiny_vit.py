@@ -3,7 +3,7 @@
 Command:  python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit
 Then:     python -m bagel_jax.train --config=configs/tiny_repro.py --workdir=/tmp/bagel_repro \\
               --config.model.vit.init_from=/tmp/tiny_vit --config.model.vae.init_from=/tmp/tiny_vae
-Expected: see the README ("Reproduce at small scale"): held-out per-cell accuracy (shape and colour of each of the
+Expected: see docs/EXPERIMENTS.md (2.2, the ViT stage): held-out per-cell accuracy (shape and colour of each of the
           9 grid cells) near 1.0 within a few hundred steps (800 steps: 1.0, 20 s); export/ is a transformers
           SiglipVisionModel checkpoint.
 Model:    model.vit of configs/tiny_repro.py (3 layers × 64, patch 14), images resized by data.vit_transform
