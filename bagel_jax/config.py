@@ -4,6 +4,9 @@ the key. ``configs/*.py`` start from ``base_config()`` and override values.
 """
 from __future__ import annotations
 
+import difflib
+import os
+import tempfile
 from typing import Any, Callable
 
 import ml_collections
@@ -249,14 +252,48 @@ def _data_transforms(c):
 @rule
 def _training(c):
     t = c.train
-    _check(t.lr >= 0, "train.lr", f"must be >= 0, got {t.lr}")
+    _check(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    for k in ("lr", "min_lr", "weight_decay", "max_grad_norm", "warmup_steps", "keep_checkpoints", "eval_every",
+              "sample_every", "peak_tflops"):
+        _check(t[k] >= 0, f"train.{k}", f"must be >= 0, got {t[k]}")
+    for k in ("log_every", "checkpoint_every", "sample_steps"):  # steps between events / Euler steps
+        _check(t[k] >= 1, f"train.{k}", f"must be >= 1, got {t[k]}")
     _check(0.0 <= t.ema_decay <= 1.0, "train.ema_decay", f"must be in [0, 1], got {t.ema_decay}")
+    for k in ("beta1", "beta2"):
+        _check(0.0 <= t[k] < 1.0, f"train.{k}", f"must be in [0, 1), got {t[k]}")
+    _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
-    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    for key in ("max_consecutive_nonfinite", "rollback_skip_batches", "max_rollbacks", "keep_checkpoints"):
+    for key in ("max_consecutive_nonfinite", "rollback_skip_batches", "max_rollbacks"):
         _check(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
+    _check(c.data.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+           f"{t.grad_accum_steps} microbatches do not divide data.batch_size={c.data.batch_size}")
     for name in t.freeze:
         _check(name in FREEZABLE, "train.freeze", f"unknown module {name!r} (freezable: {', '.join(FREEZABLE)})")
+
+
+# The TPU kernel's tiles (attention/tpu_split_splash.py LANES, attention/block_map.py MAX_BLOCKS; tests check they
+# agree): block sizes are multiples of 128 and a row holds at most 2048 blocks per sequence axis.
+ATTENTION_LANES, ATTENTION_MAX_BLOCKS = 128, 2048
+
+
+@rule
+def _attention_blocks(c):
+    m = c.model
+    for k in ("attention_block_q", "attention_block_kv"):
+        block = m[k]
+        _check(block > 0 and block % ATTENTION_LANES == 0, f"model.{k}",
+               f"must be a positive multiple of {ATTENTION_LANES} (the TPU kernel's lane width), got {block}")
+        blocks = -(-c.data.seq_len // block)
+        _check(blocks <= ATTENTION_MAX_BLOCKS, f"model.{k}",
+               f"{block} splits data.seq_len={c.data.seq_len} into {blocks} blocks > {ATTENTION_MAX_BLOCKS}")
+
+
+@rule
+def _loader(c):
+    d = c.data
+    for k in ("num_workers", "prefetch", "synthetic_examples"):
+        _check(d[k] >= 0, f"data.{k}", f"must be >= 0, got {d[k]}")
+    _check(d.max_input_pixels > 0, "data.max_input_pixels", f"must be > 0, got {d.max_input_pixels}")
 
 
 @rule
@@ -270,15 +307,19 @@ def _mesh(c):
            f"tensor={p.tensor} does not divide model.num_kv_heads={c.model.num_kv_heads}")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             platform: str | None = None, num_processes: int = 1) -> ml_collections.ConfigDict:
     """Checks ``config`` against the schema; raises ``ConfigError`` naming the first bad key.
 
-    ``num_devices`` (optional) also checks the mesh and the batch against the device count.
+    ``num_devices`` (optional) also checks the mesh, the batch and accumulation against the device count (and the
+    batch against ``num_processes`` hosts);
+    ``platform`` (optional, ``jax.default_backend()`` of the run: cpu | gpu | tpu) checks the attention
+    kernel against it. Pure: reads nothing but the config (see ``check_paths`` for the filesystem).
     """
     schema = dict(_flatten(base_config()))
     for key, value in _flatten(config):
         if key not in schema:
-            raise ConfigError(f"{key}: unknown config key")
+            raise ConfigError(unknown_key_message(key, schema))
         default = schema[key]
         if not _type_ok(default, value):
             raise ConfigError(f"{key}: expected {type(default).__name__}, got {type(value).__name__} {value!r}")
@@ -290,12 +331,39 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for fn in _RULES:
         fn(config)
     if num_devices is not None:
-        check_devices(config, num_devices)
+        check_devices(config, num_devices, num_processes)
+    if platform is not None:
+        check_platform(config, platform)
     return config
 
 
-def check_devices(config, num_devices: int) -> tuple[int, int, int, int]:
-    """Resolves -1 in the mesh and checks it and the batch against ``num_devices``; returns sizes."""
+def unknown_key_message(key: str, known) -> str:
+    """``"train.lrr: unknown config key (did you mean train.lr?)"``; ``known``: the valid dotted keys."""
+    known = list(known)
+    sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    close = difflib.get_close_matches(key, known + sorted(sections), n=1, cutoff=0.6)
+    if not close:  # a typo in the last part only: compare it with its siblings
+        parent, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+        close = [f"{parent}.{m}" if parent else m for m in difflib.get_close_matches(leaf, siblings, n=1)]
+    return f"{key}: unknown config key" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def config_keys(config) -> list[str]:
+    """Every dotted leaf key of ``config`` (free-form sections count as leaves)."""
+    return [k for k, _ in _flatten(config)]
+
+
+def check_platform(config, platform: str) -> None:
+    """``model.attention_impl`` against the backend the run compiles for (``tpu`` needs TPU devices)."""
+    impl = config.model.attention_impl
+    _check(impl != "tpu" or platform == "tpu", "model.attention_impl",
+           f"'tpu' (the Pallas TPU kernel) cannot run on {platform} devices; use 'auto', 'gpu' or 'reference'")
+
+
+def check_devices(config, num_devices: int, num_processes: int = 1) -> tuple[int, int, int, int]:
+    """Resolves -1 in the mesh and checks it, the batch and accumulation against ``num_devices`` (and the batch
+    against ``num_processes`` hosts, each loading its share); returns the mesh sizes."""
     p = config.parallel
     sizes = [p.data, p.fsdp, p.tensor, p.sequence]
     fixed = 1
@@ -310,7 +378,130 @@ def check_devices(config, num_devices: int) -> tuple[int, int, int, int]:
     batch_shards = sizes[0] * sizes[1]
     _check(config.data.batch_size % batch_shards == 0, "data.batch_size",
            f"{config.data.batch_size} rows not divisible by data×fsdp = {batch_shards}")
+    k = config.train.grad_accum_steps
+    _check(config.data.batch_size % (batch_shards * k) == 0, "train.grad_accum_steps",
+           f"{k} microbatches × {batch_shards} batch shards (data×fsdp) do not divide "
+           f"data.batch_size={config.data.batch_size}")
+    _check(config.data.batch_size % num_processes == 0, "data.batch_size",
+           f"{config.data.batch_size} rows not divisible by {num_processes} hosts")
     return tuple(sizes)
+
+
+# --- the filesystem --------------------------------------------------------------------------------
+
+# Layouts read by the loaders (data/builders/synthetic_shapes.py, train/vae_train.py, train/vit_train.py);
+# tests check they agree.
+SHAPES_TOKENIZER = os.path.join("synthetic_shapes", "tokenizer.model")
+VAE_EXPORT_FILES, VIT_EXPORT_FILES = ("ae.safetensors", "vae.json"), ("model.safetensors",)
+EXPORT_DIR = "export"
+STAGE_INPUTS = {  # what each trainer reads besides its workdir
+    "bagel": ("tokenizer", "datasets", "init_from"), "vae": ("datasets",), "vit": (),
+}
+
+
+def is_remote(path: str) -> bool:
+    """``gs://…`` and other URLs: not checked from this machine."""
+    return "://" in str(path)
+
+
+def latest_checkpoint(workdir: str) -> int | None:
+    """The newest finished checkpoint step in ``workdir/checkpoints`` (unfinished saves have non-numeric names)."""
+    root = os.path.join(workdir, "checkpoints")
+    if is_remote(workdir) or not os.path.isdir(root):
+        return None
+    steps = [int(n) for n in os.listdir(root) if n.isdigit() and os.path.isdir(os.path.join(root, n))]
+    return max(steps, default=None)
+
+
+def _check_writable_dir(path: str, key: str) -> None:
+    """``path`` is a directory this process can write in, or can be created: probes the nearest existing ancestor by
+    creating (and removing) a file there, as permissions alone do not tell (root, read-only mounts)."""
+    target = os.path.abspath(path)
+    if os.path.exists(target):
+        _check(os.path.isdir(target), key, f"{path} exists and is not a directory")
+    else:
+        while not os.path.exists(target):
+            target = os.path.dirname(target)
+        _check(os.path.isdir(target), key, f"cannot create {path}: {target} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".bagel_write_probe_"):
+            pass
+    except OSError as e:
+        where = path if target == os.path.abspath(path) else f"{target} (to create {path})"
+        raise ConfigError(f"{key}: cannot write in {where}: {e.strerror or e}") from None
+
+
+def _check_tower(path: str, key: str, files: tuple[str, ...], stage: str) -> None:
+    if not path or is_remote(path):
+        return
+    _check(os.path.exists(path), key, f"{path} does not exist")
+    if os.path.isfile(path):  # the weights file itself: the rest of the export must sit beside it
+        beside = os.path.dirname(os.path.abspath(path))
+        missing = [f for f in files[1:] if not os.path.isfile(os.path.join(beside, f))]
+        _check(not missing, key, f"no {' + '.join(missing)} next to {path}")
+        return
+    for cand in (path, os.path.join(path, EXPORT_DIR)):
+        if all(os.path.isfile(os.path.join(cand, f)) for f in files):
+            return
+    raise ConfigError(f"{key}: no {' + '.join(files)} in {path} or {os.path.join(path, EXPORT_DIR)} "
+                      f"(run python -m bagel_jax.train.{stage}_train first)")
+
+
+def _has_dataset(data_dir: str, name: str) -> bool:
+    root = os.path.join(data_dir, name)
+    for base, _, files in os.walk(root):
+        if "dataset_info.json" in files:
+            return True
+    return False
+
+
+def check_paths(config, workdir: str | None = None, stage: str = "bagel") -> None:
+    """The filesystem against ``config``, before anything is built: the workdir can be written, and the inputs the
+    ``stage`` (``STAGE_INPUTS``) reads exist: the tokenizer, the datasets of the mixture, ``train.init_from`` (on a
+    fresh start), ``model.vae.init_from`` / ``model.vit.init_from``. Remote (``gs://``) paths are skipped.
+
+    Raises ``ConfigError`` naming the key (``workdir`` for the workdir itself).
+    """
+    needs = STAGE_INPUTS[stage]
+    if workdir and not is_remote(workdir):
+        _check_writable_dir(workdir, "workdir")
+        ckpts = os.path.join(workdir, "checkpoints")
+        if os.path.exists(ckpts):
+            _check_writable_dir(ckpts, "workdir")
+    d = config.data
+    data_dir = d.data_dir or (os.path.join(workdir, "data") if workdir else "")
+    builds_shapes = d.builder == "synthetic_shapes" and d.synthetic_examples > 0  # the trainer builds them
+    if data_dir and not is_remote(data_dir):
+        if builds_shapes:
+            _check_writable_dir(data_dir, "data.data_dir")
+        elif "datasets" in needs:
+            kinds = [k for k, w in d.mixture.items() if w > 0] if stage == "bagel" else ["t2i"]
+            for kind in kinds:
+                name = (d.sources[kind] or d.builder).partition(":")[0]
+                if not _has_dataset(data_dir, name):
+                    key = f"data.sources.{kind}" if d.sources[kind] else "data.data_dir"
+                    hint = (" (or set data.synthetic_examples > 0 to build it)" if name == "synthetic_shapes"
+                            else "")
+                    raise ConfigError(f"{key}: no built dataset {name!r} under {data_dir} for data.mixture.{kind}"
+                                      f"{hint}")
+    if "tokenizer" in needs:
+        if d.tokenizer:
+            _check(is_remote(d.tokenizer) or os.path.isfile(d.tokenizer), "data.tokenizer",
+                   f"{d.tokenizer}: no such file")
+        elif d.builder != "synthetic_shapes":
+            raise ConfigError(f"data.tokenizer: empty, and data.builder={d.builder!r} ships none "
+                              f"(only synthetic_shapes does)")
+        elif not builds_shapes and data_dir and not is_remote(data_dir):
+            path = os.path.join(data_dir, SHAPES_TOKENIZER)
+            _check(os.path.isfile(path), "data.tokenizer",
+                   f"empty, and {path} does not exist (set data.tokenizer, or data.synthetic_examples > 0 to "
+                   f"build the shapes data and its tokenizer)")
+    init = config.train.init_from
+    if "init_from" in needs and init and not is_remote(init) and (not workdir or latest_checkpoint(workdir) is None):
+        _check(os.path.exists(init), "train.init_from", f"{init} does not exist")
+    if stage == "bagel":
+        _check_tower(config.model.vae.init_from, "model.vae.init_from", VAE_EXPORT_FILES, "vae")
+        _check_tower(config.model.vit.init_from, "model.vit.init_from", VIT_EXPORT_FILES, "vit")
 
 
 def _has(config, dotted: str) -> bool:

@@ -1,17 +1,65 @@
 """The absl entry point shared by the trainers: ``--config`` (a get_config() file), ``--workdir``, the
-multi-host flags of ``bagel_jax.distributed``; prints the final scalars as one JSON line on host 0."""
+multi-host flags of ``bagel_jax.distributed``; prints the final scalars as one JSON line on host 0.
+
+Before anything is built it checks the flags, the config (``config.validate`` against the devices) and the
+filesystem (``config.check_paths``): a user error is one line on stderr and exit status 2 (``bagel_jax.cli``).
+A run with nothing to do (``train.steps=0``, or a workdir already trained to ``train.steps``) says so in one line
+and exits 0.
+"""
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable
 
+# stage -> the file its trainer writes last (None: the last checkpoint); a workdir that has it and a checkpoint at
+# train.steps is finished
+DONE_FILES = {"bagel": None, "vae": os.path.join("export", "vae.json"), "vit": os.path.join("export", "vit_stage.json")}
 
-def run(train_fn: Callable, *, example_config: str, workdir_help: str) -> None:
-    """Parses flags and calls ``train_fn(config, workdir) -> dict`` after multi-host start-up."""
+
+def nothing_to_do(config, workdir: str, stage: str = "bagel") -> str | None:
+    """Why a run of ``config`` in ``workdir`` would train nothing (one line), or None."""
+    from bagel_jax.config import latest_checkpoint
+    steps = config.train.steps
+    if steps == 0:
+        return "train.steps=0: nothing to train"
+    latest = latest_checkpoint(workdir)
+    done = DONE_FILES[stage]
+    if latest is not None and latest >= steps and (done is None or os.path.isfile(os.path.join(workdir, done))):
+        return (f"{workdir}: already trained to step {latest} (train.steps={steps}); nothing to do "
+                f"(raise --config.train.steps to train on)")
+    return None
+
+
+def preflight(config, workdir: str, stage: str = "bagel") -> None:
+    """The checks that need no model: the config against the schema, this job's devices and hosts, the
+    filesystem; then exits 0 with one line if there is nothing to train. Raises ``ConfigError``."""
+    import jax
+
+    from bagel_jax import cli
+    from bagel_jax.config import check_paths, validate
+
+    devices = jax.devices()
+    validate(config, num_devices=len(devices), platform=jax.default_backend(), num_processes=jax.process_count())
+    check_paths(config, workdir, stage)
+    reason = nothing_to_do(config, workdir, stage)
+    if reason:
+        cli.say_and_exit(reason)
+
+
+def run(train_fn: Callable, *, example_config: str, workdir_help: str, stage: str = "bagel") -> None:
+    """Parses flags and calls ``train_fn(config, workdir) -> dict`` after multi-host start-up and ``preflight``.
+
+    ``stage`` (bagel | vae | vit): which inputs ``config.check_paths`` looks for, and what a finished workdir holds.
+    """
+    from bagel_jax import cli
+
+    cli.quiet_platforms()
     from absl import app, flags
     from ml_collections import config_flags
 
     from bagel_jax import distributed  # defines --coordinator_address/--num_processes/--process_id
+    from bagel_jax.config import validate
 
     config_flags.DEFINE_config_file("config", None, f"Python config file (get_config()), e.g. {example_config}",
                                     lock_config=True)
@@ -19,11 +67,21 @@ def run(train_fn: Callable, *, example_config: str, workdir_help: str) -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main(argv):
-        del argv
+        if len(argv) > 1:
+            cli.fail(f"unexpected arguments {argv[1:]}")
         import jax
-        distributed.initialize_distributed()
-        result = train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+        config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+        with cli.user_errors():
+            validate(config)  # the config alone, before waiting for other hosts
+            try:
+                distributed.initialize_distributed()
+            except ValueError as e:
+                if not str(e).startswith("distributed:"):
+                    raise
+                raise cli.InputError(str(e)) from None
+            preflight(config, workdir, stage)
+            result = train_fn(config, workdir)
         if jax.process_index() == 0:
             print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
 
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

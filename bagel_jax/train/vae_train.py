@@ -358,7 +358,7 @@ def vae_stage(config, workdir: str) -> loop.Stage:
 def main():
     from bagel_jax.train.app import run as run_app
     run_app(train_vae, example_config="configs/tiny_vae.py",
-            workdir_help="output directory: checkpoints, metrics, TensorBoard, export/")
+            workdir_help="output directory: checkpoints, metrics, TensorBoard, export/", stage="vae")
 
 
 if __name__ == "__main__":

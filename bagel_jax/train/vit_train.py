@@ -273,7 +273,7 @@ def vit_stage(config, workdir: str) -> loop.Stage:
 def main():
     from bagel_jax.train.app import run as run_app
     run_app(train_vit, example_config="configs/tiny_vit.py",
-            workdir_help="output directory: checkpoints, metrics, TensorBoard, export/")
+            workdir_help="output directory: checkpoints, metrics, TensorBoard, export/", stage="vit")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""How the command-line programs start and fail.
+
+A user error (a bad config value, an unknown key, a missing file, a bad flag) is one line on stderr,
+``error: <key or file>: <what is wrong>``, and exit status 2, before anything is initialised or compiled. Programs
+raise ``ConfigError`` (bagel_jax.config), ``InputError`` or ``LaunchError`` (bagel_jax.launch_utils) and run their
+body under ``user_errors()``; absl programs parse their flags with ``parse_flags``.
+
+``quiet_platforms`` keeps jax from loading libtpu (which prints warnings and writes log files to /tmp/tpu_logs)
+on a machine without TPU chips. Imports nothing heavy (no jax).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator, NoReturn, Sequence
+
+from bagel_jax.config import ConfigError, config_keys, unknown_key_message
+
+USER_ERROR = 2  # exit status of a user error (as argparse's)
+
+
+class InputError(ValueError):
+    """A bad command-line input (a flag value, a file); the message is one line naming it."""
+
+
+def one_line(message: object) -> str:
+    """``message`` with its lines joined (a user error is one line, whatever a library put in its text)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def fail(message: object) -> NoReturn:
+    """Prints ``error: <message>`` as one line on stderr and exits with status 2."""
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {one_line(message)}\n")
+    sys.stderr.flush()
+    sys.exit(USER_ERROR)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from bagel_jax.launch_utils import LaunchError
+    return ConfigError, InputError, LaunchError
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Runs the body; a ``ConfigError`` / ``InputError`` / ``LaunchError`` becomes ``fail(message)``."""
+    try:
+        yield
+    except _user_error_types() as e:
+        fail(e)
+
+
+def say_and_exit(message: str) -> NoReturn:
+    """A run with nothing to do: one line on stdout, exit status 0."""
+    print(one_line(message), flush=True)
+    sys.exit(0)
+
+
+# --- absl flags ----------------------------------------------------------------------------------------------------
+
+def _override_keys(argv: Sequence[str], config_flag: str) -> list[tuple[str, str]]:
+    """``[(flag text, dotted key)]`` of the ``--config.a.b=v`` overrides in ``argv``."""
+    prefix = f"--{config_flag}."
+    out = []
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg.startswith(prefix):
+            out.append((arg, arg[len(prefix):].split("=", 1)[0]))
+    return out
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``--name=v`` / ``--name v`` in ``argv`` (the last one), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _config_flag_error(argv: Sequence[str], config_flag: str, error: BaseException) -> str:
+    """One line for a config flag that did not load or whose override failed: the file that does not load, the
+    override key the config lacks (with the nearest valid key), or the override's own error."""
+    from bagel_jax.launch_utils import LaunchError, load_config
+
+    spec = _flag_value(argv, config_flag)
+    if spec is None:
+        return f"--{config_flag}: {one_line(error)}"
+    try:
+        config = load_config(spec)
+    except LaunchError as e:
+        return f"--{config_flag}: {e}"
+    except Exception as e:  # noqa: BLE001  (the user's config file raised)
+        return f"--{config_flag}={spec}: {type(e).__name__}: {one_line(e)}"
+    known = config_keys(config)
+    for _, key in _override_keys(argv, config_flag):
+        if key not in known and not any(key.startswith(k + ".") for k in known):
+            return unknown_key_message(key, known)
+    cause = error.__cause__ or error.__context__
+    text = one_line(error) if cause is None else f"{one_line(error)} ({type(cause).__name__}: {one_line(cause)})"
+    return f"--{config_flag}={spec}: {text}"
+
+
+def parse_flags(argv: Sequence[str], flag_values=None, config_flag: str = "config") -> list[str]:
+    """absl flag parsing (an ``app.run`` ``flags_parser``) with one-line errors: an unknown flag, a bad value, a
+    missing required flag, a config file that does not load, or ``--config.<key>=…`` for a key the config lacks
+    (named with the nearest valid key) exit with status 2. Returns the remaining argv."""
+    from absl import flags
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    argv = list(argv)
+    try:
+        rest = flag_values(argv)
+    except flags.Error as e:
+        fail(e)
+    except Exception as e:  # noqa: BLE001  (the config file or one of its overrides failed: name which)
+        if config_flag not in flag_values:
+            raise
+        fail(_config_flag_error(argv, config_flag, e))
+    if config_flag in flag_values:
+        try:  # config_flags defers a file that failed to load to the first access of the config
+            config = flag_values[config_flag].value
+            if config is not None:
+                config.get("name")
+        except Exception as e:  # noqa: BLE001
+            fail(_config_flag_error(argv, config_flag, e))
+    return rest
+
+
+# --- platforms -----------------------------------------------------------------------------------------------------
+
+def _tpu_chips_present() -> bool:
+    try:
+        from jax._src import hardware_utils
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001  (jax moved it: assume a TPU may be there, change nothing)
+        return True
+
+
+def _gpu_present() -> bool:
+    try:
+        from jax._src import hardware_utils
+        return hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(stop_at=1) > 0
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def quiet_platforms() -> None:
+    """On a machine with neither TPU chips nor GPUs, and ``JAX_PLATFORMS`` unset: run on ``cpu`` without trying
+    libtpu (whose start-up prints warnings and writes log files). Call before jax initialises its backends."""
+    if "JAX_PLATFORMS" in os.environ or _tpu_chips_present() or _gpu_present():
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"  # this process and its children (data workers)
+    if "jax" in sys.modules:
+        import jax
+        jax.config.update("jax_platforms", "cpu")
