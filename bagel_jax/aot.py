@@ -31,7 +31,8 @@ if __name__ == "__main__":  # the planner never runs on accelerators; silence li
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bagel_jax.config import ConfigError, validate  # noqa: E402
+from bagel_jax.cli import InputError, fail, parse_flags, user_errors  # noqa: E402
+from bagel_jax.config import validate  # noqa: E402
 from bagel_jax.parallel.mesh import abstract_batch, logical_rules, make_mesh  # noqa: E402
 from bagel_jax.train import metrics as metrics_lib  # noqa: E402
 from bagel_jax.train.optim import make_optimizer, trainable_mask  # noqa: E402
@@ -143,11 +144,15 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
         kw["chip_config_name"] = "megacore"
     if num_slices > 1:
         kw["num_slices"] = num_slices
+    if num_slices < 1:
+        raise InputError(f"--num_slices: must be >= 1, got {num_slices}")
     try:
         return list(topologies.get_topology_desc(topology, "tpu", **kw).devices)
     except Exception as e:  # libtpu missing or unknown topology
-        raise SystemExit(f"--topology={topology}: cannot build compile-only TPU devices "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); install the [tpu] extra") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"--topology={topology}: cannot build compile-only TPU devices ({type(e).__name__}: "
+                         f"{first}); a known topology (e.g. v5e:2x2, v5p:2x2x2) and the [tpu] extra are "
+                         f"needed") from None
 
 
 def resolve_attention(config):
@@ -168,9 +173,15 @@ def get_builder(loss: str) -> Callable[[Any], ModelSpec]:
     if ":" in loss:
         import importlib
         module, fn = loss.split(":", 1)
-        return getattr(importlib.import_module(module), fn)
+        try:
+            builder = getattr(importlib.import_module(module), fn, None)
+        except ImportError as e:
+            raise InputError(f"--loss={loss}: cannot import {module} ({e})") from None
+        if not callable(builder):
+            raise InputError(f"--loss={loss}: {module} has no function {fn!r}")
+        return builder
     if loss not in LOSSES:
-        raise ConfigError(f"--loss: unknown {loss!r} (registered: {', '.join(sorted(LOSSES))})")
+        raise InputError(f"--loss: unknown {loss!r} (registered: {', '.join(sorted(LOSSES))})")
     return LOSSES[loss]
 
 
@@ -181,7 +192,7 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     """
     loss = loss or default_loss()
     builder = get_builder(loss)
-    validate(config, num_devices=len(devices))
+    validate(config, num_devices=len(devices), platform=devices[0].platform)
     mesh = make_mesh(config, devices)
     rules = logical_rules(config)
     spec = builder(config)
@@ -271,15 +282,22 @@ def report(p: dict[str, Any], step_time: float = 0.0) -> str:
 
 
 def main(argv):
+    """The planner's CLI: a bad flag, config or topology is one line on stderr and exit status 2, before the
+    topology is built or anything compiles."""
     from absl import flags
-    cfg = flags.FLAGS.config
-    resolve_attention(cfg)
-    devices = topology_devices(flags.FLAGS.topology, flags.FLAGS.num_slices)
-    try:
-        p = plan(cfg, devices, flags.FLAGS.loss or None)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    print(report(p, flags.FLAGS.step_time))
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}")
+    cfg = FLAGS.config
+    with user_errors():
+        if FLAGS.step_time < 0:
+            raise InputError(f"--step_time: must be >= 0, got {FLAGS.step_time}")
+        get_builder(FLAGS.loss or default_loss())
+        resolve_attention(cfg)
+        validate(cfg, platform="tpu")  # the config alone, before libtpu builds the topology
+        devices = topology_devices(FLAGS.topology, FLAGS.num_slices)
+        p = plan(cfg, devices, FLAGS.loss or None)
+    print(report(p, FLAGS.step_time))
 
 
 def _define_flags():
@@ -296,4 +314,4 @@ def _define_flags():
 if __name__ == "__main__":
     from absl import app
     _define_flags()
-    app.run(main, argv=sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=parse_flags)

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Iterator, NoReturn, Sequence
 
-from bagel_jax.config import ConfigError, config_keys, unknown_key_message
+from bagel_jax.config import ConfigError, config_keys, has_key, unknown_key_message
 
 USER_ERROR = 2  # exit status of a user error (as argparse's)
 
@@ -98,7 +98,10 @@ def _config_flag_error(argv: Sequence[str], config_flag: str, error: BaseExcepti
         return f"--{config_flag}={spec}: {type(e).__name__}: {one_line(e)}"
     known = config_keys(config)
     for _, key in _override_keys(argv, config_flag):
-        if key not in known and not any(key.startswith(k + ".") for k in known):
+        if not has_key(config, key):
+            if key in known or any(key.startswith(k + ".") for k in known):  # under a free-form section (evals)
+                return (f"{key}: not in {spec} (a command-line override changes a key the config has; add new "
+                        f"entries in the config file)")
             return unknown_key_message(key, known)
     cause = error.__cause__ or error.__context__
     text = one_line(error) if cause is None else f"{one_line(error)} ({type(cause).__name__}: {one_line(cause)})"
@@ -113,15 +116,17 @@ def parse_flags(argv: Sequence[str], flag_values=None, config_flag: str = "confi
 
     flag_values = flags.FLAGS if flag_values is None else flag_values
     argv = list(argv)
+    # a config_flags flag (it has a file name), not a plain string flag of the same name
+    has_config = config_flag in flag_values and hasattr(type(flag_values[config_flag]), "config_filename")
     try:
         rest = flag_values(argv)
     except flags.Error as e:
         fail(e)
     except Exception as e:  # noqa: BLE001  (the config file or one of its overrides failed: name which)
-        if config_flag not in flag_values:
+        if not has_config:
             raise
         fail(_config_flag_error(argv, config_flag, e))
-    if config_flag in flag_values:
+    if has_config:
         try:  # config_flags defers a file that failed to load to the first access of the config
             config = flag_values[config_flag].value
             if config is not None:
@@ -133,26 +138,40 @@ def parse_flags(argv: Sequence[str], flag_values=None, config_flag: str = "confi
 
 # --- platforms -----------------------------------------------------------------------------------------------------
 
-def _tpu_chips_present() -> bool:
-    try:
-        from jax._src import hardware_utils
-        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except Exception:  # noqa: BLE001  (jax moved it: assume a TPU may be there, change nothing)
-        return True
+GOOGLE_PCI_VENDOR = "0x1ae0"
+_NOT_ACCELERATORS = ("0x01", "0x02")  # PCI classes of Google's storage and network devices (gVNIC) on cloud VMs
+GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")  # NVIDIA, WSL2, AMD (ROCm)
 
 
-def _gpu_present() -> bool:
+def _read(path: str) -> str:
     try:
-        from jax._src import hardware_utils
-        return hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(stop_at=1) > 0
-    except Exception:  # noqa: BLE001
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def tpu_may_be_present() -> bool:
+    """True unless this machine surely has no TPU chip: any Google PCI device other than storage or network (what
+    jax's own probe looks for, without its list of chip ids), or a /dev/accel* / /dev/vfio device node."""
+    import glob
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
         return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        if _read(vendor) == GOOGLE_PCI_VENDOR:
+            if not _read(os.path.join(os.path.dirname(vendor), "class")).startswith(_NOT_ACCELERATORS):
+                return True
+    return False
+
+
+def gpu_may_be_present() -> bool:
+    return any(os.path.exists(p) for p in GPU_DEVICE_FILES)
 
 
 def quiet_platforms() -> None:
     """On a machine with neither TPU chips nor GPUs, and ``JAX_PLATFORMS`` unset: run on ``cpu`` without trying
     libtpu (whose start-up prints warnings and writes log files). Call before jax initialises its backends."""
-    if "JAX_PLATFORMS" in os.environ or _tpu_chips_present() or _gpu_present():
+    if "JAX_PLATFORMS" in os.environ or tpu_may_be_present() or gpu_may_be_present():
         return
     os.environ["JAX_PLATFORMS"] = "cpu"  # this process and its children (data workers)
     if "jax" in sys.modules:

@@ -394,8 +394,9 @@ def check_devices(config, num_devices: int, num_processes: int = 1) -> tuple[int
 SHAPES_TOKENIZER = os.path.join("synthetic_shapes", "tokenizer.model")
 VAE_EXPORT_FILES, VIT_EXPORT_FILES = ("ae.safetensors", "vae.json"), ("model.safetensors",)
 EXPORT_DIR = "export"
-STAGE_INPUTS = {  # what each trainer reads besides its workdir
-    "bagel": ("tokenizer", "datasets", "init_from"), "vae": ("datasets",), "vit": (),
+STAGE_INPUTS = {  # what each program reads besides its workdir
+    "bagel": ("tokenizer", "datasets", "init_from", "towers"), "vae": ("datasets",), "vit": (),
+    "eval": ("tokenizer",), "eval_untrained": ("tokenizer", "towers"),  # a run's evaluation (eval/runner.py)
 }
 
 
@@ -413,7 +414,7 @@ def latest_checkpoint(workdir: str) -> int | None:
     return max(steps, default=None)
 
 
-def _check_writable_dir(path: str, key: str) -> None:
+def check_writable_dir(path: str, key: str) -> None:
     """``path`` is a directory this process can write in, or can be created: probes the nearest existing ancestor by
     creating (and removing) a file there, as permissions alone do not tell (root, read-only mounts)."""
     target = os.path.abspath(path)
@@ -464,16 +465,17 @@ def check_paths(config, workdir: str | None = None, stage: str = "bagel") -> Non
     """
     needs = STAGE_INPUTS[stage]
     if workdir and not is_remote(workdir):
-        _check_writable_dir(workdir, "workdir")
+        check_writable_dir(workdir, "workdir")
         ckpts = os.path.join(workdir, "checkpoints")
         if os.path.exists(ckpts):
-            _check_writable_dir(ckpts, "workdir")
+            check_writable_dir(ckpts, "workdir")
     d = config.data
     data_dir = d.data_dir or (os.path.join(workdir, "data") if workdir else "")
-    builds_shapes = d.builder == "synthetic_shapes" and d.synthetic_examples > 0  # the trainer builds them
+    # a trainer that reads datasets builds the synthetic shapes (and their tokenizer) when asked
+    builds_shapes = "datasets" in needs and d.builder == "synthetic_shapes" and d.synthetic_examples > 0
     if data_dir and not is_remote(data_dir):
         if builds_shapes:
-            _check_writable_dir(data_dir, "data.data_dir")
+            check_writable_dir(data_dir, "data.data_dir")
         elif "datasets" in needs:
             kinds = [k for k, w in d.mixture.items() if w > 0] if stage == "bagel" else ["t2i"]
             for kind in kinds:
@@ -499,9 +501,14 @@ def check_paths(config, workdir: str | None = None, stage: str = "bagel") -> Non
     init = config.train.init_from
     if "init_from" in needs and init and not is_remote(init) and (not workdir or latest_checkpoint(workdir) is None):
         _check(os.path.exists(init), "train.init_from", f"{init} does not exist")
-    if stage == "bagel":
+    if "towers" in needs:
         _check_tower(config.model.vae.init_from, "model.vae.init_from", VAE_EXPORT_FILES, "vae")
         _check_tower(config.model.vit.init_from, "model.vit.init_from", VIT_EXPORT_FILES, "vit")
+
+
+def has_key(config, dotted: str) -> bool:
+    """Whether ``config`` holds the dotted key (a leaf or a section)."""
+    return _has(config, dotted)
 
 
 def _has(config, dotted: str) -> bool:

@@ -100,7 +100,8 @@ def check_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
         for part in parents:
             node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise LaunchError(f"{where}: {key}: unknown config key")
+            from bagel_jax.config import config_keys, unknown_key_message
+            raise LaunchError(f"{where}: {unknown_key_message(key, config_keys(config))}")
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
             raise LaunchError(f"{where}: {key}: is a section, override one of its keys")

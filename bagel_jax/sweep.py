@@ -119,25 +119,41 @@ def define_flags():
     flags.DEFINE_string("trainer_module", lu.TRAIN_MODULE, "Module run with python -m for each point.")
 
 
+def check_trainer_args(config: str, extra: Sequence[str]) -> None:
+    """Raises ``LaunchError`` for a ``--config.<key>=…`` trainer flag whose key the config lacks (before any point
+    runs; the trainer checks the values)."""
+    from bagel_jax.config import config_keys, unknown_key_message
+    known = None
+    for arg in extra:
+        if arg.startswith("--config."):
+            known = known if known is not None else config_keys(lu.load_config(config))
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key not in known and not any(key.startswith(k + ".") for k in known):
+                raise lu.LaunchError(f"--trainer_arg={arg}: {unknown_key_message(key, known)}")
+
+
 def main(argv):
+    """A bad flag, config, sweep file or point is one line on stderr and exit status 2, before any point runs; a
+    failed point makes the exit status 1 (its log's last lines are printed)."""
+    from bagel_jax import cli
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
     for name in ("config", "sweep", "workdir"):
         if not FLAGS[name].value:
-            raise app.UsageError(f"--{name} is required")
+            cli.fail(f"--{name} is required")
     if FLAGS.limit < 0:
-        raise app.UsageError(f"--limit must be >= 0, got {FLAGS.limit}")
-    try:
+        cli.fail(f"--limit: must be >= 0, got {FLAGS.limit}")
+    with cli.user_errors():
+        check_trainer_args(FLAGS.config, FLAGS.trainer_arg)
         rows = run_sweep(FLAGS.config, FLAGS.sweep, FLAGS.workdir, FLAGS.limit, FLAGS.trainer_arg,
                          module=FLAGS.trainer_module)
-    except lu.LaunchError as e:
-        sys.exit(f"error: {e}")
     print(summary_table(rows), flush=True)
     if any(row["status"] != "ok" for row in rows):
         sys.exit(1)
 
 
 if __name__ == "__main__":
+    from bagel_jax import cli
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

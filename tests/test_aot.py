@@ -94,7 +94,8 @@ def test_planner_cli():
     assert "per-chip HBM" in out.stdout and "4 × TPU v5 lite" in out.stdout and "MFU @ 0.5 s/step" in out.stdout
     bad = subprocess.run(cmd[:-4] + ["--config.parallel.data=3"], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
-    assert bad.returncode != 0 and "config error: parallel:" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: parallel:") and bad.stderr.count("\n") == 1, \
+        bad.stderr
 
 
 def test_multislice_mesh_spans_slices_along_dcn_axis():

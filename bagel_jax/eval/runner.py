@@ -33,6 +33,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Mapping
@@ -40,6 +41,7 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import numpy as np
 
+from bagel_jax.cli import InputError, one_line
 from bagel_jax.config import ConfigError
 from bagel_jax.eval import edit, geneval, vqa
 
@@ -167,20 +169,50 @@ def ground_truth_fns(config, evaluators: Mapping[str, Scheduled]) -> dict[str, C
 
 
 def load_factory(spec: str) -> Callable:
-    """``"package.module:function"`` → the function."""
+    """``"package.module:function"`` → the function; raises ``InputError`` naming ``--fns``."""
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
-        raise ValueError(f"--fns: expected 'package.module:function', got {spec!r}")
-    fn = getattr(importlib.import_module(module), attr, None)
+        raise InputError(f"--fns: expected 'package.module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), attr, None)
+    except ImportError as e:
+        raise InputError(f"--fns={spec}: cannot import {module} ({e})") from None
     if not callable(fn):
-        raise ValueError(f"--fns: {module} has no callable {attr!r}")
+        raise InputError(f"--fns: {module} has no callable {attr!r}")
     return fn
 
 
+def check_run(workdir: str, params: str):
+    """The run at ``workdir`` can be evaluated with ``--params``: its config.json, a checkpoint (unless
+    ``untrained``), its tokenizer and, for ``untrained``, its VAE / ViT init paths. Returns the run's config;
+    raises ``InputError`` / ``ConfigError`` naming the flag, the file or the key. Reads no weights."""
+    from bagel_jax.config import check_paths, latest_checkpoint
+    from bagel_jax.infer import from_workdir
+    if not os.path.isdir(workdir):
+        raise InputError(f"--workdir: {workdir} is not a directory")
+    try:
+        run = from_workdir.load_run_config(workdir)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    except (ValueError, TypeError) as e:  # not JSON, or not a config
+        raise InputError(f"--workdir: {os.path.join(workdir, 'config.json')}: unreadable ({one_line(e)})") from None
+    if params != "untrained" and latest_checkpoint(workdir) is None:
+        raise InputError(f"--workdir: {workdir} has no checkpoint (checkpoints/<step>) to take --params={params} "
+                         f"from; --params=untrained evaluates the step-0 model")
+    check_paths(run, None, "eval" if params != "untrained" else "eval_untrained")
+    return run
+
+
 def main(argv=None) -> dict[str, float]:
+    """The standalone runner; a bad flag exits 2 with one line, other user errors raise ``InputError`` /
+    ``ConfigError`` (one line each when run as a program)."""
     from absl import flags
     from ml_collections import config_flags
 
+    from bagel_jax.cli import parse_flags, quiet_platforms
+    from bagel_jax.config import check_writable_dir
+
+    quiet_platforms()
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "Config file (get_config); its `evals` are run.",
                                     flag_values=flag_values, lock_config=False)
@@ -190,21 +222,25 @@ def main(argv=None) -> dict[str, float]:
                       flag_values=flag_values)
     flags.DEFINE_list("only", [], "Run only these evals (names in config.evals).", flag_values=flag_values)
     flags.DEFINE_string("output", "", "Write the metrics here as JSON.", flag_values=flag_values)
-    flag_values(sys.argv if argv is None else argv)
+    rest = parse_flags(sys.argv if argv is None else argv, flag_values)
+    if len(rest) > 1:
+        raise InputError(f"unexpected arguments {rest[1:]}")
     config = flag_values.config
     if bool(flag_values.fns) == bool(flag_values.workdir):
-        raise ValueError("--fns / --workdir: give exactly one")
+        raise InputError("--fns / --workdir: give exactly one")
+    if flag_values.output:
+        check_writable_dir(os.path.dirname(os.path.abspath(flag_values.output)), "--output")
     run = None
     if flag_values.workdir:
         from bagel_jax.eval.inferencer_fns import inferencer_fns
         from bagel_jax.infer import from_workdir
-        run = from_workdir.load_run_config(flag_values.workdir)
+        run = check_run(flag_values.workdir, flag_values.params)
         config = config if config is not None else run
     evals = config.get("evals") if config is not None else None
     evaluators = build_evaluators(evals if evals else default_evals())
     unknown = [n for n in flag_values.only if n not in evaluators]
     if unknown:
-        raise ValueError(f"--only: unknown evals {unknown}; known {sorted(evaluators)}")
+        raise InputError(f"--only: unknown evals {unknown}; known {sorted(evaluators)}")
     if flag_values.only:
         evaluators = {n: evaluators[n] for n in flag_values.only}
     if run is not None:
@@ -223,4 +259,6 @@ def main(argv=None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from bagel_jax.cli import user_errors
+    with user_errors():
+        main()
