@@ -7,7 +7,11 @@
 
 ``--checkpoint`` is a release-layout directory (``ema.safetensors``, ``ae.safetensors``, ``llm_config.json``,
 ``vit_config.json``, tokenizer files). ``--random_tiny`` first writes a random checkpoint at configs/tiny.py
-shapes plus a small SentencePiece tokenizer into ``--checkpoint`` (default: a temporary directory).
+shapes plus a small SentencePiece tokenizer into ``--checkpoint`` (default: one cached directory per model shape
+under ``$XDG_CACHE_HOME/bagel_jax``, written once and reused).
+
+A bad argument, a missing or unreadable file (image, checkpoint, tokenizer, config) or an unwritable ``--out`` is one
+line on stderr and exit status 2, before any weights load or anything compiles.
 Defaults per mode follow the reference's notebook/app (bagel.md §8.4): t2i cfg_text 4, cfg_img 1, interval
 [0.4, 1], global renorm; edit cfg_text 4, cfg_img 2, interval [0, 1], text_channel renorm; 50 steps, shift 3;
 understanding greedy, max 512 tokens.
@@ -27,11 +31,18 @@ MODE_DEFAULTS = {
     "t2i": dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval="0.4,1.0", cfg_renorm_type="global"),
     "edit": dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval="0.0,1.0", cfg_renorm_type="text_channel"),
 }
+LLM_CONFIG = "llm_config.json"  # what marks a release-layout directory (convert/bagel_ckpt.py LLM_CONFIG)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own status), no usage block
+        from bagel_jax.cli import fail
+        fail(f"{message} (see --help)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagel_jax.infer.cli", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m bagel_jax.infer.cli", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="", help="release-layout directory")
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--prompt", default="", help="the text input")
@@ -62,19 +73,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--mode={args.mode} needs --image")
     if args.mode != "understand" and not args.out:
         p.error(f"--mode={args.mode} needs --out (a PNG path)")
+    if not args.image and not args.prompt:
+        p.error("--prompt and/or --image: nothing to condition on")
     for k, v in MODE_DEFAULTS.get(args.mode, {}).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    for name in ("height", "width", "num_timesteps", "max_length"):
+        if getattr(args, name) < (0 if name in ("height", "width") else 1):
+            p.error(f"--{name}: must be >= {0 if name in ('height', 'width') else 1}, got {getattr(args, name)}")
+    if args.cfg_interval is not None:
+        try:
+            lo, hi = (float(v) for v in args.cfg_interval.split(","))
+        except ValueError:
+            p.error(f"--cfg_interval: expected 'lo,hi' (two numbers), got {args.cfg_interval!r}")
+        args.cfg_interval = (lo, hi)
     return args
 
 
 def load_config_file(path: str):
-    spec = importlib.util.spec_from_file_location("bagel_cli_config", path)
-    if spec is None or not os.path.exists(path):
-        raise FileNotFoundError(f"--config: {path} does not exist")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    """``get_config()`` of a Python config file; raises ``InputError`` naming ``--config``."""
+    from bagel_jax.cli import InputError
+    from bagel_jax.launch_utils import LaunchError, load_config
+    try:
+        return load_config(path)
+    except LaunchError as e:
+        raise InputError(f"--config: {e}") from None
+    except Exception as e:  # noqa: BLE001  (the user's config file raised)
+        raise InputError(f"--config={path}: {type(e).__name__}: {e}") from None
 
 
 def write_random_tiny(directory: str, config) -> None:
@@ -90,54 +115,138 @@ def write_random_tiny(directory: str, config) -> None:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids > model.vocab_size {config.model.vocab_size}")
 
 
+def random_tiny_dir(config) -> str:
+    """The cached random checkpoint for ``config.model`` (written on first use, atomically; reused after)."""
+    import hashlib
+    import shutil
+    key = hashlib.sha256(config.model.to_json(sort_keys=True).encode()).hexdigest()[:12]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                         "bagel_jax")
+    directory = os.path.join(cache, f"random_tiny_{key}")
+    if os.path.isfile(os.path.join(directory, "tokenizer.model")):  # the last file written
+        return directory
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".random_tiny_", dir=cache)
+    try:
+        write_random_tiny(tmp, config)
+        os.replace(tmp, directory)  # another process may have won the race: its copy is the same
+    except OSError:
+        if not os.path.isfile(os.path.join(directory, "tokenizer.model")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
 def find_tokenizer(checkpoint: str, tokenizer: str = "") -> str:
     """``tokenizer`` if given, else the checkpoint directory's tokenizer.json / tokenizer.model."""
+    from bagel_jax.cli import InputError
     if tokenizer:
+        if not os.path.isfile(tokenizer):
+            raise InputError(f"--tokenizer: {tokenizer}: no such file")
         return tokenizer
     for name in ("tokenizer.json", "tokenizer.model"):
         path = os.path.join(checkpoint, name)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"--tokenizer: no tokenizer.json or tokenizer.model in {checkpoint}")
+    raise InputError(f"--tokenizer: no tokenizer.json or tokenizer.model in {checkpoint} (pass --tokenizer)")
 
 
-def read_image(path: str) -> np.ndarray:
-    from PIL import Image as PILImage
+def check_checkpoint_dir(path: str) -> None:
+    """``path`` looks like a release-layout directory; raises ``InputError`` naming ``--checkpoint`` otherwise (a
+    training workdir is told apart and pointed to the tools that read one)."""
+    from bagel_jax.cli import InputError
+    if not os.path.exists(path):
+        raise InputError(f"--checkpoint: {path} does not exist")
+    if not os.path.isdir(path):
+        raise InputError(f"--checkpoint: {path} is not a directory (a release layout: {LLM_CONFIG}, "
+                         f"ema.safetensors, ae.safetensors, vit_config.json, tokenizer)")
+    if os.path.isfile(os.path.join(path, LLM_CONFIG)):
+        return
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"--checkpoint: {path} is a training workdir (checkpoints/, config.json), not a release "
+                         f"layout ({LLM_CONFIG}, ema.safetensors, ...); evaluate it with python -m "
+                         f"bagel_jax.eval.runner --workdir={path}")
+    raise InputError(f"--checkpoint: no {LLM_CONFIG} in {path} (a release layout: {LLM_CONFIG}, ema.safetensors, "
+                     f"ae.safetensors, vit_config.json, tokenizer)")
 
-    from bagel_jax.data.images import to_rgb
-    with PILImage.open(path) as img:
-        return np.asarray(to_rgb(img), np.uint8)
+
+def read_image(path: str, max_input_pixels: int | None = None) -> np.ndarray:
+    """The RGB pixels of ``path``; raises ``InputError`` naming ``--image`` for a missing or undecodable file."""
+    from bagel_jax.cli import InputError
+    from bagel_jax.data import images as img_lib
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise InputError(f"--image: {path}: {e.strerror or e}") from None
+    try:
+        img = img_lib.decode_image(data, f"--image: {path}", max_input_pixels or img_lib.DEFAULT_MAX_INPUT_PIXELS)
+    except img_lib.ImageError as e:
+        raise InputError(str(e)) from None
+    return np.asarray(img, np.uint8)
+
+
+def preflight(args):
+    """Everything checkable before jax: the config, the image, the checkpoint directory, the tokenizer file and the
+    output path. Returns ``(config, image or None)``; raises ``InputError`` / ``ConfigError``."""
+    from bagel_jax.config import base_config, check_writable_dir, validate
+
+    config_path = args.config or (os.path.join(REPO_ROOT, "configs", "tiny.py") if args.random_tiny else "")
+    config = load_config_file(config_path) if config_path else base_config()
+    if args.dtype:
+        config.model.dtype = args.dtype
+    validate(config)
+    image = read_image(args.image, config.data.max_input_pixels) if args.image else None
+    if not args.random_tiny:
+        check_checkpoint_dir(args.checkpoint)
+        find_tokenizer(args.checkpoint, args.tokenizer)
+    else:
+        if args.checkpoint:  # the random checkpoint is written there
+            check_writable_dir(args.checkpoint, "--checkpoint")
+        if args.tokenizer:
+            find_tokenizer("", args.tokenizer)
+    if args.out:
+        check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+    return config, image
 
 
 def main(argv=None) -> int:
+    from bagel_jax.cli import user_errors
     args = parse_args(argv)
+    with user_errors():
+        return run(args)
+
+
+def run(args) -> int:
+    from bagel_jax.cli import InputError, quiet_platforms
+
+    config, image = preflight(args)
+    quiet_platforms()
     import jax
 
-    from bagel_jax.config import base_config
-    from bagel_jax.convert.bagel_ckpt import load_checkpoint
+    from bagel_jax.convert.bagel_ckpt import CheckpointError, load_checkpoint
     from bagel_jax.data.tokenizer import load_tokenizer
     from bagel_jax.infer.api import Inferencer
     from bagel_jax.model.bagel import Bagel
 
-    config_path = args.config or (os.path.join(REPO_ROOT, "configs", "tiny.py") if args.random_tiny else "")
-    config = load_config_file(config_path) if config_path else base_config()
     if args.random_tiny:
-        args.checkpoint = args.checkpoint or tempfile.mkdtemp(prefix="bagel_random_tiny_")
-        write_random_tiny(args.checkpoint, config)
-        print(f"wrote a random tiny checkpoint to {args.checkpoint}", file=sys.stderr)
-    base = config.model
-    if args.dtype:
-        base.dtype = args.dtype
-    model_cfg, params = load_checkpoint(args.checkpoint, base)
+        if args.checkpoint:
+            write_random_tiny(args.checkpoint, config)
+        else:
+            args.checkpoint = random_tiny_dir(config)
+        print(f"random tiny checkpoint: {args.checkpoint}", file=sys.stderr)
+    try:
+        model_cfg, params = load_checkpoint(args.checkpoint, config.model)
+    except CheckpointError as e:
+        raise InputError(f"--checkpoint: {e}") from None
     tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer))
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids > the model's vocab_size {model_cfg.vocab_size}")
+        raise InputError(f"--tokenizer: {tokenizer.path} has {tokenizer.vocab_size} ids > the model's vocab_size "
+                         f"{model_cfg.vocab_size}")
     params = jax.tree.map(jax.numpy.asarray, params)
     inferencer = Inferencer(Bagel(model_cfg), params, tokenizer, config.data)
     rng = jax.random.key(args.seed)
-    image = read_image(args.image) if args.image else None
-    if image is None and not args.prompt:
-        raise ValueError("--prompt and/or --image: nothing to condition on")
 
     if args.mode == "understand":
         text = inferencer.answer(image, args.prompt, max_length=args.max_length, do_sample=args.do_sample,
@@ -148,10 +257,10 @@ def main(argv=None) -> int:
                 fh.write(text + "\n")
         return 0
 
-    lo, hi = (float(v) for v in args.cfg_interval.split(","))
     sampling = dict(num_timesteps=args.num_timesteps, timestep_shift=args.timestep_shift,
-                    cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale, cfg_interval=(lo, hi),
-                    cfg_renorm_type=args.cfg_renorm_type, cfg_renorm_min=args.cfg_renorm_min, rng=rng)
+                    cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
+                    cfg_interval=tuple(args.cfg_interval), cfg_renorm_type=args.cfg_renorm_type,
+                    cfg_renorm_min=args.cfg_renorm_min, rng=rng)
     if args.mode == "t2i":
         side = inferencer.vae_rule.max_size
         out = inferencer.generate(args.prompt, (args.height or side, args.width or side), **sampling)

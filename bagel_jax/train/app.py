@@ -32,8 +32,8 @@ def nothing_to_do(config, workdir: str, stage: str = "bagel") -> str | None:
 
 
 def preflight(config, workdir: str, stage: str = "bagel") -> None:
-    """The checks that need no model: the config against the schema, this job's devices and hosts, the
-    filesystem; then exits 0 with one line if there is nothing to train. Raises ``ConfigError``."""
+    """The checks that need no model: the config against the schema and this job's devices and hosts; exits 0 with
+    one line if there is nothing to train; then the filesystem. Raises ``ConfigError``."""
     import jax
 
     from bagel_jax import cli
@@ -41,16 +41,26 @@ def preflight(config, workdir: str, stage: str = "bagel") -> None:
 
     devices = jax.devices()
     validate(config, num_devices=len(devices), platform=jax.default_backend(), num_processes=jax.process_count())
-    check_paths(config, workdir, stage)
     reason = nothing_to_do(config, workdir, stage)
     if reason:
         cli.say_and_exit(reason)
+    check_paths(config, workdir, stage)
 
 
-def run(train_fn: Callable, *, example_config: str, workdir_help: str, stage: str = "bagel") -> None:
+def _resolve(train_fn: Callable | str) -> Callable:
+    if callable(train_fn):
+        return train_fn
+    import importlib
+    module, _, name = train_fn.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run(train_fn: Callable | str, *, example_config: str, workdir_help: str, stage: str = "bagel") -> None:
     """Parses flags and calls ``train_fn(config, workdir) -> dict`` after multi-host start-up and ``preflight``.
 
-    ``stage`` (bagel | vae | vit): which inputs ``config.check_paths`` looks for, and what a finished workdir holds.
+    ``train_fn`` may be ``"package.module:function"``, imported only once the checks passed (a user error then
+    costs the import of jax, not of the model and the data pipeline). ``stage`` (bagel | vae | vit): which inputs
+    ``config.check_paths`` looks for, and what a finished workdir holds.
     """
     from bagel_jax import cli
 
@@ -80,7 +90,7 @@ def run(train_fn: Callable, *, example_config: str, workdir_help: str, stage: st
                     raise
                 raise cli.InputError(str(e)) from None
             preflight(config, workdir, stage)
-            result = train_fn(config, workdir)
+            result = _resolve(train_fn)(config, workdir)
         if jax.process_index() == 0:
             print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
 
