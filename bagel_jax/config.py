@@ -499,7 +499,8 @@ def check_paths(config, workdir: str | None = None, stage: str = "bagel") -> Non
                    f"empty, and {path} does not exist (set data.tokenizer, or data.synthetic_examples > 0 to "
                    f"build the shapes data and its tokenizer)")
     init = config.train.init_from
-    if "init_from" in needs and init and not is_remote(init) and (not workdir or latest_checkpoint(workdir) is None):
+    fresh = not workdir or (not is_remote(workdir) and latest_checkpoint(workdir) is None)  # a resume never reads it
+    if "init_from" in needs and init and not is_remote(init) and fresh:
         _check(os.path.exists(init), "train.init_from", f"{init} does not exist")
     if "towers" in needs:
         _check_tower(config.model.vae.init_from, "model.vae.init_from", VAE_EXPORT_FILES, "vae")

@@ -1,6 +1,6 @@
 r"""Runs a sweep on this machine, one point after another, and prints a table of final metrics.
 
-    python -m bagel_jax.sweep --config=configs/tiny.py --sweep=configs/sweeps/tiny_lr_shift.py \
+    python -m bagel_jax.sweep --config=configs/tiny_shapes.py --sweep=configs/sweeps/tiny_lr_shift.py \
         --workdir=/tmp/sweep [--limit=2] [--trainer_arg=--config.train.steps=5]
 
 Each point runs ``python -m bagel_jax.train --config=… <point overrides> --workdir=<workdir>/<point>``

@@ -1,6 +1,9 @@
 """Tiny BAGEL for CPU tests and smoke runs: 2 layers, hidden 64, 512-token rows.
 
-Command:  python -m bagel_jax.train --config=configs/tiny.py --workdir=/tmp/tiny
+Command:  python -m bagel_jax.train --config=configs/tiny.py --workdir=/tmp/tiny --config.data.synthetic_examples=200
+          (the model and budgets only: data comes from data.data_dir, default <workdir>/data; with
+          data.synthetic_examples > 0 the trainer builds the synthetic shapes and their tokenizer there first;
+          configs/tiny_shapes.py is this config with its data set up)
 Expected: a few CPU seconds per step; both losses (ce, mse) fall within the first 30 steps.
 """
 from bagel_jax.config import base_config

@@ -209,19 +209,21 @@ def define_flags():
 
 
 def main(argv):
+    """A bad flag, config, sweep file or point is one line on stderr and exit status 2, before anything launches."""
+    from bagel_jax.cli import fail, user_errors
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        fail(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
     for name in ("config", "workdir"):
         if not FLAGS[name].value:
-            raise app.UsageError(f"--{name} is required")
+            fail(f"--{name} is required")
     env = {}
     for item in FLAGS.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise app.UsageError(f"--env={item!r}: expected KEY=VALUE")
+            fail(f"--env={item!r}: expected KEY=VALUE")
         env[key] = value
-    try:
+    with user_errors():
         points = lu.load_points(FLAGS.config, FLAGS.sweep)
         packageable, executable, executor_factory = backend_parts(FLAGS.xm_backend, FLAGS.tpu, FLAGS.image_tag)
         jobs = build_jobs(FLAGS.config, points, FLAGS.workdir, executable, executor_factory,
@@ -230,11 +232,10 @@ def main(argv):
             print(dry_run_report(jobs, FLAGS.xm_backend))
             return
         check_placeable(FLAGS.xm_backend, jobs)
-    except lu.LaunchError as e:
-        sys.exit(f"error: {e}")
     launch(packageable, jobs, FLAGS.experiment_title)
 
 
 if __name__ == "__main__":
+    from bagel_jax.cli import parse_flags
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

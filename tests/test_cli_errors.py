@@ -179,3 +179,24 @@ def test_cpu_only_machine_never_loads_libtpu(paths):
     _, err = proc.communicate(timeout=SECONDS)
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err
     assert not [f for f in set(glob.glob("/tmp/tpu_logs/*")) - before if f.endswith(f".{proc.pid}")]
+
+
+def test_a_finished_workdir_has_nothing_to_do(tmp_path):
+    """A workdir whose newest checkpoint reached train.steps (and, for a tower stage, whose export was written) is
+    finished: the trainers say so and exit 0 instead of starting."""
+    from bagel_jax.train.app import nothing_to_do
+    config = base_config()
+    config.train.steps = 30
+    assert nothing_to_do(config, str(tmp_path)) is None
+    (tmp_path / "checkpoints" / "20").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir()  # a save that never finished
+    assert nothing_to_do(config, str(tmp_path)) is None
+    (tmp_path / "checkpoints" / "30").mkdir()
+    assert nothing_to_do(config, str(tmp_path)) == (f"{tmp_path}: already trained to step 30 (train.steps=30); "
+                                                    "nothing to do (raise --config.train.steps to train on)")
+    assert nothing_to_do(config, str(tmp_path), "vae") is None  # trained, but the export is missing: redo it
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "vae.json").write_text("{}")
+    assert nothing_to_do(config, str(tmp_path), "vae").startswith(f"{tmp_path}: already trained")
+    config.train.steps = 0
+    assert nothing_to_do(config, str(tmp_path / "new")) == "train.steps=0: nothing to train"

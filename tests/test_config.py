@@ -5,7 +5,11 @@ import pathlib
 import ml_collections
 import pytest
 
-from bagel_jax.config import ConfigError, base_config, check_devices, validate
+import importlib
+import os
+
+from bagel_jax.config import (ConfigError, base_config, check_devices, check_paths, config_keys, unknown_key_message,
+                              validate)
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -69,6 +73,39 @@ def _two_fill(c):
     c.parallel.fsdp = -1
 
 
+def _negative_steps(c):
+    c.train.steps = -5
+
+
+def _zero_interval(c):
+    c.train.checkpoint_every = 0
+
+
+def _zero_log_interval(c):
+    c.train.log_every = 0
+
+
+def _block_size(c):
+    c.model.attention_block_q = 200
+
+
+def _too_many_blocks(c):
+    c.model.attention_block_kv = 128
+    c.data.update(seq_len=128 * 2049, und_len=128 * 2049 - c.data.gen_len)
+
+
+def _accumulation(c):
+    c.train.grad_accum_steps = 3  # tiny's batch is 2 rows
+
+
+def _beta(c):
+    c.train.beta2 = 1.0
+
+
+def _keep(c):
+    c.train.keep_checkpoints = -1
+
+
 BAD = [
     (_unknown_key, "model.hiden_size"),
     (_wrong_type, "train.lr"),
@@ -81,6 +118,14 @@ BAD = [
     (_vae_size, "data.vae_image_size"),
     (_vit_heads, "model.vit.num_heads"),
     (_two_fill, "parallel"),
+    (_negative_steps, "train.steps"),
+    (_zero_interval, "train.checkpoint_every"),
+    (_zero_log_interval, "train.log_every"),
+    (_block_size, "model.attention_block_q"),
+    (_too_many_blocks, "model.attention_block_kv"),
+    (_accumulation, "train.grad_accum_steps"),
+    (_beta, "train.beta2"),
+    (_keep, "train.keep_checkpoints"),
 ]
 
 
@@ -150,3 +195,125 @@ def test_tiny_repro_report_evals():
         s.every for s in evaluators.values())
     with pytest.raises(ValueError, match="tiny_repro.py: unknown argument 'big'"):
         load_config(path + ":big")
+
+
+def test_unknown_keys_name_the_nearest_valid_key():
+    keys = config_keys(base_config())
+    for typo, nearest in [("train.lrr", "train.lr"), ("trainn.lr", "train.lr"), ("model.vit.hiden_size",
+                          "model.vit.hidden_size"), ("data.tokeniser", "data.tokenizer"),
+                          ("vae_stage.losss", "vae_stage.loss"), ("modle", "model")]:
+        assert unknown_key_message(typo, keys) == f"{typo}: unknown config key (did you mean {nearest}?)"
+    assert unknown_key_message("qqqqqq.zzzzzz", keys) == "qqqqqq.zzzzzz: unknown config key"
+    c = load("tiny")
+    c.train.lrr = 1.0
+    with pytest.raises(ConfigError, match=r"^train\.lrr: unknown config key \(did you mean train\.lr\?\)$"):
+        validate(c)
+
+
+def test_attention_impl_against_the_platform():
+    c = load("tiny")
+    c.model.attention_impl = "tpu"
+    validate(c)  # no platform given: nothing to check against
+    validate(c, platform="tpu")
+    with pytest.raises(ConfigError, match=r"^model\.attention_impl: 'tpu' .* cpu devices"):
+        validate(c, platform="cpu")
+    for impl in ("auto", "gpu", "reference"):
+        c.model.attention_impl = impl
+        validate(c, platform="cpu")
+
+
+def test_accumulation_and_hosts_against_devices():
+    c = load("tiny")
+    c.data.batch_size, c.train.grad_accum_steps = 8, 4
+    c.parallel.update(data=2)
+    assert check_devices(c, 2) == (2, 1, 1, 1)
+    c.parallel.update(data=4)
+    with pytest.raises(ConfigError, match=r"^train\.grad_accum_steps: 4 microbatches × 4 batch shards"):
+        check_devices(c, 4)
+    c.train.grad_accum_steps = 1
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: 8 rows not divisible by 3 hosts"):
+        check_devices(c, 4, num_processes=3)
+
+
+def _shapes_dir(root):
+    """The layout check_paths looks for: a built synthetic_shapes dataset and its tokenizer."""
+    built = root / "synthetic_shapes" / "1.0.0"
+    built.mkdir(parents=True)
+    (built / "dataset_info.json").write_text("{}")
+    (root / "synthetic_shapes" / "tokenizer.model").write_text("")
+    return root
+
+
+def test_check_paths(tmp_path):
+    c = load("tiny")
+    wd = tmp_path / "wd"
+    with pytest.raises(ConfigError, match=r"^data\.data_dir: no built dataset 'synthetic_shapes' .*synthetic_examples"):
+        check_paths(c, str(wd))
+    c.data.synthetic_examples = 8  # the trainer builds data and tokenizer: nothing to find
+    check_paths(c, str(wd))
+    assert not wd.exists(), "checks create nothing"
+    c.data.update(synthetic_examples=0, data_dir=str(_shapes_dir(tmp_path / "data")))
+    check_paths(c, str(wd))
+    os.remove(tmp_path / "data" / "synthetic_shapes" / "tokenizer.model")
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer: empty, and .*tokenizer\.model does not exist"):
+        check_paths(c, str(wd))
+    c.data.tokenizer = str(tmp_path / "tok.model")
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer: .*tok\.model: no such file"):
+        check_paths(c, str(wd))
+    check_paths(c, str(wd), stage="vae")  # the VAE stage reads no tokenizer
+    (tmp_path / "tok.model").write_text("")
+    c.data.sources.vlm = "vlm_sft"
+    with pytest.raises(ConfigError, match=r"^data\.sources\.vlm: no built dataset 'vlm_sft'"):
+        check_paths(c, str(wd))
+    c.data.sources.vlm = ""
+    c.train.init_from = str(tmp_path / "params")
+    with pytest.raises(ConfigError, match=r"^train\.init_from: .*params does not exist"):
+        check_paths(c, str(wd))
+    (wd / "checkpoints" / "7").mkdir(parents=True)  # a resumed run never reads init_from
+    check_paths(c, str(wd))
+    c.model.vae.init_from = str(tmp_path / "vae_run")
+    with pytest.raises(ConfigError, match=r"^model\.vae\.init_from: .*vae_run does not exist"):
+        check_paths(c, str(wd))
+    (tmp_path / "vae_run" / "export").mkdir(parents=True)
+    (tmp_path / "vae_run" / "export" / "ae.safetensors").write_text("")
+    with pytest.raises(ConfigError, match=r"^model\.vae\.init_from: no ae\.safetensors \+ vae\.json in"):
+        check_paths(c, str(wd))
+    (tmp_path / "vae_run" / "export" / "vae.json").write_text("{}")
+    check_paths(c, str(wd))
+    with pytest.raises(ConfigError, match=r"^workdir: .*tok\.model exists and is not a directory"):
+        check_paths(c, str(tmp_path / "tok.model"))
+    with pytest.raises(ConfigError, match=r"^workdir: cannot create .*tok\.model/wd: .*is not a directory"):
+        check_paths(c, str(tmp_path / "tok.model" / "wd"))
+    c.data.data_dir = "gs://bucket/data"  # remote paths are not checked from here
+    check_paths(c, "gs://bucket/run")
+
+
+def _attr(name, *modules):
+    """``name`` from the first of ``modules`` that has it (constants that move between modules)."""
+    for module in modules:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise AttributeError(f"{name} in none of {modules}")
+
+
+def test_layout_constants_agree_with_the_code_that_reads_them():
+    """config.py checks kernels and files without importing them; its copies of their constants must agree."""
+    from bagel_jax import config
+    from bagel_jax.attention import block_map, tpu_split_splash
+    from bagel_jax.convert import bagel_ckpt
+    from bagel_jax.data.builders import synthetic_shapes
+    from bagel_jax.infer import cli as infer_cli
+    from bagel_jax.train import app
+
+    assert (config.ATTENTION_LANES, config.ATTENTION_MAX_BLOCKS) == (tpu_split_splash.LANES, block_map.MAX_BLOCKS)
+    assert synthetic_shapes.tokenizer_path("d") == os.path.join("d", config.SHAPES_TOKENIZER)
+    vae, vit = ("bagel_jax.convert.vae_export", "bagel_jax.train.vae_train"), ("bagel_jax.convert.vit_export",
+                                                                             "bagel_jax.train.vit_train")
+    assert config.VAE_EXPORT_FILES == (_attr("AE_FILE", *vae), _attr("STATS_FILE", *vae))
+    assert config.VIT_EXPORT_FILES == (_attr("WEIGHTS_FILE", *vit),)
+    assert config.EXPORT_DIR == _attr("EXPORT_DIR", *vae) == _attr("EXPORT_DIR", *vit)
+    assert app.DONE_FILES["vae"] == os.path.join(config.EXPORT_DIR, _attr("STATS_FILE", *vae))
+    assert app.DONE_FILES["vit"] == os.path.join(config.EXPORT_DIR, _attr("INFO_FILE", *vit))
+    assert infer_cli.LLM_CONFIG == bagel_ckpt.LLM_CONFIG

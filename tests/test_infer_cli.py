@@ -40,3 +40,19 @@ def test_cli_rejects_bad_arguments(tmp_path):
     assert r.returncode == 2 and "--mode=edit needs --image" in r.stderr
     r = _run(["--mode=t2i", "--prompt=x", f"--out={tmp_path / 'x.png'}"], tmp_path)
     assert r.returncode == 2 and "--checkpoint is required" in r.stderr
+
+
+def test_random_tiny_is_written_once_per_model_shape(tmp_path, monkeypatch):
+    """--random_tiny without --checkpoint: one cached directory per model config, reused, no temp dirs left."""
+    from bagel_jax.infer import cli
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = lib.tiny_config()
+    first = cli.random_tiny_dir(config)
+    stamp = os.stat(os.path.join(first, "ema.safetensors")).st_mtime_ns
+    assert cli.random_tiny_dir(config) == first and os.stat(os.path.join(first, "ema.safetensors")).st_mtime_ns == stamp
+    for name in ("ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json", "tokenizer.model"):
+        assert os.path.isfile(os.path.join(first, name)), name
+    config.model.num_layers = 1
+    second = cli.random_tiny_dir(config)
+    assert second != first and os.path.dirname(second) == os.path.dirname(first)
+    assert sorted(os.listdir(os.path.dirname(first))) == sorted(os.path.basename(d) for d in (first, second))

@@ -328,4 +328,7 @@ def test_xm_launcher_cli_dry_run(tmp_path):
     assert not (tmp_path / ".xmanager").exists()
     bad = subprocess.run([*cmd[:2], f"--config={TINY}", "--sweep=configs/sweeps/lr.py:-1", "--tpu=v3:2x2",
                           "--workdir=w", "--dry_run"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert bad.returncode == 1 and "train.lr: must be >= 0" in bad.stderr
+    assert bad.returncode == 2 and "train.lr: must be >= 0" in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+    no_workdir = subprocess.run([*cmd[:2], f"--config={TINY}", "--dry_run"], capture_output=True, text=True, cwd=REPO,
+                                env=env, timeout=120)
+    assert no_workdir.returncode == 2 and no_workdir.stderr == "error: --workdir is required\n", no_workdir.stderr

@@ -1,6 +1,6 @@
 """Learning rate × flow timestep shift for the tiny run (2 × 2 = 4 points, lr varying slowest).
 
-Command:  python -m bagel_jax.sweep --config=configs/tiny.py --sweep=configs/sweeps/tiny_lr_shift.py \
+Command:  python -m bagel_jax.sweep --config=configs/tiny_shapes.py --sweep=configs/sweeps/tiny_lr_shift.py \
               --workdir=/tmp/sweep_tiny [--limit=2]
 Expected: one workdir per point under /tmp/sweep_tiny and a table of the final step's ce / mse per point.
 ``arg`` (optional) is a step count for short smoke sweeps: ``--sweep=configs/sweeps/tiny_lr_shift.py:5``.
