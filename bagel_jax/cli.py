@@ -122,6 +122,8 @@ def parse_flags(argv: Sequence[str], flag_values=None, config_flag: str = "confi
         rest = flag_values(argv)
     except flags.Error as e:
         fail(e)
+    except BrokenPipeError:  # --help into a closed pipe
+        raise
     except Exception as e:  # noqa: BLE001  (the config file or one of its overrides failed: name which)
         if not has_config:
             raise

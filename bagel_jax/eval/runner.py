@@ -222,7 +222,11 @@ def main(argv=None) -> dict[str, float]:
                       flag_values=flag_values)
     flags.DEFINE_list("only", [], "Run only these evals (names in config.evals).", flag_values=flag_values)
     flags.DEFINE_string("output", "", "Write the metrics here as JSON.", flag_values=flag_values)
-    rest = parse_flags(sys.argv if argv is None else argv, flag_values)
+    argv = sys.argv if argv is None else argv
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__ + "\n" + flag_values.get_help())
+        sys.exit(0)
+    rest = parse_flags(argv, flag_values)
     if len(rest) > 1:
         raise InputError(f"unexpected arguments {rest[1:]}")
     config = flag_values.config

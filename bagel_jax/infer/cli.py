@@ -19,7 +19,6 @@ understanding greedy, max 512 tokens.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
