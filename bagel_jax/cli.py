@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator, NoReturn, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from bagel_jax.config import ConfigError, config_keys, has_key, unknown_key_message
 

@@ -450,7 +450,7 @@ def _check_tower(path: str, key: str, files: tuple[str, ...], stage: str) -> Non
 
 def _has_dataset(data_dir: str, name: str) -> bool:
     root = os.path.join(data_dir, name)
-    for base, _, files in os.walk(root):
+    for _, _, files in os.walk(root):
         if "dataset_info.json" in files:
             return True
     return False

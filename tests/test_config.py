@@ -1,15 +1,21 @@
 """Config validation: every class of bad config is one line naming the key, raised before anything builds."""
+import importlib
 import importlib.util
+import os
 import pathlib
 
 import ml_collections
 import pytest
 
-import importlib
-import os
-
-from bagel_jax.config import (ConfigError, base_config, check_devices, check_paths, config_keys, unknown_key_message,
-                              validate)
+from bagel_jax.config import (
+    ConfigError,
+    base_config,
+    check_devices,
+    check_paths,
+    config_keys,
+    unknown_key_message,
+    validate,
+)
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
