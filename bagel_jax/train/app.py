@@ -4,12 +4,14 @@ multi-host flags of ``bagel_jax.distributed``; prints the final scalars as one J
 Before anything is built it checks the flags, the config (``config.validate`` against the devices) and the
 filesystem (``config.check_paths``): a user error is one line on stderr and exit status 2 (``bagel_jax.cli``).
 A run with nothing to do (``train.steps=0``, or a workdir already trained to ``train.steps``) says so in one line
-and exits 0.
+and exits 0. A run that stops itself (non-finite steps, a failed checkpoint write) prints one line and exits 1; a
+workdir held by another trainer is a user error (exit 2).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Callable
 
 # stage -> the file its trainer writes last (None: the last checkpoint); a workdir that has it and a checkpoint at
@@ -90,7 +92,18 @@ def run(train_fn: Callable | str, *, example_config: str, workdir_help: str, sta
                     raise
                 raise cli.InputError(str(e)) from None
             preflight(config, workdir, stage)
-            result = _resolve(train_fn)(config, workdir)
+            train = _resolve(train_fn)
+            from bagel_jax.train.checkpoint import CheckpointWriteError
+            from bagel_jax.train.nonfinite import NonFiniteError
+            from bagel_jax.train.workdir import WorkdirLocked
+            try:
+                result = train(config, workdir)
+            except WorkdirLocked as e:
+                raise cli.InputError(str(e)) from None
+            except (NonFiniteError, CheckpointWriteError) as e:  # the run stopped: one line, exit status 1
+                sys.stdout.flush()
+                sys.stderr.write(f"error: {cli.one_line(e)}\n")
+                sys.exit(1)
         if jax.process_index() == 0:
             print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
 
