@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("libtpu")
+pytestmark = pytest.mark.tpu  # needs libtpu (the [tpu] extra); conftest.py fails these tests without it
 
 import train_toy as T  # noqa: E402
 from bagel_jax import aot  # noqa: E402

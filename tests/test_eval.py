@@ -478,7 +478,9 @@ def test_runner_builds_and_schedules():
     m = runner.run_evals(evaluators, **fns)  # standalone: all
     distances = {"edit/edit_l1": 0.0, "edit/rest_l1": 0.0}
     assert {k: m[k] for k in distances} == distances and "edit/preservation" in m
-    assert all(v == 1.0 for k, v in m.items() if not k.endswith(("seconds", "_l1", "_unedited", "_blank")))
+    accuracies = {k: v for k, v in m.items() if not k.endswith(("seconds", "_l1", "_unedited", "_blank"))}
+    assert {"gen/overall", "vqa/overall", "edit/overall"} <= set(accuracies)
+    assert all(v == 1.0 for v in accuracies.values()), accuracies
     with pytest.raises(ValueError, match="evals.gen: shapes_geneval needs generate_fn"):
         runner.run_evals(evaluators, step=10, answer_fn=fns["answer_fn"])
 

@@ -1,9 +1,10 @@
 """notebooks/tiny_reproduction.ipynb runs end to end at reduced size, and training beats the untrained model.
 
-The notebook itself asserts that training beats the untrained model on each score: accuracy on shapes-GenEval and
-shapes-VQA; on shapes-edit the distance to the ground truth in the cells an edit touches (at this reduced size hardly
-any edit is all right yet, see the README). This test runs it in a fresh kernel (nbclient) with the reduced step
-counts below and checks the scores it printed.
+The notebook itself asserts that training beats the untrained model on each score by a margin: accuracy on
+shapes-GenEval and shapes-VQA; on shapes-edit the distance to the ground truth in the cells an edit touches (at this
+reduced size hardly any edit is all right yet, see the README). This test runs it in a fresh kernel (nbclient) with
+the reduced step counts below and checks the scores it printed against margins taken from the measured CI-size
+numbers.
 """
 import json
 import os
@@ -27,8 +28,8 @@ def _outputs(nb) -> str:
 
 @pytest.mark.slow
 def test_notebook_runs_and_training_beats_untrained(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient  # pinned test dependencies (setup.py "test"): missing is a broken install, not a skip
+    import nbformat
     monkeypatch.setenv("BAGEL_REPO", REPO)
     monkeypatch.setenv("BAGEL_NB_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -47,8 +48,14 @@ def test_notebook_runs_and_training_beats_untrained(tmp_path, monkeypatch):
     result = json.loads(lines[0][len("RESULT "):])
     print(json.dumps(result, indent=1), file=sys.stderr)
     assert result["bagel_steps"] == int(CI_SIZE["BAGEL_NB_STEPS"])
-    assert result["vit_steps"] == int(CI_SIZE["BAGEL_NB_VIT_STEPS"]) and result["vit_object_acc"] > 0.5
-    for name in ("geneval/overall", "vqa/overall"):
-        assert result["trained"][name] > result["untrained"][name], name
-    assert result["trained"]["edit/edit_l1"] < result["untrained"]["edit/edit_l1"]  # a distance: lower is better
-    assert 0.0 <= result["trained"]["edit/overall"] <= 1.0
+    assert result["vit_steps"] == int(CI_SIZE["BAGEL_NB_VIT_STEPS"])
+    # Margins: about half the gaps measured at this size (README, "at CI size"), so that they catch a model that
+    # learns clearly less and are not flaky: VAE PSNR 29.3 dB (6.2 dB after 4 steps), ViT object accuracy 1.0
+    # (0.0 untrained), GenEval 0.271 vs 0.021 untrained, VQA 0.542 vs 0.000, edit_l1 0.130 vs 0.189 (a distance:
+    # lower is better). The notebook asserts the same, with a smaller edit_l1 margin that also holds at full size.
+    assert result["vae_psnr"] >= 20.0, result["vae_psnr"]
+    assert result["vit_object_acc"] >= 0.5, result["vit_object_acc"]
+    trained, untrained = result["trained"], result["untrained"]
+    assert trained["geneval/overall"] >= untrained["geneval/overall"] + 0.15
+    assert trained["vqa/overall"] >= untrained["vqa/overall"] + 0.30
+    assert trained["edit/edit_l1"] <= untrained["edit/edit_l1"] - 0.03

@@ -293,24 +293,81 @@ def test_sharded_attention_matches_reference(impl, kwargs):
 # slow: TPU-semantics interpreter with race detection, larger sweep (pytest -m slow)
 
 
+def tpu_interpreter():
+    """JAX's TPU interpreter module, whose ``races`` (private) records what its race detector found after a kernel.
+
+    Fails (never skips) when it moved, so that the race test cannot pass without a detector behind it."""
+    try:
+        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
+    except ImportError as e:
+        pytest.fail(f"JAX moved its TPU interpreter (jax._src.pallas.mosaic.interpret.interpret_pallas_call: {e}): "
+                    "find where it records races now and update tpu_interpreter()")
+    if not hasattr(interpreter, "races"):
+        pytest.fail("JAX's TPU interpreter has no `races` record any more: update tpu_interpreter()")
+    return interpreter
+
+
+def races_found(run):
+    """Runs ``run()`` in TPU interpret mode with the race detector on; returns its result and whether the detector
+    found a race."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    interpreter = tpu_interpreter()
+    pltpu.reset_tpu_interpret_mode_state()  # a fresh record: a kernel interpreted before cannot answer for this one
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(detect_races=True)):
+        result = run()
+    races = interpreter.races
+    assert races is not None, "no kernel ran under the race detector (TPU interpret mode did not interpret one)"
+    assert isinstance(races.races_found, bool), f"the race record changed: races_found = {races.races_found!r}"
+    return result, races.races_found
+
+
+@pytest.mark.parametrize("race", [False, True])
+def test_race_detector_finds_a_race(race):
+    """The detector the race test relies on: a kernel that reads a DMA's destination before waiting is caught."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    def kernel(x_ref, o_ref, scratch, sem):
+        copy = pltpu.make_async_copy(x_ref, scratch, sem)
+        copy.start()
+        if not race:
+            copy.wait()
+        o_ref[...] = scratch[...] + 1.0  # with race: reads what the DMA is still writing
+        if race:
+            copy.wait()
+
+    x = jnp.zeros((8, 128), jnp.float32)
+
+    def run():  # pallas_call reads the interpret mode when it is made
+        call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+                              scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA])
+        return jax.block_until_ready(call(x))
+
+    out, found = races_found(run)
+    assert found is race
+    if not race:
+        np.testing.assert_array_equal(out, x + 1.0)
+
+
 @pytest.mark.slow
 def test_tpu_kernel_in_tpu_interpret_mode_has_no_races():
     """Simulates TPU pipelining (DMA, buffers, the dynamic grid) and checks for races (~30 s)."""
-    from jax.experimental.pallas import tpu as pltpu
-
     rows = [metadata_from_splits([Split(1, CAUSAL, 60), Split(1, FULL, 100), Split(2, NOISE, 150),
                                   Split(2, CAUSAL, 30)], 384)]
     meta = to_meta(rows)
     q, k, v, do = random_qkv(2, 1, 384, 384, 2, 1, 128)
-    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(detect_races=True)):
+
+    def run():
         out, vjp = jax.vjp(lambda q, k, v: split_splash_attention(q, k, v, meta, block_q=128, block_kv=128), q, k, v)
-        grads = jax.block_until_ready(vjp(do))
+        return jax.block_until_ready((out, vjp(do)))
+
+    (out, grads), found = races_found(run)
+    assert not found, "the race detector found a race in the split-splash kernels (printed above)"
     ref_out, ref_grads = value_and_grads(q, k, v, do, meta, impl="reference")
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
         assert_close(got, want, 1e-5, 1e-5, f"tpu-interpret {name}")
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # private: where races are recorded
-    races = getattr(interpret_pallas_call, "races", None)
-    assert races is None or not races.races_found
 
 
 @pytest.mark.slow
