@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from bagel_jax.attention import attention
 from bagel_jax.attention.mask import KV_HI_INF, MaskMeta
 from bagel_jax.model.embeddings import activation
+from bagel_jax.model.remat import remat
 
 TOKENS = ("activation_batch", "activation_patches", "activation_embed")
 
@@ -105,12 +105,6 @@ class SiglipEncoderLayer(nn.Module):
         return nn.with_logical_constraint(x, TOKENS)
 
 
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
 class SiglipNaViT(nn.Module):
     """Packed variable-resolution SigLIP encoder.
 
@@ -151,10 +145,7 @@ class SiglipNaViT(nn.Module):
         x = nn.with_logical_constraint(x, TOKENS)
 
         meta = image_mask_meta(image_ids)
-        layer_cls = SiglipEncoderLayer
-        remat = cfg.get("remat", "none")
-        if remat != "none":
-            layer_cls = nn.remat(SiglipEncoderLayer, policy=_REMAT_POLICIES[remat])
+        layer_cls = remat(SiglipEncoderLayer, cfg.get("remat", "none"))
         for i in range(v.num_layers):
             x = layer_cls(v, cfg.attention_impl, dtype, param_dtype, name=f"layers_{i}")(x, meta)
         x = _layer_norm(v.layer_norm_eps, "post_layernorm", param_dtype)(x).astype(dtype)
