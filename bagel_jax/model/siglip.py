@@ -16,16 +16,10 @@ import jax.numpy as jnp
 from bagel_jax.attention import attention
 from bagel_jax.attention.mask import KV_HI_INF, MaskMeta
 from bagel_jax.model.embeddings import activation
+from bagel_jax.model.layers import dense
 from bagel_jax.model.remat import remat
 
 TOKENS = ("activation_batch", "activation_patches", "activation_embed")
-
-
-def _dense(features: int, names: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
-    return nn.Dense(
-        features, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
 
 
 def _layer_norm(eps: float, name: str, param_dtype) -> nn.LayerNorm:
@@ -58,14 +52,14 @@ class SiglipAttention(nn.Module):
         head_dim = self.hidden // self.num_heads
 
         def proj(name):
-            y = _dense(self.hidden, ("vit_embed", "heads"), name, self.dtype, self.param_dtype)(x)
+            y = dense(self.hidden, ("vit_embed", "heads"), name, self.dtype, self.param_dtype)(x)
             y = y.reshape(b, p, self.num_heads, head_dim)
             return nn.with_logical_constraint(
                 y, ("activation_batch", "activation_patches", "activation_heads", "activation_head_dim"))
 
         out = attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), meta, meta, impl=self.attention_impl)
         out = out.reshape(b, p, self.hidden)
-        return _dense(self.hidden, ("heads", "vit_embed"), "out_proj", self.dtype, self.param_dtype)(out)
+        return dense(self.hidden, ("heads", "vit_embed"), "out_proj", self.dtype, self.param_dtype)(out)
 
 
 class SiglipMLP(nn.Module):
@@ -79,10 +73,10 @@ class SiglipMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _dense(self.intermediate, ("vit_embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
+        x = dense(self.intermediate, ("vit_embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
         x = nn.with_logical_constraint(activation(self.act)(x),
                                        ("activation_batch", "activation_patches", "activation_mlp"))
-        return _dense(self.hidden, ("mlp", "vit_embed"), "fc2", self.dtype, self.param_dtype)(x)
+        return dense(self.hidden, ("mlp", "vit_embed"), "fc2", self.dtype, self.param_dtype)(x)
 
 
 class SiglipEncoderLayer(nn.Module):
@@ -134,7 +128,7 @@ class SiglipNaViT(nn.Module):
         if v.num_positions < s * s:
             raise ValueError(f"SiglipNaViT: vit.num_positions {v.num_positions} < vit_max_num_patch_per_side² {s * s}")
 
-        x = _dense(v.hidden_size, ("patch", "vit_embed"), "patch_embedding", dtype, param_dtype)(
+        x = dense(v.hidden_size, ("patch", "vit_embed"), "patch_embedding", dtype, param_dtype)(
             patches.astype(dtype))
         table = self.param(
             "position_embedding",
