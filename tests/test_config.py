@@ -1,25 +1,16 @@
 """Config validation: every class of bad config is one line naming the key, raised before anything builds."""
-import importlib.util
 import pathlib
 
 import ml_collections
 import pytest
 
 from bagel_jax.config import ConfigError, base_config, check_devices, validate
-
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from configs_util import CONFIG_DIR, shipped_config
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in pathlib.Path(CONFIG_DIR).glob("*.py")))
 def test_shipped_configs_validate(name):
-    validate(load(name))
+    validate(shipped_config(name))
 
 
 def _unknown_key(c):
@@ -86,7 +77,7 @@ BAD = [
 
 @pytest.mark.parametrize("mutate,key", BAD, ids=[k for _, k in BAD])
 def test_bad_config_names_key(mutate, key):
-    c = load("tiny")
+    c = shipped_config("tiny")
     mutate(c)
     with pytest.raises(ConfigError) as e:
         validate(c)
@@ -96,7 +87,7 @@ def test_bad_config_names_key(mutate, key):
 
 
 def test_devices_mesh_and_batch():
-    c = load("tiny")
+    c = shipped_config("tiny")
     c.parallel.update(data=2, fsdp=2, tensor=2)
     c.data.batch_size = 4
     assert check_devices(c, 8) == (2, 2, 2, 1)
@@ -111,7 +102,7 @@ def test_devices_mesh_and_batch():
 
 
 def test_missing_key_is_reported():
-    c = load("tiny")
+    c = shipped_config("tiny")
     del c.train["ema_decay"]
     with pytest.raises(ConfigError, match=r"^train.ema_decay: missing"):
         validate(c)
@@ -124,14 +115,12 @@ def test_base_config_is_release():
 
 
 def test_release_config_row_lengths_and_v6e_plan():
-    from bagel_jax.launch_utils import load_config
-    release = str(CONFIG_DIR / "bagel_7b_mot.py")
-    short, long = load_config(release), load_config(release + ":45k")
+    short, long = shipped_config("bagel_7b_mot"), shipped_config("bagel_7b_mot:45k")
     assert (short.data.seq_len, long.data.seq_len, long.data.und_len + long.data.gen_len) == (32768, 45056, 45056)
     assert long.data.max_vae_images == 16 and long.model.to_dict() == short.model.to_dict()
     with pytest.raises(ValueError, match="64k"):
-        load_config(release + ":64k")
-    v6e = load_config(str(CONFIG_DIR / "bagel_7b_mot_v6e.py") + ":45k")
+        shipped_config("bagel_7b_mot:64k")
+    v6e = shipped_config("bagel_7b_mot_v6e:45k")
     validate(v6e)
     assert (v6e.parallel.tensor, v6e.model.scan_layers, v6e.data.seq_len) == (2, True, 45056)
 
@@ -140,13 +129,11 @@ def test_tiny_repro_report_evals():
     """configs/tiny_repro.py:report: the README's held-out sets (GenEval 16 prompts per category × 4 images), the same
     model and data as the training config; builds its evaluators; an unknown argument names the file."""
     from bagel_jax.eval import runner
-    from bagel_jax.launch_utils import load_config
-    path = str(CONFIG_DIR / "tiny_repro.py")
-    train, report = load_config(path), load_config(path + ":report")
+    train, report = shipped_config("tiny_repro"), shipped_config("tiny_repro:report")
     validate(report)
     assert report.model.to_dict() == train.model.to_dict() and report.data.to_dict() == train.data.to_dict()
     evaluators = runner.build_evaluators(report.evals)
     assert len(evaluators["geneval"].evaluator.samples) == 6 * 16 * 4 and not any(
         s.every for s in evaluators.values())
     with pytest.raises(ValueError, match="tiny_repro.py: unknown argument 'big'"):
-        load_config(path + ":big")
+        shipped_config("tiny_repro:big")
