@@ -15,7 +15,6 @@ understanding greedy, max 512 tokens.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -38,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", default="", help="input image (understand / edit)")
     p.add_argument("--out", default="", help="output PNG (t2i / edit) or text file (understand)")
     p.add_argument("--tokenizer", default="", help="tokenizer.json / *.model (default: in --checkpoint)")
-    p.add_argument("--config", default="", help="Python config file for non-checkpoint settings "
-                   "(dtype, attention impl, resize rules); default: bagel_jax.config.base_config()")
+    p.add_argument("--config", default="", help="Python config file (path.py[:arg]) for non-checkpoint "
+                   "settings (dtype, attention impl, resize rules); default: bagel_jax.config.base_config()")
     p.add_argument("--random_tiny", action="store_true", help="write and use a random tiny checkpoint")
     p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"), help="compute dtype override")
     p.add_argument("--height", type=int, default=0, help="t2i image height (default: data.vae_transform max)")
@@ -66,15 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
-
-
-def load_config_file(path: str):
-    spec = importlib.util.spec_from_file_location("bagel_cli_config", path)
-    if spec is None or not os.path.exists(path):
-        raise FileNotFoundError(f"--config: {path} does not exist")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def write_random_tiny(directory: str, config) -> None:
@@ -117,10 +107,11 @@ def main(argv=None) -> int:
     from bagel_jax.convert.bagel_ckpt import load_checkpoint
     from bagel_jax.data.tokenizer import load_tokenizer
     from bagel_jax.infer.api import Inferencer
+    from bagel_jax.launch_utils import load_config
     from bagel_jax.model.bagel import Bagel
 
     config_path = args.config or (os.path.join(REPO_ROOT, "configs", "tiny.py") if args.random_tiny else "")
-    config = load_config_file(config_path) if config_path else base_config()
+    config = load_config(config_path) if config_path else base_config()
     if args.random_tiny:
         args.checkpoint = args.checkpoint or tempfile.mkdtemp(prefix="bagel_random_tiny_")
         write_random_tiny(args.checkpoint, config)
