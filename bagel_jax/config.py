@@ -16,6 +16,11 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line and starts with the dotted key."""
 
 
+# model.remat mode -> name of the jax.checkpoint_policies policy of each remat'ed layer (None: save nothing);
+# "none" means no remat. bagel_jax.model.remat applies it.
+REMAT_POLICIES = {"full": None, "dots": "dots_with_no_batch_dims_saveable"}
+
+
 def _model() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         # Qwen2 MoT LLM
@@ -138,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
 CHOICES = {
     "model.layer_module": ("mot", "dense"), "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"), "model.attention_impl": ("reference", "tpu", "gpu", "auto"),
-    "model.remat": ("none", "full", "dots"), "model.vae.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", *REMAT_POLICIES), "model.vae.dtype": ("float32", "bfloat16"),
     "model.connector_act": ("gelu_pytorch_tanh", "gelu", "silu"),
     "model.vit.hidden_act": ("gelu_pytorch_tanh", "gelu"),
     "train.schedule": ("constant", "cosine"), "train.nonfinite": ("skip", "halt", "rollback"),

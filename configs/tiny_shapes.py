@@ -6,20 +6,13 @@ Expected: ~80 s on 2 CPU cores (about 35 s of it compiling): ce falls from 6.28 
           reference); metrics.jsonl, TensorBoard events and checkpoints 10/20/30 in the workdir.
 Longer:   --config.train.steps=2000 --config.data.synthetic_examples=2000 --config.train.sample_every=500
 """
-import importlib.util
 import os
 
-
-def _tiny():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py")
-    spec = importlib.util.spec_from_file_location("bagel_configs_tiny", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from bagel_jax.launch_utils import load_config
 
 
 def get_config(arg=None):
-    c = _tiny()
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py"))
     c.name = "tiny_shapes"
     c.data.update(builder="synthetic_shapes", data_dir="", synthetic_examples=200, num_workers=0,
                   mixture=dict(t2i=1.0, vlm=1.0, edit=0.5, video=0.0, web=0.0))

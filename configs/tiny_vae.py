@@ -17,20 +17,14 @@ Loss:     L2 + 1e-6 · per-element KL (no LPIPS / GAN terms, which FLUX's own tr
 Data:     2000 t2i images (data.seed 42: its first 200 are the tiny_shapes run's); held-out PSNR on 64 images
           rendered with vae_stage.eval_seed 1042.
 """
-import importlib.util
 import os
 
-
-def _load(name):
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location(f"bagel_configs_{name}", os.path.join(here, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from bagel_jax.launch_utils import load_config
 
 
 def get_config(arg=None):
-    c = _load("tiny_shapes")  # same model.vae and data transforms as the BAGEL run that will use this VAE
+    # same model.vae and data transforms as the BAGEL run that will use this VAE
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_shapes.py"))
     c.name = "tiny_vae"
     c.data.update(batch_size=8, synthetic_examples=2000, num_workers=0)
     c.train.update(steps=1500, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, beta1=0.9, beta2=0.99,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import jax
@@ -14,16 +13,14 @@ from bagel_jax.convert import bagel_ckpt
 from bagel_jax.data.pack import Budgets, assemble, split_extras
 from bagel_jax.data.sample import Image, LayoutConfig, Sample, Text, build_document
 from bagel_jax.model.vae import FluxVAE
+from configs_util import shipped_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOS, EOS, VS, VE = 2, 3, 4, 5
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return shipped_config("tiny")
 
 
 def layout(cfg, vae_hw=(48, 48)) -> LayoutConfig:

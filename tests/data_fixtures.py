@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import importlib.util
-import os
 import shutil
 import tempfile
 
@@ -12,8 +10,8 @@ import numpy as np
 
 from bagel_jax.attention.mask import MaskMeta, allowed
 from bagel_jax.batch import KIND_CLEAN_VAE, KIND_NOISED_VAE, KIND_PAD, KIND_TEXT, KIND_VIT
+from configs_util import shipped_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES_EXAMPLES = 40  # per split
 
 
@@ -28,10 +26,7 @@ def shapes_dir() -> str:
 
 
 def tiny_config(data_dir: str | None = None, **data):
-    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = shipped_config("tiny")
     c.data.data_dir = data_dir or shapes_dir()
     c.data.num_workers = 0
     c.data.update(data)

@@ -1,5 +1,4 @@
 """AOT planner: compile the train step for a small TPU topology on this CPU host (needs libtpu)."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,15 +9,13 @@ pytestmark = pytest.mark.tpu  # needs libtpu (the [tpu] extra); conftest.py fail
 
 import train_toy as T  # noqa: E402
 from bagel_jax import aot  # noqa: E402
+from configs_util import shipped_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    return tiny.get_config()
+    return shipped_config("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Orbax checkpoints: bitwise resume with the data stream, resharding restore (8 → 4 devices), keep-N,
 init_from, kill -9 during an async save, SIGTERM → checkpoint."""
+import json
 import os
 import signal
 import subprocess
@@ -104,6 +105,28 @@ def test_keep_n_and_init_from(saved_run, tmp_path):
     assert state.params["language_model"]["embed_tokens"].sharding.spec == P("tensor", "fsdp")
     # another run's checkpoint directory: its EMA
     _leaves_equal(load_params(workdir, abstract, use_ema=True), at_3.ema_params)
+
+
+def test_data_state_is_one_json_file_per_host(tmp_path):
+    """grain's handler writes this host's state as ``process_<i>-of-<n>.json``; a host-count change names itself."""
+    state = {"w": jax.numpy.arange(6.0).reshape(2, 3)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    data_state = {"pipeline": {"next": [1, 2]}, "skipped": [0, 3], "rows": 5}
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(4, state, data_state)
+    ckpt.close()
+    data_dir = tmp_path / "checkpoints" / "4" / "data"
+    assert [p.name for p in data_dir.glob("*.json")] == ["process_0-of-1.json"]
+    assert (data_dir / "process_0-of-1.json").read_text() == json.dumps(data_state)
+    restored, got = Checkpointer(str(tmp_path)).restore(abstract)
+    assert got == data_state
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")  # saved by 2 hosts
+    with pytest.raises(FileNotFoundError, match=r"process_0-of-1\.json: no data-iterator state for this host "
+                                                r"\(found \[.*'process_0-of-2\.json'\]\); the host count changed"):
+        Checkpointer(str(tmp_path)).restore(abstract)
+    _, got = Checkpointer(str(tmp_path)).restore(abstract, data=False)
+    assert got is None
 
 
 def _python(script: str, *args, devices: int = 1):

@@ -1,6 +1,5 @@
 """Config validation: every class of bad config is one line naming the key, raised before anything builds."""
 import importlib
-import importlib.util
 import os
 import pathlib
 
@@ -16,20 +15,12 @@ from bagel_jax.config import (
     unknown_key_message,
     validate,
 )
-
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from configs_util import CONFIG_DIR, shipped_config
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in pathlib.Path(CONFIG_DIR).glob("*.py")))
 def test_shipped_configs_validate(name):
-    validate(load(name))
+    validate(shipped_config(name))
 
 
 def _unknown_key(c):
@@ -137,7 +128,7 @@ BAD = [
 
 @pytest.mark.parametrize("mutate,key", BAD, ids=[k for _, k in BAD])
 def test_bad_config_names_key(mutate, key):
-    c = load("tiny")
+    c = shipped_config("tiny")
     mutate(c)
     with pytest.raises(ConfigError) as e:
         validate(c)
@@ -147,7 +138,7 @@ def test_bad_config_names_key(mutate, key):
 
 
 def test_devices_mesh_and_batch():
-    c = load("tiny")
+    c = shipped_config("tiny")
     c.parallel.update(data=2, fsdp=2, tensor=2)
     c.data.batch_size = 4
     assert check_devices(c, 8) == (2, 2, 2, 1)
@@ -162,7 +153,7 @@ def test_devices_mesh_and_batch():
 
 
 def test_missing_key_is_reported():
-    c = load("tiny")
+    c = shipped_config("tiny")
     del c.train["ema_decay"]
     with pytest.raises(ConfigError, match=r"^train.ema_decay: missing"):
         validate(c)
@@ -175,14 +166,12 @@ def test_base_config_is_release():
 
 
 def test_release_config_row_lengths_and_v6e_plan():
-    from bagel_jax.launch_utils import load_config
-    release = str(CONFIG_DIR / "bagel_7b_mot.py")
-    short, long = load_config(release), load_config(release + ":45k")
+    short, long = shipped_config("bagel_7b_mot"), shipped_config("bagel_7b_mot:45k")
     assert (short.data.seq_len, long.data.seq_len, long.data.und_len + long.data.gen_len) == (32768, 45056, 45056)
     assert long.data.max_vae_images == 16 and long.model.to_dict() == short.model.to_dict()
     with pytest.raises(ValueError, match="64k"):
-        load_config(release + ":64k")
-    v6e = load_config(str(CONFIG_DIR / "bagel_7b_mot_v6e.py") + ":45k")
+        shipped_config("bagel_7b_mot:64k")
+    v6e = shipped_config("bagel_7b_mot_v6e:45k")
     validate(v6e)
     assert (v6e.parallel.tensor, v6e.model.scan_layers, v6e.data.seq_len) == (2, True, 45056)
 
@@ -191,16 +180,14 @@ def test_tiny_repro_report_evals():
     """configs/tiny_repro.py:report: the README's held-out sets (GenEval 16 prompts per category × 4 images), the same
     model and data as the training config; builds its evaluators; an unknown argument names the file."""
     from bagel_jax.eval import runner
-    from bagel_jax.launch_utils import load_config
-    path = str(CONFIG_DIR / "tiny_repro.py")
-    train, report = load_config(path), load_config(path + ":report")
+    train, report = shipped_config("tiny_repro"), shipped_config("tiny_repro:report")
     validate(report)
     assert report.model.to_dict() == train.model.to_dict() and report.data.to_dict() == train.data.to_dict()
     evaluators = runner.build_evaluators(report.evals)
     assert len(evaluators["geneval"].evaluator.samples) == 6 * 16 * 4 and not any(
         s.every for s in evaluators.values())
     with pytest.raises(ValueError, match="tiny_repro.py: unknown argument 'big'"):
-        load_config(path + ":big")
+        shipped_config("tiny_repro:big")
 
 
 def test_unknown_keys_name_the_nearest_valid_key():
@@ -210,14 +197,14 @@ def test_unknown_keys_name_the_nearest_valid_key():
                           ("vae_stage.losss", "vae_stage.loss"), ("modle", "model")]:
         assert unknown_key_message(typo, keys) == f"{typo}: unknown config key (did you mean {nearest}?)"
     assert unknown_key_message("qqqqqq.zzzzzz", keys) == "qqqqqq.zzzzzz: unknown config key"
-    c = load("tiny")
+    c = shipped_config("tiny")
     c.train.lrr = 1.0
     with pytest.raises(ConfigError, match=r"^train\.lrr: unknown config key \(did you mean train\.lr\?\)$"):
         validate(c)
 
 
 def test_attention_impl_against_the_platform():
-    c = load("tiny")
+    c = shipped_config("tiny")
     c.model.attention_impl = "tpu"
     validate(c)  # no platform given: nothing to check against
     validate(c, platform="tpu")
@@ -229,7 +216,7 @@ def test_attention_impl_against_the_platform():
 
 
 def test_accumulation_and_hosts_against_devices():
-    c = load("tiny")
+    c = shipped_config("tiny")
     c.data.batch_size, c.train.grad_accum_steps = 8, 4
     c.parallel.update(data=2)
     assert check_devices(c, 2) == (2, 1, 1, 1)
@@ -251,7 +238,7 @@ def _shapes_dir(root):
 
 
 def test_check_paths(tmp_path):
-    c = load("tiny")
+    c = shipped_config("tiny")
     wd = tmp_path / "wd"
     with pytest.raises(ConfigError, match=r"^data\.data_dir: no built dataset 'synthetic_shapes' .*synthetic_examples"):
         check_paths(c, str(wd))

@@ -1,7 +1,6 @@
 """Embeddings: timestep features and 2-D sin-cos table against the reference formulas (float64 numpy),
 the modules against torch written from the reference."""
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -11,9 +10,9 @@ import pytest
 import torch
 
 from bagel_jax.data.images import flattened_position_ids
-from bagel_jax.launch_utils import load_config
 from bagel_jax.model.embeddings import (Connector, PositionEmbedding, TimestepEmbedder, sincos_2d_table,
                                         timestep_embedding)
+from configs_util import shipped_config
 
 
 def test_timestep_embedding_formula():
@@ -105,7 +104,7 @@ def test_connector_matches_torch_formula():
 def test_tiny_repro_cells_get_distinct_position_vectors():
     """configs/tiny_repro.py (DESIGN_NOTES 18): the 3×3 cells' position vectors, as its rows and its ViT stage
     index them, are far apart; the extrapolated ids 0, 1, 2 of BAGEL's default rule are nearly one vector."""
-    m = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny_repro.py")).model
+    m = shipped_config("tiny_repro").model
 
     def max_cosine(n, interpolate):
         e = sincos_2d_table(m.hidden_size, n)[flattened_position_ids(3, 3, 1, n, interpolate)]

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from bagel_jax.attention import MaskMeta, Split, allowed, metadata_from_splits, reference_attention
-from bagel_jax.config import base_config, head_dim
+from bagel_jax.config import CHOICES, base_config, head_dim
 from bagel_jax.convert.hf import stack_layers
 from bagel_jax.model.mot import LanguageModel, init_params
+from bagel_jax.model.remat import remat as remat_layer
 from bagel_jax.parallel.rules import LOGICAL_AXIS_RULES, MESH_AXES
 
 G = "_moe_gen"
@@ -295,6 +296,14 @@ def test_remat_and_scan_equal_plain_model(setup, plain_value_and_grad, scan, rem
     if scan:
         ref_grad = {"params": stack_layers(ref_grad["params"], cfg.num_layers)}
     jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5), grad, ref_grad)
+
+
+def test_remat_wraps_every_mode_config_accepts():
+    """One table serves validation and the model: each accepted mode wraps a layer, any other names the key."""
+    for mode in CHOICES["model.remat"]:
+        assert (remat_layer(nn.Dense, mode) is nn.Dense) == (mode == "none")
+    with pytest.raises(ValueError, match=r"^model\.remat must be one of none\|full\|dots, got 'selective'$"):
+        remat_layer(nn.Dense, "selective")
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -10,6 +10,9 @@ on the same bf16-rounded inputs.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ from bagel_jax.attention.mask import CAUSAL, FULL, MODES, NOISE, MaskMeta, Split
 from bagel_jax.attention.reference import reference_attention
 from bagel_jax.attention.tpu_split_splash import split_splash_attention
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("doc", "index", "q_hi", "kv_hi")
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -266,6 +270,15 @@ def test_gpu_path_matches_reference_bf16():
             metadata_from_splits([Split(1, NOISE, 200), Split(1, CAUSAL, 56)], 256)]
     q, k, v, do = random_qkv(1, 2, 256, 256, 4, 2, 64, jnp.bfloat16)
     check_against_reference(q, k, v, do, to_meta(rows), "gpu", (("block_q", 64), ("block_kv", 64)), f32=False)
+
+
+def test_gpu_path_does_not_import_the_tpu_kernel():
+    """The XLA path shares kernel_inputs.py with the Pallas kernel, not the kernel module (nor Pallas TPU)."""
+    code = ("import sys, bagel_jax.attention.gpu; "
+            "print(sorted(m for m in sys.modules if m.endswith(('tpu_split_splash', 'pallas.tpu'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 # ----------------------------------------------------------------------------------------------------

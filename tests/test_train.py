@@ -1,7 +1,6 @@
 """The trainer end to end on configs/tiny_shapes.py: the README's CLI, falling losses, artifacts, resume,
 and meshes on 8 simulated devices agreeing with one device."""
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,15 +12,14 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
 
+from configs_util import shipped_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
 
 
 def tiny_shapes(**train):
-    spec = importlib.util.spec_from_file_location("tiny_shapes_cfg", os.path.join(ROOT, "configs", "tiny_shapes.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = shipped_config("tiny_shapes")
     c.train.update(train)
     return c
 

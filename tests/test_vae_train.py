@@ -1,6 +1,5 @@
 """The VAE stage (bagel_jax/train/vae_train.py): PSNR vs numpy, the image transform, a short real run whose loss
 falls on a fixed batch, the export (ae.safetensors + vae.json) and its round trip into a Bagel TrainState."""
-import importlib.util
 import io
 import json
 import os
@@ -16,16 +15,13 @@ from bagel_jax.config import ConfigError
 from bagel_jax.data import images as img_lib
 from bagel_jax.convert import vae_export
 from bagel_jax.train import vae_train
+from configs_util import shipped_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 
 
 def tiny_vae_config(**stage):
-    spec = importlib.util.spec_from_file_location("tiny_vae_cfg", os.path.join(ROOT, "configs", "tiny_vae.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = shipped_config("tiny_vae")
     c.vae_stage.update(stage)
     return c
 
@@ -146,10 +142,7 @@ def test_load_into_bagel_state_and_latents_are_normalised(vae_run):
     from bagel_jax.train.state import abstract_state, state_shardings, with_pretrained
 
     vae_config, workdir, _ = vae_run
-    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
+    config = shipped_config("tiny")
     config.model.vae.init_from = workdir
     stats = vae_export.apply_vae_init_config(config)
     assert (config.model.vae.scale_factor, config.model.vae.shift_factor) == (stats["scale_factor"],

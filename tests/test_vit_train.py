@@ -13,17 +13,16 @@ from transformers import SiglipVisionModel
 from bagel_jax.config import ConfigError
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import synthetic_shapes as shapes
-from bagel_jax.launch_utils import load_config
 from bagel_jax.model.siglip import SiglipNaViT
 from bagel_jax.convert import vit_export
 from bagel_jax.train import vit_train
+from configs_util import shipped_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60
 
 
 def tiny_vit_config():
-    c = load_config(os.path.join(ROOT, "configs", "tiny_vit.py"))
+    c = shipped_config("tiny_vit")
     c.data.update(batch_size=16, synthetic_examples=400)
     c.train.update(steps=STEPS, warmup_steps=5, log_every=10, checkpoint_every=STEPS)
     c.vit_stage.update(eval_every=0, eval_images=64, eval_batch=32)
@@ -109,7 +108,7 @@ def test_bagel_loads_the_stage_and_untrained_baseline_keeps_it(vit_run):
     from bagel_jax.train.state import abstract_state, state_shardings, with_pretrained
 
     vit_config, workdir, _, _ = vit_run
-    config = load_config(os.path.join(ROOT, "configs", "tiny_repro.py"))
+    config = shipped_config("tiny_repro")
     config.model.vit.init_from = workdir
     vit_export.check_vit_init(config)
     devices = jax.devices()[:2]
@@ -143,7 +142,7 @@ def test_bad_config_and_init_from_errors_name_the_key(vit_run, tmp_path):
     c.data.synthetic_examples = 0
     with pytest.raises(ConfigError, match="^data.synthetic_examples: "):
         vit_train.validate_vit_config(c)
-    c = load_config(os.path.join(ROOT, "configs", "tiny_repro.py"))
+    c = shipped_config("tiny_repro")
     c.model.vit.init_from = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="^model.vit.init_from: "):
         vit_export.check_vit_init(c)

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from bagel_jax.attention import block_map
+from bagel_jax.attention.kernel_inputs import check_inputs, matmul_precision, meta_rows, round_up
 from bagel_jax.attention.mask import MaskMeta
-from bagel_jax.attention.tpu_split_splash import _check_inputs, _meta_rows, _round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +33,8 @@ class _Config:
     scale: float
 
 
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
-
-
 def _einsum(spec, a, b):
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=_precision(a.dtype))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=matmul_precision(a.dtype))
 
 
 def _blocks(cfg: _Config, q, k, v, qm, km):
@@ -170,20 +166,20 @@ def gpu_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *,
       [B, Lq, Hq, hd] in q's dtype; queries with no allowed key give zeros.
     """
     kv_meta = q_meta if kv_meta is None else kv_meta
-    _check_inputs(q, k, v, q_meta, kv_meta)
+    check_inputs(q, k, v, q_meta, kv_meta)
     bsz, lq, hq, hd = q.shape
     lkv, hkv = k.shape[1], k.shape[2]
     for name, val in (("block_q", block_q), ("block_kv", block_kv)):
         if val <= 0 or val % 8:
             raise ValueError(f"attention {name} must be a positive multiple of 8, got {val}")
-    bq, bkv = min(block_q, _round_up(lq, 8)), min(block_kv, _round_up(lkv, 8))
-    lq_p, lkv_p = _round_up(lq, bq), _round_up(lkv, bkv)
+    bq, bkv = min(block_q, round_up(lq, 8)), min(block_kv, round_up(lkv, 8))
+    lq_p, lkv_p = round_up(lq, bq), round_up(lkv, bkv)
     chunk = max(1, lq_p // bq) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"attention chunk must be >= 1, got {chunk}")
     cfg = _Config(block_q=bq, block_kv=bkv, chunk=chunk, group=hq // hkv,
                   scale=hd**-0.5 if scale is None else float(scale))
-    qm, km = _meta_rows(q_meta, lq_p), _meta_rows(kv_meta, lkv_p)
+    qm, km = meta_rows(q_meta, lq_p), meta_rows(kv_meta, lkv_p)
     (sched,) = block_map.schedules(MaskMeta(*(qm[:, r] for r in range(4))), MaskMeta(*(km[:, r] for r in range(4))),
                                    bq, bkv, by=("q",))
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from bagel_jax.attention import block_map
+from bagel_jax.attention.kernel_inputs import check_inputs, matmul_precision, meta_rows, round_up
 from bagel_jax.attention.mask import MaskMeta
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # logit of a masked pair (finite: no inf - inf)
@@ -52,14 +53,6 @@ class _Config:
     scale: float
     interpret: bool
     vmem_limit_bytes: int | None
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
 def _dot(a, b, dims, precision):
@@ -191,7 +184,7 @@ def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
     hkv = k.shape[-1] // cfg.head_dim
     bq, bkv, hd, g = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.group
     q_rows, kv_rows, q_stats, q_meta, kv_meta = _index_maps()
-    kernel = functools.partial(_fwd_kernel, cfg=cfg, precision=_precision(q.dtype))
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, precision=matmul_precision(q.dtype))
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -311,7 +304,7 @@ def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
     di = jnp.sum(out.astype(jnp.float32).reshape(b, lq, hkv, g, hd)
                  * do.astype(jnp.float32).reshape(b, lq, hkv, g, hd), axis=-1).transpose(0, 2, 3, 1)
     q_rows, kv_rows, q_stats, q_meta, kv_meta = _index_maps()
-    precision = _precision(q.dtype)
+    precision = matmul_precision(q.dtype)
     in_specs = [
         pl.BlockSpec((None, bq, g * hd), q_rows),
         pl.BlockSpec((None, bkv, hd), kv_rows),
@@ -371,28 +364,6 @@ _core.defvjp(_core_fwd, _core_bwd)
 # public entry
 
 
-def _meta_rows(meta: MaskMeta, length: int) -> jnp.ndarray:
-    """int32[B, 4, length]: doc, index, q_hi, kv_hi, padded with doc 0 (never allowed)."""
-    rows = jnp.stack([meta.doc, meta.index, meta.q_hi, meta.kv_hi], axis=1).astype(jnp.int32)
-    return jnp.pad(rows, ((0, 0), (0, 0), (0, length - rows.shape[-1])))
-
-
-def _check_inputs(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"attention q, k, v must be [B, L, H, hd], got {q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape:
-        raise ValueError(f"attention k {k.shape} and v {v.shape} must have the same shape")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"attention q {q.shape} and k {k.shape} differ in batch or head_dim")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"attention q heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
-    for name, meta, want in (("q_meta", q_meta, q.shape[:2]), ("kv_meta", kv_meta, k.shape[:2])):
-        for field in ("doc", "index", "q_hi", "kv_hi"):
-            shape = getattr(meta, field).shape
-            if tuple(shape) != tuple(want):
-                raise ValueError(f"attention {name}.{field} has shape {tuple(shape)}, expected {tuple(want)}")
-
-
 def split_splash_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *,
                            scale: float | None = None, block_q: int = 512, block_kv: int = 512,
                            block_q_bwd: int | None = None, block_kv_bwd: int | None = None,
@@ -413,7 +384,7 @@ def split_splash_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None =
       to the block sizes and head_dim to a multiple of 128 internally.
     """
     kv_meta = q_meta if kv_meta is None else kv_meta
-    _check_inputs(q, k, v, q_meta, kv_meta)
+    check_inputs(q, k, v, q_meta, kv_meta)
     bsz, lq, hq, hd = q.shape
     lkv, hkv = k.shape[1], k.shape[2]
     scale = hd**-0.5 if scale is None else float(scale)
@@ -424,12 +395,12 @@ def split_splash_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None =
         if val <= 0 or val % LANES:
             raise ValueError(f"attention {name} must be a positive multiple of {LANES}, got {val}")
     # clip blocks to the (128-padded) sequence, then pad the sequence to a multiple of every block
-    lq_128, lkv_128 = _round_up(lq, LANES), _round_up(lkv, LANES)
+    lq_128, lkv_128 = round_up(lq, LANES), round_up(lkv, LANES)
     bq, bq_bwd = min(block_q, lq_128), min(block_q_bwd, lq_128)
     bkv, bkv_bwd = min(block_kv, lkv_128), min(block_kv_bwd, lkv_128)
-    lq_p = _round_up(lq, math.lcm(bq, bq_bwd))
-    lkv_p = _round_up(lkv, math.lcm(bkv, bkv_bwd))
-    hd_p = _round_up(hd, LANES)
+    lq_p = round_up(lq, math.lcm(bq, bq_bwd))
+    lkv_p = round_up(lkv, math.lcm(bkv, bkv_bwd))
+    hd_p = round_up(hd, LANES)
     cfg = _Config(block_q=bq, block_kv=bkv, block_q_bwd=bq_bwd, block_kv_bwd=bkv_bwd, group=hq // hkv,
                   head_dim=hd_p, scale=scale, interpret=bool(interpret), vmem_limit_bytes=vmem_limit_bytes)
 
@@ -442,7 +413,7 @@ def split_splash_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None =
         if smem > SMEM_BYTES - (64 << 10):
             raise ValueError(f"attention schedule needs {smem >> 10} KiB of TPU scalar memory (SMEM, 1 MiB): "
                              "use larger block_q / block_kv or fewer rows per device")
-    qm, km = _meta_rows(q_meta, lq_p), _meta_rows(kv_meta, lkv_p)
+    qm, km = meta_rows(q_meta, lq_p), meta_rows(kv_meta, lkv_p)
     q_meta_p = MaskMeta(*(qm[:, r] for r in range(4)))
     kv_meta_p = MaskMeta(*(km[:, r] for r in range(4)))
     (fwd_sched,) = block_map.schedules(q_meta_p, kv_meta_p, bq, bkv, by=("q",))

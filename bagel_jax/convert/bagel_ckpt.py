@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from bagel_jax.config import base_config, head_dim
-from bagel_jax.convert.hf import hf_to_ours, ours_to_hf, stack_layers, unstack_layers
+from bagel_jax.convert.hf import hf_to_ours, lm_entries, ours_to_hf, stack_layers, unstack_layers
 from bagel_jax.convert.hf_vision import flux_ae_keys, flux_ae_to_params, params_to_flux_ae
 from bagel_jax.model.embeddings import sincos_2d_table
 
@@ -56,32 +56,6 @@ class CheckpointError(ValueError):
 
 # --- the table -------------------------------------------------------------------------------------
 
-def _lm_entries(cfg) -> list[tuple[str, tuple[str, ...], str]]:
-    suffixes = ("", GEN) if cfg.layer_module == "mot" else ("",)
-    lm, ours = "language_model.", ("language_model",)
-    e = [(f"{lm}model.embed_tokens.weight", ours + ("embed_tokens", "embedding"), "copy")]
-    for i in range(cfg.num_layers):
-        k, p = f"{lm}model.layers.{i}.", ours + (f"layers_{i}",)
-        for s in suffixes:
-            for x in ("q", "k", "v"):
-                e.append((f"{k}self_attn.{x}_proj{s}.weight", p + ("self_attn", f"{x}_proj{s}", "kernel"), "in_heads"))
-                if cfg.qkv_bias:
-                    e.append((f"{k}self_attn.{x}_proj{s}.bias", p + ("self_attn", f"{x}_proj{s}", "bias"), "heads"))
-            e.append((f"{k}self_attn.o_proj{s}.weight", p + ("self_attn", f"o_proj{s}", "kernel"), "heads_out"))
-            if cfg.qk_norm:
-                for x in ("q", "k"):
-                    e.append((f"{k}self_attn.{x}_norm{s}.weight", p + ("self_attn", f"{x}_norm{s}", "scale"), "copy"))
-            for x in ("gate", "up", "down"):
-                e.append((f"{k}mlp{s}.{x}_proj.weight", p + (f"mlp{s}", f"{x}_proj", "kernel"), "linear"))
-            for x in ("input_layernorm", "post_attention_layernorm"):
-                e.append((f"{k}{x}{s}.weight", p + (f"{x}{s}", "scale"), "copy"))
-    for s in suffixes:
-        e.append((f"{lm}model.norm{s}.weight", ours + (f"norm{s}", "scale"), "copy"))
-    if not cfg.tie_word_embeddings:
-        e.append((f"{lm}lm_head.weight", ours + ("lm_head", "kernel"), "linear"))
-    return e
-
-
 def _dense(key: str, path: tuple[str, ...]) -> list[tuple[str, tuple[str, ...], str]]:
     return [(f"{key}.weight", path + ("kernel",), "linear"), (f"{key}.bias", path + ("bias",), "copy")]
 
@@ -92,7 +66,7 @@ def _norm(key: str, path: tuple[str, ...]) -> list[tuple[str, tuple[str, ...], s
 
 def entries(cfg) -> list[tuple[str, tuple[str, ...], str]]:
     """(official key, our param path, layout kind) for every tensor of ``ema.safetensors`` for ``cfg``."""
-    e = _lm_entries(cfg)
+    e = lm_entries(cfg, "language_model.", ("language_model",))
     if cfg.visual_gen:
         e += _dense("time_embedder.mlp.0", ("time_embedder", "mlp_0"))
         e += _dense("time_embedder.mlp.2", ("time_embedder", "mlp_2"))

@@ -46,12 +46,13 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _entries(cfg) -> list[tuple[str, tuple[str, ...], str]]:
-    """(HF key without prefix, our param path, transform kind) for every parameter of ``cfg``."""
+def lm_entries(cfg, key_prefix: str = "", path_prefix: tuple[str, ...] = ()) -> list[tuple[str, tuple[str, ...], str]]:
+    """(HF key, our param path, layout kind) for every ``LanguageModel`` parameter of ``cfg``; ``key_prefix`` and
+    ``path_prefix`` place the LM inside a larger model (BAGEL: ``language_model.`` / ``("language_model",)``)."""
     suffixes = ("", GEN_SUFFIX) if cfg.layer_module == "mot" else ("",)
-    out = [("model.embed_tokens.weight", ("embed_tokens", "embedding"), "copy")]
+    out = [(f"{key_prefix}model.embed_tokens.weight", path_prefix + ("embed_tokens", "embedding"), "copy")]
     for i in range(cfg.num_layers):
-        hf, ours = f"model.layers.{i}.", (f"layers_{i}",)
+        hf, ours = f"{key_prefix}model.layers.{i}.", path_prefix + (f"layers_{i}",)
         for s in suffixes:
             for p in ("q", "k", "v"):
                 out.append((f"{hf}self_attn.{p}_proj{s}.weight", ours + ("self_attn", f"{p}_proj{s}", "kernel"),
@@ -65,21 +66,21 @@ def _entries(cfg) -> list[tuple[str, tuple[str, ...], str]]:
                     out.append((f"{hf}self_attn.{p}_norm{s}.weight", ours + ("self_attn", f"{p}_norm{s}", "scale"),
                                 "copy"))
             for p in ("gate", "up", "down"):
-                out.append((f"{hf}mlp{s}.{p}_proj.weight", ours + (f"mlp{s}", f"{p}_proj", "kernel"), "transpose"))
+                out.append((f"{hf}mlp{s}.{p}_proj.weight", ours + (f"mlp{s}", f"{p}_proj", "kernel"), "linear"))
             for p in ("input_layernorm", "post_attention_layernorm"):
                 out.append((f"{hf}{p}{s}.weight", ours + (f"{p}{s}", "scale"), "copy"))
     for s in suffixes:
-        out.append((f"model.norm{s}.weight", (f"norm{s}", "scale"), "copy"))
+        out.append((f"{key_prefix}model.norm{s}.weight", path_prefix + (f"norm{s}", "scale"), "copy"))
     if not cfg.tie_word_embeddings:
-        out.append(("lm_head.weight", ("lm_head", "kernel"), "transpose"))
+        out.append((f"{key_prefix}lm_head.weight", path_prefix + ("lm_head", "kernel"), "linear"))
     return out
 
 
 def hf_to_ours(kind: str, w: np.ndarray, hd: int) -> np.ndarray:
-    """Torch layout → ours for a layout ``kind`` (copy | transpose/linear | in_heads | heads | heads_out)."""
+    """Torch layout → ours for a layout ``kind`` (copy | linear | in_heads | heads | heads_out)."""
     if kind == "copy":
         return w
-    if kind in ("transpose", "linear"):
+    if kind == "linear":  # [out, in] → [in, out]
         return w.T
     if kind == "in_heads":  # [H·hd, D] → [D, H, hd]
         return w.T.reshape(w.shape[1], -1, hd)
@@ -94,7 +95,7 @@ def ours_to_hf(kind: str, w: np.ndarray) -> np.ndarray:
     """Our layout → torch layout (inverse of ``hf_to_ours``)."""
     if kind == "copy":
         return w
-    if kind in ("transpose", "linear"):
+    if kind == "linear":
         return w.T
     if kind == "in_heads":  # [D, H, hd] → [H·hd, D]
         return w.reshape(w.shape[0], -1).T
@@ -159,7 +160,7 @@ def qwen2_to_params(state_dict: Mapping[str, Any], cfg, copy_to_gen: bool = True
     pdtype = jnp.dtype(cfg.param_dtype)
     params: dict = {}
     gen_entries = []
-    for key, path, kind in _entries(cfg):
+    for key, path, kind in lm_entries(cfg):
         is_gen = GEN_SUFFIX in key
         if is_gen and not has_gen:
             gen_entries.append((key, path))
@@ -191,7 +192,7 @@ def params_to_qwen2(params: Mapping, cfg, prefix: str = "") -> dict[str, np.ndar
     tree = jax.tree.map(np.asarray, nn.unbox(tree))
     if "layers" in tree:
         tree = unstack_layers(tree)
-    return {prefix + key: ours_to_hf(kind, _get(tree, path)) for key, path, kind in _entries(cfg)}
+    return {prefix + key: ours_to_hf(kind, _get(tree, path)) for key, path, kind in lm_entries(cfg)}
 
 
 def stack_layers(tree: Mapping, num_layers: int) -> dict:

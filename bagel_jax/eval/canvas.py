@@ -1,8 +1,12 @@
-"""Image sizes of the evaluators' held-out scenes (shared by shapes-GenEval, -VQA and -edit) and the sampling
-seeds of the images they ask a model to generate."""
+"""Image sizes of the evaluators' held-out scenes (shared by shapes-GenEval, -VQA and -edit), the example stream
+of VQA and edit, and the sampling seeds of the images they ask a model to generate."""
 from __future__ import annotations
 
+from typing import Callable, Sequence, TypeVar
+
 import numpy as np
+
+Example = TypeVar("Example")
 
 
 def check_sizes(min_px: int, max_px: int) -> None:
@@ -15,6 +19,18 @@ def draw_size(rng: np.random.Generator, min_px: int, max_px: int, square: bool =
     draw of an example stays the same)."""
     w, h = (int(v) for v in rng.integers(min_px, max_px + 1, size=2))
     return (w, w) if square else (w, h)
+
+
+def cycled_examples(draw_example: Callable[[str, np.random.Generator, int, int, bool], Example],
+                    kinds: Sequence[str], salt: int, num_examples: int, seed: int, min_px: int, max_px: int,
+                    square: bool) -> list[Example]:
+    """``num_examples`` examples; example i is ``draw_example(kinds[i % len(kinds)], rng, min_px, max_px, square)``
+    with ``rng = default_rng([seed, salt, i])``, so it depends only on (seed, i)."""
+    if num_examples < 1:
+        raise ValueError(f"num_examples: must be >= 1, got {num_examples}")
+    check_sizes(min_px, max_px)
+    return [draw_example(kinds[i % len(kinds)], np.random.default_rng([seed, salt, i]), min_px, max_px, square)
+            for i in range(num_examples)]
 
 
 def noise_seed(*index: int) -> int:

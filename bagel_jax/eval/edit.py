@@ -120,12 +120,7 @@ def draw_example(op: str, rng: np.random.Generator, min_px: int = 64, max_px: in
 def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96,
                   square: bool = False) -> list[EditExample]:
     """Example i has op ``OPS[i % 4]`` and depends only on (seed, i)."""
-    if num_examples < 1:
-        raise ValueError(f"num_examples: must be >= 1, got {num_examples}")
-    canvas.check_sizes(min_px, max_px)
-    return [draw_example(OPS[i % len(OPS)], np.random.default_rng([seed, _SALT, i]), min_px, max_px,
-                         square)
-            for i in range(num_examples)]
+    return canvas.cycled_examples(draw_example, OPS, _SALT, num_examples, seed, min_px, max_px, square)
 
 
 class ShapesEdit:

@@ -85,12 +85,7 @@ def draw_example(kind: str, rng: np.random.Generator, min_px: int = 64, max_px: 
 def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96,
                   square: bool = False) -> list[VQAExample]:
     """Example i has kind ``KINDS[i % 3]`` and depends only on (seed, i)."""
-    if num_examples < 1:
-        raise ValueError(f"num_examples: must be >= 1, got {num_examples}")
-    canvas.check_sizes(min_px, max_px)
-    return [draw_example(KINDS[i % len(KINDS)], np.random.default_rng([seed, _SALT, i]), min_px, max_px,
-                         square)
-            for i in range(num_examples)]
+    return canvas.cycled_examples(draw_example, KINDS, _SALT, num_examples, seed, min_px, max_px, square)
 
 
 class ShapesVQA:

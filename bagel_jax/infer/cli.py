@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", default="", help="input image (understand / edit)")
     p.add_argument("--out", default="", help="output PNG (t2i / edit) or text file (understand)")
     p.add_argument("--tokenizer", default="", help="tokenizer.json / *.model (default: in --checkpoint)")
-    p.add_argument("--config", default="", help="Python config file for non-checkpoint settings "
-                   "(dtype, attention impl, resize rules); default: bagel_jax.config.base_config()")
+    p.add_argument("--config", default="", help="Python config file (path.py[:arg]) for non-checkpoint "
+                   "settings (dtype, attention impl, resize rules); default: bagel_jax.config.base_config()")
     p.add_argument("--random_tiny", action="store_true", help="write and use a random tiny checkpoint")
     p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"), help="compute dtype override")
     p.add_argument("--height", type=int, default=0, help="t2i image height (default: data.vae_transform max)")

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax.model.layers import dense
+
 FREQUENCY_EMBEDDING_SIZE = 256
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -62,9 +64,9 @@ class TimestepEmbedder(nn.Module):
     @nn.compact
     def __call__(self, t):
         x = timestep_embedding(t, self.frequency_size).astype(self.dtype)
-        x = _dense(self.hidden, ("time_freq", "mlp"), "mlp_0", self.dtype, self.param_dtype)(x)
+        x = dense(self.hidden, ("time_freq", "mlp"), "mlp_0", self.dtype, self.param_dtype)(x)
         x = jax.nn.silu(x)
-        return _dense(self.hidden, ("mlp", "embed"), "mlp_2", self.dtype, self.param_dtype)(x)
+        return dense(self.hidden, ("mlp", "embed"), "mlp_2", self.dtype, self.param_dtype)(x)
 
 
 def sincos_2d_table(dim: int, n: int) -> np.ndarray:
@@ -122,13 +124,5 @@ class Connector(nn.Module):
     @nn.compact
     def __call__(self, x):
         fn = activation(self.act)
-        x = _dense(self.hidden, ("vit_embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x.astype(self.dtype))
-        return _dense(self.hidden, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(fn(x))
-
-
-def _dense(features: int, names: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
-    """A biased Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
-    return nn.Dense(
-        features, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
+        x = dense(self.hidden, ("vit_embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x.astype(self.dtype))
+        return dense(self.hidden, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(fn(x))

@@ -1,4 +1,5 @@
-"""Qwen2 building blocks: RMSNorm, SwiGLU MLP and 1-D RoPE with explicit position ids.
+"""Qwen2 building blocks: RMSNorm, SwiGLU MLP and 1-D RoPE with explicit position ids; ``dense``, the biased
+Dense of the ViT, connector and timestep embedder.
 
 Each matches its ``transformers`` Qwen2 counterpart numerically (tests/test_qwen2_parity.py):
 
@@ -31,6 +32,13 @@ def kernel_init(*logical_axes: str):
 
 def bias_init(*logical_axes: str):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), logical_axes)
+
+
+def dense(features: int, names: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
+    """A biased Dense layer: lecun-normal kernel [in, out] with logical axes ``names``, zero bias [out]."""
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+                    bias_init=bias_init(names[1]))
 
 
 class RMSNorm(nn.Module):

@@ -46,13 +46,10 @@ from bagel_jax.attention import MaskMeta, attention, resolve_impl
 from bagel_jax.config import head_dim
 from bagel_jax.model.layers import (HeadsProjection, MergeHeadsProjection, RMSNorm, SwiGLU, apply_rope, kernel_init,
                                     rope_cos_sin)
+from bagel_jax.model.remat import remat
 
 GEN_SUFFIX = "_moe_gen"
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def _suffixes(cfg) -> tuple[str, ...]:
@@ -150,11 +147,7 @@ class LanguageModel(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
                                      embedding_init=kernel_init("vocab", "embed"))
-        layer_cls = DecoderLayer
-        if cfg.remat != "none":
-            if cfg.remat not in REMAT_POLICIES:
-                raise ValueError(f"model.remat must be one of none|{'|'.join(REMAT_POLICIES)}, got {cfg.remat!r}")
-            layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        layer_cls = remat(DecoderLayer, cfg.remat, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,

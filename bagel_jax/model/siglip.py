@@ -11,21 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from bagel_jax.attention import attention
 from bagel_jax.attention.mask import KV_HI_INF, MaskMeta
 from bagel_jax.model.embeddings import activation
+from bagel_jax.model.layers import dense
+from bagel_jax.model.remat import remat
 
 TOKENS = ("activation_batch", "activation_patches", "activation_embed")
-
-
-def _dense(features: int, names: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
-    return nn.Dense(
-        features, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
 
 
 def _layer_norm(eps: float, name: str, param_dtype) -> nn.LayerNorm:
@@ -58,14 +52,14 @@ class SiglipAttention(nn.Module):
         head_dim = self.hidden // self.num_heads
 
         def proj(name):
-            y = _dense(self.hidden, ("vit_embed", "heads"), name, self.dtype, self.param_dtype)(x)
+            y = dense(self.hidden, ("vit_embed", "heads"), name, self.dtype, self.param_dtype)(x)
             y = y.reshape(b, p, self.num_heads, head_dim)
             return nn.with_logical_constraint(
                 y, ("activation_batch", "activation_patches", "activation_heads", "activation_head_dim"))
 
         out = attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), meta, meta, impl=self.attention_impl)
         out = out.reshape(b, p, self.hidden)
-        return _dense(self.hidden, ("heads", "vit_embed"), "out_proj", self.dtype, self.param_dtype)(out)
+        return dense(self.hidden, ("heads", "vit_embed"), "out_proj", self.dtype, self.param_dtype)(out)
 
 
 class SiglipMLP(nn.Module):
@@ -79,10 +73,10 @@ class SiglipMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _dense(self.intermediate, ("vit_embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
+        x = dense(self.intermediate, ("vit_embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
         x = nn.with_logical_constraint(activation(self.act)(x),
                                        ("activation_batch", "activation_patches", "activation_mlp"))
-        return _dense(self.hidden, ("mlp", "vit_embed"), "fc2", self.dtype, self.param_dtype)(x)
+        return dense(self.hidden, ("mlp", "vit_embed"), "fc2", self.dtype, self.param_dtype)(x)
 
 
 class SiglipEncoderLayer(nn.Module):
@@ -103,12 +97,6 @@ class SiglipEncoderLayer(nn.Module):
         x = x + SiglipMLP(v.hidden_size, v.intermediate_size, v.hidden_act, self.dtype, self.param_dtype,
                           name="mlp")(h)
         return nn.with_logical_constraint(x, TOKENS)
-
-
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 class SiglipNaViT(nn.Module):
@@ -140,7 +128,7 @@ class SiglipNaViT(nn.Module):
         if v.num_positions < s * s:
             raise ValueError(f"SiglipNaViT: vit.num_positions {v.num_positions} < vit_max_num_patch_per_side² {s * s}")
 
-        x = _dense(v.hidden_size, ("patch", "vit_embed"), "patch_embedding", dtype, param_dtype)(
+        x = dense(v.hidden_size, ("patch", "vit_embed"), "patch_embedding", dtype, param_dtype)(
             patches.astype(dtype))
         table = self.param(
             "position_embedding",
@@ -151,10 +139,7 @@ class SiglipNaViT(nn.Module):
         x = nn.with_logical_constraint(x, TOKENS)
 
         meta = image_mask_meta(image_ids)
-        layer_cls = SiglipEncoderLayer
-        remat = cfg.get("remat", "none")
-        if remat != "none":
-            layer_cls = nn.remat(SiglipEncoderLayer, policy=_REMAT_POLICIES[remat])
+        layer_cls = remat(SiglipEncoderLayer, cfg.get("remat", "none"))
         for i in range(v.num_layers):
             x = layer_cls(v, cfg.attention_impl, dtype, param_dtype, name=f"layers_{i}")(x, meta)
         x = _layer_norm(v.layer_norm_eps, "post_layernorm", param_dtype)(x).astype(dtype)

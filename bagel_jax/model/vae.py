@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax.model.layers import dense
+
 GROUPS = 32
 NORM_EPS = 1e-6
 SPATIAL = ("activation_images", "activation_height", "activation_width", "activation_channels")
@@ -79,10 +81,7 @@ def _conv(features: int, kernel: int, name: str, dtype, stride: int = 1, padding
 
 def _pointwise(features: int, name: str, dtype) -> nn.Dense:
     """A 1×1 conv as a Dense over channels (kernel [in, out])."""
-    return nn.Dense(
-        features, dtype=dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_in", "conv_out")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+    return dense(features, ("conv_in", "conv_out"), name, dtype, jnp.float32)
 
 
 class MaskedGroupNorm(nn.Module):

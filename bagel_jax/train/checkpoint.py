@@ -2,9 +2,9 @@
 
 Layout: ``<workdir>/checkpoints/<step>/{state, data}``. ``state`` is the whole ``TrainState`` (params,
 optimizer, EMA, step, rng, nonfinite count) written shard-by-shard from every host (no gather); ``data``
-holds one JSON file per host (``process_<i>-of-<n>.json``) with that host's iterator ``get_state()``,
-snapshotted when ``save`` is called. Orbax writes into a temporary directory and renames it on commit,
-so a process killed mid-save leaves the previous checkpoint intact.
+holds one JSON file per host (``process_<i>-of-<n>.json``, written by grain's orbax handler) with that host's
+iterator ``get_state()``, snapshotted when ``save`` is called. Orbax writes into a temporary directory and renames
+it on commit, so a process killed mid-save leaves the previous checkpoint intact.
 
 Restores take abstract arrays that carry the *current* shardings, so a checkpoint written on one mesh /
 device count restores resharded onto another. ``init_from`` loads params only (a converted official
@@ -12,7 +12,6 @@ checkpoint saved as a params pytree, or another run's checkpoint directory).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import signal
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from grain import checkpoint as grain_checkpoint
 
 from bagel_jax.convert.run_checkpoint import DATA, STATE, load_params  # noqa: F401  (the layout; re-exported)
 from bagel_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
@@ -29,45 +29,27 @@ from bagel_jax.train.state import TrainState, abstract_state, create_train_state
 
 # --- the per-host data-iterator state item ---------------------------------------------------------
 
-class DataStateHandler(ocp.CheckpointHandler):
-    """Writes/reads one JSON file per process: that host's data-iterator state (any JSON-able value)."""
+class _DataState:
+    """A host's JSON-able data-iterator state, in the iterator form grain's orbax handler saves and restores.
 
-    def save(self, directory: epath.Path, args: "DataStateSave"):
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / _data_file()).write_text(json.dumps(args.state))
+    ``grain.checkpoint.CheckpointHandler`` calls ``get_state`` / ``set_state`` on the item it is given and writes
+    one file per host, ``process_<i>-of-<n>.json``. It is handed this wrapper instead of the iterator because the
+    trainer passes the state snapshotted at ``save`` (the stream moves on while the write is in flight) and gets
+    it back before its iterator exists. State travels as the bytes of a grain DataLoader iterator, so the file
+    holds ``json.dumps(state)``.
+    """
 
-    def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
-        path = directory / _data_file()
-        if not path.exists():
-            found = sorted(p.name for p in directory.iterdir())
-            raise FileNotFoundError(f"{path}: no data-iterator state for this host (found {found}); the host "
-                                    f"count changed since the save, restore with data=False to restart the stream")
-        return json.loads(path.read_text())
+    def __init__(self, state: Any = None):
+        self.state = state
 
-    def metadata(self, directory: epath.Path) -> Any:
-        return None
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
 
-    def finalize(self, directory: epath.Path):
+    def set_state(self, raw: bytes):
+        self.state = json.loads(raw)
+
+    def start_prefetch(self):  # grain's handler calls it after set_state; a snapshot has nothing to prefetch
         pass
-
-    def close(self):
-        pass
-
-
-def _data_file() -> str:
-    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_save=True)
-@dataclasses.dataclass
-class DataStateSave(ocp.args.CheckpointArgs):
-    state: Any
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
-@dataclasses.dataclass
-class DataStateRestore(ocp.args.CheckpointArgs):
-    pass
 
 
 # --- manager ---------------------------------------------------------------------------------------
@@ -120,7 +102,7 @@ class Checkpointer:
         """Starts saving ``state`` (and this host's ``data_state``, JSON-able) as ``step``."""
         items = {STATE: ocp.args.StandardSave(state)}
         if data_state is not None:
-            items[DATA] = DataStateSave(data_state)
+            items[DATA] = grain_checkpoint.CheckpointSave(_DataState(data_state))
         self.check_for_errors()  # an earlier background write that failed stops the run here
         try:
             return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
@@ -134,11 +116,17 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
         items = {STATE: ocp.args.StandardRestore(abstract)}
-        has_data = data and (self.directory / str(step) / DATA).exists()
+        data_dir = self.directory / str(step) / DATA
+        has_data = data and data_dir.exists()
         if has_data:
-            items[DATA] = DataStateRestore()
+            host_file = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming
+            if not host_file.exists():
+                raise FileNotFoundError(f"{host_file}: no data-iterator state for this host (found "
+                                        f"{sorted(p.name for p in data_dir.iterdir())}); the host count changed "
+                                        "since the save, restore with data=False to restart the stream")
+            items[DATA] = grain_checkpoint.CheckpointRestore(_DataState())
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out[STATE], (out[DATA] if has_data else None)
+        return out[STATE], (out[DATA].state if has_data else None)
 
     def set_aside_after(self, step: int) -> list[int]:
         """Renames the checkpoints newer than ``step`` to ``<step>.set_aside[.k]`` (kept for inspection, no longer
