@@ -403,12 +403,21 @@ def params_to_state_dict(params: Mapping, cfg, dtype="bfloat16") -> dict[str, np
 
 def export_checkpoint(directory: str, params: Mapping, cfg, *, dtype="bfloat16", ae_dtype="float32"):
     """Writes ``ema.safetensors``, ``ae.safetensors`` (if visual_gen), ``llm_config.json``, ``vit_config.json``."""
-    os.makedirs(directory, exist_ok=True)
     tree = nn.unbox(params.get("params", params))
-    save_file(params_to_state_dict(tree, cfg, dtype), os.path.join(directory, EMA_FILE))
+    ae = None
     if cfg.visual_gen:
         ae = params_to_flux_ae(jax.tree.map(np.asarray, tree["vae"]), cfg.vae)
-        save_file({k: v.astype(np.dtype(ae_dtype)) for k, v in ae.items()}, os.path.join(directory, AE_FILE))
+        ae = {k: v.astype(np.dtype(ae_dtype)) for k, v in ae.items()}
+    _write_release(directory, cfg, params_to_state_dict(tree, cfg, dtype), ae)
+
+
+def _write_release(directory: str, cfg, ema: Mapping[str, np.ndarray], ae: Mapping[str, np.ndarray] | None):
+    """The release layout: ``ema`` → ``ema.safetensors``, ``ae`` (if given) → ``ae.safetensors``, the LLM config
+    and (if visual_und) the ViT config as JSON."""
+    os.makedirs(directory, exist_ok=True)
+    save_file(dict(ema), os.path.join(directory, EMA_FILE))
+    if ae is not None:
+        save_file(dict(ae), os.path.join(directory, AE_FILE))
     with open(os.path.join(directory, LLM_CONFIG), "w") as fh:
         json.dump(llm_config_json(cfg), fh, indent=2)
     if cfg.visual_und:
@@ -466,15 +475,8 @@ def random_ae_state_dict(cfg, seed: int = 0, dtype="float32") -> dict[str, np.nd
 
 def write_random_checkpoint(directory: str, cfg, seed: int = 0, dtype="float32"):
     """Writes a random release-layout directory for the ``model`` config ``cfg`` (tests, CLI smoke runs)."""
-    os.makedirs(directory, exist_ok=True)
-    save_file(random_state_dict(cfg, seed, dtype), os.path.join(directory, EMA_FILE))
-    if cfg.visual_gen:
-        save_file(random_ae_state_dict(cfg, seed, "float32"), os.path.join(directory, AE_FILE))
-    with open(os.path.join(directory, LLM_CONFIG), "w") as fh:
-        json.dump(llm_config_json(cfg), fh, indent=2)
-    if cfg.visual_und:
-        with open(os.path.join(directory, VIT_CONFIG), "w") as fh:
-            json.dump(vit_config_json(cfg), fh, indent=2)
+    ae = random_ae_state_dict(cfg, seed, "float32") if cfg.visual_gen else None
+    _write_release(directory, cfg, random_state_dict(cfg, seed, dtype), ae)
 
 
 def load_checkpoint(directory: str, base: ml_collections.ConfigDict | None = None, **kwargs):
