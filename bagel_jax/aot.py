@@ -31,7 +31,7 @@ if __name__ == "__main__":  # the planner never runs on accelerators; silence li
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bagel_jax.cli import InputError, fail, parse_flags, user_errors  # noqa: E402
+from bagel_jax.cli import InputError, fail, import_callable, parse_flags, user_errors  # noqa: E402
 from bagel_jax.config import validate  # noqa: E402
 from bagel_jax.parallel.mesh import abstract_batch, logical_rules, make_mesh  # noqa: E402
 from bagel_jax.train import metrics as metrics_lib  # noqa: E402
@@ -171,15 +171,7 @@ def resolve_attention(config):
 def get_builder(loss: str) -> Callable[[Any], ModelSpec]:
     """A registered name, or ``package.module:function`` (imported; returns a ``ModelSpec`` for a config)."""
     if ":" in loss:
-        import importlib
-        module, fn = loss.split(":", 1)
-        try:
-            builder = getattr(importlib.import_module(module), fn, None)
-        except ImportError as e:
-            raise InputError(f"--loss={loss}: cannot import {module} ({e})") from None
-        if not callable(builder):
-            raise InputError(f"--loss={loss}: {module} has no function {fn!r}")
-        return builder
+        return import_callable(loss, "--loss")
     if loss not in LOSSES:
         raise InputError(f"--loss: unknown {loss!r} (registered: {', '.join(sorted(LOSSES))})")
     return LOSSES[loss]

@@ -52,6 +52,21 @@ def user_errors() -> Iterator[None]:
         fail(e)
 
 
+def import_callable(spec: str, flag: str):
+    """``"package.module:function"`` → the function; an ``InputError`` naming ``flag`` when it cannot be had."""
+    import importlib
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise InputError(f"{flag}: expected 'package.module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), attr, None)
+    except ImportError as e:
+        raise InputError(f"{flag}={spec}: cannot import {module} ({e})") from None
+    if not callable(fn):
+        raise InputError(f"{flag}: {module} has no function {attr!r}")
+    return fn
+
+
 def say_and_exit(message: str) -> NoReturn:
     """A run with nothing to do: one line on stdout, exit status 0."""
     print(one_line(message), flush=True)

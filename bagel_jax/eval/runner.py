@@ -30,7 +30,6 @@ for shapes-edit's distances ``edit_l1`` and ``rest_l1`` (its ``*_unedited`` / ``
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import json
 import os
@@ -41,7 +40,7 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import numpy as np
 
-from bagel_jax.cli import InputError, one_line
+from bagel_jax.cli import InputError, import_callable, one_line
 from bagel_jax.config import ConfigError
 from bagel_jax.eval import edit, geneval, vqa
 
@@ -170,16 +169,7 @@ def ground_truth_fns(config, evaluators: Mapping[str, Scheduled]) -> dict[str, C
 
 def load_factory(spec: str) -> Callable:
     """``"package.module:function"`` → the function; raises ``InputError`` naming ``--fns``."""
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise InputError(f"--fns: expected 'package.module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module), attr, None)
-    except ImportError as e:
-        raise InputError(f"--fns={spec}: cannot import {module} ({e})") from None
-    if not callable(fn):
-        raise InputError(f"--fns: {module} has no callable {attr!r}")
-    return fn
+    return import_callable(spec, "--fns")
 
 
 def check_run(workdir: str, params: str):

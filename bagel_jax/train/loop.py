@@ -26,6 +26,7 @@ from bagel_jax.train.nonfinite import NonFiniteGuard, load_record, usable_step
 from bagel_jax.train.optim import make_optimizer, trainable_mask
 from bagel_jax.train.state import TrainState, abstract_state
 from bagel_jax.train.step import make_train_step
+from bagel_jax.train.workdir import claim, prepare_workdir
 
 Scores = dict[str, Any]
 
@@ -63,12 +64,21 @@ def every(n: int) -> Callable[[int, bool], bool]:
     return lambda step, final: final or (n > 0 and step % n == 0)
 
 
+def train(config, workdir: str, make_stage: Callable[[Any, str], Stage], devices=None, *,
+          build_data: bool = True) -> Scores:
+    """A stage's whole run: holds the workdir's lock, prepares it (``build_data``: build the synthetic data the
+    config asks for), builds the stage with ``make_stage(config, workdir)`` and ``run``s it. ``config`` validated."""
+    with claim(workdir):  # one trainer per workdir
+        prepare_workdir(config, workdir, build_data=build_data)
+        return run(config, workdir, make_stage(config, workdir), devices)
+
+
 def run(config, workdir: str, stage: Stage, devices=None) -> Scores:
     """Trains ``stage`` to ``train.steps`` (or SIGTERM) in ``workdir``; returns the last logged scalars, the final
     eval's scores and the export's entries (an early SIGTERM stop returns the last scalars only).
 
     ``config`` is validated by the caller (before anything here compiles), which also holds the workdir's lock
-    (``workdir.claim``). ``devices``: the mesh's devices (default all); tests pass subsets to compare meshes.
+    (``train`` above). ``devices``: the mesh's devices (default all); tests pass subsets to compare meshes.
     """
     t0 = time.perf_counter()
     devices = jax.devices() if devices is None else list(devices)

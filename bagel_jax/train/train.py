@@ -18,7 +18,6 @@ from bagel_jax.train import loop
 from bagel_jax.train.losses import make_loss_fn
 from bagel_jax.train.metrics import MetricsLogger, packing_stats
 from bagel_jax.train.state import with_pretrained
-from bagel_jax.train.workdir import claim, prepare_workdir
 
 
 def batch_metrics(batch) -> dict:
@@ -73,8 +72,9 @@ class Evals:
         return scores
 
 
-def bagel_stage(config) -> loop.Stage:
-    """The BAGEL stage of the loop (``config`` validated, ``data.data_dir`` resolved)."""
+def bagel_stage(config, workdir: str) -> loop.Stage:
+    """The BAGEL stage of the loop (``config`` validated, ``data.data_dir`` resolved in ``workdir``)."""
+    del workdir
     model, init_fn = make_init_fn(config)
     sampler, evals = Sampler(model, config), Evals(model, config)
 
@@ -107,9 +107,7 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     validate(config, num_devices=len(devices))
     apply_vae_init_config(config)  # model.vae.init_from: scale/shift from the VAE stage's vae.json
     check_vit_init(config)  # model.vit.init_from: the checkpoint exists (loaded on a fresh start)
-    with claim(workdir):  # one trainer per workdir
-        prepare_workdir(config, workdir)
-        return loop.run(config, workdir, bagel_stage(config), devices)
+    return loop.train(config, workdir, bagel_stage, devices)
 
 
 def main():

@@ -55,7 +55,6 @@ from bagel_jax.data.builders import common
 from bagel_jax.model.vae import FluxVAE, valid_mask
 from bagel_jax.convert.vae_export import EXPORT_DIR, STATS_FILE, export_vae, load_latent_stats
 from bagel_jax.train import loop
-from bagel_jax.train.workdir import claim, prepare_workdir
 
 SHUFFLE_STREAM = 7  # seeds the shuffle with (data.seed, 7): a stream the BAGEL pipeline does not use
 LOGVAR_RANGE = (-30.0, 20.0)  # as LDM's DiagonalGaussianDistribution (training loss only)
@@ -306,9 +305,7 @@ def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
     scalars (last training log + ``eval/*`` + scale/shift)."""
     devices = jax.devices() if devices is None else list(devices)
     validate_vae_config(config, num_devices=len(devices))
-    with claim(workdir):  # one trainer per workdir
-        prepare_workdir(config, workdir)
-        return loop.run(config, workdir, vae_stage(config, workdir), devices)
+    return loop.train(config, workdir, vae_stage, devices)
 
 
 def vae_stage(config, workdir: str) -> loop.Stage:

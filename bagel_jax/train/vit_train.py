@@ -49,7 +49,6 @@ from bagel_jax.model.bagel import pixels_to_unit
 from bagel_jax.model.siglip import SiglipNaViT
 from bagel_jax.convert.vit_export import EXPORT_DIR, INFO_FILE, export_vit
 from bagel_jax.train import loop
-from bagel_jax.train.workdir import claim, prepare_workdir
 
 NUM_CELLS = 9
 NUM_SHAPES, NUM_COLORS = 1 + len(shapes.SHAPES), 1 + len(shapes.COLORS)  # class 0 = empty cell
@@ -230,9 +229,7 @@ def train_vit(config, workdir: str, devices=None) -> dict[str, Any]:
     (last training log + ``eval/*``)."""
     devices = jax.devices() if devices is None else list(devices)
     validate_vit_config(config, num_devices=len(devices))
-    with claim(workdir):  # one trainer per workdir
-        prepare_workdir(config, workdir, build_data=False)  # scenes are rendered on the fly
-        return loop.run(config, workdir, vit_stage(config, workdir), devices)
+    return loop.train(config, workdir, vit_stage, devices, build_data=False)  # scenes are rendered on the fly
 
 
 def vit_stage(config, workdir: str) -> loop.Stage:
