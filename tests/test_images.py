@@ -123,7 +123,7 @@ def test_decode_converts_like_pil_img2rgb():
     (lambda: np.zeros((20, 20, 4), np.uint8), "bad_image", ["img_a", "[H, W, 3]"]),
     (lambda: np.zeros((20, 20, 3), np.float32), "bad_image", ["img_a", "uint8"]),
     (lambda: np.zeros((0, 20, 3), np.uint8), "bad_image", ["img_a", "zero-size"]),
-    (lambda: np.zeros((100, 100, 3), np.uint8), "too_large", ["img_a", "max_input_pixels=5000"]),
+    (lambda: np.zeros((100, 100, 3), np.uint8), "image_too_large", ["img_a", "max_input_pixels=5000"]),
 ])
 def test_bad_input_raises_naming_image_and_limit(make, reason, needles):
     with pytest.raises(ImageError) as e:
