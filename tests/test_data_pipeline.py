@@ -133,7 +133,8 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
                     builder="", max_input_pixels=50_000)
     c.data.mixture.update(t2i=1.0, vlm=0.0, edit=0.0)
     c.data.sources.t2i = "t2i"
-    want = dict.fromkeys(SKIP_REASONS, 0) | dict(undecodable_image=2, empty_text=1, too_large=2, missing_file=1)
+    want = dict.fromkeys(SKIP_REASONS, 0) | dict(undecodable_image=2, empty_text=1, image_too_large=1, too_large=1,
+                                              missing_file=1)
     it = make_train_iterator(c, num_epochs=1)
     placed = []
     for _ in it:

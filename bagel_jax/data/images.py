@@ -28,7 +28,7 @@ import math
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # The reference's default pixel budget for ImageTransform (14·14·9·1024).
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
@@ -89,20 +89,21 @@ def decode_image(data: bytes, name: str = "image", max_input_pixels: int = DEFAU
         raise ImageError(f"{name}: empty image bytes (the file was missing or unreadable when the data was built)",
                          "missing_file")
     allow_pil_pixels(max_input_pixels)
+    with warnings.catch_warnings():  # PIL's warnings (its pixel limit, corrupt EXIF, palette transparency) are noise
+        warnings.simplefilter("ignore")
+        return _decode(data, name, max_input_pixels)
+
+
+def _decode(data: bytes, name: str, max_input_pixels: int) -> Image.Image:
     try:
-        with warnings.catch_warnings():  # PIL warns above its limit; ours (checked next) decides
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
+        img = Image.open(io.BytesIO(data))
+        size = tuple(int(v) for v in img.size)
+    except Image.DecompressionBombError as e:  # only above 2x our limit (allow_pil_pixels)
         raise ImageError(f"{name}: exceeds the limit max_input_pixels={max_input_pixels} ({e})",
                          "image_too_large") from None
     except Exception as e:  # noqa: BLE001  (PIL raises many types on hostile bytes; all mean "not an image")
         raise ImageError(f"{name}: undecodable image ({_describe(e)})", "undecodable_image") from None
-    try:
-        size = tuple(int(v) for v in img.size)
-    except Exception as e:  # noqa: BLE001
-        raise ImageError(f"{name}: undecodable image ({_describe(e)})", "undecodable_image") from None
-    check_size(size, name, max_input_pixels)
+    check_size(size, name, max_input_pixels)  # from the header, before any pixel is decoded
     try:
         out = to_rgb(_upright(img))
     except Image.DecompressionBombError as e:
@@ -126,6 +127,8 @@ def allow_pil_pixels(max_input_pixels: int) -> None:
 
 
 def _describe(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):  # its message names a BytesIO object
+        return "not an image format PIL knows"
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 

@@ -171,7 +171,7 @@ class BuildReport:
     def __init__(self, name: str, first: int = 10):
         self.name = name
         self.log = SkipLog(f"{name}: skipped", first=first)
-        self.missing_log = SkipLog(f"{name}: kept a record with a missing image (training skips it)", first=first)
+        self.missing_log = SkipLog(f"{name}: missing image, record kept", first=first)
         self.skipped = dict.fromkeys(BUILD_SKIP_REASONS, 0)
         self.missing_images = 0
         self.written = 0
@@ -208,7 +208,7 @@ class BuildReport:
         """Logs the summary; raises when nothing usable was found (one line, with the summary)."""
         if self.written == 0:
             raise ValueError(f"no usable records under manual_dir {manual_dir}: {self.summary()}")
-        logging.warning("%s", self.summary())
+        self.log.logger.warning("%s", self.summary())
 
 
 def jsonl_rows(manual_dir: str, report: BuildReport) -> Iterator[tuple[str, str, str, dict]]:
