@@ -69,6 +69,12 @@ def clean_text(s: str) -> str:
         return s.encode("utf-8", "replace").decode("utf-8")
 
 
+def _one_line(text: str, limit: int = 200) -> str:
+    """Whitespace runs (newlines too) collapsed, at most ``limit`` characters: safe inside one-line messages."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _as_text(value) -> str | None:
     """str / UTF-8 bytes (numpy too) → str; anything else (or invalid UTF-8) → None."""
     if isinstance(value, (bytes, bytearray, memoryview, np.bytes_)):
@@ -101,7 +107,7 @@ def parse_record(record, expected_kind: str, where: str) -> Record:
     """Checks a stored record (see the module doc); ``where`` names it when it has no ``source`` feature."""
     if not isinstance(record, Mapping):
         raise RecordError(f"{where}: the record is {show(record)}, not a mapping of features", "bad_record")
-    source = _as_text(record.get("source")) or where
+    source = _one_line(_as_text(record.get("source")) or "") or where
     kind = _as_text(record.get("kind", expected_kind))
     if kind is None:
         raise RecordError(f"{source}: feature 'kind' is {show(record.get('kind'))}, not text", "bad_record")
@@ -128,7 +134,7 @@ def parse_record(record, expected_kind: str, where: str) -> Record:
         if b is None:
             raise RecordError(f"{source}: images[{i}] is {show(v)}, not bytes", "bad_record")
         images.append(b)
-    names = [_as_text(n) or "" for n in (_as_sequence(record.get("image_names", [])) or [])]
+    names = [_one_line(_as_text(n) or "") for n in (_as_sequence(record.get("image_names", [])) or [])]
     return Record(kind, source, images, names, check_meta(kind, meta, len(images), source))
 
 
