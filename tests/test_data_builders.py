@@ -223,7 +223,8 @@ def test_builders_skip_bad_lines_and_rows_naming_them(tmp_path, caplog):
     caplog.set_level("WARNING")
     manual = tmp_path / "vlm"
     write(str(manual / "sub" / "a.jpg"), jpeg(40, 40, (1, 2, 3)))
-    good = {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Yo"}]}
+    good = {"image": "a.jpg",
+            "conversations": [{"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Yo"}]}
     lines = [json.dumps(good).encode(),
              b'{"image": "a.jpg", "conversations": [',  # line 2: not JSON
              b"[1, 2, 3]",  # line 3: not an object

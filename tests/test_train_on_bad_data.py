@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from bad_data import bad_images, encode, good_images
-from bagel_jax.data.builders import common, edit, interleaved_video, t2i, vlm_sft
+from bagel_jax.data.builders import common, edit, interleaved_video, synthetic_shapes, t2i, vlm_sft
 from bagel_jax.data.pipeline import make_train_iterator
-from bagel_jax.data.builders import synthetic_shapes
 from bagel_jax.data.skips import SKIP_REASONS
 from data_fixtures import ROOT, shapes_dir
 

@@ -300,8 +300,9 @@ class PackIterDataset(grain.IterDataset):
         return f"PackIterDataset(batch_rows={self.batch_rows}, buffer_size={self.buffer_size})"
 
 
-_BUDGET_NAMES = (("und tokens", "data.und_len"), ("gen tokens", "data.gen_len"), ("ViT patches", "data.max_vit_patches"),
-                 ("VAE images", "data.max_vae_images"), ("documents", "data.max_docs_per_row"))
+_BUDGET_NAMES = (("und tokens", "data.und_len"), ("gen tokens", "data.gen_len"),
+                 ("ViT patches", "data.max_vit_patches"), ("VAE images", "data.max_vae_images"),
+                 ("documents", "data.max_docs_per_row"))
 
 
 class PackDatasetIterator(grain.DatasetIterator):

@@ -1,31 +1,34 @@
 """Skipped data: the fixed reason names, per-reason counts, and a rate-limited log of sample messages.
 
 Training skips a record (never crashes on it) for one of ``SKIP_REASONS``; the counts go to the training metrics
-as ``data/skipped/<reason>``:
+as ``data/skipped/<reason>``. The record ...
 
-| reason              | the record ...                                                                           |
-|---------------------|------------------------------------------------------------------------------------------|
-| ``unreadable_record`` | could not be read from the built data (a corrupt ArrayRecord file)                     |
-| ``bad_record``        | has a feature missing or of the wrong type, a ``meta`` that is not a JSON object, or the wrong kind |
-| ``bad_field``         | has a ``meta`` field of the wrong type or shape (``"captions": 5``, a turn's ``"value": null``, an unknown role, an image index out of range, too few instructions) |
-| ``empty_text``        | has no non-empty text where the kind needs one                                         |
-| ``no_loss``           | has nothing to train on (a conversation without an answer)                             |
-| ``missing_file``      | has an image whose file was missing or unreadable when the data was built (empty bytes) |
-| ``undecodable_image`` | has an image that is not an image, is truncated or corrupt, or that PIL cannot decode  |
-| ``image_too_large``   | has an image with more pixels than ``data.max_input_pixels`` (read from its header, before decoding) |
-| ``bad_image``         | has an image that decodes but cannot be used (zero width or height)                    |
-| ``too_large``         | does not fit an empty row of the configured budgets (tokens, ViT patches, VAE images or size) |
-| ``internal_error``    | made the decoder fail in a way it does not classify: a bug, please report it            |
+* ``unreadable_record``: could not be read from the built data (a corrupt ArrayRecord file);
+* ``bad_record``: has a feature missing or of the wrong type, a ``meta`` that is not a JSON object, or another kind;
+* ``bad_field``: has a ``meta`` field of the wrong type or shape (``"captions": 5``, a turn's ``"value": null``,
+  an unknown role, an image index out of range, fewer instructions or captions than images need);
+* ``empty_text``: has no non-empty text where its kind needs one;
+* ``no_loss``: has nothing to train on (a conversation without an answer);
+* ``missing_file``: has an image whose file was missing or unreadable when the data was built (empty bytes);
+* ``undecodable_image``: has an image that is not an image, is truncated or corrupt, or that PIL cannot decode
+  (PIL also refuses zero-width or zero-height files this way);
+* ``image_too_large``: has an image with more pixels than ``data.max_input_pixels`` (read from its header, before
+  any pixel is decoded; PIL's own bomb check is raised so it never refuses an image below that limit);
+* ``bad_image``: has an image that decodes but cannot be used (zero width or height);
+* ``too_large``: does not fit an empty row of the budgets (und / gen tokens, ViT patches, VAE images, VAE size);
+* ``internal_error``: made the decoder fail in a way it does not classify: a bug (please report it); the record is
+  skipped all the same, so training goes on.
 
-Builders skip a line or row of the user's files (and the build goes on) for one of ``BUILD_SKIP_REASONS``:
+``pack.MAX_SKIPS_IN_A_ROW`` records skipped in a row (no usable document between them) stop the pipeline with
+one error naming the counts: the data is unusable, and waiting would hang training.
 
-| reason              | the line / row / file ...                                                                |
-|---------------------|------------------------------------------------------------------------------------------|
-| ``unreadable_file``   | could not be opened or parsed as a whole (or lacks a required column): all of it is skipped |
-| ``not_json``          | is not UTF-8 JSON (a jsonl line, or a JSON-text column such as ``captions``)           |
-| ``bad_row``           | has the wrong shape: not an object, a field missing or of the wrong type                |
+Builders skip a line or row of the user's files (the build goes on) for one of ``BUILD_SKIP_REASONS``:
 
-Records kept with a missing image are counted as ``missing_file`` in the build summary (training skips them).
+* ``unreadable_file``: the file cannot be opened or parsed (or lacks a required column): all of it is skipped;
+* ``not_json``: the line is not UTF-8 JSON, or a JSON-text column (``captions``) is not JSON;
+* ``bad_row``: the line / row has the wrong shape: not an object, a field missing or of the wrong type.
+
+Records kept with a missing image are counted in the build summary (training skips them as ``missing_file``).
 
 ``SkipLog`` logs the first few messages of each reason, then at most one per reason every ``interval_s`` seconds
 (with the number it left out), so a dataset with a million bad records cannot flood the console.

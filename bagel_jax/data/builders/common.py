@@ -9,7 +9,7 @@ Record layout (all builders, all kinds; ``records.py`` turns it into samples):
 | ``meta``        | text | JSON: captions / conversations / instructions / items (see records.py) |
 | ``images``      | sequence of bytes | encoded images (JPEG, PNG, ...); ``b""`` = file missing at build time |
 | ``image_names`` | sequence of text | where each image came from (error messages, skip counts) |
-| ``source``      | text | where the record came from: ``file.jsonl:LINE`` (1-based) or ``file.parquet:row ROW`` (0-based) |
+| ``source``      | text | origin: ``file.jsonl:LINE`` (1-based) or ``file.parquet:row ROW`` (0-based) |
 
 Images stay encoded in the ArrayRecord files (decode + resize happen in grain workers). A file that is missing at
 build time is kept as an empty image so the pipeline skips the record and counts it as ``missing_file``.
