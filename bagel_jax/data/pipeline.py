@@ -123,7 +123,7 @@ def make_dataset(config: ml_collections.ConfigDict, process_index: int = 0, proc
                  num_epochs: int | None = None, num_workers: int | None = None,
                  drop_remainder: bool = False) -> grain.IterDataset:
     """The grain dataset of batches (dicts: PackedBatch fields + extras ``skipped``, ``records``,
-    ``real_tokens``), ``config.data.batch_size // process_count`` rows each.
+    ``real_tokens``, ``skip_messages``), ``config.data.batch_size // process_count`` rows each.
 
     ``num_epochs=None`` repeats forever; a finite value ends after that many passes over every source (mixing
     stops at the first exhausted source). ``num_workers`` defaults to ``config.data.num_workers``.
@@ -167,7 +167,8 @@ def make_dataset(config: ml_collections.ConfigDict, process_index: int = 0, proc
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Host batches as ``PackedBatch`` (numpy); keeps running skip counts and fill for the training metrics.
+    """Host batches as ``PackedBatch`` (numpy); keeps running skip counts and fill for the training metrics, and
+    logs the skip messages that come with the batches (rate-limited, ``skips.SkipLog``; from workers too).
 
     ``get_state`` / ``set_state`` wrap the grain pipeline state plus the counters (JSON-serialisable), so orbax's
     grain checkpoint handler (``grain.checkpoint.CheckpointSave``) can store it.

@@ -6,6 +6,9 @@
 * ``captions``: JSON text of a dict (the reference's layout, e.g. ``{"caption": "...", "short": "..."}``) or of a
   list; or ``caption``: plain text. One caption is drawn per sample at training time.
 
+A row whose captions are not JSON or not strings is skipped (``file:row N`` reported); a file that cannot be read
+or has no ``image`` column is skipped whole; a row without image bytes is kept and skipped at training time.
+
     python -m bagel_jax.data.builders.t2i --manual_dir=/data/t2i_parquet --data_dir=/data/tfds
 """
 from __future__ import annotations
