@@ -53,7 +53,7 @@ def exif_rotated_jpeg(w: int = 40, h: int = 24) -> bytes:
     return encode(img, "JPEG", exif=exif.tobytes(), quality=95)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def good_images() -> dict[str, bytes]:
     """Valid images in unusual encodings, each at least 16x16 (decodable, usable)."""
     rgb = _gradient(48, 40)
@@ -83,7 +83,7 @@ def good_images() -> dict[str, bytes]:
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bad_images() -> dict[str, tuple[bytes, str]]:
     """Bytes that cannot be used, and the skip reason each gets (with the default ``max_input_pixels``)."""
     png = encode(_gradient(48, 40))

@@ -5,10 +5,10 @@ import json
 import grain
 import numpy as np
 import pytest
+from bad_data import bad_images, good_images
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bad_data import bad_images, good_images
 from bagel_jax.data.images import ResizeRule
 from bagel_jax.data.pack import Budgets, PackIterDataset, Skipped, split_extras
 from bagel_jax.data.pipeline import DocumentTransform

@@ -30,7 +30,7 @@ def test_counts_round_trip_and_old_list_states_load():
     assert array_to_counts(counts_to_array(counts)) == counts
     old = [5, 1, 0, 2, 0, 0, 3]  # the 7 counts an iterator state held before skips.py, in their old order
     restored = array_to_counts(counts_to_array(old))
-    assert restored == dict.fromkeys(SKIP_REASONS, 0) | dict(zip(LEGACY_SKIP_REASONS, old))
+    assert restored == dict.fromkeys(SKIP_REASONS, 0) | dict(zip(LEGACY_SKIP_REASONS, old, strict=True))
     with pytest.raises(ValueError, match="unknown reason 'gone'"):
         counts_to_array({"gone": 1})
     assert show(None) == "null" and show(5) == "int 5" and show("x" * 100).startswith("str 'xxx")

@@ -9,13 +9,13 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bad_data import bad_images, encode, good_images
+from data_fixtures import ROOT, shapes_dir
 from PIL import Image
 
-from bad_data import bad_images, encode, good_images
 from bagel_jax.data.builders import common, edit, interleaved_video, synthetic_shapes, t2i, vlm_sft
 from bagel_jax.data.pipeline import make_train_iterator
 from bagel_jax.data.skips import SKIP_REASONS
-from data_fixtures import ROOT, shapes_dir
 
 MAX_INPUT_PIXELS = 200_000
 LONG = " ".join(["the red circle moves left"] * 90)  # more und tokens than a row holds (und_len 384)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import reprlib
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -74,7 +74,7 @@ def counts_to_array(counts, reasons: tuple[str, ...] = SKIP_REASONS) -> np.ndarr
         if len(counts) != len(LEGACY_SKIP_REASONS):
             raise ValueError(f"skip counts: expected a dict or {len(LEGACY_SKIP_REASONS)} legacy counts, "
                              f"got {len(counts)}")
-        items = zip(LEGACY_SKIP_REASONS, counts)
+        items = zip(LEGACY_SKIP_REASONS, counts, strict=True)
     for reason, n in items:
         if reason not in reasons:
             raise ValueError(f"skip counts: unknown reason {reason!r} (known: {', '.join(reasons)})")
@@ -83,7 +83,7 @@ def counts_to_array(counts, reasons: tuple[str, ...] = SKIP_REASONS) -> np.ndarr
 
 
 def array_to_counts(array: np.ndarray, reasons: tuple[str, ...] = SKIP_REASONS) -> dict[str, int]:
-    return {r: int(n) for r, n in zip(reasons, array)}
+    return {r: int(n) for r, n in zip(reasons, array, strict=True)}
 
 
 class SkipLog:
