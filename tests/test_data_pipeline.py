@@ -16,7 +16,9 @@ from bagel_jax.batch import FIELDS, PackedBatch, empty_row
 from bagel_jax.data.builders import common, synthetic_shapes, t2i
 from bagel_jax.data.pipeline import make_dataset, make_train_iterator, record_key, split_key
 from bagel_jax.data.records import SKIP_REASONS
-from data_fixtures import ROOT, SHAPES_EXAMPLES, check_rows, shapes_dir, tiny_config
+from data_fixtures import SHAPES_EXAMPLES, check_rows, shapes_dir, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def take(it, n):

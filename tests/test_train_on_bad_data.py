@@ -2,15 +2,14 @@
 with good ones, are built (the builders skip and report what they cannot use) and trained on for 30 steps of the
 tiny model (one layer) with two grain workers. The run ends normally and every bad record is counted by reason in the
 metrics (~47 CPU-seconds, most of it compiling)."""
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from bad_data import bad_images, encode, good_images
-from data_fixtures import ROOT, shapes_dir
+from configs_util import shipped_config
+from data_fixtures import shapes_dir
 from PIL import Image
 
 from bagel_jax.data.builders import common, edit, interleaved_video, synthetic_shapes, t2i, vlm_sft
@@ -106,10 +105,7 @@ def build_all(manual, data_dir):
 
 
 def config(data_dir):
-    spec = importlib.util.spec_from_file_location("tiny_shapes_cfg", os.path.join(ROOT, "configs", "tiny_shapes.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = shipped_config("tiny_shapes")
     c.data.update(builder="", data_dir=str(data_dir), synthetic_examples=0, max_input_pixels=MAX_INPUT_PIXELS,
                   tokenizer=synthetic_shapes.tokenizer_path(shapes_dir()), num_workers=2, pack_buffer=16,
                   mixture=dict(t2i=1.0, vlm=1.0, edit=1.0, video=1.0, web=1.0))
