@@ -69,7 +69,7 @@ def _data() -> ml_collections.ConfigDict:
         sources=ml_collections.ConfigDict(dict(t2i="", vlm="", edit="", video="", web="")),
         max_docs_per_row=256,  # documents per row (static size of the per-row record ids)
         pack_buffer=64,  # documents the packer holds to choose from when filling a row
-        max_input_pixels=200_000_000,  # larger decoded images are skipped as too_large
+        max_input_pixels=200_000_000,  # images with more pixels (header size) are skipped as image_too_large
         # per-kind ViT resize rule, () = data.vit_transform (the reference's yaml: edit (518, 224, 14),
         # vlm (980, 378, 14, 2_007_040))
         vit_transform_by_kind=ml_collections.ConfigDict(dict(t2i=(), vlm=(), edit=(), video=(), web=())),

@@ -211,3 +211,101 @@ def test_square_shapes_keep_the_scenes_and_the_data_dir_check(tmp_path):
     del old["square"]  # a data dir built before the option existed still matches the default
     json.dump(old, open(meta, "w"))
     synthetic_shapes.build(tmp_path / "plain", num_examples=4, seed=5)
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_builders_skip_bad_lines_and_rows_naming_them(tmp_path, caplog):
+    """One bad line / row / file never aborts a build: it is skipped, named file:line, and counted by reason in a
+    summary; the records keep their source (file:line) for training-time messages."""
+    caplog.set_level("WARNING")
+    manual = tmp_path / "vlm"
+    write(str(manual / "sub" / "a.jpg"), jpeg(40, 40, (1, 2, 3)))
+    good = {"image": "a.jpg",
+            "conversations": [{"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Yo"}]}
+    lines = [json.dumps(good).encode(),
+             b'{"image": "a.jpg", "conversations": [',  # line 2: not JSON
+             b"[1, 2, 3]",  # line 3: not an object
+             json.dumps({**good, "conversations": [{"from": "human", "value": None}]}).encode(),  # 4: value null
+             json.dumps({**good, "image": 5}).encode(),  # line 5: an image path that is a number
+             json.dumps({**good, "conversations": "hello"}).encode(),  # line 6
+             b'{"image": "a.jpg", "conversations": [{"from": "gpt", "value": "\xff\xfe"}]}',  # line 7: not UTF-8
+             b"",  # line 8: blank lines are fine
+             json.dumps({**good, "image": "gone.jpg"}).encode(),  # line 9: kept, missing image
+             json.dumps({**good, "conversations": [{"from": "gpt", "value": "\ud800 x"}]}).encode()]  # 10: kept
+    (manual / "sub" / "d.jsonl").write_bytes(b"\n".join(lines))
+    common.build(vlm_sft.VlmSft, tmp_path / "data", manual)
+    recs = read_all(tmp_path / "data", "vlm_sft")
+    assert sorted(r["source"].decode() for r in recs) == ["sub/d.jsonl:1", "sub/d.jsonl:10", "sub/d.jsonl:9"]
+    logged = "\n".join(_warnings(caplog))
+    for where, needle in [(2, "not_json"), (3, "a line must be a JSON object, got list"),
+                          (4, "'conversations[0].value' is null, expected a string"), (5, "'image' is int 5"),
+                          (6, "'conversations' is str"), (7, "not_json")]:
+        assert any(f"sub/d.jsonl:{where}:" in m and needle in m for m in _warnings(caplog)), (where, logged)
+    assert "vlm_sft: wrote 3 records; skipped 6 (not_json 2, bad_row 4); 1 missing images kept" in logged
+
+    caplog.clear()
+    manual = tmp_path / "t2i"
+    manual.mkdir()
+    img = jpeg(32, 32, (0, 0, 255))
+    caps = ['["a blue box"]', "{not json", "5", '{"a": null}', '["ok"]']
+    pq.write_table(pa.table({"image": [img, img, img, img, None], "captions": caps}), manual / "p.parquet")
+    pq.write_table(pa.table({"picture": [img], "caption": ["x"]}), manual / "no_image_column.parquet")
+    (manual / "corrupt.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    common.build(t2i.T2i, tmp_path / "data", manual)
+    recs = read_all(tmp_path / "data", "t2i")
+    assert sorted(r["source"].decode() for r in recs) == ["p.parquet:row 0", "p.parquet:row 4"]
+    logged = "\n".join(_warnings(caplog))
+    for needle in ["p.parquet:row 1: 'captions' is not JSON", "p.parquet:row 2: 'captions' is int 5",
+                   "p.parquet:row 3: 'captions.a' is null", "no_image_column.parquet: no column image",
+                   "corrupt.parquet: unreadable"]:
+        assert needle in logged, (needle, logged)
+    assert "t2i: wrote 2 records; skipped 5 (unreadable_file 2, not_json 1, bad_row 2); 1 missing images" in logged
+
+    bad = tmp_path / "all_bad"
+    bad.mkdir()
+    (bad / "x.jsonl").write_text("{oops\n[]\n")
+    with pytest.raises(ValueError, match="no usable records under manual_dir .*skipped 2 \\(not_json 1, bad_row 1\\)"):
+        common.build(interleaved_web.InterleavedWeb, tmp_path / "data2", bad)
+
+
+def test_video_edit_web_builders_skip_rows_of_the_wrong_shape(tmp_path, caplog):
+    caplog.set_level("WARNING")
+    manual = tmp_path / "video"
+    for k in range(3):
+        write(str(manual / f"f{k}.jpg"), jpeg(32, 32, (k * 50, 0, 0)))
+    lines = [{"frames": ["f0.jpg", "f1.jpg", "f2.jpg"], "captions": ["a", "b"]},
+             {"frames": ["f0.jpg", "f1.jpg", "f2.jpg"], "captions": ["a"]},  # 2: too few captions
+             {"frames": 5, "captions": []},  # 3
+             {"captions": ["a"]}]  # 4: no frames
+    (manual / "v.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    common.build(interleaved_video.InterleavedVideo, tmp_path / "data", manual)
+    assert [r["source"] for r in read_all(tmp_path / "data", "interleaved_video")] == [b"v.jsonl:1"]
+    logged = "\n".join(_warnings(caplog))
+    assert "v.jsonl:2: 'captions' has 1 entries for 3 frames" in logged and "v.jsonl:3: 'frames' is int 5" in logged
+    assert "v.jsonl:4: 'frames' is null" in logged
+
+    manual = tmp_path / "web"
+    write(str(manual / "1.jpg"), jpeg(32, 32, (1, 1, 1)))
+    lines = [{"items": [{"text": "hi"}, {"image": "1.jpg"}]}, {"texts": ["a", None], "images": [None]},
+             {"items": [{"text": 3}]}, {"items": "nope"}]
+    (manual / "w.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    common.build(interleaved_web.InterleavedWeb, tmp_path / "data", manual)
+    assert [r["source"] for r in read_all(tmp_path / "data", "interleaved_web")] == [b"w.jsonl:1"]
+    logged = "\n".join(_warnings(caplog))
+    assert "w.jsonl:2: texts (2) and images (1) must be aligned" in logged and "w.jsonl:3: 'text' is int 3" in logged
+
+    manual = tmp_path / "edit"
+    manual.mkdir()
+    two = [jpeg(32, 32, (0, 9, 0))] * 2
+    pq.write_table(pa.table({"image_list": [two, two, [two[0], None]],
+                             "instruction_list": [[["fine"]], [], [["ok"]]]}), manual / "e.parquet")
+    pq.write_table(pa.table({"image_list": [two], "instruction_list": ["make it red"]}), manual / "f.parquet")
+    common.build(edit.Edit, tmp_path / "data", manual)
+    assert sorted(r["source"] for r in read_all(tmp_path / "data", "edit")) == [b"e.parquet:row 0", b"e.parquet:row 2"]
+    logged = "\n".join(_warnings(caplog))
+    assert "e.parquet:row 1: 'instructions' has 0 steps for 2 images" in logged
+    assert "f.parquet:row 0: 'instruction_list' is str" in logged
+    assert "edit: wrote 2 records; skipped 2 (bad_row 2); 1 missing images kept" in logged

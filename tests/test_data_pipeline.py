@@ -1,6 +1,9 @@
 """The grain pipeline end to end on the shapes data: rows, exact resume, host sharding, skip counters."""
 import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +17,8 @@ from bagel_jax.data.builders import common, synthetic_shapes, t2i
 from bagel_jax.data.pipeline import make_dataset, make_train_iterator, record_key, split_key
 from bagel_jax.data.records import SKIP_REASONS
 from data_fixtures import SHAPES_EXAMPLES, check_rows, shapes_dir, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def take(it, n):
@@ -114,7 +119,8 @@ def jpeg(w, h):
     return b.getvalue()
 
 
-def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
+def bad_t2i_config(tmp_path, **data):
+    """The tiny config reading a t2i parquet of 3 good rows and 6 bad ones (reasons in BAD_T2I_SKIPS)."""
     manual = tmp_path / "manual"
     manual.mkdir()
     good = jpeg(64, 48)
@@ -130,25 +136,72 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
     pq.write_table(pa.table({"image": images, "caption": [r[1] for r in rows]}), manual / "t2i.parquet")
     common.build(t2i.T2i, tmp_path / "data", manual)
     c = tiny_config(str(tmp_path / "data"), tokenizer=synthetic_shapes.tokenizer_path(shapes_dir()),
-                    builder="", max_input_pixels=50_000)
+                    builder="", max_input_pixels=50_000, **data)
     c.data.mixture.update(t2i=1.0, vlm=0.0, edit=0.0)
     c.data.sources.t2i = "t2i"
-    want = dict.fromkeys(SKIP_REASONS, 0) | dict(undecodable_image=2, empty_text=1, too_large=2, missing_file=1)
+    return c
+
+
+BAD_T2I_SKIPS = dict.fromkeys(SKIP_REASONS, 0) | dict(undecodable_image=2, empty_text=1, image_too_large=1,
+                                                      too_large=1, missing_file=1)
+
+
+def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, caplog):
+    c = bad_t2i_config(tmp_path)
     it = make_train_iterator(c, num_epochs=1)
     placed = []
     for _ in it:
         placed += [int(k) for k in it.last_extras["records"].ravel() if k >= 0]
-    assert it.skip_counts() == want
+    assert it.skip_counts() == BAD_T2I_SKIPS
     assert len(placed) == 3
     assert it.metrics()["data/skipped/undecodable_image"] == 2
-    # the same counts when two worker processes share the work
+    # the same counts, and the same messages naming file:row, when two worker processes share the work
+    caplog.clear()
+    caplog.set_level("WARNING")
     it = make_train_iterator(c, num_epochs=1, num_workers=2)
     try:
         for _ in it:
             pass
-        assert it.skip_counts() == want
+        assert it.skip_counts() == BAD_T2I_SKIPS
     finally:
         it.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "bagel_jax.data"]
+    for row, reason in [(3, "undecodable_image"), (4, "undecodable_image"), (5, "empty_text"),
+                        (6, "image_too_large"), (7, "too_large"), (8, "missing_file")]:
+        assert any(f"({reason}): t2i.parquet:row {row}: " in m for m in logged), (row, logged)
+
+
+LEAK_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+KEEP = []  # batches still referenced at exit, as device buffers aliasing host memory keep them
+
+
+def main(tmp):
+    import pathlib
+    from test_data_pipeline import bad_t2i_config
+    from bagel_jax.data.pipeline import make_train_iterator
+    it = make_train_iterator(bad_t2i_config(pathlib.Path(tmp), num_workers=2))  # repeats forever, never closed
+    KEEP.extend(next(it) for _ in range(4))
+    print(json.dumps(it.skip_counts()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[2])
+"""
+
+
+def test_worker_batches_leak_no_shared_memory_at_exit(tmp_path):
+    """A trainer exits holding its last batches and without closing the iterator: no shared memory is left."""
+    script = tmp_path / "leak.py"
+    script.write_text(LEAK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "tests"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["undecodable_image"] >= 2
+    assert "leaked shared_memory" not in proc.stderr, proc.stderr[-3000:]
+    assert "(undecodable_image): t2i.parquet:row 3: image 0: undecodable image" in proc.stderr
 
 
 def test_config_errors_name_the_key():

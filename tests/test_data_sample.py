@@ -210,7 +210,7 @@ def test_bad_records_raise_with_reason():
         ("t2i", record("t2i", {"captions": ["", "   "]}, [(32, 32)]), "empty_text"),
         ("vlm", record("vlm", {"conversations": [{"from": "human", "value": "<image>hi"}]}, [(28, 28)]), "no_loss"),
         ("edit", record("edit", {"instructions": []}, [(32, 32)]), "bad_record"),
-        ("video", record("video", {"captions": ["a"]}, [(32, 32)] * 3), "bad_record"),
+        ("video", record("video", {"captions": ["a"]}, [(32, 32)] * 3), "bad_field"),
         ("t2i", {"kind": "t2i", "meta": "{not json", "images": [], "image_names": []}, "bad_record"),
     ]
     for kind, rec, reason in cases:

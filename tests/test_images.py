@@ -123,7 +123,7 @@ def test_decode_converts_like_pil_img2rgb():
     (lambda: np.zeros((20, 20, 4), np.uint8), "bad_image", ["img_a", "[H, W, 3]"]),
     (lambda: np.zeros((20, 20, 3), np.float32), "bad_image", ["img_a", "uint8"]),
     (lambda: np.zeros((0, 20, 3), np.uint8), "bad_image", ["img_a", "zero-size"]),
-    (lambda: np.zeros((100, 100, 3), np.uint8), "too_large", ["img_a", "max_input_pixels=5000"]),
+    (lambda: np.zeros((100, 100, 3), np.uint8), "image_too_large", ["img_a", "max_input_pixels=5000"]),
 ])
 def test_bad_input_raises_naming_image_and_limit(make, reason, needles):
     with pytest.raises(ImageError) as e:
@@ -150,3 +150,74 @@ def test_bad_bytes_and_limits():
         im.flattened_position_ids(14 * 5, 14, 14, 4)
     with pytest.raises(ImageError, match="not a multiple of the patch size 14"):
         im.patchify(np.zeros((20, 28, 3), np.uint8), 14)
+
+
+# --- any bytes: decoded to RGB or one ImageError with a skip reason -------------------------------------------------
+
+def test_unusual_encodings_decode_to_the_right_rgb():
+    from bad_data import good_images
+    imgs = good_images()
+    for name, data in imgs.items():
+        out = im.decode_image(data, name)
+        assert out.mode == "RGB" and min(out.size) >= 16, name
+    px = lambda name: np.asarray(im.decode_image(imgs[name], name)).astype(int)  # noqa: E731
+    gray16 = np.asarray(Image.open(io.BytesIO(imgs["gray16_png"]))).astype(np.float64)
+    np.testing.assert_array_equal(px("gray16_png")[..., 0], np.rint(gray16 * 255 / 65535))  # scaled, not clipped
+    assert px("gray16_png").max() >= 250 and 100 < px("gray16_png").mean() < 155  # PIL convert: mostly 255
+    la = px("la_png")
+    assert (la[0, 0] == 255).all() and (la[16, 16] == 20).all()  # transparent → white, opaque kept
+    rotated = px("exif_rotated_jpeg")  # stored 40 wide x 24 high, left red / right blue; EXIF: turn 90° clockwise
+    assert rotated.shape == (40, 24, 3)
+    assert rotated[2, 12, 0] > 200 > rotated[2, 12, 2] and rotated[-3, 12, 2] > 200 > rotated[-3, 12, 0]
+    assert (px("animated_gif")[5, 5] == (255, 0, 0)).all()  # the first frame
+    np.testing.assert_allclose(px("float_tiff")[-1, -1], 255, atol=1)  # floats in [0, 1] scaled by 255
+
+
+def test_bad_bytes_get_their_skip_reason():
+    from bad_data import bad_images
+    for name, (data, reason) in bad_images().items():
+        with pytest.raises(ImageError) as e:
+            im.decode_image(data, f"{name}.img")
+        assert e.value.reason == reason, (name, str(e.value))
+        assert str(e.value).startswith(f"{name}.img: ") and "\n" not in str(e.value)
+
+
+def test_our_pixel_limit_is_checked_before_pils(monkeypatch):
+    """PIL refuses images above 2x its MAX_IMAGE_PIXELS at open; an image under data.max_input_pixels must decode
+    whatever PIL's limit was, one over it must be image_too_large from our check (header size, nothing decoded)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL alone: warns above 1000, refuses above 2000
+    ok = _png(Image.new("RGB", (60, 50)))  # 3000 px
+    assert im.decode_image(ok, "ok.png", max_input_pixels=5000).size == (60, 50)
+    assert Image.MAX_IMAGE_PIXELS >= 5000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match=r"big.png: 100x100 = 10000 pixels exceeds the limit max_input_pixels=5000"):
+        im.decode_image(_png(Image.new("RGB", (100, 100))), "big.png", max_input_pixels=5000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError) as e:  # far beyond both limits: PIL's error, counted as ours
+        im.decode_image(_png(Image.new("RGB", (300, 300))), "huge.png", max_input_pixels=5000)
+    assert e.value.reason == "image_too_large" and "max_input_pixels=5000" in str(e.value)
+
+
+def test_mutated_image_bytes_never_raise_anything_else():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from bad_data import good_images
+    from bagel_jax.data.skips import SKIP_REASONS
+    seeds = list(good_images().values())
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.sampled_from(seeds), st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=6),
+           st.floats(0, 1))
+    def check(data, edits, keep):
+        b = bytearray(data[: max(1, int(len(data) * keep))] if keep < 0.5 else data)
+        for where, value in edits:
+            b[min(int(where * len(b)), len(b) - 1)] = value
+        try:
+            out = im.decode_image(bytes(b), "fuzz.png", max_input_pixels=1 << 20)
+        except ImageError as e:
+            assert e.reason in SKIP_REASONS and "\n" not in str(e)
+        else:
+            assert out.mode == "RGB" and out.size[0] * out.size[1] <= 1 << 20
+
+    check()

@@ -9,17 +9,26 @@ the row, where ``normalize`` maps them to [-1, 1] (mean = std = 0.5, the referen
 * ``patchify``: [H, W, C] → [(H/p)(W/p), p·p·C], feature order (ph, pw, c), patches row-major.
 * ``flattened_position_ids``: the reference's extrapolate (``row·S + col``) and interpolate (bucketed) ids.
 
-Bad input raises ``ImageError`` with one line naming the image and the limit; ``reason`` is a short code the
-pipeline counts (``undecodable_image``, ``too_large``, ``bad_image``).
+Bad input raises ``ImageError`` with one line naming the image and the limit; ``reason`` is the name the pipeline
+counts it under (``skips.SKIP_REASONS``: ``missing_file``, ``undecodable_image``, ``image_too_large``, ``bad_image``,
+``too_large``). ``decode_image`` raises nothing else, whatever the bytes: the size in the header is checked against
+``max_input_pixels`` before any pixel is decoded, and PIL's own decompression-bomb limit is raised so that it never
+fires before ours (if it does fire, e.g. for a header PIL reads differently, it counts as ``image_too_large``).
+
+Decoding goes beyond the reference's ``pil_img2rgb`` where it would give wrong pixels: the EXIF orientation is
+applied (a rotated phone photo comes out upright), 16-bit and 32-bit images are scaled to 8 bits (PIL's
+``convert`` clips them), every mode with an alpha channel (RGBA, LA, PA, palette or RGB with a transparent colour)
+is composited on white, and an animated image gives its first frame.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import math
+import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # The reference's default pixel budget for ImageTransform (14·14·9·1024).
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
@@ -75,18 +84,67 @@ class ResizeRule:
 
 
 def decode_image(data: bytes, name: str = "image", max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
-    """Encoded bytes → RGB PIL image (transparent images composited on white, as ``pil_img2rgb``)."""
+    """Encoded bytes → RGB PIL image (see the module doc); raises only ``ImageError``."""
     if not data:
-        raise ImageError(f"{name}: empty image bytes (missing file?)", "missing_file")
+        raise ImageError(f"{name}: empty image bytes (the file was missing or unreadable when the data was built)",
+                         "missing_file")
+    allow_pil_pixels(max_input_pixels)
+    with warnings.catch_warnings():  # PIL's warnings (its pixel limit, corrupt EXIF, palette transparency) are noise
+        warnings.simplefilter("ignore")
+        return _decode(data, name, max_input_pixels)
+
+
+def _decode(data: bytes, name: str, max_input_pixels: int) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageError(f"{name}: undecodable image ({type(e).__name__}: {e})", "undecodable_image") from None
-    check_size(img.size, name, max_input_pixels)
+        size = tuple(int(v) for v in img.size)
+    except Image.DecompressionBombError as e:  # only above 2x our limit (allow_pil_pixels)
+        raise ImageError(f"{name}: exceeds the limit max_input_pixels={max_input_pixels} ({e})",
+                         "image_too_large") from None
+    except Exception as e:  # noqa: BLE001  (PIL raises many types on hostile bytes; all mean "not an image")
+        raise ImageError(f"{name}: undecodable image ({_describe(e)})", "undecodable_image") from None
+    check_size(size, name, max_input_pixels)  # from the header, before any pixel is decoded
     try:
-        return to_rgb(img)
-    except (OSError, ValueError, SyntaxError) as e:  # truncated / corrupt data surfaces on load
-        raise ImageError(f"{name}: undecodable image ({type(e).__name__}: {e})", "undecodable_image") from None
+        out = to_rgb(_upright(img))
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: exceeds the limit max_input_pixels={max_input_pixels} ({e})",
+                         "image_too_large") from None
+    except MemoryError:
+        raise ImageError(f"{name}: {size[0]}x{size[1]} does not fit in memory (lower data.max_input_pixels)",
+                         "image_too_large") from None
+    except Exception as e:  # noqa: BLE001  (truncated / corrupt data surfaces on load)
+        raise ImageError(f"{name}: undecodable image ({_describe(e)})", "undecodable_image") from None
+    check_size(out.size, name, max_input_pixels)
+    return out
+
+
+def allow_pil_pixels(max_input_pixels: int) -> None:
+    """Raises PIL's decompression-bomb limit (process-wide) to at least ``max_input_pixels``, so PIL never refuses
+    an image our limit accepts (PIL errors above 2x its ``MAX_IMAGE_PIXELS`` and warns above it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and limit < max_input_pixels:
+        Image.MAX_IMAGE_PIXELS = int(max_input_pixels)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):  # its message names a BytesIO object
+        return "not an image format PIL knows"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned by its EXIF orientation (unchanged if it has none, or if the EXIF data is unreadable)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001  (corrupt EXIF: keep the pixels as stored)
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except (ValueError, TypeError, KeyError, SyntaxError):  # an orientation value PIL cannot apply
+        return img
 
 
 def check_size(size: tuple[int, int], name: str, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> None:
@@ -96,17 +154,40 @@ def check_size(size: tuple[int, int], name: str, max_input_pixels: int = DEFAULT
         raise ImageError(f"{name}: zero-size image {w}x{h}", "bad_image")
     if w * h > max_input_pixels:
         raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit max_input_pixels={max_input_pixels}",
-                         "too_large")
+                         "image_too_large")
+
+
+_ALPHA_MODES = ("RGBA", "LA", "La", "PA", "RGBa")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """The reference's ``pil_img2rgb``: RGBA / transparency → composited on white; everything else ``convert``."""
-    if img.mode == "RGBA" or img.info.get("transparency") is not None:
+    """RGB, as the reference's ``pil_img2rgb`` (alpha / transparency composited on white) for 8-bit images; also
+    alpha modes other than RGBA (LA, PA, ...), and 16/32-bit integer or float images scaled to 8 bits."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    if img.mode in _ALPHA_MODES or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         white = Image.new("RGB", img.size, (255, 255, 255))
         white.paste(img, mask=img.split()[3])
         return white
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Mode I;16* / I / F → L: 16-bit values (or any integer image whose maximum exceeds 255) scaled by 255/65535,
+    wider integers by their maximum; floats in [0, 1] scaled by 255, other floats clipped to [0, 255]."""
+    a = np.asarray(img)
+    if img.mode == "F":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        a = a * 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else a
+    else:
+        a = a.astype(np.float64)
+        top = a.max() if a.size else 0.0
+        if img.mode.startswith("I;16") or 255 < top <= 65535:
+            a = a * (255.0 / 65535.0)
+        elif top > 65535:
+            a = a * (255.0 / top)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
 def resize(img: Image.Image | np.ndarray, rule: ResizeRule, img_num: int = 1, name: str = "image",

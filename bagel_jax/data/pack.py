@@ -12,7 +12,10 @@
 * ``PackIterDataset``: a grain ``IterDataset`` reading a ``MapDataset`` of ``Document`` (or ``Skipped``) by index,
   packing and emitting batches of rows. Its state (next index, the indices in the buffer and in finished-but-unemitted
   rows, skip counts not yet reported) restores exactly: documents are re-read by index (transforms are
-  deterministic per index). Supports grain's worker slicing and shared-memory output.
+  deterministic per index). Supports grain's worker slicing and shared-memory output. Every batch carries the
+  skip counts since the previous one (``skipped``, per reason, in row 0) and a few of their messages
+  (``skip_messages``: ``"reason\tmessage"`` strings, at most ``MESSAGES_PER_REASON`` per reason and batch), so
+  both reach the trainer's process from grain workers.
 """
 from __future__ import annotations
 
@@ -27,8 +30,11 @@ from bagel_jax.batch import FIELDS
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.records import SKIP_REASONS
 from bagel_jax.data.sample import Document
+from bagel_jax.data.skips import array_to_counts, counts_to_array
 
-EXTRA_FIELDS = ("skipped", "records", "real_tokens")  # per-row extras next to the PackedBatch fields
+EXTRA_FIELDS = ("skipped", "records", "real_tokens", "skip_messages")  # extras next to the PackedBatch fields
+MESSAGES_PER_REASON = 2  # skip messages sent with one batch, per reason (the counts are always complete)
+MAX_SKIPS_IN_A_ROW = 10_000  # this many skipped records without one usable document: the data is unusable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +240,21 @@ def assemble(rows: Sequence[Sequence[Document]], b: Budgets, num_rows: int | Non
     return out
 
 
+def unlink_shared_memory(batch: dict) -> None:
+    """Removes the names of the shared-memory blocks that hold ``batch`` (arrays grain opened from a worker's
+    output) as soon as the batch arrives. The arrays stay valid (the mapping lives until they are freed), and nothing
+    is left to leak when they outlive the process's cleanup: still referenced at exit (a device buffer aliasing host
+    memory) or released by grain's deferred-deletion thread after it stopped."""
+    for value in batch.values():
+        shm = getattr(value, "shm", None)
+        if shm is not None and getattr(value, "_unlink_on_del", False):
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+            value._unlink_on_del = False
+
+
 def split_extras(batch: dict) -> tuple[dict, dict]:
     """(PackedBatch fields, extras) of an assembled batch dict."""
     return {k: batch[k] for k in FIELDS}, {k: batch[k] for k in EXTRA_FIELDS if k in batch}
@@ -243,7 +264,7 @@ def split_extras(batch: dict) -> tuple[dict, dict]:
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-    """A record the transform rejected; the packer counts it by ``reason`` (one of records.SKIP_REASONS)."""
+    """A record the transform rejected; the packer counts it by ``reason`` (one of ``skips.SKIP_REASONS``)."""
 
     reason: str
     message: str = ""
@@ -279,6 +300,11 @@ class PackIterDataset(grain.IterDataset):
         return f"PackIterDataset(batch_rows={self.batch_rows}, buffer_size={self.buffer_size})"
 
 
+_BUDGET_NAMES = (("und tokens", "data.und_len"), ("gen tokens", "data.gen_len"),
+                 ("ViT patches", "data.max_vit_patches"), ("VAE images", "data.max_vae_images"),
+                 ("documents", "data.max_docs_per_row"))
+
+
 class PackDatasetIterator(grain.DatasetIterator):
     """Iterator of ``PackIterDataset``; state = next index, buffered and ready indices, unreported skips."""
 
@@ -295,7 +321,19 @@ class PackDatasetIterator(grain.DatasetIterator):
         self._ready: list[list[int]] = []
         self._docs: dict[int, Document] = {}
         self._skipped = np.zeros(len(SKIP_REASONS), np.int64)
+        self._messages: list[str] = []
+        self._in_a_row = 0
         self._exhausted = False
+
+    def _skip(self, reason: str, message: str) -> None:
+        i = SKIP_REASONS.index(reason)
+        if self._skipped[i] < MESSAGES_PER_REASON:
+            self._messages.append(f"{reason}\t{message}")
+        self._skipped[i] += 1
+        self._in_a_row += 1
+        if self._in_a_row >= MAX_SKIPS_IN_A_ROW:
+            counts = ", ".join(f"{r} {n}" for r, n in zip(SKIP_REASONS, self._skipped) if n)
+            raise ValueError(f"data: {self._in_a_row} records in a row were skipped ({counts}); the last: {message}")
 
     def _read(self, index: int):
         el = self._source[index]
@@ -308,12 +346,15 @@ class PackDatasetIterator(grain.DatasetIterator):
         self._next += 1
         el = self._read(index)
         if isinstance(el, Skipped):
-            self._skipped[SKIP_REASONS.index(el.reason)] += 1
+            self._skip(el.reason, el.message)
             return
         cost = doc_cost(el)
         if not self._packer.fits_empty(cost):
-            self._skipped[SKIP_REASONS.index("too_large")] += 1
+            over = ", ".join(f"{c} {what} > {key} {m}" for (what, key), c, m in zip(_BUDGET_NAMES, cost,
+                                                                                   self._packer.capacity) if c > m)
+            self._skip("too_large", f"{el.source or f'record {el.key}'}: does not fit an empty row ({over})")
             return
+        self._in_a_row = 0
         self._docs[index] = el
         self._ready.extend(self._packer.add(index, cost))
 
@@ -339,19 +380,21 @@ class PackDatasetIterator(grain.DatasetIterator):
             alloc = np.zeros
         out = assemble(docs, self._ds.budgets, rows, alloc)
         out["skipped"][0] = self._skipped
+        out["skip_messages"] = np.asarray(self._messages, dtype=np.str_).reshape(-1)
         self._skipped = np.zeros_like(self._skipped)
+        self._messages = []
         return out
 
     def get_state(self) -> dict:
         return {"next": int(self._next), "buffer": [int(i) for i in self._packer.items],
-                "ready": [list(map(int, r)) for r in self._ready], "skipped": self._skipped.tolist(),
+                "ready": [list(map(int, r)) for r in self._ready], "skipped": array_to_counts(self._skipped),
                 "exhausted": bool(self._exhausted)}
 
     def set_state(self, state: dict) -> None:
         self._reset()
         self._next = int(state["next"])
         self._exhausted = bool(state["exhausted"])
-        self._skipped = np.asarray(state["skipped"], np.int64)
+        self._skipped = counts_to_array(state["skipped"])
         for i in state["buffer"]:
             self._docs[i] = self._read(i)
             self._packer.items.append(i)

@@ -6,6 +6,10 @@
     → weighted mix → pack (one budget per feature) → batches of rows → mp_prefetch (num_workers > 0)
     → TrainIterator: PackedBatch (numpy, batch dim = rows per host) + skip counters
 
+A record that cannot become a document is skipped and counted by reason (``skips.SKIP_REASONS``); the counts and a
+few messages per batch travel with the batches (so they also come from worker processes), and ``TrainIterator``
+logs the messages rate-limited (``skips.SkipLog``), naming each record by its source (``file:line``).
+
 Each host reads ``indices[process_index::process_count]`` of every source: hosts are disjoint and together cover
 every epoch. Everything random is seeded by (config seed, kind, host, element index), so a pipeline is
 reproducible and its iterator state (grain's ``get_state`` / ``set_state``, JSON, used by orbax's grain
@@ -30,9 +34,10 @@ import numpy as np
 from bagel_jax.batch import FIELDS, PackedBatch
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import common
-from bagel_jax.data.pack import Budgets, PackIterDataset, Skipped, split_extras
+from bagel_jax.data.pack import Budgets, PackIterDataset, Skipped, split_extras, unlink_shared_memory
 from bagel_jax.data.records import KINDS, SKIP_REASONS, RecordDecoder, RecordError
 from bagel_jax.data.sample import LayoutConfig, build_document
+from bagel_jax.data.skips import SkipLog, array_to_counts, counts_to_array
 from bagel_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 KEY_BITS = 40  # record key = kind index << 40 | record index in its source
@@ -92,32 +97,33 @@ def tokenizer_from_config(config: ml_collections.ConfigDict) -> Tokenizer:
 
 
 class DocumentTransform:
-    """Record index → ``Document`` (or ``Skipped``): read, decode, tokenise, resize, lay out with CFG dropout."""
+    """Record index → ``Document`` (or ``Skipped``): read, decode, tokenise, resize, lay out with CFG dropout.
+    Never raises for a record: what the decoder does not classify is skipped as ``internal_error``."""
 
     def __init__(self, kind: str, source, decoder: RecordDecoder, layout: LayoutConfig):
         self.kind, self.source, self.decoder, self.layout = kind, source, decoder, layout
 
     def __call__(self, index: int, rng: np.random.Generator):
         key = record_key(self.kind, index)
+        where = f"{self.kind} record #{index}"  # the record's own ``source`` (file:line) names it when it has one
         try:
             record = self.source[int(index)]
         except Exception as e:  # noqa: BLE001  (a corrupt record must not stop training)
-            return self._skip("bad_record", f"record {key}: unreadable ({type(e).__name__}: {e})")
+            return Skipped("unreadable_record", f"{where}: unreadable ({type(e).__name__}: {e})")
         try:
-            return build_document(self.decoder(record, rng, key), self.layout, rng)
+            return build_document(self.decoder(record, rng, key, where), self.layout, rng)
         except (RecordError, img_lib.ImageError) as e:
-            return self._skip(e.reason, str(e))
-
-    def _skip(self, reason: str, message: str) -> Skipped:
-        logging.info("skipping %s record (%s): %s", self.kind, reason, message)
-        return Skipped(reason, message)
+            return Skipped(e.reason, str(e))
+        except Exception as e:  # noqa: BLE001  (a decoder bug must not stop training either; it is counted)
+            logging.debug("internal error decoding %s", where, exc_info=True)
+            return Skipped("internal_error", f"{where}: {type(e).__name__}: {e} (a bug in the decoder, please report)")
 
 
 def make_dataset(config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1, *,
                  num_epochs: int | None = None, num_workers: int | None = None,
                  drop_remainder: bool = False) -> grain.IterDataset:
     """The grain dataset of batches (dicts: PackedBatch fields + extras ``skipped``, ``records``,
-    ``real_tokens``), ``config.data.batch_size // process_count`` rows each.
+    ``real_tokens``, ``skip_messages``), ``config.data.batch_size // process_count`` rows each.
 
     ``num_epochs=None`` repeats forever; a finite value ends after that many passes over every source (mixing
     stops at the first exhausted source). ``num_workers`` defaults to ``config.data.num_workers``.
@@ -161,7 +167,8 @@ def make_dataset(config: ml_collections.ConfigDict, process_index: int = 0, proc
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Host batches as ``PackedBatch`` (numpy); keeps running skip counts and fill for the training metrics.
+    """Host batches as ``PackedBatch`` (numpy); keeps running skip counts and fill for the training metrics, and
+    logs the skip messages that come with the batches (rate-limited, ``skips.SkipLog``; from workers too).
 
     ``get_state`` / ``set_state`` wrap the grain pipeline state plus the counters (JSON-serialisable), so orbax's
     grain checkpoint handler (``grain.checkpoint.CheckpointSave``) can store it.
@@ -172,6 +179,7 @@ class TrainIterator(grain.DatasetIterator):
     def __init__(self, inner: grain.DatasetIterator, budgets: Budgets):
         super().__init__(inner)
         self.budgets = budgets
+        self.skip_log = SkipLog("skipped a record")
         self.skipped = np.zeros(len(SKIP_REASONS), np.int64)
         self.rows = 0
         self.real_tokens = np.zeros(2, np.int64)
@@ -180,8 +188,12 @@ class TrainIterator(grain.DatasetIterator):
     def __next__(self) -> PackedBatch:
         while True:
             batch = next(self._parent)
+            unlink_shared_memory(batch)
             fields, extras = split_extras(batch)
-            self.skipped += extras["skipped"].sum(0)
+            skipped = extras["skipped"].sum(0)
+            self.skipped += skipped
+            if skipped.any():
+                self._log_skips(skipped, extras.get("skip_messages", ()))
             real = extras["real_tokens"].astype(np.int64)
             if real.any():  # an all-padding batch only carries the last skip counts of a finite pipeline
                 break
@@ -190,8 +202,20 @@ class TrainIterator(grain.DatasetIterator):
         self.last_extras = extras
         return PackedBatch(**{k: np.asarray(v) for k, v in fields.items()})
 
+    def _log_skips(self, skipped: np.ndarray, messages) -> None:
+        """Logs (rate-limited) the sample messages of one batch; each stands for its share of the batch's count."""
+        by_reason: dict[str, list[str]] = {}
+        for m in messages:
+            reason, _, text = str(m).partition("\t")
+            by_reason.setdefault(reason, []).append(text)
+        for reason, n in zip(SKIP_REASONS, skipped.tolist()):
+            if n:
+                texts = by_reason.get(reason) or ["(no message)"]
+                for j, text in enumerate(texts[:n]):
+                    self.skip_log(reason, text, 1 if j < min(len(texts), n) - 1 else n - j)
+
     def skip_counts(self) -> dict[str, int]:
-        return {r: int(n) for r, n in zip(SKIP_REASONS, self.skipped)}
+        return array_to_counts(self.skipped)
 
     def metrics(self) -> dict[str, float]:
         """Cumulative: skipped records by reason, rows, real tokens; fill of the last batch (und, gen, all)."""
@@ -207,12 +231,12 @@ class TrainIterator(grain.DatasetIterator):
         return out
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._parent.get_state(), "skipped": self.skipped.tolist(), "rows": int(self.rows),
+        return {"pipeline": self._parent.get_state(), "skipped": self.skip_counts(), "rows": int(self.rows),
                 "real_tokens": self.real_tokens.tolist()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["pipeline"])
-        self.skipped = np.asarray(state["skipped"], np.int64)
+        self.skipped = counts_to_array(state["skipped"])
         self.rows = int(state["rows"])
         self.real_tokens = np.asarray(state["real_tokens"], np.int64)
         self.last_extras = {}

@@ -71,6 +71,7 @@ class Sample:
     segments: list
     key: int = -1  # record id (source, index) for tracing; see pipeline.record_key
     kind: str = ""
+    source: str = ""  # where the record came from (file:line), for messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +138,7 @@ class Document:
     vae_timestep: np.ndarray
     split_lens: np.ndarray
     split_modes: tuple
+    source: str = ""  # the sample's source (file:line), for messages
 
     @property
     def num_tokens(self) -> int:
@@ -261,7 +263,7 @@ class _Builder:
         self.split_modes.append(mode)
         self.curr += n
 
-    def finish(self, key: int) -> Document:
+    def finish(self, key: int, source: str = "") -> Document:
         def cat(chunks, dtype, shape=(0,)):
             return np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(shape, dtype)
 
@@ -281,7 +283,7 @@ class _Builder:
             vit_img=cat(v["img"], np.int32), vit_und=inv[vit_und].astype(np.int32) if len(vit_und) else vit_und,
             num_vit_images=self.num_vit_images, vae_pixels=self.vae_pixels,
             vae_timestep=np.asarray(self.timesteps, np.float32),
-            split_lens=np.asarray(self.split_lens, np.int32), split_modes=tuple(self.split_modes))
+            split_lens=np.asarray(self.split_lens, np.int32), split_modes=tuple(self.split_modes), source=source)
 
 
 def build_document(sample: Sample, cfg: LayoutConfig, rng: np.random.Generator) -> Document:
@@ -307,4 +309,4 @@ def build_document(sample: Sample, cfg: LayoutConfig, rng: np.random.Generator) 
                     b.vit(seg.vit_pixels, seg.name)
         else:
             raise TypeError(f"sample {sample.key}: unknown segment type {type(seg).__name__}")
-    return b.finish(sample.key)
+    return b.finish(sample.key, sample.source)

@@ -11,9 +11,27 @@ At training time a random sub-sequence of at most two steps is drawn, as in the 
 """
 from __future__ import annotations
 
-import os
-
 from bagel_jax.data.builders import common
+from bagel_jax.data.record_schema import check_meta
+from bagel_jax.data.skips import show
+
+
+def _record(row: dict, where: str, report: common.BuildReport) -> dict:
+    images, instructions = row.get("image_list"), row.get("instruction_list")
+    if not isinstance(images, list):
+        raise common.RowError(f"'image_list' is {show(images)}, expected a list of encoded images")
+    if not isinstance(instructions, list):
+        raise common.RowError(f"'instruction_list' is {show(instructions)}, expected a list (one entry per step)")
+    check_meta("edit", {"instructions": instructions}, len(images), where)
+    data = []
+    for k, b in enumerate(images):
+        if b is not None and not isinstance(b, (bytes, bytearray)):
+            raise common.RowError(f"'image_list[{k}]' is {show(b)}, expected bytes")
+        if not b:
+            report.missing(f"{where}: image {k}: no image bytes")
+        data.append(bytes(b or b""))
+    steps = [[s] if isinstance(s, str) else list(s) for s in instructions]
+    return common.record("edit", {"instructions": steps}, data, [""] * len(data), where)  # embedded: no names
 
 
 class Edit(common.LocalFilesBuilder):
@@ -22,15 +40,12 @@ class Edit(common.LocalFilesBuilder):
     DESCRIPTION = __doc__
 
     def _generate_examples(self, manual_dir):
-        import pyarrow.parquet as pq
-        for path in common.files(manual_dir, "*.parquet"):
-            rel = os.path.relpath(path, manual_dir)
-            table = pq.read_table(path, columns=["image_list", "instruction_list"])
-            for i, row in enumerate(table.to_pylist()):
-                images = [bytes(b) if b is not None else b"" for b in row["image_list"]]
-                instructions = [[s] if isinstance(s, str) else list(s) for s in row["instruction_list"]]
-                names = [f"{rel}:{i}/{k}" for k in range(len(images))]
-                yield f"{rel}:{i}", common.record("edit", {"instructions": instructions}, images, names)
+        report = common.BuildReport(self.name)
+        for key, where, row in common.parquet_rows(manual_dir, report, ("image_list", "instruction_list")):
+            rec = report.convert(where, _record, row, where, report)
+            if rec is not None:
+                yield key, rec
+        report.finish(manual_dir)
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from bagel_jax.data.builders import common
+from bagel_jax.data.record_schema import check_meta
 
 
 class InterleavedVideo(common.LocalFilesBuilder):
@@ -30,22 +31,25 @@ class InterleavedVideo(common.LocalFilesBuilder):
         super().__init__(**kwargs)
 
     def _generate_examples(self, manual_dir):
-        for path in common.files(manual_dir, "*.jsonl"):
-            base, rel = os.path.dirname(path), os.path.relpath(path, manual_dir)
-            for i, item in common.jsonl(path):
-                frames = item["frames"]
-                paths = (common.frame_files(common.resolve(base, frames)) if isinstance(frames, str)
-                         else [common.resolve(base, f) for f in frames])
-                captions = list(item.get("captions", []))
-                keep = list(range(len(paths)))
-                if len(paths) > self.max_frames:
-                    keep = sorted(set(np.linspace(0, len(paths) - 1, self.max_frames).round().astype(int).tolist()))
-                    captions = [" ".join(captions[a:b]) for a, b in zip(keep[:-1], keep[1:])] \
-                        if len(captions) == len(paths) - 1 else captions
-                    paths = [paths[k] for k in keep]
-                images = [common.read_file(p) for p in paths]
-                names = [os.path.relpath(p, manual_dir) for p in paths]
-                yield f"{rel}:{i}", common.record("video", {"captions": captions}, images, names)
+        report = common.BuildReport(self.name)
+        for key, where, base, item in common.jsonl_rows(manual_dir, report):
+            rec = report.convert(where, self._record, item, base, where, manual_dir, report)
+            if rec is not None:
+                yield key, rec
+        report.finish(manual_dir)
+
+    def _record(self, item: dict, base: str, where: str, manual_dir: str, report: common.BuildReport) -> dict:
+        frames = item.get("frames")
+        paths = (common.frame_files(common.resolve(base, frames)) if isinstance(frames, str)
+                 else [common.resolve(base, f) for f in common.path_list(frames, "frames")])
+        captions = check_meta("video", {"captions": item.get("captions")}, len(paths), where)["captions"]
+        if len(paths) > self.max_frames:
+            keep = sorted(set(np.linspace(0, len(paths) - 1, self.max_frames).round().astype(int).tolist()))
+            captions = [" ".join(captions[a:b]) for a, b in zip(keep[:-1], keep[1:])]
+            paths = [paths[k] for k in keep]
+        images = [common.read_file(p, report, where) for p in paths]
+        names = [os.path.relpath(p, manual_dir) for p in paths]
+        return common.record("video", {"captions": captions}, images, names, where)
 
 
 def main(argv=None):

@@ -17,14 +17,21 @@ from __future__ import annotations
 import os
 
 from bagel_jax.data.builders import common
+from bagel_jax.data.record_schema import check_meta
+from bagel_jax.data.skips import show
 
 
 def _items(doc: dict) -> list[dict]:
     if "items" in doc:
-        return list(doc["items"])
+        items = doc["items"]
+        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+            raise common.RowError(f"'items' is {show(items)}, expected a list of {{text}} / {{image}} objects")
+        return items
     texts, images = doc.get("texts", []), doc.get("images", [])
+    if not isinstance(texts, list) or not isinstance(images, list):
+        raise common.RowError(f"'texts' and 'images' must be lists, got {show(texts)} and {show(images)}")
     if len(texts) != len(images):
-        raise ValueError(f"texts ({len(texts)}) and images ({len(images)}) must be aligned lists")
+        raise common.RowError(f"texts ({len(texts)}) and images ({len(images)}) must be aligned lists")
     return [{"text": t} if t is not None else {"image": im} for t, im in zip(texts, images) if t is not None or im]
 
 
@@ -34,19 +41,28 @@ class InterleavedWeb(common.LocalFilesBuilder):
     DESCRIPTION = __doc__
 
     def _generate_examples(self, manual_dir):
-        for path in common.files(manual_dir, "*.jsonl"):
-            base, rel = os.path.dirname(path), os.path.relpath(path, manual_dir)
-            for i, doc in common.jsonl(path):
-                items, images, names = [], [], []
-                for item in _items(doc):
-                    if "image" in item:
-                        p = common.resolve(base, item["image"])
-                        items.append({"image": len(images)})
-                        images.append(common.read_file(p))
-                        names.append(os.path.relpath(p, manual_dir))
-                    else:
-                        items.append({"text": item["text"]})
-                yield f"{rel}:{i}", common.record("web", {"items": items}, images, names)
+        report = common.BuildReport(self.name)
+        for key, where, base, doc in common.jsonl_rows(manual_dir, report):
+            rec = report.convert(where, _record, doc, base, where, manual_dir, report)
+            if rec is not None:
+                yield key, rec
+        report.finish(manual_dir)
+
+
+def _record(doc: dict, base: str, where: str, manual_dir: str, report: common.BuildReport) -> dict:
+    items, paths = [], []
+    for k, item in enumerate(_items(doc)):
+        if "text" in item:
+            items.append({"text": common.text_field(item, "text")})
+        elif "image" in item:
+            paths.append(common.resolve(base, common.path_list(item["image"], f"items[{k}].image")[0]))
+            items.append({"image": len(paths) - 1})
+        else:
+            raise common.RowError(f"item {k} is {show(item)}, expected {{text}} or {{image}}")
+    check_meta("web", {"items": items}, len(paths), where)
+    images = [common.read_file(p, report, where) for p in paths]
+    names = [os.path.relpath(p, manual_dir) for p in paths]
+    return common.record("web", {"items": items}, images, names, where)
 
 
 def main(argv=None):

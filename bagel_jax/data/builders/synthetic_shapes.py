@@ -126,7 +126,7 @@ class Generator:
 
     def example(self, split: str, i: int) -> dict:
         rng = self.rng(split, i)
-        return getattr(self, f"_{split}")(rng, i)
+        return {**getattr(self, f"_{split}")(rng, i), "source": f"{NAME}/{split}:{i}"}
 
     def t2i_scene(self, i: int) -> tuple[list[Obj], int, int]:
         """The objects and (width, height) of ``t2i`` example ``i`` (what its image shows)."""

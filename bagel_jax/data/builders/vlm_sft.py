@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from bagel_jax.data.builders import common
+from bagel_jax.data.record_schema import check_meta
 
 
 class VlmSft(common.LocalFilesBuilder):
@@ -29,25 +30,30 @@ class VlmSft(common.LocalFilesBuilder):
         super().__init__(**kwargs)
 
     def _generate_examples(self, manual_dir):
-        for path in common.files(manual_dir, "*.jsonl"):
-            base, rel = os.path.dirname(path), os.path.relpath(path, manual_dir)
-            for i, item in common.jsonl(path):
-                conversations = [dict(c) for c in item.get("conversations", [])]
-                if "image" in item:
-                    paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
-                    paths = [common.resolve(base, p) for p in paths]
-                elif "video" in item:
-                    folder = common.resolve(base, item["video"])
-                    paths = common.sample_uniform(common.frame_files(folder), self.max_frames) or [folder]
-                    for c in conversations:
-                        if "<video>" in c.get("value", ""):
-                            c["value"] = c["value"].replace("<video>", "<image>" * len(paths))
-                            break
-                else:
-                    paths = []
-                images = [common.read_file(p) for p in paths]
-                names = [os.path.relpath(p, manual_dir) for p in paths]
-                yield f"{rel}:{i}", common.record("vlm", {"conversations": conversations}, images, names)
+        report = common.BuildReport(self.name)
+        for key, where, base, item in common.jsonl_rows(manual_dir, report):
+            rec = report.convert(where, self._record, item, base, where, manual_dir, report)
+            if rec is not None:
+                yield key, rec
+        report.finish(manual_dir)
+
+    def _record(self, item: dict, base: str, where: str, manual_dir: str, report: common.BuildReport) -> dict:
+        turns = check_meta("vlm", {"conversations": item.get("conversations")}, 0, where)["turns"]
+        conversations = [{"from": who, "value": value} for who, value in turns]
+        if item.get("image") is not None:
+            paths = [common.resolve(base, p) for p in common.path_list(item["image"], "image")]
+        elif item.get("video") is not None:
+            folder = common.resolve(base, common.path_list(item["video"], "video")[0])
+            paths = common.sample_uniform(common.frame_files(folder), self.max_frames) or [folder]
+            for c in conversations:
+                if "<video>" in c["value"]:
+                    c["value"] = c["value"].replace("<video>", "<image>" * len(paths))
+                    break
+        else:
+            paths = []
+        images = [common.read_file(p, report, where) for p in paths]
+        names = [os.path.relpath(p, manual_dir) for p in paths]
+        return common.record("vlm", {"conversations": conversations}, images, names, where)
 
 
 def main(argv=None):
