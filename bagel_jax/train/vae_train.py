@@ -104,15 +104,20 @@ class VaeImage:
 
 
 class RecordImage:
-    """Record index → ``VaeImage`` of the record's first image (grain map)."""
+    """Record index → ``VaeImage`` of the record's first image (grain map). A record that cannot be read or holds
+    no image gives the empty canvas (hw = (0, 0): no loss, no metric), logged; it never stops training."""
 
     def __init__(self, source, to_image: VaeImage):
         self.source, self.to_image = source, to_image
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        record = self.source[int(index)]
-        images = list(record.get("images", []))
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in record.get("image_names", [])]
+        try:
+            record = self.source[int(index)]
+            images = list(record.get("images", []))
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in record.get("image_names", [])]
+        except Exception as e:  # noqa: BLE001  (an unreadable or malformed record is skipped, never fatal)
+            logging.info("skipping record %d (unreadable_record): %s: %s", index, type(e).__name__, e)
+            images, names = [], []
         return self.to_image(images[0] if images else b"", names[0] if names else f"record {index}")
 
 
