@@ -295,7 +295,9 @@ def test_remat_and_scan_equal_plain_model(setup, plain_value_and_grad, scan, rem
     np.testing.assert_allclose(val, ref_val, rtol=1e-6)
     if scan:
         ref_grad = {"params": stack_layers(ref_grad["params"], cfg.num_layers)}
-    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5), grad, ref_grad)
+    # f32 sums in another order (scan + full remat recompute): 1e-5 of each gradient's own scale
+    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(r).max())),
+                 grad, ref_grad)
 
 
 def test_remat_wraps_every_mode_config_accepts():
