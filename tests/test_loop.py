@@ -28,8 +28,8 @@ def _vae(monkeypatch):
     from bagel_jax.train import vae_train
     monkeypatch.setattr(vae_train.ReconEval, "__call__", _broken)
     c = load_config(os.path.join(ROOT, "configs", "tiny_vae.py"))
-    c.data.update(synthetic_examples=8, batch_size=4)
-    c.vae_stage.update(eval_every=2, eval_images=4, eval_batch=4, stats_images=4)
+    c.data.update(synthetic_examples=8, batch_size=2, vae_image_size=(32, 32), vae_transform=(32, 16, 16))
+    c.vae_stage.update(eval_every=2, eval_images=2, eval_batch=2, stats_images=2)
     return c, vae_train.train_vae
 
 
