@@ -117,7 +117,8 @@ def test_train_export_infer(tmp_path):
     got = bc.load_params(out, c.model)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
-    proc = subprocess.run([sys.executable, "-m", "bagel_jax.infer.cli", f"--checkpoint={out}", "--mode=understand",
-                           "--prompt=What color is the shape?", "--max_length=4"],
+    png = str(tmp_path / "x.png")
+    proc = subprocess.run([sys.executable, "-m", "bagel_jax.infer.cli", f"--checkpoint={out}", "--mode=t2i",
+                           "--prompt=a red circle", "--num_timesteps=2", f"--out={png}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 and os.path.getsize(png) > 0, proc.stderr[-3000:]
