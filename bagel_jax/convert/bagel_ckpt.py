@@ -192,20 +192,7 @@ class TensorSource:
     @classmethod
     def from_dir_or_file(cls, path: str) -> "TensorSource":
         """A ``.safetensors`` file, a ``.index.json`` (HF sharding), or a directory holding either."""
-        if os.path.isdir(path):
-            for name in WEIGHT_FILES:
-                if os.path.exists(os.path.join(path, name)):
-                    return cls([os.path.join(path, name)])
-                index = os.path.join(path, name + ".index.json")
-                if os.path.exists(index):
-                    return cls.from_dir_or_file(index)
-            raise CheckpointError(f"{path}: no {' / '.join(WEIGHT_FILES)} (or .index.json) in the directory")
-        if path.endswith(".index.json"):
-            with open(path) as fh:
-                weight_map = json.load(fh)["weight_map"]
-            base = os.path.dirname(path)
-            return cls([os.path.join(base, f) for f in sorted(set(weight_map.values()))])
-        return cls([path])
+        return cls(weight_files(path))
 
     def keys(self):
         return self.where.keys()
@@ -221,6 +208,25 @@ class TensorSource:
             with safe_open(path, framework="numpy") as f:
                 for key in by_file[path]:
                     yield key, f.get_tensor(key)
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors file(s) of a ``.safetensors`` file, a ``.index.json`` (HF sharding), or a directory holding
+    either (``ema.safetensors`` first, then ``model.safetensors``); nothing is opened."""
+    if os.path.isdir(path):
+        for name in WEIGHT_FILES:
+            if os.path.exists(os.path.join(path, name)):
+                return [os.path.join(path, name)]
+            index = os.path.join(path, name + ".index.json")
+            if os.path.exists(index):
+                return weight_files(index)
+        raise CheckpointError(f"{path}: no {' / '.join(WEIGHT_FILES)} (or .index.json) in the directory")
+    if path.endswith(".index.json"):
+        with open(path) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        base = os.path.dirname(path)
+        return [os.path.join(base, f) for f in sorted(set(weight_map.values()))]
+    return [path]
 
 
 def _check_keys(found: Mapping[str, tuple], expected: Mapping[str, tuple], what: str):

@@ -7,8 +7,11 @@ onto the given abstract params' shardings.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -35,6 +38,41 @@ def load_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> An
         out = ckptr.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
             item={field: abstract_params}, restore_args={field: restore_args}, partial_restore=True))
     return out[field]
+
+
+def find_state_dir(path: str) -> epath.Path | None:
+    """The latest step directory holding a ``state`` item under a workdir / checkpoints dir / step dir, or None."""
+    root = epath.Path(path)
+    return _find_state_dir(root) if root.exists() else None
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config the trainer wrote to ``workdir/config.json`` (lists back to tuples), over
+    ``base_config()`` so keys newer than the run keep their defaults. Raises ``FileNotFoundError`` naming it."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--workdir: {path} not found (the trainer writes it on start)")
+    with open(path) as fh:
+        raw = json.load(fh)
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+    from bagel_jax.config import base_config
+
+    def merge(base, new):  # keys added to the schema after the run was started keep their defaults
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(base.get(k), ml_collections.ConfigDict):
+                merge(base[k], v)
+            else:
+                base[k] = v
+
+    config = base_config()
+    with config.unlocked():
+        merge(config, tuples(raw))
+    return config
 
 
 def _find_state_dir(root: epath.Path) -> epath.Path | None:

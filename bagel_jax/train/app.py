@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # stage -> the file its trainer writes last (None: the last checkpoint); a workdir that has it and a checkpoint at
 # train.steps is finished
@@ -39,7 +39,7 @@ def preflight(config, workdir: str, stage: str = "bagel") -> None:
     import jax
 
     from bagel_jax import cli
-    from bagel_jax.config import check_paths, validate
+    from bagel_jax.config import check_paths, latest_checkpoint, validate
 
     devices = jax.devices()
     validate(config, num_devices=len(devices), platform=jax.default_backend(), num_processes=jax.process_count())
@@ -47,6 +47,9 @@ def preflight(config, workdir: str, stage: str = "bagel") -> None:
     if reason:
         cli.say_and_exit(reason)
     check_paths(config, workdir, stage)
+    if stage == "bagel" and config.train.init_from and latest_checkpoint(workdir) is None:
+        from bagel_jax.train.checkpoint import check_init_from
+        check_init_from(config)  # a release folder against the model config: json and headers only
 
 
 def _resolve(train_fn: Callable | str) -> Callable:

@@ -23,9 +23,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from grain import checkpoint as grain_checkpoint
 
+from bagel_jax.config import ConfigError
 from bagel_jax.convert.run_checkpoint import DATA, STATE, load_params  # noqa: F401  (the layout; re-exported)
 from bagel_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
-
 
 # --- the per-host data-iterator state item ---------------------------------------------------------
 
@@ -74,7 +74,7 @@ class Checkpointer:
             self.install_sigterm_handler()
 
     @classmethod
-    def from_config(cls, workdir: str, config, **kw) -> "Checkpointer":
+    def from_config(cls, workdir: str, config, **kw) -> Checkpointer:
         return cls(workdir, keep=config.train.keep_checkpoints, **kw)
 
     # preemption
@@ -178,20 +178,49 @@ def _first_line(e: BaseException) -> str:
 
 # --- params only (init_from) -----------------------------------------------------------------------
 
+def check_init_from(config) -> None:
+    """If ``train.init_from`` is a release folder: its files are readable and its shapes those of ``config.model``
+    (json and safetensors headers only). Raises ``ConfigError`` naming ``train.init_from`` and the file or key."""
+    from bagel_jax.convert.release_sharded import CheckpointError, check_release, is_release
+    path = config.train.init_from
+    if path and is_release(path):
+        try:
+            check_release(path, config.model)
+        except CheckpointError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
+
+
+def load_init_params(config, shardings, like) -> Any:
+    """The params of ``train.init_from`` on ``shardings`` with ``like``'s dtypes: a release folder (each tensor read
+    straight into its shards), a params pytree the converter saved, or another run's workdir / checkpoint."""
+    from bagel_jax.convert.release_sharded import CheckpointError, is_release, load_release_sharded
+    path = config.train.init_from
+    if is_release(path):
+        try:
+            return load_release_sharded(path, config.model, shardings, like)
+        except CheckpointError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+    return load_params(path, abstract)
+
+
 def restore_or_init(ckpt: Checkpointer, init_fn, optimizer, mesh, rules, rng: jax.Array, config, *,
                     step: int | None = None) -> tuple[TrainState, TrainState, Any]:
     """(state, shardings, data_state): resumes checkpoint ``step`` (default: the latest) if the workdir has one,
-    else creates a fresh sharded state and, if ``train.init_from`` is set, loads its params (EMA = params)."""
+    else creates a fresh sharded state and, if ``train.init_from`` is set, loads its params (EMA = params).
+
+    ``train.init_from`` is read on a fresh start only (a restart resumes its own checkpoint): a release folder
+    (``check_init_from`` runs before the state is created), a converted params pytree or a run's workdir."""
     shardings = state_shardings(init_fn, optimizer, mesh, rules)
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(abstract_state(init_fn, optimizer, mesh, rules), step)
         logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
         return state, shardings, data_state
+    if config.train.init_from:
+        check_init_from(config)
     state, shardings = create_train_state(init_fn, optimizer, mesh, rules, rng)
     if config.train.init_from:
-        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                       state.params)
-        params = load_params(config.train.init_from, abstract_params)
+        params = load_init_params(config, shardings.params, state.params)
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
         state = state.replace(params=params, ema_params=copy(params))
         logging.info("params loaded from %s", config.train.init_from)
