@@ -10,44 +10,14 @@ model. The eval CLI scores runs through it::
 """
 from __future__ import annotations
 
-import json
-import os
 
 import jax
-import ml_collections
 
 from bagel_jax.config import ConfigError
 
+from bagel_jax.convert.run_checkpoint import load_run_config  # noqa: F401  (re-exported: the eval CLI uses it)
+
 PARAMS = ("ema", "params", "untrained")
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config the trainer wrote to ``workdir/config.json`` (lists back to tuples), over
-    ``base_config()`` so keys newer than the run keep their defaults."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--workdir: {path} not found (the trainer writes it on start)")
-    with open(path) as fh:
-        raw = json.load(fh)
-
-    def tuples(x):
-        if isinstance(x, dict):
-            return {k: tuples(v) for k, v in x.items()}
-        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-
-    from bagel_jax.config import base_config
-
-    def merge(base, new):  # keys added to the schema after the run was started keep their defaults
-        for k, v in new.items():
-            if isinstance(v, dict) and isinstance(base.get(k), ml_collections.ConfigDict):
-                merge(base[k], v)
-            else:
-                base[k] = v
-
-    config = base_config()
-    with config.unlocked():
-        merge(config, tuples(raw))
-    return config
 
 
 def load_run_params(config, workdir: str, which: str = "ema"):
