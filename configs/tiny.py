@@ -14,8 +14,7 @@ def get_config(arg=None):
     c.name = "tiny"
     m = c.model
     m.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-             rope_theta=1_000_000.0, dtype="float32", attention_impl="reference", max_latent_size=8,
-             vit_max_num_patch_per_side=8)
+             rope_theta=1_000_000.0, dtype="float32", max_latent_size=8, vit_max_num_patch_per_side=8)
     m.vit.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=14, num_positions=64)
     m.vae.update(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, dtype="float32")
     c.data.update(seq_len=512, und_len=384, gen_len=128, max_vit_patches=128, max_vae_images=8,

@@ -1,7 +1,8 @@
 """One attention entry point for the whole model: ``attention(q, k, v, q_meta, kv_meta, impl=...)``.
 
-``impl``: ``"reference"`` (dense jnp oracle), ``"tpu"`` (Pallas block-sparse kernel), ``"gpu"``,
-``"auto"`` (by backend). Every implementation takes the same O(L) metadata (mask.py).
+``impl``: ``"reference"`` (dense jnp oracle, O(L²)), ``"tpu"`` (Pallas block-sparse kernel), ``"gpu"`` (block-sparse
+in plain XLA, gpu.py: any backend, tiles tuned for CPU there), ``"auto"`` (by backend: ``tpu`` on TPU, ``gpu`` on GPU
+and CPU). Every implementation takes the same O(L) metadata (mask.py).
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ IMPLS = ("reference", "tpu", "gpu", "auto")
 
 
 def resolve_impl(impl: str) -> str:
-    """Maps ``auto`` to the implementation for the default backend."""
+    """Maps ``auto`` to the implementation for the default backend: the Pallas kernel on TPU, the XLA block-sparse
+    path elsewhere (its cost follows the mask's non-empty blocks; the dense reference stays the oracle)."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    return {"tpu": "tpu", "gpu": "gpu"}.get(backend, "reference")
+    return "tpu" if backend == "tpu" else "gpu"
 
 
 def attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *, impl: str = "reference",
