@@ -237,6 +237,15 @@ def jsonl_rows(manual_dir: str, report: BuildReport) -> Iterator[tuple[str, str,
             yield f"{rel}:{i}", where, base, item
 
 
+def converted(rows: Iterator[tuple], report: BuildReport, record_fn) -> Iterator[tuple[str, dict]]:
+    """``(key, record)`` for each ``(key, where, *args)`` of ``rows`` that ``record_fn(*args, where, report)``
+    converts; a row that raises is skipped and counted by ``report`` (see ``BuildReport.convert``)."""
+    for key, where, *args in rows:
+        rec = report.convert(where, record_fn, *args, where, report)
+        if rec is not None:
+            yield key, rec
+
+
 def parquet_rows(manual_dir: str, report: BuildReport, required: tuple[str, ...],
                  optional: tuple[str, ...] = ()) -> Iterator[tuple[str, str, dict]]:
     """``(key, where, row)`` per row of every ``*.parquet`` under ``manual_dir`` (``where`` = ``file:row ROW``,

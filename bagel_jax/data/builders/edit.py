@@ -41,10 +41,7 @@ class Edit(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        for key, where, row in common.parquet_rows(manual_dir, report, ("image_list", "instruction_list")):
-            rec = report.convert(where, _record, row, where, report)
-            if rec is not None:
-                yield key, rec
+        yield from common.converted(common.parquet_rows(manual_dir, report, ("image_list", "instruction_list")), report, _record)
         report.finish(manual_dir)
 
 

@@ -32,13 +32,11 @@ class InterleavedVideo(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        for key, where, base, item in common.jsonl_rows(manual_dir, report):
-            rec = report.convert(where, self._record, item, base, where, manual_dir, report)
-            if rec is not None:
-                yield key, rec
+        rows = ((key, where, item, base, manual_dir) for key, where, base, item in common.jsonl_rows(manual_dir, report))
+        yield from common.converted(rows, report, self._record)
         report.finish(manual_dir)
 
-    def _record(self, item: dict, base: str, where: str, manual_dir: str, report: common.BuildReport) -> dict:
+    def _record(self, item: dict, base: str, manual_dir: str, where: str, report: common.BuildReport) -> dict:
         frames = item.get("frames")
         paths = (common.frame_files(common.resolve(base, frames)) if isinstance(frames, str)
                  else [common.resolve(base, f) for f in common.path_list(frames, "frames")])

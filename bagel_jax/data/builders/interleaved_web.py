@@ -42,14 +42,12 @@ class InterleavedWeb(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        for key, where, base, doc in common.jsonl_rows(manual_dir, report):
-            rec = report.convert(where, _record, doc, base, where, manual_dir, report)
-            if rec is not None:
-                yield key, rec
+        rows = ((key, where, item, base, manual_dir) for key, where, base, item in common.jsonl_rows(manual_dir, report))
+        yield from common.converted(rows, report, _record)
         report.finish(manual_dir)
 
 
-def _record(doc: dict, base: str, where: str, manual_dir: str, report: common.BuildReport) -> dict:
+def _record(doc: dict, base: str, manual_dir: str, where: str, report: common.BuildReport) -> dict:
     items, paths = [], []
     for k, item in enumerate(_items(doc)):
         if "text" in item:

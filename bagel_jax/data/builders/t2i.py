@@ -64,10 +64,7 @@ class T2i(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        for key, where, row in common.parquet_rows(manual_dir, report, ("image",), ("captions", "caption")):
-            rec = report.convert(where, _record, row, where, report)
-            if rec is not None:
-                yield key, rec
+        yield from common.converted(common.parquet_rows(manual_dir, report, ("image",), ("captions", "caption")), report, _record)
         report.finish(manual_dir)
 
 

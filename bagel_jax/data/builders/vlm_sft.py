@@ -31,13 +31,11 @@ class VlmSft(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        for key, where, base, item in common.jsonl_rows(manual_dir, report):
-            rec = report.convert(where, self._record, item, base, where, manual_dir, report)
-            if rec is not None:
-                yield key, rec
+        rows = ((key, where, item, base, manual_dir) for key, where, base, item in common.jsonl_rows(manual_dir, report))
+        yield from common.converted(rows, report, self._record)
         report.finish(manual_dir)
 
-    def _record(self, item: dict, base: str, where: str, manual_dir: str, report: common.BuildReport) -> dict:
+    def _record(self, item: dict, base: str, manual_dir: str, where: str, report: common.BuildReport) -> dict:
         turns = check_meta("vlm", {"conversations": item.get("conversations")}, 0, where)["turns"]
         conversations = [{"from": who, "value": value} for who, value in turns]
         if item.get("image") is not None:
