@@ -14,7 +14,11 @@
 ``f`` runs the whole context + the query image every call (no cache). The three contexts are three
 rows of one ``PackedBatch``, evaluated together by one jitted forward; the query image's latent
 tokens and time enter through ``Bagel(xt=...)``. Context images are VAE-encoded once (one posterior
-draw, shared by the gen and cfg_text contexts, as the reference's cache copy shares it).
+draw, shared by the gen and cfg_text contexts, as the reference's cache copy shares it). The initial noise and
+the posterior draw come from ``rng`` as ``infer/noise.py`` defines them (the cached path draws the same), or are
+given explicitly.
+
+This is the cache-free oracle; ``infer/cached_image.py`` is the fast path tested against it.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bagel_jax.infer.context import Rows, layout_for, pack_rows, query_image, vae_canvas
+from bagel_jax.infer.noise import flow_noise, place_posterior, posterior_canvas
 from bagel_jax.model.bagel import Bagel, shift_timestep
 from bagel_jax.model.vae import FluxVAE, denormalize_latent, unpatchify_latent
 
@@ -51,19 +56,36 @@ def cfg_combine(v, v_text=None, v_img=None, *, cfg_text_scale: float = 1.0, cfg_
         raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {renorm_type!r}")
     if cfg_text_scale <= 1.0:
         return v
+    return guide(v, v_text, v_img if cfg_img_scale > 1.0 else None, cfg_text_scale, cfg_img_scale, renorm_type,
+                 renorm_min)
+
+
+def guide(v, v_text, v_img, text_scale, img_scale, renorm_type: str, renorm_min):
+    """``cfg_combine`` with text CFG on, image CFG on iff ``v_img`` is given; the scales may be traced.
+
+    v, v_text, v_img: [T, C] velocities of the gen, cfg_text and cfg_img contexts (one image).
+    """
     xp = jnp if isinstance(v, jax.Array) else np
-    vt_ = v_text + cfg_text_scale * (v - v_text)
+    vt_ = v_text + text_scale * (v - v_text)
     if renorm_type == "text_channel":
         norm_v = xp.linalg.norm(v, axis=-1, keepdims=True)
         norm_vt = xp.linalg.norm(vt_, axis=-1, keepdims=True)
         vt = vt_ * xp.clip(norm_v / (norm_vt + 1e-8), renorm_min, 1.0)
-        return v_img + cfg_img_scale * (vt - v_img) if cfg_img_scale > 1.0 else vt
-    v_ = v_img + cfg_img_scale * (vt_ - v_img) if cfg_img_scale > 1.0 else vt_
+        return v_img + img_scale * (vt - v_img) if v_img is not None else vt
+    v_ = v_img + img_scale * (vt_ - v_img) if v_img is not None else vt_
     if renorm_type == "global":
         norm_v, norm_v_ = xp.linalg.norm(v), xp.linalg.norm(v_)
     else:
         norm_v, norm_v_ = xp.linalg.norm(v, axis=-1, keepdims=True), xp.linalg.norm(v_, axis=-1, keepdims=True)
     return v_ * xp.clip(norm_v / (norm_v_ + 1e-8), renorm_min, 1.0)
+
+
+def guidance_branches(cfg_text_scale: float, cfg_img_scale: float) -> int:
+    """How many contexts the sampler evaluates: gen, + cfg_text if text CFG is on, + cfg_img if image CFG is too
+    (the reference skips a branch whose scale is 1; image CFG without text CFG changes nothing)."""
+    if cfg_text_scale <= 1.0:
+        return 1
+    return 3 if cfg_img_scale > 1.0 else 2
 
 
 @dataclasses.dataclass
@@ -85,8 +107,8 @@ class ImageSampler:
             out = model.apply({"params": params}, batch, x0=x0, xt=(xt, t), with_ce=False)
             return out["velocity_pred"]
 
-        def encode(params, batch, rng):
-            return model.apply({"params": params}, batch, rng, method=Bagel.encode_latents)
+        def encode(params, batch, posterior):
+            return model.apply({"params": params}, batch, posterior_noise=posterior, method=Bagel.encode_latents)
 
         self._velocity = jax.jit(velocity)
         self._encode = jax.jit(encode)
@@ -102,11 +124,11 @@ class ImageSampler:
                num_timesteps: int = 50, timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
                cfg_img_scale: float = 1.5, cfg_interval: tuple[float, float] = (0.4, 1.0),
                cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0, rng=None,
-               init_noise: np.ndarray | None = None) -> SampleResult:
+               init_noise: np.ndarray | None = None, posterior_noise=None) -> SampleResult:
         """Generates the latents of one image after the context ``gen``.
 
-        ``init_noise`` float[(H/16)(W/16), p²C] (else drawn from ``rng``); ``rng`` also draws the posterior
-        sample of context images.
+        ``init_noise`` float[(H/16)(W/16), p²C] and ``posterior_noise`` (one [h/8, w/8, C] draw per context image
+        of ``gen``) default to draws from ``rng`` (``infer/noise.py``).
         """
         cfg = self.model.cfg
         stride = 8 * cfg.latent_patch_size
@@ -121,11 +143,14 @@ class ImageSampler:
         n_tok, feat = grid[0] * grid[1], cfg.latent_patch_size ** 2 * cfg.vae.z_channels
         rng = jax.random.key(0) if rng is None else rng
         rng_post, rng_noise = jax.random.split(rng)
-        x = (np.asarray(jax.random.normal(rng_noise, (n_tok, feat), jnp.float32)) if init_noise is None
+        x = (np.asarray(flow_noise(rng_noise, n_tok, cfg)) if init_noise is None
              else np.asarray(init_noise, np.float32).reshape(n_tok, feat))
         batch = jax.tree.map(jnp.asarray, rows.batch)
         b, g = batch.kind.shape[0], rows.budgets.gen_len
-        x0 = self._encode(self.params, jax.tree.map(lambda a: a[:1], batch), rng_post)  # row 0 = gen context
+        n_img, canvas = rows.budgets.max_vae_images, rows.budgets.vae_hw
+        post = (posterior_canvas(rng_post, n_img, canvas, cfg) if posterior_noise is None
+                else place_posterior(posterior_noise, n_img, canvas, cfg.vae.z_channels))
+        x0 = self._encode(self.params, jax.tree.map(lambda a: a[:1], batch), jnp.asarray(post)[None])  # gen row
         x0 = jnp.broadcast_to(x0, (b,) + x0.shape[1:])  # cfg_text's images are gen's first images; cfg_img has none
         slots = np.stack([rows.noised_slots(r) for r in range(b)])  # [B, T]
         if slots.shape[1] != n_tok:
@@ -148,15 +173,31 @@ class ImageSampler:
         return SampleResult(x, grid, trajectory, np.asarray(x0[0]), rows)
 
 
-def decode_latents(vae_cfg, vae_params, latents: np.ndarray, grid_hw: tuple[int, int], patch: int = 2) -> np.ndarray:
-    """Latent tokens [h·w, p²C] → RGB uint8 [16h, 16w, 3] (reference ``decode_image``: VAE decode of the
+_DECODERS: dict = {}
+
+
+def _decoder(vae_cfg, patch: int):
+    """The jitted VAE decode for one VAE config, shared by every caller (compiled once per batch shape)."""
+    key = (vae_cfg.to_json_best_effort(sort_keys=True), patch)
+    if key not in _DECODERS:
+        vae = FluxVAE(vae_cfg)
+
+        def run(params, tokens, grid_hw):
+            z = unpatchify_latent(tokens, grid_hw[0], grid_hw[1], patch)
+            return vae.apply({"params": params}, denormalize_latent(z, vae_cfg), method="decode")
+
+        _DECODERS[key] = jax.jit(run, static_argnames="grid_hw")
+    return _DECODERS[key]
+
+
+def decode_latents_batch(vae_cfg, vae_params, latents, grid_hw: tuple[int, int], patch: int = 2) -> np.ndarray:
+    """Latent tokens [B, h·w, p²C] → RGB uint8 [B, 16h, 16w, 3] (reference ``decode_image``: VAE decode of the
     de-normalised latent, ``(img·0.5 + 0.5).clamp(0, 1)·255`` truncated to uint8)."""
-    vae = FluxVAE(vae_cfg)
-
-    @jax.jit
-    def run(params, tokens):
-        z = unpatchify_latent(tokens[None], grid_hw[0], grid_hw[1], patch)
-        return vae.apply({"params": params}, denormalize_latent(z, vae_cfg), method="decode")[0]
-
-    img = np.asarray(run(vae_params, jnp.asarray(latents, jnp.float32)), np.float32)
+    run = _decoder(vae_cfg, patch)
+    img = np.asarray(run(vae_params, jnp.asarray(latents, jnp.float32), tuple(int(v) for v in grid_hw)), np.float32)
     return (np.clip(img * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def decode_latents(vae_cfg, vae_params, latents: np.ndarray, grid_hw: tuple[int, int], patch: int = 2) -> np.ndarray:
+    """One image: latent tokens [h·w, p²C] → RGB uint8 [16h, 16w, 3] (``decode_latents_batch``)."""
+    return decode_latents_batch(vae_cfg, vae_params, np.asarray(latents)[None], grid_hw, patch)[0]

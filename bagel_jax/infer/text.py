@@ -4,7 +4,10 @@ Starts from ``<|im_start|>`` at the context's next RoPE id and appends one token
 (argmax) or sampled from ``softmax(logits / temperature)``; stops when the next token is
 ``<|im_end|>`` (not returned) or after ``max_length`` fed tokens (``<|im_start|>`` included), as the
 reference. Every step re-runs the whole row (context + tokens so far) at fixed static shapes, so it
-compiles once.
+compiles once. Randomness: ``rng`` splits into (posterior key of context VAE images, ``infer/noise.py``; sampling
+key, token k drawn with ``fold_in(sampling key, k)``), as on the cached path.
+
+This is the cache-free oracle; ``infer/cached_text.py`` is the fast path tested against it.
 """
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bagel_jax.infer.context import layout_for, pack_rows, query_text, vae_canvas
+from bagel_jax.infer.noise import posterior_canvas
 from bagel_jax.model.bagel import Bagel
 
 
@@ -25,12 +30,13 @@ class TextGenerator:
         cfg = model.cfg
 
         def step(params, batch, x0, slot):
-            out = model.apply({"params": params}, batch, x0=x0, with_ce=False)
+            # the row has no noised image: the key draws flow noise that nothing uses
+            out = model.apply({"params": params}, batch, jax.random.key(0), x0=x0, with_ce=False)
             h = jnp.take_along_axis(out["und_hidden"], slot[:, None, None], axis=1)  # [B, 1, D]
             return model.apply({"params": params}, h, method=Bagel.text_logits)[:, 0].astype(jnp.float32)
 
-        def encode(params, batch, rng):
-            return model.apply({"params": params}, batch, rng, method=Bagel.encode_latents)
+        def encode(params, batch, posterior):
+            return model.apply({"params": params}, batch, posterior_noise=posterior, method=Bagel.encode_latents)
 
         self._step = jax.jit(step)
         self._encode = jax.jit(encode)
@@ -39,6 +45,12 @@ class TextGenerator:
     def generate(self, segments: Sequence, *, max_length: int = 512, do_sample: bool = False,
                  temperature: float = 1.0, rng=None) -> list[int]:
         """Token ids generated after the context ``segments`` (without ``<|im_start|>`` / ``<|im_end|>``)."""
+        return self.trace(segments, max_length=max_length, do_sample=do_sample, temperature=temperature,
+                          rng=rng)[0]
+
+    def trace(self, segments: Sequence, *, max_length: int = 512, do_sample: bool = False,
+              temperature: float = 1.0, rng=None) -> tuple[list[int], list[np.ndarray]]:
+        """(generated ids, the logits float32[V] of every step)."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if do_sample and rng is None:
@@ -48,27 +60,31 @@ class TextGenerator:
         # static budgets: the longest row this call can build (query = <|im_start|> + max_length-1 tokens + <|im_end|>)
         longest = pack_rows([list(segments) + [query_text([0] * (max_length - 1))]], layout)
         b = longest.budgets
+        rng_post, rng_sample = jax.random.split(jax.random.key(0) if rng is None else rng)
         x0 = None
         if self._visual_gen and b.gen_len > 0:
-            x0 = self._encode(self.params, _device(longest.batch), jax.random.key(0) if rng is None else rng)
+            post = posterior_canvas(rng_post, b.max_vae_images, b.vae_hw, model_cfg)[None]
+            x0 = self._encode(self.params, _device(longest.batch), post)
         generated: list[int] = []
+        all_logits: list[np.ndarray] = []
         eos = self.tokenizer.eos_id
-        keys = iter(jax.random.split(rng, max_length)) if do_sample else None
         while True:
             rows = pack_rows([list(segments) + [query_text(generated)]], layout, und_len=b.und_len,
                              gen_len=b.gen_len, max_vit_patches=b.max_vit_patches, max_vae_images=b.max_vae_images)
             doc = rows.docs[0]
             slot = rows.und_slot(0, doc.num_tokens - 2)  # the last fed token (<|im_start|> or t_k)
             logits = self._step(self.params, _device(rows.batch), x0, jnp.asarray([slot], jnp.int32))[0]
+            all_logits.append(np.asarray(logits))
             if do_sample:
-                nxt = int(jax.random.categorical(next(keys), logits / temperature))
+                key = jax.random.fold_in(rng_sample, len(generated))
+                nxt = int(jax.random.categorical(key, logits / temperature))
             else:
                 nxt = int(jnp.argmax(logits))
             # reference: stop at <|im_end|>; after max_length fed tokens the last prediction is dropped
             if nxt == eos or 1 + len(generated) >= max_length:
                 break
             generated.append(nxt)
-        return generated
+        return generated, all_logits
 
 
 def layout_stride(model_cfg) -> int:

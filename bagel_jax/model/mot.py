@@ -34,6 +34,12 @@ leading [num_layers] axis (logical name ``layers``); ``bagel_jax.convert.hf.stac
 ``unstack_layers`` convert between the two. ``cfg.remat`` wraps each layer in ``jax.checkpoint``:
 ``full`` saves nothing, ``dots`` saves matmul outputs without batch dims (projections, MLP) and
 recomputes attention.
+
+Inference with a KV cache (``bagel_jax.infer.cache``): ``LanguageModel.extend`` runs new tokens against the
+cached K/V of earlier tokens (``past_kv`` = (k, v) [layers, B, C, Hkv, hd], post QK-norm and RoPE, with their mask
+metadata ``past_meta`` [B, C]) and returns the new tokens' own K/V [layers, B, T, Hkv, hd] for the caller to store.
+The new tokens attend to ``concat(past, own)`` under the same split-wise rule, so a context prefilled once and
+extended step by step gives the same hidden states as the whole row at once.
 """
 from __future__ import annotations
 
@@ -64,13 +70,15 @@ class SelfAttention(nn.Module):
     """Per-expert projections around one shared attention.
 
     ``segments``: list of (param suffix, x [B, T_e, D]) whose concatenation along T is the whole row
-    (in slot order); cos/sin [B, L, hd]; meta MaskMeta [B, L]. Returns per-segment outputs [B, T_e, D].
+    (in slot order); cos/sin [B, L, hd]; meta MaskMeta [B, L]. Returns (per-segment outputs [B, T_e, D], kv):
+    ``kv`` is None, or with ``past`` = (k, v [B, C, Hkv, hd], MaskMeta [B, C]) the row's own (k, v) [B, L, Hkv, hd]
+    (the row attends to the past tokens and itself).
     """
 
     cfg: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, segments, cos, sin, meta: MaskMeta):
+    def __call__(self, segments, cos, sin, meta: MaskMeta, past=None):
         cfg = self.cfg
         hd = head_dim(cfg)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -95,23 +103,31 @@ class SelfAttention(nn.Module):
         k, v = nn.with_logical_constraint(k, kv_axes), nn.with_logical_constraint(v, kv_axes)
         impl = resolve_impl(cfg.attention_impl)
         kwargs = dict(block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv) if impl == "tpu" else {}
-        a = attention(q, k, v, meta, impl=impl, **kwargs)
+        if past is None:
+            a, kv = attention(q, k, v, meta, impl=impl, **kwargs), None
+        else:
+            past_k, past_v, past_meta = past
+            kv_meta = jax.tree.map(lambda p, m: jnp.concatenate([p, m], axis=-1), past_meta, meta)
+            a = attention(q, jnp.concatenate([past_k.astype(k.dtype), k], axis=1),
+                          jnp.concatenate([past_v.astype(v.dtype), v], axis=1), meta, kv_meta, impl=impl, **kwargs)
+            kv = (k, v)
 
         outs, start = [], 0
         for suffix, x in segments:
             a_e = a[:, start:start + x.shape[1]]
             start += x.shape[1]
             outs.append(MergeHeadsProjection(x.shape[-1], dtype, pdtype, name="o_proj" + suffix)(a_e))
-        return outs
+        return outs, kv
 
 
 class DecoderLayer(nn.Module):
-    """One MoT (or dense) layer. carry = (und_x [B, U, D], gen_x [B, G, D]) → (carry, None) (scan form)."""
+    """One MoT (or dense) layer. carry = (und_x [B, U, D], gen_x [B, G, D]) → (carry, kv) (scan form); ``kv`` is
+    None, or with ``past_kv`` = this layer's cached (k, v) and ``past_meta`` the tokens' own (k, v) (SelfAttention)."""
 
     cfg: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, carry, cos, sin, meta: MaskMeta):
+    def __call__(self, carry, cos, sin, meta: MaskMeta, past_kv=None, past_meta=None):
         cfg = self.cfg
         und_x, gen_x = carry
         u = und_x.shape[1]
@@ -124,7 +140,8 @@ class DecoderLayer(nn.Module):
                 segments.append((GEN_SUFFIX, gen_x))
 
         normed = [(s, RMSNorm(cfg.rms_norm_eps, pdtype, name="input_layernorm" + s)(x)) for s, x in segments]
-        attn_out = SelfAttention(cfg, name="self_attn")(normed, cos, sin, meta)
+        past = None if past_kv is None else (*past_kv, past_meta)
+        attn_out, kv = SelfAttention(cfg, name="self_attn")(normed, cos, sin, meta, past)
         new = []
         for (s, x), o in zip(segments, attn_out):
             x = x + o
@@ -132,8 +149,8 @@ class DecoderLayer(nn.Module):
             x = x + SwiGLU(cfg.intermediate_size, jnp.dtype(cfg.dtype), pdtype, name="mlp" + s)(h)
             new.append(nn.with_logical_constraint(x, HIDDEN_AXES))
         if cfg.layer_module == "dense":
-            return (new[0][:, :u], new[0][:, u:]), None
-        return (new[0], new[1] if len(new) > 1 else gen_x), None
+            return (new[0][:, :u], new[0][:, u:]), kv
+        return (new[0], new[1] if len(new) > 1 else gen_x), kv
 
 
 class LanguageModel(nn.Module):
@@ -150,7 +167,8 @@ class LanguageModel(nn.Module):
         layer_cls = remat(DecoderLayer, cfg.remat, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                                  length=cfg.num_layers,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         else:
             self.layers = [layer_cls(cfg) for _ in range(cfg.num_layers)]
@@ -176,6 +194,24 @@ class LanguageModel(nn.Module):
         Returns:
           (und_h [B, U, D], gen_h [B, G, D]) after the final norm of each expert.
         """
+        und_h, gen_h, _ = self._run(und_x, gen_x, position, meta)
+        return und_h, gen_h
+
+    def extend(self, und_x, gen_x, position, meta: MaskMeta, past_kv, past_meta: MaskMeta):
+        """The decoder on new tokens that also attend to cached ones (KV-cache inference).
+
+        Args:
+          und_x, gen_x, position, meta: the new tokens, as in ``__call__`` ([B, U, D], [B, G, D], [B, U+G]).
+          past_kv: (k, v) each [num_layers, B, C, Hkv, hd]: cached keys (after QK-norm and RoPE) and values of
+            earlier tokens (C may be 0); past_meta: their MaskMeta [B, C] (doc 0 = an empty cache slot).
+
+        Returns:
+          (und_h [B, U, D], gen_h [B, G, D], (k, v) each [num_layers, B, U+G, Hkv, hd]: the new tokens' keys and
+          values, to append to the cache).
+        """
+        return self._run(und_x, gen_x, position, meta, past_kv, past_meta)
+
+    def _run(self, und_x, gen_x, position, meta: MaskMeta, past_kv=None, past_meta=None):
         cfg = self.cfg
         b, u, d = und_x.shape
         if gen_x.shape[0] != b or gen_x.shape[2] != d:
@@ -187,15 +223,21 @@ class LanguageModel(nn.Module):
         cos, sin = rope_cos_sin(position, head_dim(cfg), cfg.rope_theta, dtype)
         carry = (nn.with_logical_constraint(und_x.astype(dtype), HIDDEN_AXES),
                  nn.with_logical_constraint(gen_x.astype(dtype), HIDDEN_AXES))
+        kv = None
         if cfg.scan_layers:
-            carry, _ = self.layers(carry, cos, sin, meta)
+            carry, kv = self.layers(carry, cos, sin, meta, past_kv, past_meta)
         else:
-            for layer in self.layers:
-                carry, _ = layer(carry, cos, sin, meta)
+            kvs = []
+            for i, layer in enumerate(self.layers):
+                layer_past = None if past_kv is None else (past_kv[0][i], past_kv[1][i])
+                carry, layer_kv = layer(carry, cos, sin, meta, layer_past, past_meta)
+                kvs.append(layer_kv)
+            if past_kv is not None:
+                kv = tuple(jnp.stack(x) for x in zip(*kvs))
         und_h, gen_h = carry
         if cfg.layer_module == "dense":
-            return self.norm(und_h), self.norm(gen_h)
-        return self.norm(und_h), self.norm_moe_gen(gen_h)
+            return self.norm(und_h), self.norm(gen_h), kv
+        return self.norm(und_h), self.norm_moe_gen(gen_h), kv
 
     def logits(self, h):
         """[B, T, D] → [B, T, V] (lm_head, or the embedding matrix when tie_word_embeddings)."""
