@@ -36,6 +36,21 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_CONTEXT_TOKENS = 16384
 
 
+def _prefill_contexts(model: Bagel, variables, batch, posterior_keys, posterior, n: int):
+    """Encodes the gen rows' images (posterior draws from ``posterior_keys`` unless ``posterior`` is given) and
+    prefills every row; rows are branch-major, the first ``n`` are the gen contexts."""
+    cfg = model.cfg
+    x0 = None
+    if cfg.visual_gen and batch.gen_len > 0:
+        n_img, canvas = batch.vae_images.shape[1], batch.vae_images.shape[2:4]
+        if posterior is None:
+            posterior = jax.vmap(lambda k: posterior_canvas(k, n_img, canvas, cfg))(posterior_keys)
+        gen_rows = jax.tree.map(lambda a: a[:n], batch)
+        x0 = model.apply(variables, gen_rows, posterior_noise=posterior, method=Bagel.encode_latents)
+        x0 = jnp.tile(x0, (batch.kind.shape[0] // n, 1, 1, 1))  # cfg_text's images are the gen context's first ones
+    return model.apply(variables, batch, x0, method=prefill)
+
+
 def _build_sampler(model: Bagel):
     cfg = model.cfg
 
@@ -47,15 +62,7 @@ def _build_sampler(model: Bagel):
         t_len = query.latent_pos.shape[1]
         split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))  # [n, 2]: (posterior, flow)
         x = init_noise if init_noise is not None else jax.vmap(lambda k: flow_noise(k, t_len, cfg))(split[:, 1])
-        x0 = None
-        if cfg.visual_gen and batch.gen_len > 0:
-            n_img, canvas = batch.vae_images.shape[1], batch.vae_images.shape[2:4]
-            if posterior is None:
-                posterior = jax.vmap(lambda k: posterior_canvas(k, n_img, canvas, cfg))(split[:, 0])
-            gen_rows = jax.tree.map(lambda a: a[:n], batch)
-            x0 = model.apply(variables, gen_rows, posterior_noise=posterior, method=Bagel.encode_latents)
-            x0 = jnp.tile(x0, (branches, 1, 1, 1))  # cfg_text's images are the gen context's first images
-        cache = model.apply(variables, batch, x0, method=prefill)
+        cache = _prefill_contexts(model, variables, batch, split[:, 0], posterior, n)
         gen_cache, gen_query = cache.rows(0, n), query.rows(0, n)
 
         def velocity(c, q, x, t):
@@ -83,6 +90,17 @@ def _build_sampler(model: Bagel):
     return jax.jit(run, static_argnames=("renorm_type", "with_trajectory"))
 
 
+def _build_velocity(model: Bagel):
+    def run(params, batch, query: ImageQuery, keys, x, t):
+        n = keys.shape[0]
+        split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))
+        cache = _prefill_contexts(model, {"params": params}, batch, split[:, 0], None, n)
+        x_rows = jnp.tile(x, (batch.kind.shape[0] // n, 1, 1))
+        return model.apply({"params": params}, cache, query, x_rows, t, method=image_velocity)
+
+    return jax.jit(run)
+
+
 @dataclasses.dataclass
 class CachedSampleResult:
     latents: np.ndarray  # float32 [n, T, p²C] final x of each request
@@ -98,6 +116,7 @@ class CachedImageSampler:
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.max_batch, self.max_context_tokens = max_batch, max_context_tokens
         self._run = shared_program(model, "cached_image_sampler", _build_sampler)
+        self._velocity = None
 
     def sample(self, contexts: Sequence, image_hw: tuple[int, int], rngs: Sequence, *, num_timesteps: int = 50,
                timestep_shift: float = 3.0, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.5,
@@ -113,26 +132,13 @@ class CachedImageSampler:
           init_noise: optional float[n, T, p²C] initial latents; posterior_noise: optional, per request a list of
             [h/8, w/8, C] draws for its gen context's images.
         """
-        cfg = self.model.cfg
         if cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {cfg_renorm_type!r}")
-        check_image_hw(image_hw, cfg)
         n = len(contexts)
-        if len(rngs) != n:
-            raise ValueError(f"rngs: expected {n} (one per request), got {len(rngs)}")
-        nb = batch_bucket(n, self.max_batch)
-        pad = list(range(n)) + [0] * (nb - n)  # padding repeats the first request
-        stride = 8 * cfg.latent_patch_size
-        grid = (image_hw[0] // stride, image_hw[1] // stride)
+        rows, query, keys, pad, grid = self._prepare(contexts, image_hw, rngs,
+                                                     guidance_branches(cfg_text_scale, cfg_img_scale))
+        cfg = self.model.cfg
         t_len, feat = grid[0] * grid[1], cfg.latent_patch_size ** 2 * cfg.vae.z_channels
-        branches = guidance_branches(cfg_text_scale, cfg_img_scale)
-        fields = ("gen", "cfg_text", "cfg_img")[:branches]
-        rows = context_rows([getattr(contexts[i], f) for f in fields for i in pad], cfg, self.tokenizer,
-                            extra_tokens=t_len + 2, max_context_tokens=self.max_context_tokens,
-                            what="the generated image")
-        q = image_query(rows, grid, cfg, self.tokenizer)
-        query = ImageQuery(ids=q["ids"], position=q["position"], meta=MaskMeta(**q["meta"]),
-                           latent_pos=q["latent_pos"])
         ts, dts = sampling_timesteps(num_timesteps, timestep_shift)
         inside = (cfg_interval[0] < ts) & (ts <= cfg_interval[1])  # as the reference compares (float32 t)
         x_init = None
@@ -144,10 +150,41 @@ class CachedImageSampler:
                 raise ValueError(f"posterior_noise: expected {n} lists (one per request), got {len(posterior_noise)}")
             post = np.stack([place_posterior(posterior_noise[i], rows.num_vae_images, rows.canvas_hw,
                                              cfg.vae.z_channels) for i in pad])
-        x, trajectory = self._run(self.params, rows.batch, query, key_data([rngs[i] for i in pad]), x_init, post,
-                                  ts, dts, inside, np.array([cfg_text_scale, cfg_img_scale], np.float32),
-                                  np.float32(cfg_renorm_min), renorm_type=cfg_renorm_type,
-                                  with_trajectory=with_trajectory)
+        x, trajectory = self._run(self.params, rows.batch, query, keys, x_init, post, ts, dts, inside,
+                                  np.array([cfg_text_scale, cfg_img_scale], np.float32), np.float32(cfg_renorm_min),
+                                  renorm_type=cfg_renorm_type, with_trajectory=with_trajectory)
         x = np.asarray(x)[:n]
         trajectory = None if trajectory is None else np.asarray(trajectory)[:, :n]
         return CachedSampleResult(x, grid, trajectory)
+
+    def velocities(self, contexts: Sequence, image_hw: tuple[int, int], rngs: Sequence, x, t: float,
+                   branches: int = 3) -> np.ndarray:
+        """One flow evaluation of every context: float32[branches, n, T, p²C] = f(x, t; gen | cfg_text | cfg_img)
+        for x float[n, T, p²C] (the sampler's building block; context images drawn from ``rngs``)."""
+        n = len(contexts)
+        rows, query, keys, pad, grid = self._prepare(contexts, image_hw, rngs, branches)
+        if self._velocity is None:
+            self._velocity = shared_program(self.model, "cached_image_velocity", _build_velocity)
+        x = np.asarray(x, np.float32).reshape(n, grid[0] * grid[1], -1)[pad]
+        v = np.asarray(self._velocity(self.params, rows.batch, query, keys, x, np.float32(t)))
+        return v.reshape(branches, len(pad), *v.shape[1:])[:, :n]
+
+    def _prepare(self, contexts, image_hw, rngs, branches: int):
+        """(context rows branch-major, query, key data, request index per padded slot, latent grid)."""
+        cfg = self.model.cfg
+        check_image_hw(image_hw, cfg)
+        n = len(contexts)
+        if len(rngs) != n:
+            raise ValueError(f"rngs: expected {n} (one per request), got {len(rngs)}")
+        nb = batch_bucket(n, self.max_batch)
+        pad = list(range(n)) + [0] * (nb - n)  # padding repeats the first request
+        stride = 8 * cfg.latent_patch_size
+        grid = (image_hw[0] // stride, image_hw[1] // stride)
+        fields = ("gen", "cfg_text", "cfg_img")[:branches]
+        rows = context_rows([getattr(contexts[i], f) for f in fields for i in pad], cfg, self.tokenizer,
+                            extra_tokens=grid[0] * grid[1] + 2, max_context_tokens=self.max_context_tokens,
+                            what="the generated image")
+        q = image_query(rows, grid, cfg, self.tokenizer)
+        query = ImageQuery(ids=q["ids"], position=q["position"], meta=MaskMeta(**q["meta"]),
+                           latent_pos=q["latent_pos"])
+        return rows, query, key_data([rngs[i] for i in pad]), pad, grid

@@ -130,39 +130,19 @@ class ImageSampler:
         ``init_noise`` float[(H/16)(W/16), p²C] and ``posterior_noise`` (one [h/8, w/8, C] draw per context image
         of ``gen``) default to draws from ``rng`` (``infer/noise.py``).
         """
-        cfg = self.model.cfg
-        stride = 8 * cfg.latent_patch_size
-        hgt, wid = image_hw
-        if hgt % stride or wid % stride:
-            raise ValueError(f"image size {image_hw} must be a multiple of {stride}")
         if cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {cfg_renorm_type!r}")
         use_cfg = cfg_text_scale > 1.0 or cfg_img_scale > 1.0
-        rows = self.rows([gen, cfg_text, cfg_img] if use_cfg else [gen], image_hw)
-        grid = (hgt // stride, wid // stride)
-        n_tok, feat = grid[0] * grid[1], cfg.latent_patch_size ** 2 * cfg.vae.z_channels
         rng = jax.random.key(0) if rng is None else rng
         rng_post, rng_noise = jax.random.split(rng)
-        x = (np.asarray(flow_noise(rng_noise, n_tok, cfg)) if init_noise is None
+        ev = self._evaluator([gen, cfg_text, cfg_img] if use_cfg else [gen], image_hw, rng_post, posterior_noise)
+        n_tok, feat = ev.slots.shape[1], self.model.cfg.latent_patch_size ** 2 * self.model.cfg.vae.z_channels
+        x = (np.asarray(flow_noise(rng_noise, n_tok, self.model.cfg)) if init_noise is None
              else np.asarray(init_noise, np.float32).reshape(n_tok, feat))
-        batch = jax.tree.map(jnp.asarray, rows.batch)
-        b, g = batch.kind.shape[0], rows.budgets.gen_len
-        n_img, canvas = rows.budgets.max_vae_images, rows.budgets.vae_hw
-        post = (posterior_canvas(rng_post, n_img, canvas, cfg) if posterior_noise is None
-                else place_posterior(posterior_noise, n_img, canvas, cfg.vae.z_channels))
-        x0 = self._encode(self.params, jax.tree.map(lambda a: a[:1], batch), jnp.asarray(post)[None])  # gen row
-        x0 = jnp.broadcast_to(x0, (b,) + x0.shape[1:])  # cfg_text's images are gen's first images; cfg_img has none
-        slots = np.stack([rows.noised_slots(r) for r in range(b)])  # [B, T]
-        if slots.shape[1] != n_tok:
-            raise ValueError(f"query image has {slots.shape[1]} latent tokens, expected {n_tok}")
         ts, dts = sampling_timesteps(num_timesteps, timestep_shift)
         trajectory = []
         for t, dt in zip(ts, dts):
-            xt = np.zeros((b, g, feat), np.float32)
-            xt[np.arange(b)[:, None], slots] = x[None]
-            tt = np.full((b, g), t, np.float32)
-            v_all = np.asarray(self._velocity(self.params, batch, x0, jnp.asarray(xt), jnp.asarray(tt)))
-            v_all = v_all[np.arange(b)[:, None], slots]  # [B, T, C]
+            v_all = ev(x, t)
             inside = cfg_interval[0] < t <= cfg_interval[1]
             s_text, s_img = (cfg_text_scale, cfg_img_scale) if inside else (1.0, 1.0)
             v = cfg_combine(v_all[0], v_all[1] if use_cfg else None, v_all[2] if use_cfg else None,
@@ -170,7 +150,55 @@ class ImageSampler:
                             renorm_min=cfg_renorm_min)
             x = (x - v * dt).astype(np.float32)
             trajectory.append(x)
-        return SampleResult(x, grid, trajectory, np.asarray(x0[0]), rows)
+        return SampleResult(x, ev.grid, trajectory, np.asarray(ev.x0[0]), ev.rows)
+
+    def velocities(self, contexts: Sequence[Sequence], image_hw: tuple[int, int], x, t: float, rng=None,
+                   posterior_noise=None) -> np.ndarray:
+        """One flow evaluation per context: float32[len(contexts), T, p²C] = f(x, t; context) for x float[T, p²C]
+        (contexts: gen first; the others share its image draws)."""
+        rng_post, _ = jax.random.split(jax.random.key(0) if rng is None else rng)
+        return self._evaluator(contexts, image_hw, rng_post, posterior_noise)(np.asarray(x, np.float32), t)
+
+    def _evaluator(self, contexts, image_hw, rng_post, posterior_noise) -> "_Evaluator":
+        cfg = self.model.cfg
+        stride = 8 * cfg.latent_patch_size
+        hgt, wid = image_hw
+        if hgt % stride or wid % stride:
+            raise ValueError(f"image size {image_hw} must be a multiple of {stride}")
+        rows = self.rows(contexts, image_hw)
+        grid = (hgt // stride, wid // stride)
+        batch = jax.tree.map(jnp.asarray, rows.batch)
+        b = batch.kind.shape[0]
+        n_img, canvas = rows.budgets.max_vae_images, rows.budgets.vae_hw
+        post = (posterior_canvas(rng_post, n_img, canvas, cfg) if posterior_noise is None
+                else place_posterior(posterior_noise, n_img, canvas, cfg.vae.z_channels))
+        x0 = self._encode(self.params, jax.tree.map(lambda a: a[:1], batch), jnp.asarray(post)[None])  # gen row
+        x0 = jnp.broadcast_to(x0, (b,) + x0.shape[1:])  # cfg_text's images are gen's first images; cfg_img has none
+        slots = np.stack([rows.noised_slots(r) for r in range(b)])  # [B, T]
+        if slots.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"query image has {slots.shape[1]} latent tokens, expected {grid[0] * grid[1]}")
+        return _Evaluator(self, rows, batch, x0, slots, grid)
+
+
+@dataclasses.dataclass
+class _Evaluator:
+    """f(x, t) on every row of ``batch`` (contexts + query image), recomputing the whole row: [B, T, p²C]."""
+
+    sampler: ImageSampler
+    rows: Rows
+    batch: object
+    x0: object
+    slots: np.ndarray
+    grid: tuple[int, int]
+
+    def __call__(self, x, t) -> np.ndarray:
+        b, g = self.batch.kind.shape[0], self.rows.budgets.gen_len
+        xt = np.zeros((b, g, x.shape[-1]), np.float32)
+        xt[np.arange(b)[:, None], self.slots] = x[None]
+        tt = np.full((b, g), t, np.float32)
+        s = self.sampler
+        v_all = np.asarray(s._velocity(s.params, self.batch, self.x0, jnp.asarray(xt), jnp.asarray(tt)))
+        return v_all[np.arange(b)[:, None], self.slots]  # [B, T, C]
 
 
 _DECODERS: dict = {}

@@ -1,0 +1,176 @@
+"""The KV-cached, batched inference path = the cache-free oracle (f32, ≤ 1e-5): velocities of every CFG branch,
+latents after every Euler step, text logits, greedy and sampled ids — for text-to-image, editing (image CFG on) and
+understanding. Batching, padding and prompt lengths do not change a request's result; limits raise one clear
+error naming the limit."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bagel_testlib as lib
+from bagel_jax.attention.mask import MaskMeta
+from bagel_jax.data.images import ResizeRule
+from bagel_jax.infer.buckets import (BatchTooLargeError, CacheOverflowError, ImageTooLargeError, batch_bucket,
+                                     round_bucket)
+from bagel_jax.infer.cached_image import CachedImageSampler
+from bagel_jax.infer.cached_text import CachedTextGenerator
+from bagel_jax.infer.context import Preprocess, interleave_contexts
+from bagel_jax.infer.image import ImageSampler
+from bagel_jax.infer.text import TextGenerator
+from bagel_jax.model.mot import LanguageModel
+from bagel_jax.splits import Split, metadata_from_splits
+
+T2I = dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global")
+EDIT = dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+HW = (32, 48)
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config, cfg, params, model = lib.tiny_setup()
+    tok = lib.CharTokenizer()
+    pre = Preprocess(tok, ResizeRule(48, 32, 16), ResizeRule(42, 28, 14))
+    source = lib.pixels(np.random.default_rng(5), 40, 44)
+    contexts = {"t2i": interleave_contexts(["a red square"], pre),
+                "edit": interleave_contexts([source, "make it blue"], pre)}
+    return dict(cfg=cfg, params=params, model=model, tok=tok, pre=pre, contexts=contexts,
+                oracle=ImageSampler(model, params, tok), cached=CachedImageSampler(model, params, tok, max_batch=4))
+
+
+def test_buckets():
+    assert [round_bucket(n) for n in (1, 16, 17, 33, 100, 300, 4100)] == [16, 16, 32, 48, 112, 320, 5120]
+    for n in range(1, 5000, 7):
+        b = round_bucket(n)
+        assert n <= b <= max(16, 1.25 * n + 16)
+    assert [batch_bucket(n, 64) for n in (1, 2, 3, 5, 64)] == [1, 2, 4, 8, 64]
+    assert batch_bucket(5, 6) == 6
+
+
+def test_extend_equals_whole_row():
+    """A row = its prefix prefilled into a cache, then the rest (text after an image) run against it (scanned layers:
+    the cache is scanned over with them; the unscanned model is checked by every test below)."""
+    cfg = lib.tiny_config().model
+    cfg.scan_layers = True
+    from flax.core import meta as flax_meta
+
+    from bagel_jax.model.mot import init_params
+    params = flax_meta.unbox(init_params(cfg, jax.random.key(1)))
+    lm = LanguageModel(cfg)
+    m = metadata_from_splits([Split(1, "causal", 5), Split(1, "full", 4), Split(1, "causal", 3)])
+    order = np.r_[0:5, 9:12, 5:9]  # slot order: und (texts), then gen (the image)
+    meta = MaskMeta(*(jnp.asarray(m[k][order][None]) for k in ("doc", "index", "q_hi", "kv_hi")))
+    pos = jnp.asarray(np.r_[0:5, 6:9, 5, 5, 5, 5][None])
+    rng = np.random.default_rng(0)
+    und, gen = (jnp.asarray(rng.standard_normal((1, n, cfg.hidden_size)), jnp.float32) for n in (8, 4))
+    full_u, full_g = jax.jit(lm.apply)(params, und, gen, pos, meta)
+    extend = jax.jit(lambda *a: lm.apply(params, *a, method="extend"))
+    take = lambda idx: MaskMeta(*(a[:, idx] for a in (meta.doc, meta.index, meta.q_hi, meta.kv_hi)))  # noqa: E731
+    from bagel_jax.infer.cache import empty_cache
+    past, past_meta = empty_cache(cfg, 1, jnp.float32)
+    prefix = np.r_[0:5, 8:12]
+    pu, pg, kv = extend(und[:, :5], gen, pos[:, prefix], take(prefix), past, past_meta)
+    np.testing.assert_allclose(pu, full_u[:, :5], atol=TOL)
+    np.testing.assert_allclose(pg, full_g, atol=TOL)
+    assert kv[0].shape == (cfg.num_layers, 1, 9, cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads)
+    eu, _, kv2 = extend(und[:, 5:], gen[:, :0], pos[:, 5:8], take(np.r_[5:8]), kv, take(prefix))
+    np.testing.assert_allclose(eu, full_u[:, 5:], atol=TOL)
+    assert kv2[0].shape[2] == 3
+
+
+def test_velocities_equal_oracle(setup):
+    """f(x, t; context) of the gen, cfg_text and cfg_img contexts of an edit (source image, instruction): prefill +
+    query = the whole row recomputed."""
+    ctx, key = setup["contexts"]["edit"], jax.random.key(3)
+    x = np.random.default_rng(1).standard_normal((HW[0] // 16 * HW[1] // 16, 64)).astype(np.float32)
+    want = setup["oracle"].velocities([ctx.gen, ctx.cfg_text, ctx.cfg_img], HW, x, 0.7, rng=key)
+    got = setup["cached"].velocities([ctx], HW, [key], x[None], 0.7)[:, 0]
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=TOL)
+
+
+@pytest.mark.parametrize("kind", ["t2i", "edit"])
+def test_latents_equal_oracle(setup, kind):
+    """Every Euler step's latents; t2i's interval (0.4, 1] switches CFG off at the last steps (gen row alone), t2i
+    skips the cfg_img row (scale 1), editing runs all three. Same key → same noise and posterior draw."""
+    ctx, key = setup["contexts"][kind], jax.random.key(4)
+    kw = T2I if kind == "t2i" else EDIT
+    want = setup["oracle"].sample(ctx.gen, ctx.cfg_text, ctx.cfg_img, HW, num_timesteps=5, rng=key, **kw)
+    got = setup["cached"].sample([ctx], HW, [key], num_timesteps=5, with_trajectory=True, **kw)
+    np.testing.assert_allclose(got.trajectory[:, 0], np.stack(want.trajectory), atol=TOL)
+    np.testing.assert_allclose(got.latents[0], want.latents, atol=TOL)
+    assert got.grid_hw == want.grid_hw == (2, 3)
+
+
+def test_batch_equals_one_by_one_image(setup):
+    """Prompts of different lengths (different context buckets alone) with their own seeds, batched and padded to a
+    bucket of 4, give each request's image alone; a seed repeated in the batch gives the same image."""
+    pre, cached = setup["pre"], setup["cached"]
+    prompts = ["a red square", "two small blue circles on the left side", "a red square"]
+    ctxs = [interleave_contexts([p], pre) for p in prompts]
+    seeds = [7, 8, 7]
+    run = lambda c, s: cached.sample(c, HW, s, num_timesteps=5, with_trajectory=True, **T2I).latents  # noqa: E731
+    batched = run(ctxs, seeds)
+    for i in (0, 1):
+        alone = run([ctxs[i]], [seeds[i]])[0]
+        np.testing.assert_allclose(batched[i], alone, atol=TOL)
+    np.testing.assert_array_equal(batched[0], batched[2])
+    assert np.abs(batched[0] - batched[1]).max() > 1e-2
+
+
+def test_text_equals_oracle_and_batch_equals_one_by_one(setup):
+    """Understanding (image + question) and a plain-text context, decoded together: greedy ids identical to the
+    oracle's, logits of every step within 1e-5; sampled ids identical too (same keys); each row as alone."""
+    model, params, tok, pre = setup["model"], setup["params"], setup["tok"], setup["pre"]
+    ctxs = [interleave_contexts([lib.pixels(np.random.default_rng(9), 30, 40), "what is it"], pre,
+                                understanding=True).gen,
+            interleave_contexts(["a much longer question about the picture"], pre, understanding=True).gen]
+    oracle, cached = TextGenerator(model, params, tok), CachedTextGenerator(model, params, tok, max_batch=4)
+    ids, logits = cached.generate(ctxs, max_length=5, with_logits=True)
+    for i, c in enumerate(ctxs):
+        want_ids, want_logits = oracle.trace(c, max_length=5)
+        assert ids[i] == want_ids and len(want_ids) == 4
+        np.testing.assert_allclose(logits[i], np.stack(want_logits), atol=TOL)
+    sampled = cached.generate(ctxs, max_length=5, do_sample=True, temperature=1.0, rngs=[11, 12])
+    for i, c in enumerate(ctxs):
+        assert sampled[i] == oracle.generate(c, max_length=5, do_sample=True, temperature=1.0,
+                                             rng=jax.random.key(11 + i))
+    assert cached.generate(ctxs[1:], max_length=5) == ids[1:]
+
+
+@pytest.mark.slow
+def test_stops_at_end_token(setup):
+    """A row stops at <|im_end|> (not returned) while the others go on: the model is steered by making the end
+    token's logit huge after a given context only (its lm_head row)."""
+    model, params, tok, pre = setup["model"], setup["params"], setup["tok"], setup["pre"]
+    params = jax.tree.map(lambda a: a, params)
+    kernel = np.array(params["language_model"]["lm_head"]["kernel"])
+    kernel[:, tok.eos_id] *= 0
+    kernel[:, tok.eos_id] += 50 * np.sign(kernel[:, 100])  # end token wins whenever token 100 would score high
+    params["language_model"]["lm_head"]["kernel"] = jnp.asarray(kernel)
+    ctxs = [interleave_contexts(["what is it"], pre, understanding=True).gen,
+            interleave_contexts(["a much longer question about the picture"], pre, understanding=True).gen]
+    got = CachedTextGenerator(model, params, tok, max_batch=4).generate(ctxs, max_length=5)
+    oracle = TextGenerator(model, params, tok)
+    want = [oracle.generate(c, max_length=5) for c in ctxs]
+    assert got == want and any(len(w) < 4 for w in want)
+
+
+def test_limits_raise_one_clear_error(setup):
+    cached, pre = setup["cached"], setup["pre"]
+    ctx = setup["contexts"]["t2i"]
+    small = CachedImageSampler(setup["model"], setup["params"], setup["tok"], max_batch=2, max_context_tokens=24)
+    with pytest.raises(CacheOverflowError, match="max_context_tokens=24"):
+        small.sample([interleave_contexts(["a prompt that is far too long"], pre)], HW, [0], num_timesteps=2, **T2I)
+    with pytest.raises(BatchTooLargeError, match="max_batch=2"):
+        small.sample([ctx] * 3, HW, [0, 1, 2], num_timesteps=2, **T2I)
+    largest = setup["cfg"].max_latent_size * 16
+    with pytest.raises(ImageTooLargeError, match=f"max_latent_size={setup['cfg'].max_latent_size}"):
+        cached.sample([ctx], (largest + 16, 32), [0], num_timesteps=2, **T2I)
+    text = CachedTextGenerator(setup["model"], setup["params"], setup["tok"], max_context_tokens=40)
+    with pytest.raises(CacheOverflowError, match="max_context_tokens=40"):
+        text.generate([ctx.gen], max_length=32)
+    for err in (CacheOverflowError, BatchTooLargeError, ImageTooLargeError):
+        assert issubclass(err, ValueError)
