@@ -174,3 +174,61 @@ def test_limits_raise_one_clear_error(setup):
         text.generate([ctx.gen], max_length=32)
     for err in (CacheOverflowError, BatchTooLargeError, ImageTooLargeError):
         assert issubclass(err, ValueError)
+
+
+@pytest.mark.slow
+def test_inferencer_cached_equals_oracle_path(setup):
+    """The ``Inferencer`` on either path: same seeds → the same images (t2i batched with a repeated prompt, edit) and
+    answers; the evaluators' callables hand all inputs to one batched call."""
+    from bagel_jax.eval.inferencer_fns import inferencer_fns
+    from bagel_jax.infer.api import Inferencer
+
+    config = lib.tiny_config()
+    model, params = setup["model"], setup["params"]
+    tok = lib.CharTokenizer()
+    tok.vocab_size = 512
+    src = lib.pixels(np.random.default_rng(2), 40, 60)
+    out = {}
+    for cached in (True, False):
+        inf = Inferencer(model, params, tok, config.data, cached=cached, max_batch=4)
+        images = inf.generate_batch(["a red square", "a blue circle", "a red square"], [1, 2, 1], (32, 32),
+                                    num_timesteps=3)
+        edited = inf.edit(src, "make it blue", rng=5, num_timesteps=3)
+        out[cached] = images + [edited], inf.answer_batch([src, None], ["what is it", "hello"], max_length=4)
+    (img_c, ans_c), (img_o, ans_o) = out[True], out[False]
+    assert [i.shape for i in img_c] == [(32, 32, 3)] * 3 + [(32, 64, 3)]
+    for a, b in zip(img_c, img_o):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    np.testing.assert_array_equal(img_c[0], img_c[2])
+    assert ans_c == ans_o
+
+    fns = inferencer_fns(inf, max_answer_tokens=4)
+    assert callable(fns["generate_fn"].batch) and callable(fns["edit_fn"].batch)
+    assert fns["answer_fn"].batch([src, None], ["what is it", "hello"]) == ans_o
+
+
+def test_evaluators_use_batched_callables():
+    from bagel_jax.eval import ShapesGenEval, ShapesVQA
+    from bagel_jax.eval.batched import call_all
+
+    calls = []
+
+    def answer_fn(image, question):
+        calls.append("one")
+        return "x"
+
+    answer_fn.batch = lambda images, questions: calls.append(len(images)) or ["x"] * len(images)
+    ShapesVQA(num_examples=5).run(answer_fn)
+    assert calls == [5]
+    gen = ShapesGenEval(num_examples=1, samples_per_prompt=2, categories=("single_object",))
+    seen = []
+
+    def generate_fn(prompt, seed):
+        seen.append((prompt, seed))
+        return np.zeros((48, 48, 3), np.uint8)
+
+    gen.run(generate_fn)  # no batched form: one call per image
+    assert seen == [(e.prompt, s) for e, s in gen.samples]
+    with pytest.raises(ValueError, match="returned 1 outputs for 2"):
+        answer_fn.batch = lambda images, questions: ["x"]
+        call_all(answer_fn, [None, None], ["a", "b"])

@@ -28,6 +28,7 @@ import numpy as np
 from bagel_jax.data.builders import synthetic_shapes as shapes
 from bagel_jax.data.builders.synthetic_shapes import _where  # the builder's phrasing helper
 from bagel_jax.eval import canvas, detector
+from bagel_jax.eval.batched import call_all
 
 OPS = ("recolor", "move", "add", "remove")
 _SALT = 0xED17
@@ -161,4 +162,5 @@ class ShapesEdit:
         return out
 
     def run(self, edit_fn: Callable[[np.ndarray, str, int], object]) -> dict[str, float]:
-        return self.score([edit_fn(e.render(), e.instruction, noise) for e, noise in zip(self.examples, self.seeds)])
+        return self.score(call_all(edit_fn, [e.render() for e in self.examples],
+                                   [e.instruction for e in self.examples], list(self.seeds)))

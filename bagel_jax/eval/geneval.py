@@ -39,6 +39,7 @@ import numpy as np
 
 from bagel_jax.data.builders import synthetic_shapes as shapes
 from bagel_jax.eval import canvas, detector
+from bagel_jax.eval.batched import call_all
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 _SALT = 0x6E5E  # separates this stream from the builder's (which seeds with [seed, split, i])
@@ -194,4 +195,4 @@ class ShapesGenEval:
         return aggregate([e.category for e, _ in self.samples], self.judge(images))
 
     def run(self, generate_fn: Callable[[str, int], object]) -> dict[str, float]:
-        return self.score([generate_fn(e.prompt, noise) for e, noise in self.samples])
+        return self.score(call_all(generate_fn, [e.prompt for e, _ in self.samples], [n for _, n in self.samples]))

@@ -1,4 +1,6 @@
-"""The evaluators' callables (``generate_fn``, ``answer_fn``, ``edit_fn``) from an ``Inferencer``."""
+"""The evaluators' callables (``generate_fn``, ``answer_fn``, ``edit_fn``) from an ``Inferencer``, each with its
+batched form ``fn.batch`` (``eval/batched.py``): an evaluator hands all of its inputs to one call, which the
+Inferencer runs ``max_batch`` requests per compiled program."""
 from __future__ import annotations
 
 import jax
@@ -18,4 +20,8 @@ def inferencer_fns(inf, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
     def edit_fn(image, instruction, seed):
         return inf.edit(image, instruction, rng=jax.random.key(seed))
 
+    generate_fn.batch = lambda prompts, seeds: inf.generate_batch(prompts, [jax.random.key(s) for s in seeds])
+    answer_fn.batch = lambda images, questions: inf.answer_batch(images, questions, max_length=max_answer_tokens)
+    edit_fn.batch = lambda images, instructions, seeds: inf.edit_batch(images, instructions,
+                                                                       [jax.random.key(s) for s in seeds])
     return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}

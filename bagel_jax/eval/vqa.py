@@ -21,6 +21,7 @@ import numpy as np
 from bagel_jax.data.builders import synthetic_shapes as shapes
 from bagel_jax.data.builders.synthetic_shapes import _plural, _where  # the builder's phrasing helpers
 from bagel_jax.eval import canvas, detector
+from bagel_jax.eval.batched import call_all
 
 KINDS = ("count", "color", "position")
 _SALT = 0x7A9A
@@ -111,4 +112,4 @@ class ShapesVQA:
         return {**out, "overall": float(np.mean(hits))}
 
     def run(self, answer_fn: Callable[[np.ndarray, str], str]) -> dict[str, float]:
-        return self.score([answer_fn(e.render(), e.question) for e in self.examples])
+        return self.score(call_all(answer_fn, [e.render() for e in self.examples], [e.question for e in self.examples]))

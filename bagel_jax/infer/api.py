@@ -1,20 +1,33 @@
 """``Inferencer``: understanding, text-to-image and editing on one loaded model — the calls shared by the
 CLI, the trainer's periodic samples and the shapes evaluators (``answer_fn`` / ``generate_fn`` / ``edit_fn``).
 
-Cache-free reference path (recomputes the context every step). Defaults follow the reference's
-notebook/app (bagel.md §8.4).
+Two paths, one interface (``cached=``):
+
+* ``cached=True`` (default): the KV-cached, batched, compile-once path (``cached_image.py``, ``cached_text.py``):
+  a ``*_batch`` call runs its requests ``max_batch`` at a time, one compiled program per shape bucket, shared by
+  every ``Inferencer`` on the same model config; the VAE decode is compiled once per batch bucket and size.
+* ``cached=False``: the cache-free oracle (``image.py``, ``text.py``): recomputes the whole context every step,
+  one request at a time; the reference the cached path is tested against.
+
+Both draw a request's noise from its own key (``noise.py``), so a seed gives the same image on either path,
+alone or in a batch. Defaults follow the reference's notebook/app (bagel.md §8.4).
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import Sequence
 
 import jax
 import numpy as np
 
 from bagel_jax.data.images import ResizeRule
+from bagel_jax.infer.buckets import batch_bucket, chunks
+from bagel_jax.infer.cached_image import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS, CachedImageSampler
+from bagel_jax.infer.cached_text import CachedTextGenerator
 from bagel_jax.infer.context import Preprocess, interleave_contexts
-from bagel_jax.infer.image import ImageSampler, decode_latents
+from bagel_jax.infer.image import ImageSampler, decode_latents_batch
+from bagel_jax.infer.requests import check_image_hw
 from bagel_jax.infer.text import TextGenerator
 
 T2I_DEFAULTS = dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global")
@@ -47,52 +60,166 @@ def safe_decode(tokenizer, ids) -> str:
 
 
 class Inferencer:
-    """Model + params + tokenizer + resize rules. ``params`` is the full Bagel param tree (incl. ``vae``)."""
+    """Model + params + tokenizer + resize rules. ``params`` is the full Bagel param tree (incl. ``vae``); it is put
+    on the device once here.
 
-    def __init__(self, model, params, tokenizer, data_cfg):
+    ``cached``: the KV-cached batched path (default) or the cache-free oracle. ``max_batch``: requests per compiled
+    call (larger batches run in pieces); ``max_context_tokens``: the KV cache's limit (context + generated tokens).
+    """
+
+    def __init__(self, model, params, tokenizer, data_cfg, *, cached: bool = True, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS):
         cfg = model.cfg
+        params = jax.device_put(params)
         self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.cached, self.max_batch = cached, max_batch
         self.vae_rule = fit_rule(ResizeRule.from_tuple(data_cfg.vae_transform),
                                  cfg.max_latent_size * 8 * cfg.latent_patch_size)
         self.vit_rule = fit_rule(ResizeRule.from_tuple(data_cfg.vit_transform),
                                  cfg.vit_max_num_patch_per_side * cfg.vit.patch_size)
         self.pre = Preprocess(tokenizer, self.vae_rule, self.vit_rule)
-        self._text = TextGenerator(model, params, tokenizer)
-        self._image = ImageSampler(model, params, tokenizer) if cfg.visual_gen else None
+        limits = dict(max_batch=max_batch, max_context_tokens=max_context_tokens)
+        if cached:
+            self._text = CachedTextGenerator(model, params, tokenizer, **limits)
+            self._image = CachedImageSampler(model, params, tokenizer, **limits) if cfg.visual_gen else None
+        else:
+            self._text = TextGenerator(model, params, tokenizer)
+            self._image = ImageSampler(model, params, tokenizer) if cfg.visual_gen else None
+
+    # --- understanding ----------------------------------------------------------------------------
 
     def answer_ids(self, items, *, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3,
                    rng=None) -> list[int]:
         """Generated token ids after the context ``items`` (texts and uint8 [H, W, 3] images)."""
-        ctx = interleave_contexts(items, self.pre, understanding=True)
-        return self._text.generate(ctx.gen, max_length=max_length, do_sample=do_sample, temperature=temperature,
-                                   rng=jax.random.key(0) if rng is None else rng)
+        return self.answer_ids_batch([items], max_length=max_length, do_sample=do_sample, temperature=temperature,
+                                     rngs=None if rng is None else [rng])[0]
 
-    def answer(self, image, question: str, **kw) -> str:
-        """Understanding: the text answer to ``question`` about ``image`` (``answer_fn`` of shapes-VQA)."""
-        items = ([np.asarray(image, np.uint8)] if image is not None else []) + ([question] if question else [])
-        return safe_decode(self.tokenizer, self.answer_ids(items, **kw))
+    def answer_ids_batch(self, items_list: Sequence, *, max_length: int = 512, do_sample: bool = False,
+                         temperature: float = 0.3, rngs: Sequence | None = None) -> list[list[int]]:
+        """``answer_ids`` of many contexts (``rngs``: per context a key or int seed; default key 0 each)."""
+        contexts = [interleave_contexts(items, self.pre, understanding=True).gen for items in items_list]
+        rngs = [jax.random.key(0)] * len(contexts) if rngs is None else list(rngs)
+        if len(rngs) != len(contexts):
+            raise ValueError(f"rngs: expected {len(contexts)} (one per context), got {len(rngs)}")
+        kw = dict(max_length=max_length, do_sample=do_sample, temperature=temperature)
+        if not self.cached:
+            return [self._text.generate(c, rng=_key(r), **kw) for c, r in zip(contexts, rngs)]
+        out = []
+        for part in chunks(len(contexts), self.max_batch):
+            out += self._text.generate([contexts[i] for i in part], rngs=[rngs[i] for i in part], **kw)
+        return out
 
-    def _sample(self, items, hw, *, num_timesteps, timestep_shift, rng, **cfg_kw) -> np.ndarray:
-        if self._image is None:
-            raise ValueError("this model has no generation weights (model.visual_gen=False)")
-        ctx = interleave_contexts(items, self.pre)
-        hw = hw or ctx.image_hw
-        result = self._image.sample(ctx.gen, ctx.cfg_text, ctx.cfg_img, tuple(hw), num_timesteps=num_timesteps,
-                                    timestep_shift=timestep_shift, rng=jax.random.key(0) if rng is None else rng,
-                                    **cfg_kw)
-        cfg = self.model.cfg
-        return decode_latents(cfg.vae, self.params["vae"], result.latents, result.grid_hw, cfg.latent_patch_size)
+    def answer(self, image, question: str, *, rng=None, **kw) -> str:
+        """Understanding: the text answer to ``question`` about ``image`` (``answer_fn`` of shapes-VQA); ``kw``:
+        max_length, do_sample, temperature."""
+        return self.answer_batch([image], [question], rngs=None if rng is None else [rng], **kw)[0]
+
+    def answer_batch(self, images: Sequence, questions: Sequence[str], **kw) -> list[str]:
+        """``answer`` of many (image or None, question) pairs (``kw`` as ``answer_ids_batch``)."""
+        if len(images) != len(questions):
+            raise ValueError(f"images / questions: {len(images)} vs {len(questions)}, expected one each")
+        items = [([np.asarray(im, np.uint8)] if im is not None else []) + ([q] if q else [])
+                 for im, q in zip(images, questions)]
+        return [safe_decode(self.tokenizer, ids) for ids in self.answer_ids_batch(items, **kw)]
+
+    # --- image generation -------------------------------------------------------------------------
 
     def generate(self, prompt: str, hw: tuple[int, int] | None = None, *, num_timesteps: int = 50,
-                 timestep_shift: float = 3.0, rng=None, **cfg_kw) -> np.ndarray:
+                 timestep_shift: float = 3.0, rng=None, init_noise=None, **cfg_kw) -> np.ndarray:
         """Text-to-image: uint8 [H, W, 3] (behind ``generate_fn`` of shapes-GenEval). ``hw`` defaults to the VAE
-        rule's max side, square."""
+        rule's max side, square; ``rng`` (default key 0) draws the initial noise unless ``init_noise`` is given."""
+        return self.generate_batch([prompt], [_key(rng)], hw, num_timesteps=num_timesteps,
+                                   timestep_shift=timestep_shift,
+                                   init_noise=None if init_noise is None else [init_noise], **cfg_kw)[0]
+
+    def generate_batch(self, prompts: Sequence[str], rngs: Sequence, hw: tuple[int, int] | None = None, *,
+                       num_timesteps: int = 50, timestep_shift: float = 3.0, init_noise=None,
+                       **cfg_kw) -> list[np.ndarray]:
+        """``generate`` of many prompts, each image with its own key or int seed (a prompt may repeat)."""
         side = self.vae_rule.max_size
-        return self._sample([prompt], hw or (side, side), num_timesteps=num_timesteps,
-                            timestep_shift=timestep_shift, rng=rng, **{**T2I_DEFAULTS, **cfg_kw})
+        return self.sample_batch([[p] for p in prompts], rngs, [hw or (side, side)] * len(prompts),
+                                 num_timesteps=num_timesteps, timestep_shift=timestep_shift, init_noise=init_noise,
+                                 **{**T2I_DEFAULTS, **cfg_kw})
 
     def edit(self, image, instruction: str, *, num_timesteps: int = 50, timestep_shift: float = 3.0, rng=None,
-             **cfg_kw) -> np.ndarray:
-        """Editing: uint8 [H, W, 3] at the VAE-resized input size (behind ``edit_fn`` of shapes-edit)."""
-        return self._sample([np.asarray(image, np.uint8), instruction], None, num_timesteps=num_timesteps,
-                            timestep_shift=timestep_shift, rng=rng, **{**EDIT_DEFAULTS, **cfg_kw})
+             init_noise=None, posterior_noise=None, **cfg_kw) -> np.ndarray:
+        """Editing: uint8 [H, W, 3] at the VAE-resized input size (behind ``edit_fn`` of shapes-edit).
+        ``posterior_noise``: the source image's VAE posterior draw [h/8, w/8, C] (default: from ``rng``)."""
+        return self.edit_batch([image], [instruction], [_key(rng)], num_timesteps=num_timesteps,
+                               timestep_shift=timestep_shift, init_noise=None if init_noise is None else [init_noise],
+                               posterior_noise=None if posterior_noise is None else [[posterior_noise]],
+                               **cfg_kw)[0]
+
+    def edit_batch(self, images: Sequence, instructions: Sequence[str], rngs: Sequence, *, num_timesteps: int = 50,
+                   timestep_shift: float = 3.0, init_noise=None, posterior_noise=None, **cfg_kw) -> list[np.ndarray]:
+        """``edit`` of many (image, instruction) pairs, each with its own key or int seed."""
+        if len(images) != len(instructions):
+            raise ValueError(f"images / instructions: {len(images)} vs {len(instructions)}, expected one each")
+        items = [[np.asarray(im, np.uint8), ins] for im, ins in zip(images, instructions)]
+        return self.sample_batch(items, rngs, None, num_timesteps=num_timesteps, timestep_shift=timestep_shift,
+                                 init_noise=init_noise, posterior_noise=posterior_noise,
+                                 **{**EDIT_DEFAULTS, **cfg_kw})
+
+    def sample_batch(self, items_list: Sequence, rngs: Sequence, hws: Sequence | None = None, *,
+                     num_timesteps: int = 50, timestep_shift: float = 3.0, init_noise=None, posterior_noise=None,
+                     **cfg_kw) -> list[np.ndarray]:
+        """One image after each interleaved context (texts and uint8 images, the reference's
+        ``interleave_inference``), uint8 [H, W, 3] each.
+
+        Args:
+          items_list: per request, its input items; rngs: per request a key or int seed.
+          hws: per request the output (H, W) (default: the request's last input image's VAE-resized size).
+          init_noise: optional per request float[(H/16)(W/16), p²C]; posterior_noise: optional per request a list
+            of [h/8, w/8, C] draws, one per input image.
+          cfg_kw: cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min.
+        """
+        if self._image is None:
+            raise ValueError("this model has no generation weights (model.visual_gen=False)")
+        n = len(items_list)
+        for what, v in (("rngs", rngs), ("hws", hws), ("init_noise", init_noise), ("posterior_noise", posterior_noise)):
+            if v is not None and len(v) != n:
+                raise ValueError(f"{what}: expected {n} (one per request), got {len(v)}")
+        contexts = [interleave_contexts(items, self.pre) for items in items_list]
+        sizes = []
+        for i, ctx in enumerate(contexts):
+            hw = (hws[i] if hws is not None else None) or ctx.image_hw
+            if hw is None:
+                raise ValueError(f"request {i}: no output size (give hw, or an input image to take it from)")
+            hw = (int(hw[0]), int(hw[1]))
+            check_image_hw(hw, self.model.cfg)
+            sizes.append(hw)
+        kw = dict(num_timesteps=num_timesteps, timestep_shift=timestep_shift, **cfg_kw)
+        out: list = [None] * n
+        if not self.cached:
+            for i, ctx in enumerate(contexts):
+                res = self._image.sample(ctx.gen, ctx.cfg_text, ctx.cfg_img, sizes[i], rng=_key(rngs[i]),
+                                         init_noise=None if init_noise is None else init_noise[i],
+                                         posterior_noise=None if posterior_noise is None else posterior_noise[i], **kw)
+                out[i] = self._decode(res.latents[None], res.grid_hw)[0]
+            return out
+        for hw in dict.fromkeys(sizes):  # one group per output size, max_batch requests per call
+            group = [i for i in range(n) if sizes[i] == hw]
+            for part in chunks(len(group), self.max_batch):
+                idx = [group[j] for j in part]
+                res = self._image.sample(
+                    [contexts[i] for i in idx], hw, [rngs[i] for i in idx],
+                    init_noise=None if init_noise is None else np.stack([init_noise[i] for i in idx]),
+                    posterior_noise=None if posterior_noise is None else [posterior_noise[i] for i in idx], **kw)
+                for i, img in zip(idx, self._decode(res.latents, res.grid_hw)):
+                    out[i] = img
+        return out
+
+    def _decode(self, latents: np.ndarray, grid_hw) -> np.ndarray:
+        """Latents [n, T, p²C] → uint8 [n, H, W, 3], decoded in a batch bucket (one compile per bucket and size)."""
+        cfg = self.model.cfg
+        n = len(latents)
+        nb = batch_bucket(n, max(n, self.max_batch))
+        padded = np.concatenate([latents, np.zeros((nb - n,) + latents.shape[1:], latents.dtype)])
+        return decode_latents_batch(cfg.vae, self.params["vae"], padded, grid_hw, cfg.latent_patch_size)[:n]
+
+
+def _key(rng):
+    """A request's key: ``rng`` (a key or an int seed), key 0 when None."""
+    if rng is None:
+        return jax.random.key(0)
+    return jax.random.key(int(rng)) if isinstance(rng, (int, np.integer)) else rng

@@ -1,4 +1,4 @@
-"""Command-line inference with the reference (cache-free) path.
+"""Command-line inference (KV-cached path; ``--no_cache`` runs the cache-free oracle instead).
 
     python -m bagel_jax.infer.cli --checkpoint=/path/BAGEL-7B-MoT --mode=t2i --prompt="a red fox" --out=fox.png
     python -m bagel_jax.infer.cli --checkpoint=DIR --mode=understand --image=cat.jpg --prompt="What is this?"
@@ -14,7 +14,8 @@ A bad argument, a missing or unreadable file (image, checkpoint, tokenizer, conf
 line on stderr and exit status 2, before any weights load or anything compiles.
 Defaults per mode follow the reference's notebook/app (bagel.md §8.4): t2i cfg_text 4, cfg_img 1, interval
 [0.4, 1], global renorm; edit cfg_text 4, cfg_img 2, interval [0, 1], text_channel renorm; 50 steps, shift 3;
-understanding greedy, max 512 tokens.
+understanding greedy, max 512 tokens. Inputs beyond the model's limits (a prompt longer than
+``--max_context_tokens``, an output size beyond the latent position table) fail with one line naming the limit.
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--do_sample", action="store_true")
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_cache", action="store_true", help="cache-free oracle path (recomputes the context "
+                   "every step; slow, for checking the cached path)")
+    p.add_argument("--max_context_tokens", type=int, default=16384, help="KV cache limit: context + generated tokens")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.random_tiny:
         p.error("--checkpoint is required (or --random_tiny)")
@@ -244,7 +248,8 @@ def run(args) -> int:
         raise InputError(f"--tokenizer: {tokenizer.path} has {tokenizer.vocab_size} ids > the model's vocab_size "
                          f"{model_cfg.vocab_size}")
     params = jax.tree.map(jax.numpy.asarray, params)
-    inferencer = Inferencer(Bagel(model_cfg), params, tokenizer, config.data)
+    inferencer = Inferencer(Bagel(model_cfg), params, tokenizer, config.data, cached=not args.no_cache,
+                            max_context_tokens=args.max_context_tokens)
     rng = jax.random.key(args.seed)
 
     if args.mode == "understand":

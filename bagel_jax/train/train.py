@@ -41,7 +41,8 @@ class Sampler:
         from bagel_jax.infer.api import Inferencer
         t = self.config.train
         inf = Inferencer(self.model, jax.device_get(params), self.tokenizer, self.config.data)
-        images = [inf.generate(p, num_timesteps=t.sample_steps, rng=jax.random.key(step)) for p in t.sample_prompts]
+        prompts = list(t.sample_prompts)
+        images = inf.generate_batch(prompts, [jax.random.key(step)] * len(prompts), num_timesteps=t.sample_steps)
         logger.write_images(step, {"samples": np.stack(images)})
         texts = {"sample_prompts": " | ".join(t.sample_prompts)}
         if t.sample_question:
