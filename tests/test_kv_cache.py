@@ -232,3 +232,39 @@ def test_evaluators_use_batched_callables():
     with pytest.raises(ValueError, match="returned 1 outputs for 2"):
         answer_fn.batch = lambda images, questions: ["x"]
         call_all(answer_fn, [None, None], ["a", "b"])
+
+
+def test_programs_compile_once_per_bucket(setup):
+    """A second sampler on the same model (another Inferencer, the trainer's next eval) and another prompt length in
+    the same bucket compile nothing; the VAE decode compiles once per batch shape, not per call."""
+    import jax.monitoring as monitoring
+
+    compiles = []
+
+    def listen(name, secs, **kw):
+        if name.endswith("backend_compile_duration"):
+            compiles.append(name)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        _check_compiles(setup, compiles)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+
+
+def _check_compiles(setup, compiles):
+    from bagel_jax.infer.image import decode_latents_batch
+
+    model, params, tok, pre = setup["model"], setup["params"], setup["tok"], setup["pre"]
+    first = CachedImageSampler(model, params, tok, max_batch=4)
+    run = lambda s, p, seed: s.sample([interleave_contexts([p], pre)], HW, [seed], num_timesteps=5,  # noqa: E731
+                                      with_trajectory=True, **T2I).latents
+    a = run(first, "a red square", 1)  # 14 tokens: bucket 16 (compiled by test_latents_equal_oracle, or now)
+    compiles.clear()
+    b = run(CachedImageSampler(model, params, tok, max_batch=4), "a blue circle", 2)  # 15 tokens, same bucket
+    assert compiles == [] and np.abs(a - b).max() > 1e-3
+    cfg = setup["cfg"]
+    decode_latents_batch(cfg.vae, params["vae"], a, (2, 3))
+    compiles.clear()
+    decode_latents_batch(cfg.vae, params["vae"], b, (2, 3))
+    assert compiles == []

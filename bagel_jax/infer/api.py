@@ -22,8 +22,8 @@ import jax
 import numpy as np
 
 from bagel_jax.data.images import ResizeRule
-from bagel_jax.infer.buckets import batch_bucket, chunks
-from bagel_jax.infer.cached_image import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS, CachedImageSampler
+from bagel_jax.infer.buckets import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS, batch_bucket, chunks
+from bagel_jax.infer.cached_image import CachedImageSampler
 from bagel_jax.infer.cached_text import CachedTextGenerator
 from bagel_jax.infer.context import Preprocess, interleave_contexts
 from bagel_jax.infer.image import ImageSampler, decode_latents_batch

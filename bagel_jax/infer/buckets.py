@@ -7,6 +7,9 @@ multiple of 2^k / 4 (at most 25 % padding, four buckets per octave). Request cou
 """
 from __future__ import annotations
 
+DEFAULT_MAX_BATCH = 64  # requests per compiled call (larger batches run in pieces)
+DEFAULT_MAX_CONTEXT_TOKENS = 16384  # KV cache limit: a context + the tokens generated after it
+
 
 class InferenceLimitError(ValueError):
     """An input beyond a static limit of the inference programs; the message names the limit."""

@@ -23,17 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bagel_jax.infer.buckets import batch_bucket
+from bagel_jax.attention.mask import MaskMeta
+from bagel_jax.infer.buckets import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS, batch_bucket
 from bagel_jax.infer.cache import ImageQuery, image_velocity, prefill
 from bagel_jax.infer.image import RENORM_TYPES, guidance_branches, guide, sampling_timesteps
 from bagel_jax.infer.noise import flow_noise, key_data, place_posterior, posterior_canvas
 from bagel_jax.infer.programs import shared_program
 from bagel_jax.infer.requests import check_image_hw, context_rows, image_query
-from bagel_jax.attention.mask import MaskMeta
 from bagel_jax.model.bagel import Bagel
-
-DEFAULT_MAX_BATCH = 64
-DEFAULT_MAX_CONTEXT_TOKENS = 16384
 
 
 def _prefill_contexts(model: Bagel, variables, batch, posterior_keys, posterior, n: int):

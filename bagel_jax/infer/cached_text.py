@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bagel_jax.attention.mask import MaskMeta
-from bagel_jax.infer.buckets import batch_bucket, round_bucket
+from bagel_jax.infer.buckets import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS, batch_bucket, round_bucket
 from bagel_jax.infer.cache import prefill, text_step
-from bagel_jax.infer.cached_image import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS
 from bagel_jax.infer.noise import key_data, posterior_canvas
 from bagel_jax.infer.programs import shared_program
 from bagel_jax.infer.requests import context_rows, text_query_meta
