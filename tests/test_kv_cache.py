@@ -94,10 +94,18 @@ def test_velocities_equal_oracle(setup):
 @pytest.mark.parametrize("kind", ["t2i", "edit"])
 def test_latents_equal_oracle(setup, kind):
     """Every Euler step's latents; t2i's interval (0.4, 1] switches CFG off at the last steps (gen row alone), t2i
-    skips the cfg_img row (scale 1), editing runs all three. Same key → same noise and posterior draw."""
+    skips the cfg_img row (scale 1), editing runs all three. t2i: the same key → the same initial noise; edit: the
+    initial noise and the source image's posterior draw given explicitly."""
     ctx, key = setup["contexts"][kind], jax.random.key(4)
     kw = T2I if kind == "t2i" else EDIT
+    if kind == "edit":
+        rng = np.random.default_rng(6)
+        h, w = ctx.gen[0].vae_pixels.shape[:2]
+        kw = dict(kw, init_noise=rng.standard_normal((HW[0] // 16 * HW[1] // 16, 64)).astype(np.float32),
+                  posterior_noise=[rng.standard_normal((h // 8, w // 8, 16)).astype(np.float32)])
     want = setup["oracle"].sample(ctx.gen, ctx.cfg_text, ctx.cfg_img, HW, num_timesteps=5, rng=key, **kw)
+    if kind == "edit":
+        kw = dict(kw, init_noise=kw["init_noise"][None], posterior_noise=[kw["posterior_noise"]])
     got = setup["cached"].sample([ctx], HW, [key], num_timesteps=5, with_trajectory=True, **kw)
     np.testing.assert_allclose(got.trajectory[:, 0], np.stack(want.trajectory), atol=TOL)
     np.testing.assert_allclose(got.latents[0], want.latents, atol=TOL)
