@@ -29,10 +29,10 @@ images agree within 1/255 and the greedy ids are identical — the script checks
 
 | task | today | cached cold | cached warm | ratio cold | ratio warm | compiles today / cold / warm | unit |
 |---|---|---|---|---|---|---|---|
-| GenEval-style t2i, 64 prompts × 4 images | 0.493 | 17.4 | 33.5 | 35.2× | 68.0× | 37 / 2 / 0 | images/s |
-| edit, 64 edits | 0.381 | 4.87 | 18.7 | 12.8× | 49.1× | 27 / 1 / 0 | images/s |
-| edit, 1 edit alone (latency) | 0.381 | 0.113 | 13.3 | 0.3× | 35.0× | 27 / 2 / 0 | images/s |
-| greedy text, 512-token context, 64 tokens | 13.1 | 23.8 | 715 | 1.8× | 54.6× | 9 / 1 / 0 | tokens/s |
+| GenEval-style t2i, 64 prompts × 4 images | 0.56 | 18.2 | 36.9 | 32.5× | 65.9× | 37 / 2 / 0 | images/s |
+| edit, 64 edits | 0.384 | 6.8 | 20.1 | 17.7× | 52.2× | 27 / 1 / 0 | images/s |
+| edit, 1 edit alone (latency) | 0.384 | 0.109 | 12.9 | 0.3× | 33.5× | 27 / 2 / 0 | images/s |
+| greedy text, 512-token context, 64 tokens | 12.7 | 21.9 | 739 | 1.7× | 58.3× | 9 / 1 / 0 | tokens/s |
 
 Cold = the first call of a process (compiling the bucket's program, ~2–9 s here); a second call of the same bucket
 (another prompt set, another Inferencer on the same model, the trainer's next eval) runs warm. Today's compiles
