@@ -56,3 +56,19 @@ def test_random_tiny_is_written_once_per_model_shape(tmp_path, monkeypatch):
     second = cli.random_tiny_dir(config)
     assert second != first and os.path.dirname(second) == os.path.dirname(first)
     assert sorted(os.listdir(os.path.dirname(first))) == sorted(os.path.basename(d) for d in (first, second))
+
+
+def test_cli_inputs_beyond_the_limits_are_one_line_errors(tmp_path, monkeypatch):
+    """An output size beyond the latent position table, a prompt longer than the KV cache: exit 2, one line naming
+    the limit, no traceback."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    png = tmp_path / "in.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
+    r = _run(["--random_tiny", "--mode=t2i", "--prompt=a red square", "--height=1024", f"--out={tmp_path / 'x.png'}"],
+             tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "max_latent_size=" in r.stderr
+    r = _run(["--random_tiny", "--mode=understand", f"--image={png}", "--prompt=what is in the image",
+              "--max_context_tokens=16"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "max_context_tokens=16" in r.stderr.strip().splitlines()[-1]

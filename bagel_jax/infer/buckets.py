@@ -4,14 +4,18 @@ Every compiled inference call has static shapes. Sizes that vary per call (conte
 requests in a batch, generated tokens) are rounded up to a few buckets so that a new prompt length reuses a
 compiled program: sizes up to ``minimum`` take ``minimum``; above it, a size in (2^k, 2^(k+1)] is rounded up to a
 multiple of 2^k / 4 (at most 25 % padding, four buckets per octave). Request counts use powers of two.
+
+The limit errors are ``InputError``s (``ValueError``s): a command-line program reports them as one line.
 """
 from __future__ import annotations
+
+from bagel_jax.cli import InputError
 
 DEFAULT_MAX_BATCH = 64  # requests per compiled call (larger batches run in pieces)
 DEFAULT_MAX_CONTEXT_TOKENS = 16384  # KV cache limit: a context + the tokens generated after it
 
 
-class InferenceLimitError(ValueError):
+class InferenceLimitError(InputError):
     """An input beyond a static limit of the inference programs; the message names the limit."""
 
 
