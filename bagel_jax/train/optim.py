@@ -11,6 +11,10 @@ whether listed or not. ``und`` freezes the und expert and the token embedding (w
 is und tokens) but not ``lm_head``, mirroring what the reference's ``freeze_und`` detaches (§2.7); unlike
 the reference it freezes *parameters* only, so gradients still flow through und activations into the
 ViT/connector when those train.
+
+LoRA (``config.model.lora``, model/lora.py): when the param tree holds adapters (``lora_a``/``lora_b`` leaves),
+only the adapters train; every other leaf is frozen (no optimizer state, no EMA update, zero updates), so the
+base stays bitwise as loaded.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from bagel_jax.config import FREEZABLE, ConfigError
+from bagel_jax.model.lora import is_lora_path
 
 # freeze name -> regex searched in the '/'-joined param path
 FREEZE_PATTERNS: dict[str, str] = {
@@ -62,10 +67,12 @@ def param_labels(params: Any, freeze=()) -> Any:
     patterns = [re.compile(FREEZE_PATTERNS[n]) for n in freeze]
     always = re.compile(ALWAYS_FROZEN)
     hits = {n: 0 for n in freeze}
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]]
+    adapters_only = any(is_lora_path(p) for p in paths)
 
     def label(path, _):
         p = param_path(path)
-        frozen = bool(always.search(p))
+        frozen = bool(always.search(p)) or (adapters_only and not is_lora_path(p))
         for name, pat in zip(freeze, patterns):
             if pat.search(p):
                 hits[name] += 1
