@@ -269,3 +269,37 @@ def test_rank_up_to_the_smaller_dim_is_accepted_and_dense_has_no_gen_expert():
     config.model.update(layer_module="dense")
     with pytest.raises(ConfigError, match=r"^model.lora.experts: .*no gen expert"):
         validate(config)
+
+
+def test_release_init_keeps_fresh_adapters_sharded_by_the_rules(tmp_path):
+    """LoRA on the release (fsdp 4 × tensor 2 on 8 CPU devices): the base = the converter's params bitwise, the
+    adapters = their fresh init (B = 0), every leaf (adapters included) with the rules' sharding."""
+    from bagel_jax.convert.release_sharded import load_release_sharded
+    from bagel_jax.model.bagel import make_init_fn
+    from bagel_jax.parallel.mesh import logical_rules, make_mesh
+    from bagel_jax.train.state import state_shardings
+    config = lib.tiny_config()
+    config.model.lora.update(rank=4, targets=("q", "o", "mlp"))
+    config.data.batch_size = 8
+    config.parallel.update(data=1, fsdp=4, tensor=2)
+    bc.write_random_checkpoint(str(tmp_path), config.model, seed=5)
+    _, init_fn = make_init_fn(config)
+    tx, _ = optim.make_optimizer(config.train, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
+    mesh, rules = make_mesh(config, jax.devices()), logical_rules(config)
+    shardings = state_shardings(init_fn, tx, mesh, rules).params
+    with mesh, nn.logical_axis_rules(rules):
+        fresh = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(jax.random.PRNGKey(0))
+    loaded = _flat(load_release_sharded(str(tmp_path), config.model, shardings, fresh))
+    want, fresh, specs = _flat(bc.load_params(str(tmp_path), config.model)), _flat(fresh), _flat(shardings)
+    assert set(loaded) == set(want) | {p for p in fresh if is_lora_path(p)}
+    adapters = 0
+    for p, x in loaded.items():
+        assert x.sharding == specs[p], p
+        if is_lora_path(p):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(fresh[p]), err_msg=p)
+            assert p.endswith("lora_a") or not np.any(np.asarray(x)), p
+            adapters += 1
+        else:
+            np.testing.assert_array_equal(np.asarray(x), want[p], err_msg=p)
+    assert adapters == 2 * 2 * config.model.num_layers * 5  # (A, B) × experts × layers × (q, o, gate, up, down)
+    assert any(s is not None for p in loaded if is_lora_path(p) for s in specs[p].spec)
