@@ -3,6 +3,8 @@ bitwise unchanged, the loss falls); the export merges W + (alpha/rank)·A·B in 
 base model computes what the adapted one does; adapters shard like their kernels; bad LoRA config is one line."""
 from __future__ import annotations
 
+import os
+
 import bagel_testlib as lib
 import flax.linen as nn
 import jax
@@ -303,3 +305,52 @@ def test_release_init_keeps_fresh_adapters_sharded_by_the_rules(tmp_path):
             np.testing.assert_array_equal(np.asarray(x), want[p], err_msg=p)
     assert adapters == 2 * 2 * config.model.num_layers * 5  # (A, B) × experts × layers × (q, o, gate, up, down)
     assert any(s is not None for p in loaded if is_lora_path(p) for s in specs[p].spec)
+
+
+def test_trainer_with_lora_keeps_the_base_and_exports_it_merged(tmp_path):
+    """tiny_shapes + LoRA through the trainer (3 steps): the base params of every checkpoint are the same bits,
+    the adapters move, and the export of the run is base + (alpha/rank)·B·A in the release layout."""
+    from configs_util import shipped_config
+    from safetensors.numpy import load_file
+
+    from bagel_jax.convert.export import export_run
+    from bagel_jax.convert.run_checkpoint import load_params
+    from bagel_jax.model.bagel import make_init_fn
+    from bagel_jax.train.train import train
+
+    c = shipped_config("tiny_shapes")
+    # und only: a fresh model's zero-initialised llm2vae (frozen under LoRA) passes no gradient to the gen expert
+    c.model.lora.update(rank=4, alpha=8.0, experts=("und",))
+    c.train.update(steps=3, checkpoint_every=1, keep_checkpoints=0, lr=1e-2, warmup_steps=0)
+    c.data.update(synthetic_examples=24)
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "release")
+    train(c, workdir, devices=jax.devices()[:1])
+    abstract = nn.unbox(jax.eval_shape(make_init_fn(c)[1], jax.random.PRNGKey(0)))
+    first, last = (_flat(jax.device_get(load_params(os.path.join(workdir, "checkpoints", str(s)), abstract)))
+                   for s in (1, 3))
+    for p, x in first.items():
+        if is_lora_path(p):
+            assert p.endswith("lora_a") or np.any(last[p] != x), f"adapter {p} did not train"
+        else:
+            assert last[p].tobytes() == x.tobytes(), f"frozen base param {p} changed"
+    export_run(workdir, out, which="params", dtype="float32", devices=jax.devices()[:1])
+    got = load_file(os.path.join(out, bc.EMA_FILE))
+    merged = 0
+    for key, path, kind in bc.entries(c.model):
+        mod = "/".join(path[:-1])
+        if path[-1] == "kernel" and mod + "/lora_a" in last:
+            w = last[mod + "/kernel"] + 2.0 * delta_ab(last[mod + "/lora_a"], last[mod + "/lora_b"], path[-2])
+            np.testing.assert_allclose(got[key], bc.to_official(kind, w), rtol=1e-6, atol=1e-6, err_msg=key)
+            merged += 1
+        else:
+            np.testing.assert_array_equal(got[key], bc.to_official(kind, last["/".join(path)]), err_msg=key)
+    assert merged == c.model.num_layers * 7
+
+
+def delta_ab(a, b, module):
+    """A·B in the kernel's layout, written out per kind (independent of model/lora.py)."""
+    if module.startswith("o_proj"):
+        return np.einsum("hkr,rd->hkd", a, b)
+    if module.startswith(("q_proj", "k_proj", "v_proj")):
+        return np.einsum("dr,rhk->dhk", a, b)
+    return a @ b
