@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on the MoT decoder's linear layers (config ``model.lora``; DESIGN_NOTES §24).
+"""LoRA: low-rank adapters on the MoT decoder's linear layers (config ``model.lora``; docs/DESIGN_NOTES.md note 27).
 
 An adapted layer with kernel W [*in, *out] computes ``x·W + (alpha/rank)·(x·A)·B`` with, next to its kernel,
 ``lora_a`` A [*in, r] (logical axes of W's input dims + ``lora_rank``; kaiming-uniform like PEFT) and
