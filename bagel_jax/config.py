@@ -92,6 +92,9 @@ def _train() -> ml_collections.ConfigDict:
         beta1=0.9, beta2=0.95, eps=1e-15, weight_decay=0.0, max_grad_norm=1.0, ema_decay=0.9999,
         ce_weight=1.0, mse_weight=1.0, grad_accum_steps=1,
         freeze=(),  # subset of ("vit", "connector", "und", "gen", "llm"); the VAE is always frozen
+        # per-module learning-rate factors (train/optim.py): a param's lr is lr × the product of the factors of the
+        # modules (freeze's names and patterns) it belongs to, e.g. und=0.1 for a slower und expert
+        lr_scale=ml_collections.ConfigDict(dict(vit=1.0, connector=1.0, und=1.0, gen=1.0, llm=1.0)),
         # what a step with NaN/inf loss or gradients does (train/nonfinite.py): skip (its update; halt after
         # max_consecutive_nonfinite in a row, 0 = never) | halt | rollback (to the newest usable checkpoint, then skip
         # rollback_skip_batches batches; at most max_rollbacks times, then halt)
@@ -298,6 +301,9 @@ def _training(c):
         _check(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
     _check(c.data.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
            f"{t.grad_accum_steps} microbatches do not divide data.batch_size={c.data.batch_size}")
+    for name, factor in t.lr_scale.items():
+        _check(factor > 0, f"train.lr_scale.{name}", f"must be > 0 (to stop a module training use train.freeze), "
+               f"got {factor}")
     for name in t.freeze:
         _check(name in FREEZABLE, "train.freeze", f"unknown module {name!r} (freezable: {', '.join(FREEZABLE)})")
 
