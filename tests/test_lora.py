@@ -95,7 +95,7 @@ def test_lora_at_init_is_exactly_the_base_model(scan):
     assert set(_flat(base)) == {p for p in flat if not is_lora_path(p)}  # the base tree is unchanged
     assert all(np.any(np.asarray(x) != 0) for p, x in flat.items() if p.endswith("lora_a"))
     ids, gen, _ = _inputs()
-    for ours, ref in zip(_apply(lora_cfg, adapted, ids, gen), _apply(base_cfg, base, ids, gen)):
+    for ours, ref in zip(_apply(lora_cfg, adapted, ids, gen), _apply(base_cfg, base, ids, gen), strict=True):
         if scan:  # inside the scan XLA merges the k and v dots differently once adapters are there: <= 1 ulp
             np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=2.5e-7)
         else:
@@ -193,7 +193,7 @@ def test_export_merges_base_plus_scale_BA(tmp_path, scan):
     want = dict(release_tensors(base, cfg))
     assert set(got) == set(want) == set(bc.official_shapes(plain))
     scale, merged = 6.0 / 3, 0
-    for key, path, kind in bc.entries(plain):
+    for key, path, _kind in bc.entries(plain):
         mod = lm if path[0] == "language_model" else {}
         for p in path[1:-1]:
             mod = mod.get(p, {})
@@ -225,7 +225,7 @@ def test_merged_base_model_computes_the_adapted_model():
     merged = merge(jax.tree.map(np.asarray, params))
     assert not any(is_lora_path(p) for p in _flat(merged))
     ids, gen, _ = _inputs()
-    for ours, ref in zip(_apply(cfg, params, ids, gen), _apply(base_cfg, merged, ids, gen)):
+    for ours, ref in zip(_apply(cfg, params, ids, gen), _apply(base_cfg, merged, ids, gen), strict=True):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-4, atol=2e-4)
 
 

@@ -24,7 +24,6 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from bagel_jax.config import head_dim
-from bagel_jax.model.lora import is_lora_path
 from bagel_jax.convert.bagel_ckpt import (
     AE_FILE,
     LLM_CONFIG,
@@ -39,6 +38,7 @@ from bagel_jax.convert.bagel_ckpt import (
     official_shapes,
     weight_files,
 )
+from bagel_jax.model.lora import is_lora_path
 
 # model config keys a release fixes, with the release file that holds each
 CHECKED_KEYS = (
