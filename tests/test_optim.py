@@ -226,3 +226,32 @@ def test_bad_lr_scale_is_one_line(name, value):
         validate(config)
     with pytest.raises(ConfigError, match=rf"^train\.lr_scale\.{name}: must be > 0"):
         optim.make_optimizer(config.train, {"language_model": {"w": np.zeros(2, np.float32)}})
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_grads_only_for_trainable_leaves(k):
+    """The step differentiates w.r.t. trainable leaves only: their grads equal jax.grad's (averaged over k
+    microbatches); frozen leaves get zeros."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from bagel_jax.parallel.mesh import logical_rules
+    from bagel_jax.train.step import _accumulated_grads
+    rng = np.random.default_rng(0)
+    params = {"frozen": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+              "train": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+    batch = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+
+    def loss_fn(p, x, key):
+        del key
+        y = x @ p["frozen"] @ p["train"]
+        return jnp.mean(y ** 2), {}
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "tensor", "sequence"))
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
+    mask = [False, True]  # jax.tree.leaves order: frozen, train
+    with mesh:
+        _, _, grads = _accumulated_grads(loss_fn, params, batch, jax.random.PRNGKey(0), k, mesh,
+                                         logical_rules(T.toy_config()), shardings, mask)
+    want = jax.grad(lambda p: loss_fn(p, batch, None)[0])(params)
+    np.testing.assert_allclose(grads["train"], want["train"], rtol=1e-5)
+    np.testing.assert_array_equal(grads["frozen"], np.zeros((3, 2), np.float32))
