@@ -33,6 +33,10 @@ def _model() -> ml_collections.ConfigDict:
         attention_block_q=512, attention_block_kv=512,
         remat="none",  # none | full | dots (jax.checkpoint policy for each decoder layer)
         scan_layers=False,
+        # LoRA adapters on the decoder's linear layers (model/lora.py); rank 0 = off. With adapters only they
+        # train (the base is frozen); export merges them: W + (alpha/rank)·A·B.
+        lora=ml_collections.ConfigDict(dict(rank=0, alpha=16.0, experts=("und", "gen"),
+                                            targets=("q", "k", "v", "o", "mlp"))),
         # Bagel assembly
         visual_gen=True, visual_und=True, latent_patch_size=2, max_latent_size=64,
         vit_max_num_patch_per_side=70, connector_act="gelu_pytorch_tanh", interpolate_pos=False,
@@ -88,6 +92,9 @@ def _train() -> ml_collections.ConfigDict:
         beta1=0.9, beta2=0.95, eps=1e-15, weight_decay=0.0, max_grad_norm=1.0, ema_decay=0.9999,
         ce_weight=1.0, mse_weight=1.0, grad_accum_steps=1,
         freeze=(),  # subset of ("vit", "connector", "und", "gen", "llm"); the VAE is always frozen
+        # per-module learning-rate factors (train/optim.py): a param's lr is lr × the product of the factors of the
+        # modules (freeze's names and patterns) it belongs to, e.g. und=0.1 for a slower und expert
+        lr_scale=ml_collections.ConfigDict(dict(vit=1.0, connector=1.0, und=1.0, gen=1.0, llm=1.0)),
         # what a step with NaN/inf loss or gradients does (train/nonfinite.py): skip (its update; halt after
         # max_consecutive_nonfinite in a row, 0 = never) | halt | rollback (to the newest usable checkpoint, then skip
         # rollback_skip_batches batches; at most max_rollbacks times, then halt)
@@ -150,6 +157,8 @@ CHOICES = {
     "data.pixel_dtype": ("float32", "uint8"),
 }
 FREEZABLE = ("vit", "connector", "und", "gen", "llm")
+LORA_EXPERTS = ("und", "gen")
+LORA_KINDS = ("q", "k", "v", "o", "mlp")  # attention projections, and the MLP's gate/up/down
 FREE_FORM = ("evals", "parallel.rules_override")  # sections whose keys are not fixed by the schema
 
 
@@ -204,6 +213,26 @@ def _model_shapes(c):
            f"{v.num_positions} < vit_max_num_patch_per_side² = {m.vit_max_num_patch_per_side ** 2}")
     _check(m.vae.ch % 32 == 0, "model.vae.ch", f"must be a multiple of 32 (GroupNorm groups), got {m.vae.ch}")
     _check(m.timestep_shift > 0, "model.timestep_shift", f"must be > 0, got {m.timestep_shift}")
+
+
+@rule
+def _lora(c):
+    m, lo = c.model, c.model.lora
+    _check(lo.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = no LoRA), got {lo.rank}")
+    if lo.rank == 0:
+        return
+    _check(lo.alpha > 0, "model.lora.alpha", f"must be > 0, got {lo.alpha}")
+    _check(len(lo.experts) > 0, "model.lora.experts", "empty (choose from und, gen)")
+    for e in lo.experts:
+        _check(e in LORA_EXPERTS, "model.lora.experts", f"unknown expert {e!r} (choose from {', '.join(LORA_EXPERTS)})")
+        _check(e == "und" or m.layer_module == "mot", "model.lora.experts",
+               f"layer_module={m.layer_module!r} has no gen expert (its one expert is 'und')")
+    _check(len(lo.targets) > 0, "model.lora.targets", f"empty (choose from {', '.join(LORA_KINDS)})")
+    dims = lora_layer_dims(m)
+    for t in lo.targets:
+        _check(t in LORA_KINDS, "model.lora.targets", f"unknown layer kind {t!r} (choose from {', '.join(LORA_KINDS)})")
+        _check(lo.rank <= min(dims[t]), "model.lora.rank",
+               f"{lo.rank} > the smaller dim {min(dims[t])} of the {t!r} layers ([{dims[t][0]}, {dims[t][1]}])")
 
 
 @rule
@@ -272,6 +301,9 @@ def _training(c):
         _check(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
     _check(c.data.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
            f"{t.grad_accum_steps} microbatches do not divide data.batch_size={c.data.batch_size}")
+    for name, factor in t.lr_scale.items():
+        _check(factor > 0, f"train.lr_scale.{name}", f"must be > 0 (to stop a module training use train.freeze), "
+               f"got {factor}")
     for name in t.freeze:
         _check(name in FREEZABLE, "train.freeze", f"unknown module {name!r} (freezable: {', '.join(FREEZABLE)})")
 
@@ -528,3 +560,10 @@ def _has(config, dotted: str) -> bool:
 
 def head_dim(model_cfg) -> int:
     return model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_heads
+
+
+def lora_layer_dims(model_cfg) -> dict[str, tuple[int, int]]:
+    """LoRA kind -> (in, out) features of its kernels (flattened over heads), for the rank check."""
+    d, hd, f = model_cfg.hidden_size, head_dim(model_cfg), model_cfg.intermediate_size
+    return {"q": (d, model_cfg.num_heads * hd), "k": (d, model_cfg.num_kv_heads * hd),
+            "v": (d, model_cfg.num_kv_heads * hd), "o": (model_cfg.num_heads * hd, d), "mlp": (d, f)}

@@ -85,17 +85,22 @@ def _to_host(x) -> np.ndarray:
 
 def release_tensors(params, cfg) -> Iterator[tuple[str, np.ndarray]]:
     """(key, torch-layout host array) for every ``ema.safetensors`` key of ``cfg`` in sorted key order, gathered
-    from the (sharded) ``params`` one tensor at a time (a scan-stacked layer param: one layer at a time)."""
+    from the (sharded) ``params`` one tensor at a time (a scan-stacked layer param: one layer at a time); a
+    LoRA-adapted kernel is exported merged, W + (alpha/rank)·A·B (model/lora.py)."""
     from bagel_jax.convert.bagel_ckpt import entries, to_official
+    from bagel_jax.model.lora import merge_kernel
     table = {key: (path, kind) for key, path, kind in entries(cfg)}
     for key in sorted(table):
         path, kind = table[key]
-        node, layer = params, None
+        node, layer, parent = params, None, None
         if cfg.scan_layers and path[0] == "language_model" and path[1].startswith("layers_"):
             layer, path = int(path[1].split("_")[1]), ("language_model", "layers") + path[2:]
         for p in path:
-            node = node[p]
-        yield key, to_official(kind, _to_host(node if layer is None else node[layer]))
+            node, parent = node[p], node
+        host = _to_host(node if layer is None else node[layer])
+        if path[-1] == "kernel" and "lora_a" in parent:  # a LoRA-adapted kernel: W + (alpha/rank)·A·B
+            host = merge_kernel(path[-2], parent, host, cfg, layer, to_host=_to_host)
+        yield key, to_official(kind, host)
 
 
 def find_run_tokenizer(config, workdir: str) -> str | None:

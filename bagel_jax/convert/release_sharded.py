@@ -38,6 +38,7 @@ from bagel_jax.convert.bagel_ckpt import (
     official_shapes,
     weight_files,
 )
+from bagel_jax.model.lora import is_lora_path
 
 # model config keys a release fixes, with the release file that holds each
 CHECKED_KEYS = (
@@ -175,7 +176,8 @@ def load_release_sharded(path: str, cfg, shardings: Any, like: Any) -> Any:
     """The ``Bagel`` params of the release folder ``path``, every leaf a ``jax.Array`` with the sharding of the
     same leaf in ``shardings`` and the dtype and shape of ``like`` (a param tree of arrays or
     ``ShapeDtypeStruct``s, e.g. the fresh state's params). ``cfg``: the ``model`` config (``check_release`` it
-    first). Raises ``CheckpointError`` naming a missing/unexpected key or a wrong shape."""
+    first). LoRA adapter leaves (model/lora.py) keep ``like``'s values (a fresh init: B = 0). Raises
+    ``CheckpointError`` naming a missing/unexpected key or a wrong shape."""
     src = open_source(path)
     _check_keys(src.shapes, official_shapes(cfg), ", ".join(src.files))
     table = {p: (key, kind) for key, p, kind in entries(cfg)}
@@ -186,6 +188,9 @@ def load_release_sharded(path: str, cfg, shardings: Any, like: Any) -> Any:
     vae_paths = [p for p in flat_like if p[0] == "vae"]
     for p, x in flat_like.items():
         if p[0] == "vae":
+            continue
+        if is_lora_path("/".join(p)) and isinstance(x, jax.Array):  # LoRA adapters: not in a release; kept fresh
+            out[p] = x
             continue
         stacked = cfg.scan_layers and p[:2] == ("language_model", "layers")
         if stacked:

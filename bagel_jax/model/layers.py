@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bagel_jax.model.lora import LoraLinear, adapter
+
 Dtype = Any
 
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)  # Qwen2's initializer_range
@@ -66,12 +68,15 @@ class SwiGLU(nn.Module):
     intermediate_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: tuple[int, float] | None = None  # (rank, alpha): a LoRA adapter on gate/up/down (model/lora.py)
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda feats, axes, name: nn.Dense(feats, use_bias=False, dtype=self.dtype,  # noqa: E731
-                                                  param_dtype=self.param_dtype, kernel_init=kernel_init(*axes),
-                                                  name=name)
+        def dense(feats, axes, name):
+            if self.lora:
+                return LoraLinear(feats, axes, *self.lora, kernel_init(*axes), self.dtype, self.param_dtype, name=name)
+            return nn.Dense(feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=kernel_init(*axes), name=name)
         gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
         h = nn.silu(gate) * up
@@ -92,6 +97,7 @@ class HeadsProjection(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: tuple[int, float] | None = None  # (rank, alpha): adds ``lora_a`` [D, r], ``lora_b`` [r, H, hd]
 
     @nn.compact
     def __call__(self, x):
@@ -102,6 +108,9 @@ class HeadsProjection(nn.Module):
             bias = self.param("bias", bias_init(self.head_axis, "head_dim"), (self.num_heads, self.head_dim),
                               self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.lora:
+            y = y + adapter(self, x, ("embed",), (self.num_heads, self.head_dim), (self.head_axis, "head_dim"),
+                            *self.lora, self.dtype, self.param_dtype)
         return y
 
 
@@ -111,12 +120,17 @@ class MergeHeadsProjection(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: tuple[int, float] | None = None  # (rank, alpha): adds ``lora_a`` [H, hd, r], ``lora_b`` [r, D]
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", kernel_init("heads", "head_dim", "embed"), (*x.shape[-2:], self.features),
                             self.param_dtype)
-        return jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.lora:
+            y = y + adapter(self, x, ("heads", "head_dim"), (self.features,), ("embed",), *self.lora, self.dtype,
+                            self.param_dtype)
+        return y
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:

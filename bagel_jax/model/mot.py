@@ -52,6 +52,7 @@ from bagel_jax.attention import MaskMeta, attention, resolve_impl
 from bagel_jax.config import head_dim
 from bagel_jax.model.layers import (HeadsProjection, MergeHeadsProjection, RMSNorm, SwiGLU, apply_rope, kernel_init,
                                     rope_cos_sin)
+from bagel_jax.model.lora import lora_for
 from bagel_jax.model.remat import remat
 
 GEN_SUFFIX = "_moe_gen"
@@ -83,14 +84,15 @@ class SelfAttention(nn.Module):
         hd = head_dim(cfg)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
-        def proj(heads, head_axis, name):
-            return HeadsProjection(heads, hd, head_axis, cfg.qkv_bias, dtype, pdtype, name=name)
+        def proj(heads, head_axis, kind, suffix):
+            return HeadsProjection(heads, hd, head_axis, cfg.qkv_bias, dtype, pdtype, lora_for(cfg, suffix, kind),
+                                   name=f"{kind}_proj{suffix}")
 
         qs, ks, vs = [], [], []
         for suffix, x in segments:
-            q = proj(cfg.num_heads, "heads", "q_proj" + suffix)(x)
-            k = proj(cfg.num_kv_heads, "kv_heads", "k_proj" + suffix)(x)
-            v = proj(cfg.num_kv_heads, "kv_heads", "v_proj" + suffix)(x)
+            q = proj(cfg.num_heads, "heads", "q", suffix)(x)
+            k = proj(cfg.num_kv_heads, "kv_heads", "k", suffix)(x)
+            v = proj(cfg.num_kv_heads, "kv_heads", "v", suffix)(x)
             if cfg.qk_norm:
                 q = RMSNorm(cfg.rms_norm_eps, pdtype, "head_dim", name="q_norm" + suffix)(q)
                 k = RMSNorm(cfg.rms_norm_eps, pdtype, "head_dim", name="k_norm" + suffix)(k)
@@ -116,7 +118,8 @@ class SelfAttention(nn.Module):
         for suffix, x in segments:
             a_e = a[:, start:start + x.shape[1]]
             start += x.shape[1]
-            outs.append(MergeHeadsProjection(x.shape[-1], dtype, pdtype, name="o_proj" + suffix)(a_e))
+            outs.append(MergeHeadsProjection(x.shape[-1], dtype, pdtype, lora_for(cfg, suffix, "o"),
+                                             name="o_proj" + suffix)(a_e))
         return outs, kv
 
 
@@ -146,7 +149,8 @@ class DecoderLayer(nn.Module):
         for (s, x), o in zip(segments, attn_out):
             x = x + o
             h = RMSNorm(cfg.rms_norm_eps, pdtype, name="post_attention_layernorm" + s)(x)
-            x = x + SwiGLU(cfg.intermediate_size, jnp.dtype(cfg.dtype), pdtype, name="mlp" + s)(h)
+            mlp = SwiGLU(cfg.intermediate_size, jnp.dtype(cfg.dtype), pdtype, lora_for(cfg, s, "mlp"), name="mlp" + s)
+            x = x + mlp(h)
             new.append(nn.with_logical_constraint(x, HIDDEN_AXES))
         if cfg.layer_module == "dense":
             return (new[0][:, :u], new[0][:, u:]), kv

@@ -25,7 +25,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     ("conv_out", None),
     ("conv_h", None),
     ("conv_w", None),
-    ("classes", None),            # outputs of the pretraining stages' classifier heads (vit_train.py)
+    ("classes", None),
+    ("lora_rank", None),          # LoRA adapters' rank dim (model/lora.py): A and B shard like their kernel's dims            # outputs of the pretraining stages' classifier heads (vit_train.py)
     # --- activations ---
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", "sequence"),

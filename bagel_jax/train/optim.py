@@ -11,6 +11,14 @@ whether listed or not. ``und`` freezes the und expert and the token embedding (w
 is und tokens) but not ``lm_head``, mirroring what the reference's ``freeze_und`` detaches (§2.7); unlike
 the reference it freezes *parameters* only, so gradients still flow through und activations into the
 ViT/connector when those train.
+
+Per-module learning rates (``config.train.lr_scale``, {module: factor} over the freeze names): the AdamW update
+of a leaf (weight decay included, as with torch param groups' ``lr``) is multiplied by the product of the factors of
+the ``FREEZE_PATTERNS`` it matches; with every factor 1 the optimizer (and its state's structure) is unchanged.
+
+LoRA (``config.model.lora``, model/lora.py): when the param tree holds adapters (``lora_a``/``lora_b`` leaves),
+only the adapters train; every other leaf is frozen (no optimizer state, no EMA update, zero updates), so the
+base stays bitwise as loaded.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from bagel_jax.config import FREEZABLE, ConfigError
+from bagel_jax.model.lora import is_lora_path
 
 # freeze name -> regex searched in the '/'-joined param path
 FREEZE_PATTERNS: dict[str, str] = {
@@ -62,10 +71,12 @@ def param_labels(params: Any, freeze=()) -> Any:
     patterns = [re.compile(FREEZE_PATTERNS[n]) for n in freeze]
     always = re.compile(ALWAYS_FROZEN)
     hits = {n: 0 for n in freeze}
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]]
+    adapters_only = any(is_lora_path(p) for p in paths)
 
     def label(path, _):
         p = param_path(path)
-        frozen = bool(always.search(p))
+        frozen = bool(always.search(p)) or (adapters_only and not is_lora_path(p))
         for name, pat in zip(freeze, patterns):
             if pat.search(p):
                 hits[name] += 1
@@ -103,6 +114,38 @@ def make_schedule(train_cfg) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+def lr_factors(train_cfg) -> dict[str, float]:
+    """{module: lr factor} of ``train.lr_scale`` for the factors that are not 1 (an older config has none)."""
+    scale = train_cfg.get("lr_scale") or {}
+    for name, factor in scale.items():
+        if name not in FREEZE_PATTERNS:
+            raise ConfigError(f"train.lr_scale.{name}: unknown module (modules: {', '.join(FREEZE_PATTERNS)})")
+        if not factor > 0:
+            raise ConfigError(f"train.lr_scale.{name}: must be > 0 (to stop a module training use train.freeze), "
+                              f"got {factor}")
+    return {name: float(f) for name, f in scale.items() if float(f) != 1.0}
+
+
+def module_lr_factor(path: str, factors: dict[str, float]) -> float:
+    """The product of the ``factors`` of the modules whose pattern matches the '/'-joined param ``path``."""
+    out = 1.0
+    for name, factor in factors.items():
+        if re.search(FREEZE_PATTERNS[name], path):
+            out *= factor
+    return out
+
+
+def scale_by_module(factors: dict[str, float]) -> optax.GradientTransformation:
+    """Stateless: multiplies each update by ``module_lr_factor`` of its param path."""
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda path, u: u * jnp.asarray(module_lr_factor(param_path(path), factors), u.dtype), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(train_cfg, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, schedule) for ``params`` (real, abstract or boxed: only the tree paths are read).
 
@@ -114,6 +157,9 @@ def make_optimizer(train_cfg, params: Any) -> tuple[optax.GradientTransformation
         inner.append(optax.clip_by_global_norm(train_cfg.max_grad_norm))
     inner.append(optax.adamw(schedule, b1=train_cfg.beta1, b2=train_cfg.beta2, eps=train_cfg.eps,
                              weight_decay=train_cfg.weight_decay))
+    factors = lr_factors(train_cfg)
+    if factors:
+        inner.append(scale_by_module(factors))
     freeze = tuple(train_cfg.freeze)
     param_labels(params, freeze)  # validate now (one-line ConfigError), before anything compiles
     tx = optax.multi_transform({TRAIN: optax.chain(*inner), FROZEN: optax.set_to_zero()},

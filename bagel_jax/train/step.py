@@ -62,24 +62,45 @@ def _microbatches(batch: Any, k: int, mesh: Mesh, rules) -> Any:
     return jax.tree.map(split, batch)
 
 
-def _accumulated_grads(loss_fn: LossFn, params, batch, rng, k: int, mesh: Mesh, rules, param_shardings):
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def _accumulated_grads(loss_fn: LossFn, params, batch, rng, k: int, mesh: Mesh, rules, param_shardings,
+                       mask_leaves: list[bool]):
+    """(loss, aux, grads): gradients are taken w.r.t. the trainable leaves only (``mask_leaves``, in
+    ``jax.tree.leaves(params)`` order), so frozen params (a LoRA base, ``train.freeze``) get no gradient
+    computation and no accumulation buffer; their entries in ``grads`` are zeros the optimizer never reads."""
+    leaves, treedef = jax.tree.flatten(params)
+    idx = [i for i, keep in enumerate(mask_leaves) if keep]
+
+    def loss_of_trainable(train_leaves, mb, key):
+        full = list(leaves)
+        for i, x in zip(idx, train_leaves, strict=True):
+            full[i] = x
+        return loss_fn(jax.tree.unflatten(treedef, full), mb, key)
+
+    def full_grads(train_grads):
+        full = [jnp.zeros(x.shape, x.dtype) for x in leaves]
+        for i, g in zip(idx, train_grads, strict=True):
+            full[i] = g
+        return jax.tree.unflatten(treedef, full)
+
+    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+    train = [leaves[i] for i in idx]
     if k == 1:
-        (loss, aux), grads = grad_fn(params, batch, rng)
-        return loss, aux, grads
+        (loss, aux), grads = grad_fn(train, batch, rng)
+        return loss, aux, full_grads(grads)
     micro = _microbatches(batch, k, mesh, rules)
     first = jax.tree.map(lambda x: x[0], micro)
     _, aux_shape = jax.eval_shape(loss_fn, params, first, rng)
+    shardings = jax.tree.leaves(param_shardings)
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape),
-             jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), param_shardings))
+             [jax.lax.with_sharding_constraint(jnp.zeros_like(leaves[i]), shardings[i]) for i in idx])
 
     def body(carry, xs):
         mb, i = xs
-        (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (loss, aux), grads = grad_fn(train, mb, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
     (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
-    return loss / k, aux, jax.tree.map(lambda g: g / k, grads)
+    return loss / k, aux, full_grads([g / k for g in grads])
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule, config,
@@ -100,7 +121,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
     def step_fn(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
         loss, aux, grads = _accumulated_grads(loss_fn, state.params, batch, rng, k, mesh, rules,
-                                              state_shardings.params)
+                                              state_shardings.params, mask_leaves)
         grad_norm = trainable_global_norm(grads, trainable)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
