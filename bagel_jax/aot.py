@@ -13,19 +13,24 @@ The model + loss come from ``LOSSES`` (``register_loss``) or ``--loss=module:bui
 model and its losses on a ``PackedBatch`` of the config's budgets; the default) and ``mot_lm`` (the MoT
 LanguageModel alone on text and gen token slots: CE + a stand-in squared loss on gen states).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: never contend for /tmp/libtpu_lockfile
 if __name__ == "__main__":  # the planner never runs on accelerators; silence libtpu's host probing
-    for _k, _v in (("JAX_PLATFORMS", "cpu"), ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
-                   ("TPU_WORKER_HOSTNAMES", "localhost")):
+    for _k, _v in (
+        ("JAX_PLATFORMS", "cpu"),
+        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+    ):
         os.environ.setdefault(_k, _v)
 
 import jax  # noqa: E402
@@ -48,6 +53,7 @@ class ModelSpec:
     batch: pytree of ``jax.ShapeDtypeStruct`` with the *global* batch shapes;
     batch_metrics_fn: optional batch -> {name: scalar} (e.g. packing stats).
     """
+
     init_fn: Callable[[jax.Array], Any]
     loss_fn: Callable
     batch: Any
@@ -59,9 +65,11 @@ LOSSES: dict[str, Callable[[Any], ModelSpec]] = {}
 
 def register_loss(name: str):
     """Decorator: ``@register_loss("name") def build(config) -> ModelSpec``."""
+
     def wrap(builder):
         LOSSES[name] = builder
         return builder
+
     return wrap
 
 
@@ -118,8 +126,9 @@ def _mot_lm(config) -> ModelSpec:
             return ce_sum_count(cross_entropy(logits, labels), weight, False)
 
         split = lambda x: x.reshape((x.shape[0], und // chunk, chunk) + x.shape[2:]).swapaxes(0, 1)  # noqa: E731
-        sums, counts = jax.lax.map(lambda xs: chunk_ce(*xs),
-                                   (split(und_h), split(batch["labels"]), split(batch["ce_weight"])))
+        sums, counts = jax.lax.map(
+            lambda xs: chunk_ce(*xs), (split(und_h), split(batch["labels"]), split(batch["ce_weight"]))
+        )
         ce_sum, ce_count = jnp.sum(sums), jnp.sum(counts)
         gen_sum = jnp.sum(jnp.mean(jnp.square(gen_h.astype(jnp.float32)), -1))
         gen_count = jnp.asarray(gen_h.shape[0] * gen_h.shape[1], jnp.float32)
@@ -128,17 +137,23 @@ def _mot_lm(config) -> ModelSpec:
 
     i32, f32 = jnp.int32, jnp.float32
     s = jax.ShapeDtypeStruct
-    batch = dict(text_ids=s((rows, und), i32), gen_ids=s((rows, gen), i32), labels=s((rows, und), i32),
-                 ce_weight=s((rows, und), f32),
-                 **{k: s((rows, und + gen), i32) for k in ("position", "doc", "index", "q_hi", "kv_hi")})
+    batch = dict(
+        text_ids=s((rows, und), i32),
+        gen_ids=s((rows, gen), i32),
+        labels=s((rows, und), i32),
+        ce_weight=s((rows, und), f32),
+        **{k: s((rows, und + gen), i32) for k in ("position", "doc", "index", "q_hi", "kv_hi")},
+    )
     return ModelSpec(init_fn, loss_fn, batch, lambda b: metrics_lib.packing_stats(b["doc"]))
 
 
 # --- topology --------------------------------------------------------------------------------------
 
+
 def topology_devices(topology: str, num_slices: int = 1) -> list:
     """Compile-only TPU devices for ``topology`` (e.g. ``v5p:4x4x4``, ``v5e:4x4``, ``v6e:2x2``)."""
     from jax.experimental import topologies
+
     kw: dict[str, Any] = {}
     if topology.startswith(("v4", "v5p")):
         kw["chip_config_name"] = "megacore"
@@ -150,9 +165,11 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
         return list(topologies.get_topology_desc(topology, "tpu", **kw).devices)
     except Exception as e:  # libtpu missing or unknown topology
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise InputError(f"--topology={topology}: cannot build compile-only TPU devices ({type(e).__name__}: "
-                         f"{first}); a known topology (e.g. v5e:2x2, v5p:2x2x2) and the [tpu] extra are "
-                         f"needed") from None
+        raise InputError(
+            f"--topology={topology}: cannot build compile-only TPU devices ({type(e).__name__}: "
+            f"{first}); a known topology (e.g. v5e:2x2, v5p:2x2x2) and the [tpu] extra are "
+            f"needed"
+        ) from None
 
 
 def resolve_attention(config):
@@ -160,6 +177,7 @@ def resolve_attention(config):
     if config.model.attention_impl == "auto":
         try:
             import bagel_jax.attention.tpu_split_splash  # noqa: F401
+
             config.model.attention_impl = "tpu"
         except ImportError:
             config.model.attention_impl = "reference"
@@ -167,6 +185,7 @@ def resolve_attention(config):
 
 
 # --- plan ------------------------------------------------------------------------------------------
+
 
 def get_builder(loss: str) -> Callable[[Any], ModelSpec]:
     """A registered name, or ``package.module:function`` (imported; returns a ``ModelSpec`` for a config)."""
@@ -193,21 +212,37 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     state = abstract_state(spec.init_fn, tx, mesh, rules)
     batch = abstract_batch(spec.batch, mesh, rules)
     trainable = trainable_mask(params_shape, tuple(config.train.freeze))
-    step = make_train_step(spec.loss_fn, tx, schedule, config, mesh=mesh, rules=rules,
-                           state_shardings=jax.tree.map(lambda x: x.sharding, state), trainable=trainable,
-                           batch_metrics_fn=spec.batch_metrics_fn)
+    step = make_train_step(
+        spec.loss_fn,
+        tx,
+        schedule,
+        config,
+        mesh=mesh,
+        rules=rules,
+        state_shardings=jax.tree.map(lambda x: x.sharding, state),
+        trainable=trainable,
+        batch_metrics_fn=spec.batch_metrics_fn,
+    )
     kind = devices[0].device_kind
     rows, length = config.data.batch_size, config.data.seq_len
     info = dict(
-        loss=loss, device_kind=kind, num_devices=len(devices), mesh=dict(mesh.shape),
-        attention=config.model.attention_impl, remat=config.model.remat, scan_layers=bool(config.model.scan_layers),
+        loss=loss,
+        device_kind=kind,
+        num_devices=len(devices),
+        mesh=dict(mesh.shape),
+        attention=config.model.attention_impl,
+        remat=config.model.remat,
+        scan_layers=bool(config.model.scan_layers),
         params=num_params(state.params),
-        trainable_params=num_params([x for x, keep in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainable))
-                                     if keep]),
-        hbm_bytes=metrics_lib.hbm_bytes(kind), peak_tflops=metrics_lib.peak_tflops(kind, config.train.peak_tflops),
+        trainable_params=num_params(
+            [x for x, keep in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainable)) if keep]
+        ),
+        hbm_bytes=metrics_lib.hbm_bytes(kind),
+        peak_tflops=metrics_lib.peak_tflops(kind, config.train.peak_tflops),
         tokens_per_step=rows * length,
-        formula_flops=metrics_lib.train_flops(config.model, rows * length, rows * length ** 2),
-        formula_flops_causal=metrics_lib.train_flops(config.model, rows * length, rows * length ** 2, causal=True))
+        formula_flops=metrics_lib.train_flops(config.model, rows * length, rows * length**2),
+        formula_flops_causal=metrics_lib.train_flops(config.model, rows * length, rows * length**2, causal=True),
+    )
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     info["lower_seconds"] = time.perf_counter() - t0
@@ -224,19 +259,26 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     info.update(
-        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-        temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+        argument_bytes=mem.argument_size_in_bytes,
+        output_bytes=mem.output_size_in_bytes,
+        temp_bytes=mem.temp_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes,
         code_bytes=mem.generated_code_size_in_bytes,
-        peak_bytes=mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        peak_bytes=mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
         - mem.alias_size_in_bytes,
-        compiled_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0, compiled=compiled)
+        compiled_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0,
+        compiled=compiled,
+    )
     return info
 
 
 def report(p: dict[str, Any], step_time: float = 0.0) -> str:
     """Human-readable table of a ``plan``."""
+
     def gib(b):
-        return f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.2f} MiB"
+        return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
 
     def count(n):
         return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
@@ -248,8 +290,10 @@ def report(p: dict[str, Any], step_time: float = 0.0) -> str:
         f"params          {count(p['params'])} ({count(p['trainable_params'])} trainable)",
     ]
     if "oom" in p:
-        lines += [f"per-chip HBM    DOES NOT FIT: {p['oom']}",
-                  f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s"]
+        lines += [
+            f"per-chip HBM    DOES NOT FIT: {p['oom']}",
+            f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
+        ]
         return "\n".join(lines)
     fits = "unknown chip" if not hbm else ("FITS" if p["peak_bytes"] <= hbm else "DOES NOT FIT")
     lines += [
@@ -258,18 +302,24 @@ def report(p: dict[str, Any], step_time: float = 0.0) -> str:
         f"                peak ≈ {gib(p['peak_bytes'])} of {gib(hbm) if hbm else '?'} per chip → {fits}",
         f"FLOPs / step    compiled {p['compiled_flops_per_device'] * p['num_devices']:.4g} "
         f"({p['compiled_flops_per_device']:.4g} per device; Pallas kernels count 0"
-        + ("; scan_layers: XLA counts the scanned layer once, so this misses the other layers" if p.get("scan_layers")
-           else "") + ")",
+        + (
+            "; scan_layers: XLA counts the scanned layer once, so this misses the other layers"
+            if p.get("scan_layers")
+            else ""
+        )
+        + ")",
         f"                BAGEL formula {p['formula_flops']:.4g} (causal-halved {p['formula_flops_causal']:.4g}), "
         f"{p['tokens_per_step']} tokens, one sample per row",
         f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
     ]
     if step_time > 0 and p["peak_tflops"]:
         denom = step_time * p["num_devices"] * p["peak_tflops"] * 1e12
-        lines.append(f"MFU @ {step_time:g} s/step  formula {p['formula_flops'] / denom:.1%} "
-                     f"(causal {p['formula_flops_causal'] / denom:.1%}), compiled "
-                     f"{p['compiled_flops_per_device'] * p['num_devices'] / denom:.1%}; "
-                     f"{p['tokens_per_step'] / step_time / p['num_devices']:.0f} tokens/s/chip")
+        lines.append(
+            f"MFU @ {step_time:g} s/step  formula {p['formula_flops'] / denom:.1%} "
+            f"(causal {p['formula_flops_causal'] / denom:.1%}), compiled "
+            f"{p['compiled_flops_per_device'] * p['num_devices'] / denom:.1%}; "
+            f"{p['tokens_per_step'] / step_time / p['num_devices']:.0f} tokens/s/chip"
+        )
     return "\n".join(lines)
 
 
@@ -277,6 +327,7 @@ def main(argv):
     """The planner's CLI: a bad flag, config or topology is one line on stderr and exit status 2, before the
     topology is built or anything compiles."""
     from absl import flags
+
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
@@ -295,6 +346,7 @@ def main(argv):
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
+
     config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=False)
     flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5p:4x4x4, v5e:4x4, v6e:8x8")
     flags.DEFINE_integer("num_slices", 1, "number of slices (multi-slice, with parallel.dcn_*)")
@@ -305,5 +357,6 @@ def _define_flags():
 
 if __name__ == "__main__":
     from absl import app
+
     _define_flags()
     app.run(main, argv=sys.argv, flags_parser=parse_flags)

@@ -27,11 +27,12 @@ N max_vae_images, (H, W) VAE image pad size (multiples of 16), T = (H/16)·(W/16
 | vae_images     | float32[B, N, H, W, 3] | images for the VAE in [-1, 1], zero-padded bottom/right |
 | vae_hw         | int32[B, N, 2]    | valid pixel (h, w) of each image (multiples of 16; 0 = no image) |
 | vae_timestep   | float32[B, N]     | raw logit z of the flow time (t = shift(sigmoid(z))); -inf for clean/no image |
-| vae_src        | int32[B, G]       | for each gen slot: flat source n·T + r·(W/16) + c in the row's [N, T] latent tokens |
+| vae_src        | int32[B, G]       | each gen slot's flat source n·T + r·(W/16) + c in the row's [N, T] latent tokens |
 | vae_pos        | int32[B, G]       | latent position id r·max_latent_size + c of each gen slot |
 
 Gen slot g holds a noised latent iff ``kind[U + g] == KIND_NOISED_VAE``.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -40,9 +41,26 @@ import numpy as np
 
 KIND_PAD, KIND_TEXT, KIND_VIT, KIND_CLEAN_VAE, KIND_NOISED_VAE = 0, 1, 2, 3, 4
 
-FIELDS = ("kind", "position", "index", "doc", "q_hi", "kv_hi", "text_ids", "labels", "ce_weight",
-          "vit_patches", "vit_pos", "vit_image", "vit_slot", "vae_images", "vae_hw", "vae_timestep",
-          "vae_src", "vae_pos")
+FIELDS = (
+    "kind",
+    "position",
+    "index",
+    "doc",
+    "q_hi",
+    "kv_hi",
+    "text_ids",
+    "labels",
+    "ce_weight",
+    "vit_patches",
+    "vit_pos",
+    "vit_image",
+    "vit_slot",
+    "vae_images",
+    "vae_hw",
+    "vae_timestep",
+    "vae_src",
+    "vae_pos",
+)
 
 
 class PackedBatch(NamedTuple):
@@ -80,35 +98,44 @@ class PackedBatch(NamedTuple):
     def gen_len(self) -> int:
         return self.seq_len - self.und_len
 
-    def replace(self, **fields) -> "PackedBatch":
+    def replace(self, **fields) -> PackedBatch:
         return self._replace(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in FIELDS}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PackedBatch":
+    def from_dict(cls, d: dict[str, Any]) -> PackedBatch:
         missing = [f for f in FIELDS if f not in d]
         if missing:
             raise KeyError(f"PackedBatch is missing fields {missing}")
         return cls(**{f: d[f] for f in FIELDS})
 
 
-def empty_row(seq_len: int, und_len: int, max_vit_patches: int, vit_patch_dim: int, max_vae_images: int,
-              vae_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+def empty_row(
+    seq_len: int, und_len: int, max_vit_patches: int, vit_patch_dim: int, max_vae_images: int, vae_hw: tuple[int, int]
+) -> dict[str, np.ndarray]:
     """All-padding numpy row (no batch dim) with the given budgets; the packer fills it."""
     gen_len = seq_len - und_len
     h, w = vae_hw
     idx = np.arange(seq_len, dtype=np.int32)
     return dict(
-        kind=np.zeros(seq_len, np.int32), position=np.zeros(seq_len, np.int32), index=idx.copy(),
-        doc=np.zeros(seq_len, np.int32), q_hi=idx.copy(), kv_hi=np.full(seq_len, np.iinfo(np.int32).max, np.int32),
-        text_ids=np.zeros(und_len, np.int32), labels=np.zeros(und_len, np.int32),
+        kind=np.zeros(seq_len, np.int32),
+        position=np.zeros(seq_len, np.int32),
+        index=idx.copy(),
+        doc=np.zeros(seq_len, np.int32),
+        q_hi=idx.copy(),
+        kv_hi=np.full(seq_len, np.iinfo(np.int32).max, np.int32),
+        text_ids=np.zeros(und_len, np.int32),
+        labels=np.zeros(und_len, np.int32),
         ce_weight=np.zeros(und_len, np.float32),
         vit_patches=np.zeros((max_vit_patches, vit_patch_dim), np.float32),
-        vit_pos=np.zeros(max_vit_patches, np.int32), vit_image=np.zeros(max_vit_patches, np.int32),
+        vit_pos=np.zeros(max_vit_patches, np.int32),
+        vit_image=np.zeros(max_vit_patches, np.int32),
         vit_slot=np.full(max_vit_patches, und_len, np.int32),
-        vae_images=np.zeros((max_vae_images, h, w, 3), np.float32), vae_hw=np.zeros((max_vae_images, 2), np.int32),
+        vae_images=np.zeros((max_vae_images, h, w, 3), np.float32),
+        vae_hw=np.zeros((max_vae_images, 2), np.int32),
         vae_timestep=np.full(max_vae_images, -np.inf, np.float32),
-        vae_src=np.zeros(gen_len, np.int32), vae_pos=np.zeros(gen_len, np.int32),
+        vae_src=np.zeros(gen_len, np.int32),
+        vae_pos=np.zeros(gen_len, np.int32),
     )

@@ -8,6 +8,7 @@ body under ``user_errors()``; absl programs parse their flags with ``parse_flags
 ``quiet_platforms`` keeps jax from loading libtpu (which prints warnings and writes log files to /tmp/tpu_logs)
 on a machine without TPU chips. Imports nothing heavy (no jax).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,6 +41,7 @@ def fail(message: object) -> NoReturn:
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from bagel_jax.launch_utils import LaunchError
+
     return ConfigError, InputError, LaunchError
 
 
@@ -55,6 +57,7 @@ def user_errors() -> Iterator[None]:
 def import_callable(spec: str, flag: str):
     """``"package.module:function"`` → the function; an ``InputError`` naming ``flag`` when it cannot be had."""
     import importlib
+
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise InputError(f"{flag}: expected 'package.module:function', got {spec!r}")
@@ -75,6 +78,7 @@ def say_and_exit(message: str) -> NoReturn:
 
 # --- absl flags ----------------------------------------------------------------------------------------------------
 
+
 def _override_keys(argv: Sequence[str], config_flag: str) -> list[tuple[str, str]]:
     """``[(flag text, dotted key)]`` of the ``--config.a.b=v`` overrides in ``argv``."""
     prefix = f"--{config_flag}."
@@ -83,7 +87,7 @@ def _override_keys(argv: Sequence[str], config_flag: str) -> list[tuple[str, str
         if arg == "--":
             break
         if arg.startswith(prefix):
-            out.append((arg, arg[len(prefix):].split("=", 1)[0]))
+            out.append((arg, arg[len(prefix) :].split("=", 1)[0]))
     return out
 
 
@@ -116,8 +120,10 @@ def _config_flag_error(argv: Sequence[str], config_flag: str, error: BaseExcepti
     for _, key in _override_keys(argv, config_flag):
         if not has_key(config, key):
             if key in known or any(key.startswith(k + ".") for k in known):  # under a free-form section (evals)
-                return (f"{key}: not in {spec} (a command-line override changes a key the config has; add new "
-                        f"entries in the config file)")
+                return (
+                    f"{key}: not in {spec} (a command-line override changes a key the config has; add new "
+                    f"entries in the config file)"
+                )
             return unknown_key_message(key, known)
     cause = error.__cause__ or error.__context__
     text = one_line(error) if cause is None else f"{one_line(error)} ({type(cause).__name__}: {one_line(cause)})"
@@ -173,6 +179,7 @@ def tpu_may_be_present() -> bool:
     """True unless this machine surely has no TPU chip: any Google PCI device other than storage or network (what
     jax's own probe looks for, without its list of chip ids), or a /dev/accel* / /dev/vfio device node."""
     import glob
+
     if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
         return True
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
@@ -194,4 +201,5 @@ def quiet_platforms() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"  # this process and its children (data workers)
     if "jax" in sys.modules:
         import jax
+
         jax.config.update("jax_platforms", "cpu")

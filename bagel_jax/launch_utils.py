@@ -10,6 +10,7 @@ A sweep file defines ``get_sweep(arg=None) -> list[dict]``; every dict maps dott
 are passed raw, so a value with spaces or quotes survives as long as the *argv* is kept intact;
 ``shell_join`` quotes an argv for a POSIX shell).
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,9 @@ import itertools
 import re
 import shlex
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -32,6 +34,7 @@ class LaunchError(ValueError):
 
 
 # --- config / sweep files ----------------------------------------------------------------------------
+
 
 def split_file_arg(spec: str) -> tuple[str, str | None]:
     """``"configs/x.py:arg"`` → ``("configs/x.py", "arg")``; ``"configs/x.py"`` → ``(…, None)``."""
@@ -101,13 +104,15 @@ def check_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
             node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             from bagel_jax.config import config_keys, unknown_key_message
+
             raise LaunchError(f"{where}: {unknown_key_message(key, config_keys(config))}")
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
             raise LaunchError(f"{where}: {key}: is a section, override one of its keys")
         if not _compatible(current, value):
-            raise LaunchError(f"{where}: {key}: expected {type(current).__name__}, got {type(value).__name__} "
-                              f"{value!r}")
+            raise LaunchError(
+                f"{where}: {key}: expected {type(current).__name__}, got {type(value).__name__} {value!r}"
+            )
 
 
 def _compatible(current, value) -> bool:
@@ -151,6 +156,7 @@ def load_points(config_spec: str, sweep_spec: str | None) -> list[dict[str, Any]
 
 # --- overrides as command-line flags -----------------------------------------------------------------
 
+
 def format_value(value: Any) -> str:
     """The text ``config_flags`` parses back to ``value`` (strings raw, the rest as Python literals)."""
     if isinstance(value, str):
@@ -163,8 +169,10 @@ def format_value(value: Any) -> str:
         return str(value)
     if isinstance(value, (tuple, list)):
         return repr(tuple(value))
-    raise LaunchError(f"override value {value!r}: unsupported type {type(value).__name__} "
-                      "(use str, bool, int, float or a tuple of them)")
+    raise LaunchError(
+        f"override value {value!r}: unsupported type {type(value).__name__} "
+        "(use str, bool, int, float or a tuple of them)"
+    )
 
 
 def override_flags(overrides: Mapping[str, Any]) -> list[str]:
@@ -177,8 +185,9 @@ def trainer_args(config: str, workdir: str, overrides: Mapping[str, Any] = (), e
     return [f"--config={config}", *override_flags(dict(overrides)), *extra, f"--workdir={workdir}"]
 
 
-def trainer_command(config: str, workdir: str, overrides: Mapping[str, Any] = (), extra: Sequence[str] = (),
-                    python: str | None = None) -> list[str]:
+def trainer_command(
+    config: str, workdir: str, overrides: Mapping[str, Any] = (), extra: Sequence[str] = (), python: str | None = None
+) -> list[str]:
     """Full argv: ``python -m bagel_jax.train --config=… --config.k=v … --workdir=…``."""
     return [python or sys.executable, "-m", TRAIN_MODULE, *trainer_args(config, workdir, overrides, extra)]
 
@@ -189,6 +198,7 @@ def shell_join(argv: Sequence[str]) -> str:
 
 
 # --- naming -------------------------------------------------------------------------------------------
+
 
 def _short(value: Any) -> str:
     if isinstance(value, float):

@@ -14,10 +14,11 @@ allowed(q, kv) = doc[q] == doc[kv] != 0 and index[kv] <= q_hi[q] and index[q] <=
 A leaf of the package: numpy only, so the data pipeline (host workers) builds metadata without importing jax. The
 device side (``MaskMeta``, the dense ``allowed`` mask, the kernels) is ``bagel_jax.attention``.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

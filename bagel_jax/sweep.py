@@ -9,6 +9,7 @@ run's ``metrics.jsonl`` (JSON lines with at least ``step``, ``ce``, ``mse``); it
 ``<workdir>/summary.json``. Exit status 1 if any run failed. Meant for tiny CPU configs; on TPUs use
 ``launch/xm_launch.py`` or ``launch/gcloud/``.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -68,8 +70,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     return "\n".join(lines)
 
 
-def run_point(index: int, point: Mapping[str, Any], config: str, workdir: str, extra: Sequence[str],
-              python: str, module: str) -> dict[str, Any]:
+def run_point(
+    index: int, point: Mapping[str, Any], config: str, workdir: str, extra: Sequence[str], python: str, module: str
+) -> dict[str, Any]:
     """Runs one point to completion; returns its summary row (overrides, status, final metrics, time)."""
     point_dir = Path(lu.point_workdir(workdir, index, point))
     point_dir.mkdir(parents=True, exist_ok=True)
@@ -80,18 +83,29 @@ def run_point(index: int, point: Mapping[str, Any], config: str, workdir: str, e
     with open(log, "w") as out:
         code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT)
     seconds = time.time() - start
-    row = {"point": index, **point, "status": "ok" if code == 0 else f"failed ({code})",
-           "seconds": round(seconds, 1), "workdir": str(point_dir)}
+    row = {
+        "point": index,
+        **point,
+        "status": "ok" if code == 0 else f"failed ({code})",
+        "seconds": round(seconds, 1),
+        "workdir": str(point_dir),
+    }
     row.update({k: v for k, v in final_metrics(read_metrics(point_dir)).items() if k in METRIC_COLUMNS})
     if code != 0:
         tail = log.read_text().splitlines()[-5:]
-        print(f"[{index}] failed with exit status {code}; last lines of {log}:\n  " + "\n  ".join(tail),
-              flush=True)
+        print(f"[{index}] failed with exit status {code}; last lines of {log}:\n  " + "\n  ".join(tail), flush=True)
     return row
 
 
-def run_sweep(config: str, sweep: str, workdir: str, limit: int = 0, extra: Sequence[str] = (),
-              python: str | None = None, module: str = lu.TRAIN_MODULE) -> list[dict[str, Any]]:
+def run_sweep(
+    config: str,
+    sweep: str,
+    workdir: str,
+    limit: int = 0,
+    extra: Sequence[str] = (),
+    python: str | None = None,
+    module: str = lu.TRAIN_MODULE,
+) -> list[dict[str, Any]]:
     """Runs the first ``limit`` points (all if 0) sequentially; returns one summary row per point."""
     points = lu.load_points(config, sweep)
     if limit:
@@ -123,11 +137,12 @@ def check_trainer_args(config: str, extra: Sequence[str]) -> None:
     """Raises ``LaunchError`` for a ``--config.<key>=…`` trainer flag whose key the config lacks (before any point
     runs; the trainer checks the values)."""
     from bagel_jax.config import config_keys, unknown_key_message
+
     known = None
     for arg in extra:
         if arg.startswith("--config."):
             known = known if known is not None else config_keys(lu.load_config(config))
-            key = arg[len("--config."):].split("=", 1)[0]
+            key = arg[len("--config.") :].split("=", 1)[0]
             if key not in known and not any(key.startswith(k + ".") for k in known):
                 raise lu.LaunchError(f"--trainer_arg={arg}: {unknown_key_message(key, known)}")
 
@@ -136,6 +151,7 @@ def main(argv):
     """A bad flag, config, sweep file or point is one line on stderr and exit status 2, before any point runs; a
     failed point makes the exit status 1 (its log's last lines are printed)."""
     from bagel_jax import cli
+
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
@@ -146,8 +162,9 @@ def main(argv):
         cli.fail(f"--limit: must be >= 0, got {FLAGS.limit}")
     with cli.user_errors():
         check_trainer_args(FLAGS.config, FLAGS.trainer_arg)
-        rows = run_sweep(FLAGS.config, FLAGS.sweep, FLAGS.workdir, FLAGS.limit, FLAGS.trainer_arg,
-                         module=FLAGS.trainer_module)
+        rows = run_sweep(
+            FLAGS.config, FLAGS.sweep, FLAGS.workdir, FLAGS.limit, FLAGS.trainer_arg, module=FLAGS.trainer_module
+        )
     print(summary_table(rows), flush=True)
     if any(row["status"] != "ok" for row in rows):
         sys.exit(1)
@@ -155,5 +172,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from bagel_jax import cli
+
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)

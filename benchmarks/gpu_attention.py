@@ -21,6 +21,7 @@ at the shortest length. Prints a markdown table (median of ``--reps`` timed call
 writes it, with the raw numbers as JSON, to ``--out``. Cases that run out of memory print ``OOM``; cases not
 started within ``--budget`` seconds print ``skipped``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,11 @@ sys.path.insert(0, HERE)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from mask_blocks import MIXES, pack_row  # noqa: E402
 
 from bagel_jax.attention.gpu import gpu_attention  # noqa: E402
 from bagel_jax.attention.mask import MaskMeta, allowed  # noqa: E402
 from bagel_jax.attention.reference import reference_attention  # noqa: E402
-from mask_blocks import MIXES, pack_row  # noqa: E402
 
 
 def timed(fn, *args, reps: int) -> float:
@@ -57,9 +58,11 @@ def timed(fn, *args, reps: int) -> float:
 
 def fwd_bwd(attn):
     """q, k, v, do → (out, dq, dk, dv) of ``attn`` (one jitted call)."""
+
     def run(q, k, v, do):
         out, vjp = jax.vjp(attn, q, k, v)
         return (out, *vjp(do))
+
     return jax.jit(run)
 
 
@@ -72,8 +75,10 @@ def implementations(meta: MaskMeta, blocks):
     def cudnn_causal(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-    impls = {f"gpu b{bq}x{bkv}": (lambda q, k, v, bq=bq, bkv=bkv: gpu_attention(q, k, v, meta, block_q=bq,
-                                                                              block_kv=bkv)) for bq, bkv in blocks}
+    impls = {
+        f"gpu b{bq}x{bkv}": (lambda q, k, v, bq=bq, bkv=bkv: gpu_attention(q, k, v, meta, block_q=bq, block_kv=bkv))
+        for bq, bkv in blocks
+    }
     impls["dense xla (mask)"] = dense
     impls["cudnn causal (other mask)"] = cudnn_causal
     return impls
@@ -106,8 +111,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     blocks = [tuple(int(x) for x in b.split("x")) for b in a.blocks.split(",")]
     lengths = [int(x) for x in a.lengths.split(",")]
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; bf16, Hq={a.heads}, Hkv={a.kv_heads}, "
-          f"hd={a.head_dim}, B=1", flush=True)
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; bf16, Hq={a.heads}, Hkv={a.kv_heads}, "
+        f"hd={a.head_dim}, B=1",
+        flush=True,
+    )
     start, rng, results, checks = time.time(), np.random.default_rng(a.seed), [], {}
     for length in lengths:
         for mix in a.mixes.split(","):
@@ -128,32 +136,57 @@ def main(argv=None):
                 if time.time() - start > a.budget:
                     rec.update(fwd_ms="skipped", fwd_bwd_ms="skipped")
                 else:
-                    for key, fn, args in (("fwd_ms", jax.jit(attn), (q, k, v)), ("fwd_bwd_ms", fwd_bwd(attn),
-                                                                                 (q, k, v, do))):
+                    for key, fn, args in (
+                        ("fwd_ms", jax.jit(attn), (q, k, v)),
+                        ("fwd_bwd_ms", fwd_bwd(attn), (q, k, v, do)),
+                    ):
                         try:
                             rec[key] = round(timed(fn, *args, reps=a.reps), 3)
                         except Exception as e:  # noqa: BLE001 (OOM or an unsupported cuDNN config: report it)
                             msg = str(e).splitlines()[0][:120]
-                            rec[key] = "OOM" if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg else f"error: {msg}"
+                            rec[key] = (
+                                "OOM" if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg else f"error: {msg}"
+                            )
                 results.append(rec)
                 print(json.dumps(rec), flush=True)
                 if a.out:  # kept as it goes: a run cut short still leaves its numbers
                     with open(a.out + ".partial", "w") as fh:
                         json.dump(dict(results=results, checks=checks), fh, indent=1)
-    lines = ["| L | mix | mask density | impl | fwd ms | fwd+bwd ms | fwd+bwd vs dense |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| L | mix | mask density | impl | fwd ms | fwd+bwd ms | fwd+bwd vs dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        dense = next((x["fwd_bwd_ms"] for x in results if x["length"] == r["length"] and x["mix"] == r["mix"]
-                      and x["impl"].startswith("dense")), None)
-        ratio = (f"{dense / r['fwd_bwd_ms']:.2f}×" if isinstance(dense, float) and isinstance(r["fwd_bwd_ms"], float)
-                 else "")
-        lines.append(f"| {r['length'] // 1024}K | {r['mix']} | {r['density']:.3f} | {r['impl']} | {r['fwd_ms']} | "
-                     f"{r['fwd_bwd_ms']} | {ratio} |")
+        dense = next(
+            (
+                x["fwd_bwd_ms"]
+                for x in results
+                if x["length"] == r["length"] and x["mix"] == r["mix"] and x["impl"].startswith("dense")
+            ),
+            None,
+        )
+        ratio = (
+            f"{dense / r['fwd_bwd_ms']:.2f}×" if isinstance(dense, float) and isinstance(r["fwd_bwd_ms"], float) else ""
+        )
+        lines.append(
+            f"| {r['length'] // 1024}K | {r['mix']} | {r['density']:.3f} | {r['impl']} | {r['fwd_ms']} | "
+            f"{r['fwd_bwd_ms']} | {ratio} |"
+        )
     table = "\n".join(lines)
     print(table)
     if a.out:
         with open(a.out, "w") as fh:
-            json.dump(dict(results=results, checks=checks, table=table, device=jax.devices()[0].device_kind,
-                           jax=jax.__version__), fh, indent=1)
+            json.dump(
+                dict(
+                    results=results,
+                    checks=checks,
+                    table=table,
+                    device=jax.devices()[0].device_kind,
+                    jax=jax.__version__,
+                ),
+                fh,
+                indent=1,
+            )
     return results
 
 

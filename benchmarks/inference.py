@@ -39,6 +39,7 @@ Cold = the first call of a process (compiling the bucket's program, ~2–9 s her
 grow with the number of images (a new VAE decode jit per image: 37 for 8 images); the cached path compiles one
 sampler and one decode program per bucket (the edit row's decode reused the t2i row's: same size and batch bucket).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,8 @@ from bagel_jax.model.vae import FluxVAE, denormalize_latent, unpatchify_latent  
 
 COMPILES = collections.Counter()
 monitoring.register_event_duration_secs_listener(
-    lambda name, secs, **kw: COMPILES.update([1]) if name == "/jax/core/compile/backend_compile_duration" else None)
+    lambda name, secs, **kw: COMPILES.update([1]) if name == "/jax/core/compile/backend_compile_duration" else None
+)
 
 
 def measure(fn):
@@ -100,8 +102,15 @@ def today_images(inf: Inferencer, items_list, seeds, hw, defaults, steps):
     out = []
     for items, seed in zip(items_list, seeds):
         ctx = interleave_contexts(items, inf.pre)
-        res = sampler.sample(ctx.gen, ctx.cfg_text, ctx.cfg_img, hw or ctx.image_hw, num_timesteps=steps,
-                             rng=jax.random.key(seed), **defaults)
+        res = sampler.sample(
+            ctx.gen,
+            ctx.cfg_text,
+            ctx.cfg_img,
+            hw or ctx.image_hw,
+            num_timesteps=steps,
+            rng=jax.random.key(seed),
+            **defaults,
+        )
         out.append(decode_per_call(cfg.vae, inf.params["vae"], res.latents, res.grid_hw, cfg.latent_patch_size))
     return out
 
@@ -120,7 +129,7 @@ def long_context(tokenizer, n_tokens: int) -> str:
     while len(tokenizer.encode(text)) < n_tokens - 2:
         text += " " + words[i % len(words)]
         i += 1
-    ids = tokenizer.encode(text)[:n_tokens - 2]  # + <|im_start|> / <|im_end|> = n_tokens
+    ids = tokenizer.encode(text)[: n_tokens - 2]  # + <|im_start|> / <|im_end|> = n_tokens
     return tokenizer.decode(ids)
 
 
@@ -139,48 +148,81 @@ def main(argv=None):
     config = load_config(os.path.join(ROOT, "configs", "tiny_repro.py"))
     model, variables = init_bagel(config, jax.random.key(0))
     params = jax.device_get(meta.unbox(variables["params"]))
-    tok = train_sentencepiece(synthetic_shapes.corpus(), os.path.join(tempfile.mkdtemp(), "tok.model"),
-                              vocab_size=config.model.vocab_size)
+    tok = train_sentencepiece(
+        synthetic_shapes.corpus(), os.path.join(tempfile.mkdtemp(), "tok.model"), vocab_size=config.model.vocab_size
+    )
     today = Inferencer(model, params, tok, config.data, cached=False)
     cached = Inferencer(model, params, tok, config.data, cached=True, max_batch=64)
     rows = []
 
     # --- shapes-GenEval-style: prompts × images, each image its own seed ---
     gen = ShapesGenEval(num_examples=-(-args.prompts // 6), samples_per_prompt=args.images_per_prompt, square=True)
-    samples = gen.samples[:args.prompts * args.images_per_prompt]
+    samples = gen.samples[: args.prompts * args.images_per_prompt]
     prompts, seeds = [e.prompt for e, _ in samples], [s for _, s in samples]
     side = cached.vae_rule.max_size
     nb = args.baseline_images
-    imgs_today, t_today, c_today = measure(lambda: today_images(today, [[q] for q in prompts[:nb]], seeds[:nb],
-                                                                (side, side), T2I_DEFAULTS, args.steps))
+    imgs_today, t_today, c_today = measure(
+        lambda: today_images(today, [[q] for q in prompts[:nb]], seeds[:nb], (side, side), T2I_DEFAULTS, args.steps)
+    )
     imgs_cold, t_cold, c_cold = measure(lambda: cached.generate_batch(prompts, seeds, num_timesteps=args.steps))
     imgs_warm, t_warm, c_warm = measure(lambda: cached.generate_batch(prompts, seeds, num_timesteps=args.steps))
     assert all(np.array_equal(a, b) for a, b in zip(imgs_cold, imgs_warm))
     check_same("t2i", imgs_today, imgs_cold)
-    rows.append((f"GenEval-style t2i, {len(prompts) // args.images_per_prompt} prompts × {args.images_per_prompt} "
-                 f"images (today: first {nb})", nb / t_today, len(prompts) / t_cold, len(prompts) / t_warm,
-                 c_today, c_cold, c_warm, "images/s"))
+    rows.append(
+        (
+            f"GenEval-style t2i, {len(prompts) // args.images_per_prompt} prompts × {args.images_per_prompt} "
+            f"images (today: first {nb})",
+            nb / t_today,
+            len(prompts) / t_cold,
+            len(prompts) / t_warm,
+            c_today,
+            c_cold,
+            c_warm,
+            "images/s",
+        )
+    )
 
     # --- shapes-edit-style: a source image and an instruction, 50 steps ---
     edits = ShapesEdit(num_examples=args.edits, square=True)
     sources = [e.render() for e in edits.examples]
     instructions = [e.instruction for e in edits.examples]
     ne = args.baseline_edits
-    edits_today, t_today, c_today = measure(lambda: today_images(
-        today, [[s, q] for s, q in zip(sources[:ne], instructions)], edits.seeds[:ne], None, EDIT_DEFAULTS, args.steps))
-    edits_cold, t_cold, c_cold = measure(lambda: cached.edit_batch(sources, instructions, edits.seeds,
-                                                                   num_timesteps=args.steps))
+    edits_today, t_today, c_today = measure(
+        lambda: today_images(
+            today,
+            [[s, q] for s, q in zip(sources[:ne], instructions)],
+            edits.seeds[:ne],
+            None,
+            EDIT_DEFAULTS,
+            args.steps,
+        )
+    )
+    edits_cold, t_cold, c_cold = measure(
+        lambda: cached.edit_batch(sources, instructions, edits.seeds, num_timesteps=args.steps)
+    )
     check_same("edit", edits_today, edits_cold)
-    _, t_warm, c_warm = measure(lambda: cached.edit_batch(sources, instructions, edits.seeds,
-                                                          num_timesteps=args.steps))
-    rows.append((f"edit, {args.edits} edits (today: first {ne})", ne / t_today, args.edits / t_cold,
-                 args.edits / t_warm, c_today, c_cold, c_warm, "images/s"))
-    _, t_one, c_one = measure(lambda: cached.edit_batch(sources[:1], instructions[:1], edits.seeds[:1],
-                                                        num_timesteps=args.steps))
-    _, t_one_w, c_one_w = measure(lambda: cached.edit_batch(sources[:1], instructions[:1], edits.seeds[:1],
-                                                            num_timesteps=args.steps))
-    rows.append(("edit, 1 edit alone (latency)", rows[-1][1], 1 / t_one, 1 / t_one_w,
-                 c_today, c_one, c_one_w, "images/s"))
+    _, t_warm, c_warm = measure(lambda: cached.edit_batch(sources, instructions, edits.seeds, num_timesteps=args.steps))
+    rows.append(
+        (
+            f"edit, {args.edits} edits (today: first {ne})",
+            ne / t_today,
+            args.edits / t_cold,
+            args.edits / t_warm,
+            c_today,
+            c_cold,
+            c_warm,
+            "images/s",
+        )
+    )
+    _, t_one, c_one = measure(
+        lambda: cached.edit_batch(sources[:1], instructions[:1], edits.seeds[:1], num_timesteps=args.steps)
+    )
+    _, t_one_w, c_one_w = measure(
+        lambda: cached.edit_batch(sources[:1], instructions[:1], edits.seeds[:1], num_timesteps=args.steps)
+    )
+    rows.append(
+        ("edit, 1 edit alone (latency)", rows[-1][1], 1 / t_one, 1 / t_one_w, c_today, c_one, c_one_w, "images/s")
+    )
 
     # --- greedy text after a 512-token context ---
     text = long_context(tok, args.context)
@@ -191,11 +233,23 @@ def main(argv=None):
     ids_warm, t_warm, c_warm = measure(lambda: cached.answer_ids(items, max_length=args.new_tokens + 1))
     assert ids_today == ids_cold == ids_warm, "cached greedy ids differ from the oracle's"
     n_tok = max(1, len(ids_today))
-    rows.append((f"greedy text, {ctx_len}-token context, {n_tok} tokens", n_tok / t_today, n_tok / t_cold,
-                 n_tok / t_warm, c_today, c_cold, c_warm, "tokens/s"))
+    rows.append(
+        (
+            f"greedy text, {ctx_len}-token context, {n_tok} tokens",
+            n_tok / t_today,
+            n_tok / t_cold,
+            n_tok / t_warm,
+            c_today,
+            c_cold,
+            c_warm,
+            "tokens/s",
+        )
+    )
 
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, {args.steps} Euler steps")
-    print("| task | today | cached cold | cached warm | ratio cold | ratio warm | compiles today / cold / warm | unit |")
+    print(
+        "| task | today | cached cold | cached warm | ratio cold | ratio warm | compiles today / cold / warm | unit |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, a, b, c, ca, cb, cc, unit in rows:
         print(f"| {name} | {a:.3g} | {b:.3g} | {c:.3g} | {b / a:.1f}× | {c / a:.1f}× | {ca} / {cb} / {cc} | {unit} |")

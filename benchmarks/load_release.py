@@ -23,6 +23,7 @@ Measured (2 shared CPU cores, the defaults: 12 MoT layers, hidden 1024, vocab 65
 The sharded load meets the goal (overhead 1.28 × the largest tensor ≤ 2 ×); the naive load holds the whole file
 on the host (≈ 1.15 × the file) on top of the params.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(layers: int, hidden: int, vocab: int):
     sys.path.insert(0, ROOT)
     from bagel_jax.launch_utils import load_config
+
     c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
-    c.model.update(num_layers=layers, hidden_size=hidden, intermediate_size=4 * hidden, vocab_size=vocab,
-                   num_heads=hidden // 64, num_kv_heads=max(hidden // 256, 1), head_dim=0)
+    c.model.update(
+        num_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        vocab_size=vocab,
+        num_heads=hidden // 64,
+        num_kv_heads=max(hidden // 256, 1),
+        head_dim=0,
+    )
     c.parallel.update(data=1, fsdp=8, tensor=1)
     c.data.batch_size = 8
     return c
@@ -80,22 +89,33 @@ def _measure(mode: str, directory: str, layers: int, hidden: int, vocab: int) ->
         params = load_release_sharded(directory, cfg, shardings, like)
     else:
         from safetensors.numpy import load_file
+
         sd = load_file(os.path.join(directory, bc.EMA_FILE))  # the whole model on the host
         flat_sh = {tuple(k.key for k in kp): s for kp, s in jax.tree_util.tree_leaves_with_path(shardings)}
         params = {}
         hd = cfg.hidden_size // cfg.num_heads
         for key, path, kind in bc.entries(cfg):
-            bc._set(params, path, jax.device_put(np.ascontiguousarray(bc.to_ours(kind, sd[key], hd)
-                                                                      .astype(np.float32)), flat_sh[path]))
-        params["vae"] = bc.load_vae_params(os.path.join(directory, bc.AE_FILE), cfg, dtype=np.float32,
-                                           place=lambda p, a: jax.device_put(a, flat_sh[p]))
+            bc._set(
+                params,
+                path,
+                jax.device_put(np.ascontiguousarray(bc.to_ours(kind, sd[key], hd).astype(np.float32)), flat_sh[path]),
+            )
+        params["vae"] = bc.load_vae_params(
+            os.path.join(directory, bc.AE_FILE), cfg, dtype=np.float32, place=lambda p, a: jax.device_put(a, flat_sh[p])
+        )
     jax.block_until_ready(params)
     after = _rss_mb()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    nbytes = sum(x.nbytes for x in jax.tree.leaves(params)) / 2 ** 20
-    return dict(mode=mode, rss_before_mb=round(before), rss_after_mb=round(after), peak_mb=round(peak),
-                peak_extra_mb=round(peak - before), params_mb=round(nbytes),
-                overhead_mb=round(peak - before - nbytes))
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20
+    return dict(
+        mode=mode,
+        rss_before_mb=round(before),
+        rss_after_mb=round(after),
+        peak_mb=round(peak),
+        peak_extra_mb=round(peak - before),
+        params_mb=round(nbytes),
+        overhead_mb=round(peak - before - nbytes),
+    )
 
 
 def main():
@@ -111,25 +131,44 @@ def main():
         return
     tmp = tempfile.mkdtemp(prefix="load_release_")
     try:
-        gen = (f"import sys; sys.path.insert(0, {ROOT!r}); from benchmarks.load_release import _config; "
-               "from bagel_jax.convert.bagel_ckpt import write_random_checkpoint; "
-               f"write_random_checkpoint({tmp!r}, _config({a.layers}, {a.hidden}, {a.vocab}).model)")
+        gen = (
+            f"import sys; sys.path.insert(0, {ROOT!r}); from benchmarks.load_release import _config; "
+            "from bagel_jax.convert.bagel_ckpt import write_random_checkpoint; "
+            f"write_random_checkpoint({tmp!r}, _config({a.layers}, {a.hidden}, {a.vocab}).model)"
+        )
         subprocess.run([sys.executable, "-c", gen], check=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         from safetensors import safe_open
+
         path = os.path.join(tmp, "ema.safetensors")
         with safe_open(path, framework="numpy") as f:
             import numpy as np
-            largest = max(int(np.prod(f.get_slice(k).get_shape())) * 4 for k in f.keys()) / 2 ** 20
-        file_mb = os.path.getsize(path) / 2 ** 20
+
+            largest = max(int(np.prod(f.get_slice(k).get_shape())) * 4 for k in f.keys()) / 2**20
+        file_mb = os.path.getsize(path) / 2**20
         print(f"ema.safetensors {file_mb:.0f} MiB, largest tensor {largest:.0f} MiB")
         for mode in ("sharded", "naive"):
-            out = subprocess.run([sys.executable, __file__, f"--measure={mode}", f"--dir={tmp}",
-                                  f"--layers={a.layers}", f"--hidden={a.hidden}", f"--vocab={a.vocab}"],
-                                 check=True, cwd=ROOT, capture_output=True, text=True,
-                                 env={**os.environ, "PYTHONPATH": ROOT})
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    f"--measure={mode}",
+                    f"--dir={tmp}",
+                    f"--layers={a.layers}",
+                    f"--hidden={a.hidden}",
+                    f"--vocab={a.vocab}",
+                ],
+                check=True,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": ROOT},
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            r.update(file_mb=round(file_mb), largest_tensor_mb=round(largest),
-                     overhead_over_largest=round(r["overhead_mb"] / largest, 2))
+            r.update(
+                file_mb=round(file_mb),
+                largest_tensor_mb=round(largest),
+                overhead_over_largest=round(r["overhead_mb"] / largest, 2),
+            )
             print(json.dumps(r))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ three mixes (T2I-heavy, VLM-heavy, interleaved) from the sample structures of th
   pair); splash dynamic: splash's dynamic mask at one byte per (q, kv) pair, L² bytes. Both are computed sizes.
 It also checks the block map against the dense mask and raises if it would skip a non-empty block.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -128,8 +129,9 @@ def pack_row(rng, mix: str, seq_len: int, block: int):
     for f, x in natural.items():
         pad = lambda n, fill: np.full(n, fill, np.int32)  # noqa: E731
         fill = 0 if f == "doc" else x.shape[0]  # padding: doc 0 (index values do not matter)
-        out[f] = np.concatenate([x[und_idx], pad(und_len - len(und_idx), fill),
-                                 x[gen_idx], pad(gen_len - len(gen_idx), fill)]).astype(np.int32)
+        out[f] = np.concatenate(
+            [x[und_idx], pad(und_len - len(und_idx), fill), x[gen_idx], pad(gen_len - len(gen_idx), fill)]
+        ).astype(np.int32)
     return out, dict(docs=len(docs), und=und_used, gen=gen_used)
 
 
@@ -137,19 +139,25 @@ def count_row(meta: dict, block: int) -> dict:
     """Block counts of one row (forward kernel, bq = bkv = ``block``)."""
     m = MaskMeta(*(jnp.asarray(meta[f])[None] for f in ("doc", "index", "q_hi", "kv_hi")))
     kinds = np.asarray(block_map.block_kinds(m, m, block, block))[0]
-    fwd, = block_map.schedules(m, m, block, block, by=("q",))
+    (fwd,) = block_map.schedules(m, m, block, block, by=("q",))
     exact = block_map.dense_block_kinds(meta, meta, block, block)
     if np.any((exact != block_map.EMPTY) & (kinds == block_map.EMPTY)) or np.any(
-            (kinds == block_map.FULL) & (exact != block_map.FULL)):
+        (kinds == block_map.FULL) & (exact != block_map.FULL)
+    ):
         raise AssertionError("block map is not sound")  # would be a kernel bug: fail loudly
     n = kinds.shape[0]
     length = len(meta["doc"])
     return dict(
-        n=n, kernel=int((kinds != block_map.EMPTY).sum()), steps=int(fwd.count),
+        n=n,
+        kernel=int((kinds != block_map.EMPTY).sum()),
+        steps=int(fwd.count),
         minimal=int((exact != block_map.EMPTY).sum()),
-        full=int((kinds == block_map.FULL).sum()), full_min=int((exact == block_map.FULL).sum()),
+        full=int((kinds == block_map.FULL).sum()),
+        full_min=int((exact == block_map.FULL).sum()),
         splash=n * (n + 1) // 2,
-        ours_bytes=4 * 4 * length + 3 * 4 * n * n, splash_bytes=length * length)
+        ours_bytes=4 * 4 * length + 3 * 4 * n * n,
+        splash_bytes=length * length,
+    )
 
 
 def main(argv=None):
@@ -160,8 +168,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     print(f"block_q = block_kv = {args.block}; {args.rows} rows per line, counts summed\n")
-    print("| row | L | docs | und/gen tokens | kernel blocks | minimal | kernel/min | grid steps | FULL (min) "
-          "| splash causal+seg | splash/kernel | mask bytes/row ours | splash dynamic |")
+    print(
+        "| row | L | docs | und/gen tokens | kernel blocks | minimal | kernel/min | grid steps | FULL (min) "
+        "| splash causal+seg | splash/kernel | mask bytes/row ours | splash dynamic |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for length in (32768, 46080):
@@ -176,10 +186,12 @@ def main(argv=None):
             ratio = tot["kernel"] / tot["minimal"]
             worst = max(worst, ratio)
             r = args.rows
-            print(f"| {mix} | {length // 1024}K | {info['docs']} | {info['und']}/{info['gen']} | {tot['kernel']} | "
-                  f"{tot['minimal']} | {ratio:.3f} | {tot['steps']} | {tot['full']} ({tot['full_min']}) | "
-                  f"{tot['splash']} | {tot['splash'] / tot['kernel']:.2f}× | "
-                  f"{tot['ours_bytes'] / r / 2**20:.2f} MiB | {tot['splash_bytes'] / r / 2**30:.2f} GiB |")
+            print(
+                f"| {mix} | {length // 1024}K | {info['docs']} | {info['und']}/{info['gen']} | {tot['kernel']} | "
+                f"{tot['minimal']} | {ratio:.3f} | {tot['steps']} | {tot['full']} ({tot['full_min']}) | "
+                f"{tot['splash']} | {tot['splash'] / tot['kernel']:.2f}× | "
+                f"{tot['ours_bytes'] / r / 2**20:.2f} MiB | {tot['splash_bytes'] / r / 2**30:.2f} GiB |"
+            )
     print(f"\nworst kernel/minimal ratio: {worst:.3f}")
     return worst
 

@@ -31,6 +31,7 @@ official-sizes row, whose rows are larger. Prints a markdown table.
 
     python benchmarks/pack_fill.py [--docs 20000] [--buffer 64] [--gaps 4096,2048,1024]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,13 +87,25 @@ def ours(costs: np.ndarray, seq_len: int, und_len: int, max_vae_images: int, buf
         rows.extend(packer.add(i, c))
     used = np.array([costs[r].sum(0) for r in rows])
     real = used[:, 0] + used[:, 1]
-    return dict(rows=len(rows), dropped=dropped, capacity=seq_len, real_per_row=real.mean(),
-                fill=real.sum() / (len(rows) * seq_len), und=used[:, 0].sum() / (len(rows) * und_len),
-                gen=used[:, 1].sum() / (len(rows) * (seq_len - und_len)))
+    return dict(
+        rows=len(rows),
+        dropped=dropped,
+        capacity=seq_len,
+        real_per_row=real.mean(),
+        fill=real.sum() / (len(rows) * seq_len),
+        und=used[:, 0].sum() / (len(rows) * und_len),
+        gen=used[:, 1].sum() / (len(rows) * (seq_len - und_len)),
+    )
 
 
-def packed_dataset_loop(costs: np.ndarray, expected: int, max_tokens: int, per_sample: int = 16384,
-                        prefer_buffer_before: int = 16384, max_buffer: int = 50) -> dict:
+def packed_dataset_loop(
+    costs: np.ndarray,
+    expected: int,
+    max_tokens: int,
+    per_sample: int = 16384,
+    prefer_buffer_before: int = 16384,
+    max_buffer: int = 50,
+) -> dict:
     """A re-implementation of the official ``PackedDataset.__iter__`` buffer loop (not the official code; no
     mandatory groups; each sample's 2 tokens per plan item are in the costs already): rows of up to
     ``max_tokens`` tokens, closed once they hold ``expected`` or more."""
@@ -120,16 +133,20 @@ def packed_dataset_loop(costs: np.ndarray, expected: int, max_tokens: int, per_s
             packs.append(curr)
             curr = 0
     packs = np.array(packs)
-    return dict(rows=len(packs), dropped=dropped, capacity=max_tokens, real_per_row=packs.mean(),
-                fill=packs.mean() / max_tokens)
+    return dict(
+        rows=len(packs), dropped=dropped, capacity=max_tokens, real_per_row=packs.mean(), fill=packs.mean() / max_tokens
+    )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--docs", type=int, default=20000)
     p.add_argument("--buffer", type=int, default=64, help="our packer's buffer (documents)")
-    p.add_argument("--gaps", default="4096,2048,1024",
-                   help="the loop's max_num_tokens - expected_num_tokens, comma-separated (official: 4096)")
+    p.add_argument(
+        "--gaps",
+        default="4096,2048,1024",
+        help="the loop's max_num_tokens - expected_num_tokens, comma-separated (official: 4096)",
+    )
     a = p.parse_args(argv)
     costs = sample_costs(a.docs)
     share = costs[:, 0].sum() / (costs[:, 0].sum() + costs[:, 1].sum())
@@ -142,17 +159,29 @@ def main(argv=None):
         t = time.perf_counter()
         r = ours(costs, seq_len, und_len, max_images, a.buffer)
         dt = time.perf_counter() - t
-        name = (f"bagel_jax (U={und_len}, G={seq_len - und_len}, N={max_images}, buffer={a.buffer}; "
-                f"und {100 * r['und']:.2f}%, gen {100 * r['gen']:.2f}%; {1e6 * dt / a.docs:.0f} us/doc)")
+        name = (
+            f"bagel_jax (U={und_len}, G={seq_len - und_len}, N={max_images}, buffer={a.buffer}; "
+            f"und {100 * r['und']:.2f}%, gen {100 * r['gen']:.2f}%; {1e6 * dt / a.docs:.0f} us/doc)"
+        )
         results.append((name, r))
         for gap in (int(g) for g in a.gaps.split(",")):
-            results.append((f"PackedDataset loop (re-impl.), expected {seq_len - gap}, max {seq_len}",
-                            packed_dataset_loop(costs, seq_len - gap, seq_len)))
-    results.append(("PackedDataset loop (re-impl.), official sizes: expected 32768, max 36864 (larger rows)",
-                    packed_dataset_loop(costs, 32768, 36864)))
+            results.append(
+                (
+                    f"PackedDataset loop (re-impl.), expected {seq_len - gap}, max {seq_len}",
+                    packed_dataset_loop(costs, seq_len - gap, seq_len),
+                )
+            )
+    results.append(
+        (
+            "PackedDataset loop (re-impl.), official sizes: expected 32768, max 36864 (larger rows)",
+            packed_dataset_loop(costs, 32768, 36864),
+        )
+    )
     for name, r in results:
-        print(f"| {r['capacity']} | {name} | {r['rows']} | {r['real_per_row']:.0f} | {100 * r['fill']:.2f}% | "
-              f"{r['dropped']} |")
+        print(
+            f"| {r['capacity']} | {name} | {r['rows']} | {r['real_per_row']:.0f} | {100 * r['fill']:.2f}% | "
+            f"{r['dropped']} |"
+        )
     return results
 
 

@@ -19,6 +19,7 @@ quoted in docs/EXPERIMENTS.md, was measured elsewhere).
 
     python benchmarks/pipeline_throughput.py [--workers 2] [--batches 40] [--workdir /tmp/bagel_pipeline_bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,8 @@ def words(rng, n: int) -> str:
 def photo(rng, w: int, h: int) -> bytes:
     """A JPEG with smooth gradients, shapes, blur and sensor-like noise (decodes like a photo, unlike flat art)."""
     base = Image.fromarray((rng.random((h // 16 + 2, w // 16 + 2, 3)) * 255).astype(np.uint8)).resize(
-        (w, h), Image.BICUBIC)
+        (w, h), Image.BICUBIC
+    )
     draw = ImageDraw.Draw(base)
     for _ in range(12):
         x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
@@ -57,6 +59,7 @@ def make_files(root: str, n: int, seed: int = 0) -> None:
     """Writes n samples per kind in the users' formats under root/{t2i,vlm,edit}."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     rng = np.random.default_rng(seed)
     os.makedirs(f"{root}/t2i", exist_ok=True)
     side = lambda lo, hi: (int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1)))  # noqa: E731
@@ -89,6 +92,7 @@ def prepare(workdir: str, n: int) -> tuple[str, str]:
     """Files → TFDS (ArrayRecord) with our builders, and a SentencePiece tokenizer; cached in workdir."""
     from bagel_jax.data.builders import common, edit, t2i, vlm_sft
     from bagel_jax.data.tokenizer import train_sentencepiece
+
     data_dir, tok = f"{workdir}/tfds", f"{workdir}/tokenizer.model"
     if not os.path.exists(f"{workdir}/done_{n}"):
         t = time.time()
@@ -104,11 +108,26 @@ def prepare(workdir: str, n: int) -> tuple[str, str]:
 
 def config(data_dir: str, tok: str, workers: int, pixel_dtype: str = "float32"):
     from bagel_jax.config import base_config, validate
+
     c = base_config()
     d = c.data
-    d.update(data_dir=data_dir, tokenizer=tok, builder="", num_workers=workers, batch_size=1, seq_len=32768,
-             und_len=11520, gen_len=21248, max_vit_patches=11520, max_vae_images=12, vae_image_size=(1024, 1024),
-             vit_transform=(980, 224, 14), vae_transform=(1024, 512, 16), prefetch=4, pixel_dtype=pixel_dtype)
+    d.update(
+        data_dir=data_dir,
+        tokenizer=tok,
+        builder="",
+        num_workers=workers,
+        batch_size=1,
+        seq_len=32768,
+        und_len=11520,
+        gen_len=21248,
+        max_vit_patches=11520,
+        max_vae_images=12,
+        vae_image_size=(1024, 1024),
+        vit_transform=(980, 224, 14),
+        vae_transform=(1024, 512, 16),
+        prefetch=4,
+        pixel_dtype=pixel_dtype,
+    )
     d.sources.update(t2i="t2i", vlm="vlm_sft", edit="edit")
     d.vit_transform_by_kind.update(vlm=(980, 378, 14, 2_007_040), edit=(518, 224, 14))
     d.mixture.update(t2i=1.0, vlm=1.0, edit=1.0, video=0.0, web=0.0)
@@ -143,6 +162,7 @@ def _children() -> list[int]:
 
 def run(cfg, batches: int, warmup: int) -> dict:
     from bagel_jax.data.pipeline import make_train_iterator
+
     it = make_train_iterator(cfg)
     try:
         for _ in range(warmup):
@@ -158,8 +178,15 @@ def run(cfg, batches: int, warmup: int) -> dict:
         m = it.metrics()
     finally:
         it.close()
-    return dict(tokens=tokens, wall=wall, cpu=cpu, main_cpu=main_cpu, worker_cpu=worker_cpu, fill=m["data/fill"],
-                load=os.getloadavg()[0])
+    return dict(
+        tokens=tokens,
+        wall=wall,
+        cpu=cpu,
+        main_cpu=main_cpu,
+        worker_cpu=worker_cpu,
+        fill=m["data/fill"],
+        load=os.getloadavg()[0],
+    )
 
 
 def main(argv=None):
@@ -174,12 +201,14 @@ def main(argv=None):
     data_dir, tok = prepare(a.workdir, a.samples)
     r = run(config(data_dir, tok, a.workers, a.pixel_dtype), a.batches, a.warmup)
     ncpu = max(a.workers, 1)
-    print(f"{a.pixel_dtype} pixels, {a.workers} workers, {a.batches} rows of 32768: "
-          f"{r['tokens'] / r['wall'] / 1e3:.0f}K real tokens/s wall "
-          f"(load avg {r['load']:.1f} on {os.cpu_count()} cores); {r['tokens'] / r['cpu'] / 1e3:.0f}K tokens per "
-          f"CPU-second -> {ncpu * r['tokens'] / r['cpu'] / 1e3:.0f}K tokens/s on {ncpu} dedicated cores; "
-          f"last-row fill {100 * r['fill']:.1f}%; CPU s: main {r['main_cpu']:.1f}, workers {r['worker_cpu']:.1f}, "
-          f"wall {r['wall']:.1f}")
+    print(
+        f"{a.pixel_dtype} pixels, {a.workers} workers, {a.batches} rows of 32768: "
+        f"{r['tokens'] / r['wall'] / 1e3:.0f}K real tokens/s wall "
+        f"(load avg {r['load']:.1f} on {os.cpu_count()} cores); {r['tokens'] / r['cpu'] / 1e3:.0f}K tokens per "
+        f"CPU-second -> {ncpu * r['tokens'] / r['cpu'] / 1e3:.0f}K tokens/s on {ncpu} dedicated cores; "
+        f"last-row fill {100 * r['fill']:.1f}%; CPU s: main {r['main_cpu']:.1f}, workers {r['worker_cpu']:.1f}, "
+        f"wall {r['wall']:.1f}"
+    )
 
 
 if __name__ == "__main__":

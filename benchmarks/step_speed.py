@@ -33,6 +33,7 @@ process used the cores, so its 61.7 s, and that speed-up, are inflated: 256×4 /
 With ``auto`` the step is no longer dominated by attention: at 96×3 / 1024 the frozen VAE encode of the row's 16
 image slots (12 real 48 px images) is ~0.1 s of the 0.26 s; at 256×4 the MoT matmuls (MLP 4·H) dominate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,11 +71,25 @@ def bench_config(data_dir: str, seq_len: int, hidden: int, layers: int, impl: st
     """configs/tiny_repro.py with one row of ``seq_len`` tokens, the model ``hidden × layers`` and ``impl``."""
     c = load_config(os.path.join(ROOT, "configs", "tiny_repro.py"))
     scale = seq_len // 512  # budgets of configs/tiny.py (512-token rows) scaled with the row
-    c.data.update(data_dir=data_dir, synthetic_examples=0, num_workers=0, batch_size=1, seq_len=seq_len,
-                  und_len=seq_len * 3 // 4, gen_len=seq_len // 4, max_vit_patches=128 * scale,
-                  max_vae_images=8 * scale)
-    c.model.update(hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers, num_heads=4, num_kv_heads=2,
-                   attention_impl=impl)
+    c.data.update(
+        data_dir=data_dir,
+        synthetic_examples=0,
+        num_workers=0,
+        batch_size=1,
+        seq_len=seq_len,
+        und_len=seq_len * 3 // 4,
+        gen_len=seq_len // 4,
+        max_vit_patches=128 * scale,
+        max_vae_images=8 * scale,
+    )
+    c.model.update(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2,
+        attention_impl=impl,
+    )
     c.evals = {}
     c.train.update(sample_every=0, warmup_steps=1)
     return validate(c)
@@ -87,9 +102,17 @@ def time_steps(config, batch, steps: int) -> list[float]:
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     optimizer, schedule = make_optimizer(config.train, abstract)
     state, shardings = create_train_state(init_fn, optimizer, mesh, rules, jax.random.PRNGKey(0))
-    step = make_train_step(make_loss_fn(model, config), optimizer, schedule, config, mesh=mesh, rules=rules,
-                           state_shardings=shardings, trainable=trainable_mask(abstract, tuple(config.train.freeze)),
-                           batch_metrics_fn=lambda b: packing_stats(b.doc))
+    step = make_train_step(
+        make_loss_fn(model, config),
+        optimizer,
+        schedule,
+        config,
+        mesh=mesh,
+        rules=rules,
+        state_shardings=shardings,
+        trainable=trainable_mask(abstract, tuple(config.train.freeze)),
+        batch_metrics_fn=lambda b: packing_stats(b.doc),
+    )
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()
@@ -119,8 +142,11 @@ def main(argv=None):
     rows, raw = [], []
     try:
         synthetic_shapes.build(data_dir, num_examples=800, seed=0, square=True)
-        print(f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; auto → {resolve_impl('auto')}; "
-              f"median of {args.steps} steps after 1 warm-up", flush=True)
+        print(
+            f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; auto → {resolve_impl('auto')}; "
+            f"median of {args.steps} steps after 1 warm-up",
+            flush=True,
+        )
         for seq_len in packs:
             batch = next(make_train_iterator(bench_config(data_dir, seq_len, 96, 3, "reference")))
             real = int((np.asarray(batch.doc) != 0).sum())
@@ -129,10 +155,14 @@ def main(argv=None):
                 for impl in impls:
                     times = time_steps(bench_config(data_dir, seq_len, hidden, layers, impl), batch, args.steps)
                     secs[impl] = float(np.median(times))
-                    raw.append(dict(model=f"{hidden}x{layers}", seq_len=seq_len, real_tokens=real, impl=impl,
-                                    step_s=times))
-                    print(f"  {hidden}x{layers} L={seq_len} {impl}: {secs[impl]:.3f} s/step "
-                          f"({real / secs[impl]:.0f} tokens/s)", flush=True)
+                    raw.append(
+                        dict(model=f"{hidden}x{layers}", seq_len=seq_len, real_tokens=real, impl=impl, step_s=times)
+                    )
+                    print(
+                        f"  {hidden}x{layers} L={seq_len} {impl}: {secs[impl]:.3f} s/step "
+                        f"({real / secs[impl]:.0f} tokens/s)",
+                        flush=True,
+                    )
                 rows.append((hidden, layers, seq_len, real, secs))
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

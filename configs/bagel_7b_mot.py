@@ -10,6 +10,7 @@ Command (train / fine-tune; e.g. the reference's fine-tune recipe):
 Expected: 14.14B LLM params (7B active per token), 32K-token rows; the planner prints 73.48 GiB per v5p chip
           (4.26 arguments + 69.22 temporaries; 45k: 73.95), see the README's AOT table.
 """
+
 from bagel_jax.config import base_config
 
 
@@ -17,15 +18,34 @@ def get_config(arg=None):
     c = base_config()
     c.name = "bagel_7b_mot"
     # base_config() already holds the release shapes; stated here so the file reads as the spec.
-    c.model.update(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                   num_kv_heads=4, rope_theta=1_000_000.0, rms_norm_eps=1e-6, qk_norm=True,
-                   layer_module="mot", max_latent_size=64, vit_max_num_patch_per_side=70,
-                   dtype="bfloat16", remat="full")
+    c.model.update(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        qk_norm=True,
+        layer_module="mot",
+        max_latent_size=64,
+        vit_max_num_patch_per_side=70,
+        dtype="bfloat16",
+        remat="full",
+    )
     c.model.vae.update(encode_scan=True)  # one image slot at a time: 3.4 instead of 28 GiB for 12 × 1024² per row
     c.model.vit.update(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, patch_size=14)
     # und ≈ 35% of the row fits the reference's t2i/vlm/edit mix (benchmarks/pack_fill.py: 97.4% fill; 45K: 97.8%)
-    c.data.update(seq_len=32768, und_len=11520, gen_len=21248, max_vit_patches=11520, max_vae_images=12,
-                  vae_image_size=(1024, 1024), batch_size=64)
+    c.data.update(
+        seq_len=32768,
+        und_len=11520,
+        gen_len=21248,
+        max_vit_patches=11520,
+        max_vae_images=12,
+        vae_image_size=(1024, 1024),
+        batch_size=64,
+    )
     if arg == "45k":
         c.data.update(seq_len=45056, und_len=15872, gen_len=29184, max_vit_patches=15872, max_vae_images=16)
     elif arg not in (None, "", "32k"):

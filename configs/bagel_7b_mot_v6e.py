@@ -11,6 +11,7 @@ Why:      with one 32K row per chip (configs/bagel_7b_mot.py) the row's own acti
           model.scan_layers scans the 28 decoder layers (compile 2-13 instead of 15-18 min; XLA then counts one
           layer's FLOPs, so read MFU from the BAGEL formula).
 """
+
 import os
 
 from bagel_jax.launch_utils import load_config

@@ -16,6 +16,7 @@ Model:    4 MoT layers, hidden 128 (4 heads, 2 KV heads), ViT 3 layers × 64 (pr
           tables (note 18): the three cells of a side are ids 0, 5, 10, far enough apart in the sin-cos tables for
           the model to tell positions apart.
 """
+
 import os
 
 from bagel_jax.launch_utils import load_config
@@ -26,17 +27,40 @@ def get_config(arg=None):
     c.name = "tiny_repro"
     # interpolated position ids on a 16-wide table (docs/DESIGN_NOTES.md 18): the 3 tokens of a side get ids 0, 5, 10
     # of the fixed sin-cos tables, not 0, 1, 2, whose vectors are nearly equal (cosine 0.88–0.98)
-    c.model.update(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
-                   interpolate_pos=True, max_latent_size=16, vit_max_num_patch_per_side=16)
+    c.model.update(
+        hidden_size=128,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        interpolate_pos=True,
+        max_latent_size=16,
+        vit_max_num_patch_per_side=16,
+    )
     c.model.vit.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2, num_positions=256)
-    c.data.update(batch_size=4, synthetic_examples=20000, mixture=dict(t2i=2.0, vlm=1.5, edit=0.5, video=0.0,
-                                                                         web=0.0),
-                  synthetic_square=True,  # a grid cell is the same latent tokens / ViT patches in every image
-                  # one token per grid cell: every image 42 px for the ViT (3×3 patches of 14 px) and 48 px for
-                  # the VAE (6×6 latents, 2×2 latent patches: 3×3 generation tokens of 16 px)
-                  vit_transform=(42, 42, 14), vae_transform=(48, 48, 16), vae_image_size=(48, 48))
-    c.train.update(steps=6000, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, ema_decay=0.995,
-                   log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=1000)
+    c.data.update(
+        batch_size=4,
+        synthetic_examples=20000,
+        mixture=dict(t2i=2.0, vlm=1.5, edit=0.5, video=0.0, web=0.0),
+        synthetic_square=True,  # a grid cell is the same latent tokens / ViT patches in every image
+        # one token per grid cell: every image 42 px for the ViT (3×3 patches of 14 px) and 48 px for
+        # the VAE (6×6 latents, 2×2 latent patches: 3×3 generation tokens of 16 px)
+        vit_transform=(42, 42, 14),
+        vae_transform=(48, 48, 16),
+        vae_image_size=(48, 48),
+    )
+    c.train.update(
+        steps=6000,
+        lr=1e-3,
+        min_lr=1e-5,
+        schedule="cosine",
+        warmup_steps=100,
+        ema_decay=0.995,
+        log_every=50,
+        checkpoint_every=500,
+        keep_checkpoints=2,
+        sample_every=1000,
+    )
     if arg in (None, ""):  # in-run held-out sets: small, for a trend (~2 min per GenEval round)
         c.evals.geneval = dict(type="shapes_geneval", num_examples=8, every=2000, square=True)
         c.evals.vqa = dict(type="shapes_vqa", num_examples=48, every=1000, square=True)

@@ -17,6 +17,7 @@ Loss:     L2 + 1e-6 · per-element KL (no LPIPS / GAN terms, which FLUX's own tr
 Data:     2000 t2i images (data.seed 42: its first 200 are the tiny_shapes run's); held-out PSNR on 64 images
           rendered with vae_stage.eval_seed 1042.
 """
+
 import os
 
 from bagel_jax.launch_utils import load_config
@@ -27,9 +28,31 @@ def get_config(arg=None):
     c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_shapes.py"))
     c.name = "tiny_vae"
     c.data.update(batch_size=8, synthetic_examples=2000, num_workers=0)
-    c.train.update(steps=1500, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=100, beta1=0.9, beta2=0.99,
-                   eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, ema_decay=0.995, log_every=50,
-                   checkpoint_every=500, keep_checkpoints=2, sample_every=0)
-    c.vae_stage.update(loss="l2", kl_weight=1e-6, eval_every=250, eval_images=64, eval_seed=1042, eval_batch=16,
-                       stats_images=256, export="params")  # the section only the VAE stage reads
+    c.train.update(
+        steps=1500,
+        lr=1e-3,
+        min_lr=1e-5,
+        schedule="cosine",
+        warmup_steps=100,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        ema_decay=0.995,
+        log_every=50,
+        checkpoint_every=500,
+        keep_checkpoints=2,
+        sample_every=0,
+    )
+    c.vae_stage.update(
+        loss="l2",
+        kl_weight=1e-6,
+        eval_every=250,
+        eval_images=64,
+        eval_seed=1042,
+        eval_batch=16,
+        stats_images=256,
+        export="params",
+    )  # the section only the VAE stage reads
     return c

@@ -12,6 +12,7 @@ Model:    model.vit of configs/tiny_repro.py (3 layers × 64, patch 14), images 
 Data:     the scenes of tiny_repro's t2i split (data.seed 42, 20000 scenes), rendered on the fly; held-out accuracy
           on 256 scenes drawn with vit_stage.eval_seed 1042.
 """
+
 import os
 
 from bagel_jax.launch_utils import load_config
@@ -22,8 +23,20 @@ def get_config(arg=None):
     c.name = "tiny_vit"
     c.evals = {}
     c.data.update(batch_size=32, num_workers=0)
-    c.train.update(steps=800, lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_steps=50, beta2=0.99, eps=1e-8,
-                   weight_decay=0.0, ema_decay=0.99, log_every=50, checkpoint_every=400, keep_checkpoints=1,
-                   sample_every=0)
+    c.train.update(
+        steps=800,
+        lr=1e-3,
+        min_lr=1e-5,
+        schedule="cosine",
+        warmup_steps=50,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        ema_decay=0.99,
+        log_every=50,
+        checkpoint_every=400,
+        keep_checkpoints=1,
+        sample_every=0,
+    )
     c.vit_stage.update(eval_every=200, eval_images=256, eval_seed=1042, eval_batch=64, export="params")
     return c

@@ -16,13 +16,15 @@ Launch for real by dropping ``--dry_run``; ``--xm_backend`` picks where:
 Every point is checked against the config schema (``bagel_jax.config.validate``) before anything launches.
 Run it from the repository root: config and sweep paths are relative to it, as they are in the jobs.
 """
+
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -32,13 +34,23 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 
 from bagel_jax import launch_utils as lu  # noqa: E402
 
-_TPU_GENERATIONS = {"v2": "TPU_V2", "v3": "TPU_V3", "v4": "TPU_V4", "v5e": "TPU_V5E", "v5litepod": "TPU_V5E",
-                    "v5p": "TPU_V5P", "v6e": "TPU_V6E", "v7x": "TPU_V7X", "7x": "TPU_V7X"}
+_TPU_GENERATIONS = {
+    "v2": "TPU_V2",
+    "v3": "TPU_V3",
+    "v4": "TPU_V4",
+    "v5e": "TPU_V5E",
+    "v5litepod": "TPU_V5E",
+    "v5p": "TPU_V5P",
+    "v6e": "TPU_V6E",
+    "v7x": "TPU_V7X",
+    "7x": "TPU_V7X",
+}
 _VERTEX_TPUS = ("TPU_V2", "TPU_V3")  # what xmanager.cloud.vertex can place
 BACKENDS = ("local", "vertex")
 
 
 # --- job construction (backend independent) ----------------------------------------------------------
+
 
 def tpu_requirements(tpu: str):
     """``"v5p:2x2x2"`` → ``xm.JobRequirements(tpu_v5p=xm.Topology('2x2x2'))``."""
@@ -46,8 +58,9 @@ def tpu_requirements(tpu: str):
 
     generation, sep, topology = tpu.partition(":")
     if not sep or generation.lower() not in _TPU_GENERATIONS:
-        raise lu.LaunchError(f"--tpu={tpu!r}: expected GENERATION:TOPOLOGY with GENERATION in "
-                             f"{sorted(_TPU_GENERATIONS)}, e.g. v5p:2x2x2")
+        raise lu.LaunchError(
+            f"--tpu={tpu!r}: expected GENERATION:TOPOLOGY with GENERATION in {sorted(_TPU_GENERATIONS)}, e.g. v5p:2x2x2"
+        )
     resource = xm.ResourceType[_TPU_GENERATIONS[generation.lower()]]
     try:
         shape = xm.Topology(topology)
@@ -69,6 +82,7 @@ def tpu_requirements(tpu: str):
 @dataclass
 class SweepJob:
     """One sweep point: its overrides, its workdir and the xm.Job that runs it."""
+
     index: int
     overrides: dict[str, Any]
     workdir: str
@@ -83,6 +97,7 @@ class SweepJob:
         """The shell line the backend runs (xmanager quotes each argument with shlex)."""
         from xmanager import xm
         from xmanager.xm import utils
+
         executable = self.job.executable
         program = getattr(executable, "command", None) or "python"
         args = xm.merge_args(executable.args, self.job.args).to_list(utils.ARG_ESCAPER)
@@ -108,9 +123,15 @@ class SweepJob:
         }
 
 
-def build_jobs(config_spec: str, points: Sequence[Mapping[str, Any]], workdir: str, executable,
-               executor_factory: Callable[[], Any], extra_args: Sequence[str] = (),
-               env: Mapping[str, str] | None = None) -> list[SweepJob]:
+def build_jobs(
+    config_spec: str,
+    points: Sequence[Mapping[str, Any]],
+    workdir: str,
+    executable,
+    executor_factory: Callable[[], Any],
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> list[SweepJob]:
     """One ``xm.Job`` per point: trainer flags ``--config``, the point's overrides, ``extra_args``,
     ``--workdir=<workdir>/<point name>``."""
     from xmanager import xm
@@ -120,17 +141,20 @@ def build_jobs(config_spec: str, points: Sequence[Mapping[str, Any]], workdir: s
         point_dir = lu.point_workdir(workdir, i, point)
         args = lu.trainer_args(config_spec, point_dir, point, extra_args)
         name = lu.point_name(i, point)
-        job = xm.Job(executable=executable, executor=executor_factory(), name=name, args=args,
-                     env_vars=dict(env or {}))
+        job = xm.Job(executable=executable, executor=executor_factory(), name=name, args=args, env_vars=dict(env or {}))
         jobs.append(SweepJob(index=i, overrides=dict(point), workdir=point_dir, job=job))
     return jobs
 
 
 # --- backends -----------------------------------------------------------------------------------------
 
+
 def _docker_instructions() -> list[str]:
-    return ["COPY . /bagel_jax", "WORKDIR /bagel_jax",
-            "RUN pip install --no-cache-dir -U pip && pip install --no-cache-dir -e '.[tpu]'"]
+    return [
+        "COPY . /bagel_jax",
+        "WORKDIR /bagel_jax",
+        "RUN pip install --no-cache-dir -U pip && pip install --no-cache-dir -e '.[tpu]'",
+    ]
 
 
 def backend_parts(backend: str, tpu: str | None, image_tag: str | None):
@@ -141,22 +165,27 @@ def backend_parts(backend: str, tpu: str | None, image_tag: str | None):
     if backend == "local":
         if tpu:
             raise lu.LaunchError(f"--tpu={tpu!r}: the local backend runs on this machine's devices; drop --tpu")
-        packageable = xm.binary(executor_spec=xm_local.Local.Spec(), path=sys.executable,
-                                args=["-m", lu.TRAIN_MODULE])
-        executable = local_executables.LocalBinary(name="bagel_jax", command=sys.executable,
-                                                   args=xm.SequentialArgs.from_collection(["-m", lu.TRAIN_MODULE]))
+        packageable = xm.binary(executor_spec=xm_local.Local.Spec(), path=sys.executable, args=["-m", lu.TRAIN_MODULE])
+        executable = local_executables.LocalBinary(
+            name="bagel_jax", command=sys.executable, args=xm.SequentialArgs.from_collection(["-m", lu.TRAIN_MODULE])
+        )
         return packageable, executable, xm_local.Local
     if backend == "vertex":
         if not tpu:
             raise lu.LaunchError("--tpu is required for the vertex backend (e.g. --tpu=v3:2x2)")
         requirements = tpu_requirements(tpu)
         packageable = xm.python_container(
-            executor_spec=xm_local.Vertex.Spec(push_image_tag=image_tag), path=str(REPO),
-            base_image="python:3.11-slim", entrypoint=xm.ModuleName(lu.TRAIN_MODULE),
-            docker_instructions=_docker_instructions())
+            executor_spec=xm_local.Vertex.Spec(push_image_tag=image_tag),
+            path=str(REPO),
+            base_image="python:3.11-slim",
+            entrypoint=xm.ModuleName(lu.TRAIN_MODULE),
+            docker_instructions=_docker_instructions(),
+        )
         executable = local_executables.GoogleContainerRegistryImage(
-            name="bagel_jax", image_path=image_tag or "<image built from this checkout>",
-            args=xm.SequentialArgs.from_collection(["-m", lu.TRAIN_MODULE]))
+            name="bagel_jax",
+            image_path=image_tag or "<image built from this checkout>",
+            args=xm.SequentialArgs.from_collection(["-m", lu.TRAIN_MODULE]),
+        )
         return packageable, executable, lambda: xm_local.Vertex(requirements=requirements)
     raise lu.LaunchError(f"--xm_backend={backend!r}: expected one of {BACKENDS}")
 
@@ -167,8 +196,10 @@ def check_placeable(backend: str, jobs: Sequence[SweepJob]):
         requirements = getattr(job.job.executor, "requirements", None)
         accelerator = requirements.accelerator if requirements is not None else None
         if backend == "vertex" and accelerator is not None and str(accelerator) not in _VERTEX_TPUS:
-            raise lu.LaunchError(f"--tpu: xmanager's Vertex AI backend places only TPU v2/v3, not {accelerator}; "
-                                 "use launch/gcloud/ for this TPU")
+            raise lu.LaunchError(
+                f"--tpu: xmanager's Vertex AI backend places only TPU v2/v3, not {accelerator}; "
+                "use launch/gcloud/ for this TPU"
+            )
 
 
 def dry_run_report(jobs: Sequence[SweepJob], backend: str) -> str:
@@ -194,6 +225,7 @@ def launch(packageable, jobs: Sequence[SweepJob], title: str):
 
 # --- command line -------------------------------------------------------------------------------------
 
+
 def define_flags():
     """The command-line flags; defined only when run as a program, so importing stays side-effect free."""
     flags.DEFINE_string("config", None, "Trainer config file, path[:arg], relative to the repository.")
@@ -211,6 +243,7 @@ def define_flags():
 def main(argv):
     """A bad flag, config, sweep file or point is one line on stderr and exit status 2, before anything launches."""
     from bagel_jax.cli import fail, user_errors
+
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
@@ -226,8 +259,7 @@ def main(argv):
     with user_errors():
         points = lu.load_points(FLAGS.config, FLAGS.sweep)
         packageable, executable, executor_factory = backend_parts(FLAGS.xm_backend, FLAGS.tpu, FLAGS.image_tag)
-        jobs = build_jobs(FLAGS.config, points, FLAGS.workdir, executable, executor_factory,
-                          FLAGS.trainer_arg, env)
+        jobs = build_jobs(FLAGS.config, points, FLAGS.workdir, executable, executor_factory, FLAGS.trainer_arg, env)
         if FLAGS.dry_run:
             print(dry_run_report(jobs, FLAGS.xm_backend))
             return
@@ -237,5 +269,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from bagel_jax.cli import parse_flags
+
     define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -3,6 +3,7 @@
 ``good_images()``: unusual but valid images that must decode to RGB; ``bad_images()``: bytes that must be skipped,
 with the skip reason each must get (``skips.SKIP_REASONS``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,7 @@ def exif_rotated_jpeg(w: int = 40, h: int = 24) -> bytes:
     """A ``w`` x ``h`` JPEG (left half red, right half blue) whose EXIF says: rotate 90° clockwise to view."""
     a = np.zeros((h, w, 3), np.uint8)
     a[:, : w // 2] = (255, 0, 0)
-    a[:, w // 2:] = (0, 0, 255)
+    a[:, w // 2 :] = (0, 0, 255)
     img = Image.fromarray(a)
     exif = img.getexif()
     exif[0x0112] = 6

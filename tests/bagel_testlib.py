@@ -1,4 +1,5 @@
 """Shared helpers for the Bagel assembly / inference / checkpoint tests (not a test module)."""
+
 from __future__ import annotations
 
 import functools
@@ -24,16 +25,29 @@ def tiny_config():
 
 
 def layout(cfg, vae_hw=(48, 48)) -> LayoutConfig:
-    return LayoutConfig(bos_id=BOS, eos_id=EOS, vision_start_id=VS, vision_end_id=VE,
-                        vit_patch_size=cfg.vit.patch_size, vit_max_patches_per_side=cfg.vit_max_num_patch_per_side,
-                        vae_downsample=8 * cfg.latent_patch_size, max_latent_size=cfg.max_latent_size,
-                        vae_pad_hw=tuple(vae_hw))
+    return LayoutConfig(
+        bos_id=BOS,
+        eos_id=EOS,
+        vision_start_id=VS,
+        vision_end_id=VE,
+        vit_patch_size=cfg.vit.patch_size,
+        vit_max_patches_per_side=cfg.vit_max_num_patch_per_side,
+        vae_downsample=8 * cfg.latent_patch_size,
+        max_latent_size=cfg.max_latent_size,
+        vae_pad_hw=tuple(vae_hw),
+    )
 
 
 def budgets(seq_len=256, und_len=192, max_vit_patches=32, max_vae_images=6, vae_hw=(48, 48), max_docs=8) -> Budgets:
-    return Budgets(seq_len=seq_len, und_len=und_len, max_vit_patches=max_vit_patches,
-                   max_vae_images=max_vae_images, vae_hw=tuple(vae_hw), vit_patch_dim=14 * 14 * 3,
-                   max_docs=max_docs)
+    return Budgets(
+        seq_len=seq_len,
+        und_len=und_len,
+        max_vit_patches=max_vit_patches,
+        max_vae_images=max_vae_images,
+        vae_hw=tuple(vae_hw),
+        vit_patch_dim=14 * 14 * 3,
+        max_docs=max_docs,
+    )
 
 
 def pixels(rng, h, w):
@@ -45,14 +59,29 @@ def four_samples(seed=0) -> list[Sample]:
     rng = np.random.default_rng(seed)
     ids = lambda n: rng.integers(6, 500, n).tolist()  # noqa: E731
     t2i = Sample([Text(ids(5), cfg=True), Image(vae="noised", vae_pixels=pixels(rng, 32, 48))], key=1, kind="t2i")
-    vlm = Sample([Image(vit=True, vit_pixels=pixels(rng, 28, 42)), Text(ids(4)), Text(ids(6), loss=True)],
-                 key=2, kind="vlm")
+    vlm = Sample(
+        [Image(vit=True, vit_pixels=pixels(rng, 28, 42)), Text(ids(4)), Text(ids(6), loss=True)], key=2, kind="vlm"
+    )
     src = pixels(rng, 32, 32)
-    edit = Sample([Image(vae="clean", vit=True, cfg=True, vae_pixels=src, vit_pixels=pixels(rng, 28, 28)),
-                   Text(ids(3), cfg=True), Image(vae="noised", vae_pixels=pixels(rng, 32, 32))], key=3, kind="edit")
-    inter = Sample([Text(ids(4)), Image(vae="noised+clean", vit=True, vae_pixels=pixels(rng, 32, 32),
-                                        vit_pixels=pixels(rng, 28, 28)),
-                    Text(ids(5), loss=True), Image(vae="noised", vae_pixels=pixels(rng, 48, 32))], key=4, kind="web")
+    edit = Sample(
+        [
+            Image(vae="clean", vit=True, cfg=True, vae_pixels=src, vit_pixels=pixels(rng, 28, 28)),
+            Text(ids(3), cfg=True),
+            Image(vae="noised", vae_pixels=pixels(rng, 32, 32)),
+        ],
+        key=3,
+        kind="edit",
+    )
+    inter = Sample(
+        [
+            Text(ids(4)),
+            Image(vae="noised+clean", vit=True, vae_pixels=pixels(rng, 32, 32), vit_pixels=pixels(rng, 28, 28)),
+            Text(ids(5), loss=True),
+            Image(vae="noised", vae_pixels=pixels(rng, 48, 32)),
+        ],
+        key=4,
+        kind="web",
+    )
     return [t2i, vlm, edit, inter]
 
 
@@ -87,7 +116,7 @@ def image_noise(docs_per_row, b: Budgets, z_channels=16, patch=2, seed=0):
                 ez = rng.standard_normal((h // 8, w // 8, z_channels)).astype(np.float32)
                 hl, wl = h // (8 * patch), w // (8 * patch)
                 ef = rng.standard_normal((hl * wl, patch * patch * z_channels)).astype(np.float32)
-                post[r, i, :h // 8, :w // 8] = ez
+                post[r, i, : h // 8, : w // 8] = ez
                 rr, cc = np.divmod(np.arange(hl * wl), wl)
                 flow[r, i, rr * grid_w + cc] = ef
                 posts.append(ez), flows.append(ef)
@@ -96,9 +125,10 @@ def image_noise(docs_per_row, b: Budgets, z_channels=16, patch=2, seed=0):
     return per_doc, dict(posterior=jnp.asarray(post), flow=jnp.asarray(flow))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vae_encoder(vae_cfg_json: str):
     import ml_collections
+
     cfg = ml_collections.ConfigDict(__import__("json").loads(vae_cfg_json))
     cfg.ch_mult = tuple(cfg.ch_mult)
     vae = FluxVAE(cfg)
@@ -125,7 +155,7 @@ def slots_of(batch: PackedBatch, row: int, doc: int):
     return und[np.argsort(index[und])], gen[np.argsort(index[u + gen])]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_setup():
     """(config, model cfg, params, Bagel) for a random release-layout checkpoint at configs/tiny.py shapes (cached)."""
     import tempfile
@@ -140,7 +170,7 @@ def tiny_setup():
     return config, cfg, params, Bagel(cfg, ce_chunk=64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def packed_four():
     """The four-sample row, its documents, noise, and Bagel's outputs on it (cached; one compile)."""
     config, cfg, params, model = tiny_setup()
@@ -153,7 +183,7 @@ def packed_four():
     return docs, batch, per_doc, noise, out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def oracle_four():
     """The unpacked oracle's outputs on each of ``packed_four``'s samples alone, same noise (cached)."""
     from bagel_jax.model.unpacked import unpacked_forward
@@ -162,8 +192,10 @@ def oracle_four():
     docs, batch, per_doc, noise, out = packed_four()
     sd = official_sd(params, cfg)
     encode = vae_encode_fn(cfg, params["vae"])
-    return [unpacked_forward(sd, cfg, doc, vae_encode=encode, posterior_noise=posts, flow_noise=flows)
-            for doc, (posts, flows) in zip(docs, per_doc)]
+    return [
+        unpacked_forward(sd, cfg, doc, vae_encode=encode, posterior_noise=posts, flow_noise=flows)
+        for doc, (posts, flows) in zip(docs, per_doc)
+    ]
 
 
 class CharTokenizer:

@@ -1,4 +1,5 @@
 """The shipped configs for tests (not a test module), loaded the way the launchers load ``--config`` files."""
+
 from __future__ import annotations
 
 import os

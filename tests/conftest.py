@@ -1,4 +1,5 @@
 """Test environment: must run before anything imports jax (8 simulated CPU devices, offline hubs)."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -1,4 +1,5 @@
 """Shared helpers for the data tests: one shapes dataset per test session, the tiny config, row invariants."""
+
 from __future__ import annotations
 
 import atexit
@@ -15,10 +16,11 @@ from configs_util import shipped_config
 SHAPES_EXAMPLES = 40  # per split
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shapes_dir() -> str:
     """A synthetic_shapes data_dir built once per test process (seed 0, 40 examples per split)."""
     from bagel_jax.data.builders import synthetic_shapes
+
     d = tempfile.mkdtemp(prefix="shapes_")
     atexit.register(shutil.rmtree, d, ignore_errors=True)
     synthetic_shapes.build(d, num_examples=SHAPES_EXAMPLES, seed=0)
@@ -42,7 +44,7 @@ def check_rows(batch, und_len: int, max_latent_size: int, max_vit_side: int, doc
     Documents of each row) also checks positions and the mask against the reference's dense mask per document."""
     b = as_dict(batch)
     B, L = b["kind"].shape
-    U, G = und_len, L - und_len
+    U, _G = und_len, L - und_len
     N, H, W = b["vae_images"].shape[1:4]
     Wl, T = W // 16, (H // 16) * (W // 16)
     for r in range(B):
@@ -79,7 +81,7 @@ def check_rows(batch, und_len: int, max_latent_size: int, max_vit_side: int, doc
         assert real_p.sum() == (und == KIND_VIT).sum()
         assert sorted(vit_slot[real_p].tolist()) == np.nonzero(und == KIND_VIT)[0].tolist()
         assert (vit_slot[~real_p] == U).all() and not b["vit_patches"][r][~real_p].any()
-        assert (np.diff(vit_image[real_p]) >= 0).all() and (b["vit_pos"][r][real_p] < max_vit_side ** 2).all()
+        assert (np.diff(vit_image[real_p]) >= 0).all() and (b["vit_pos"][r][real_p] < max_vit_side**2).all()
         assert np.abs(b["vit_patches"][r]).max(initial=0) <= 1.0
         # VAE latent tokens -> distinct (image, row, col) inside the image's valid size
         src = b["vae_src"][r][:ng]
@@ -93,9 +95,9 @@ def check_rows(batch, und_len: int, max_latent_size: int, max_vit_side: int, doc
             assert (n == k).sum() == (hw[k, 0] // 16) * (hw[k, 1] // 16), "every latent of a used image is placed"
             noised = np.isfinite(b["vae_timestep"][r][k])
             assert (gen[:ng][n == k] == (KIND_NOISED_VAE if noised else KIND_CLEAN_VAE)).all()
-            assert len(set(b["position"][r][U:U + ng][n == k].tolist())) == 1, "one RoPE id per image"
+            assert len(set(b["position"][r][U : U + ng][n == k].tolist())) == 1, "one RoPE id per image"
             img = b["vae_images"][r][k]
-            assert not img[hw[k, 0]:].any() and not img[:, hw[k, 1]:].any()
+            assert not img[hw[k, 0] :].any() and not img[:, hw[k, 1] :].any()
         unused = np.setdiff1d(np.arange(N), used)
         assert not hw[unused].any() and not b["vae_images"][r][unused].any()
         assert np.isneginf(b["vae_timestep"][r][unused]).all()
@@ -108,7 +110,7 @@ def _check_docs(b, r, docs, slot_of, dense):
     """Each document's tokens (natural order) carry its kinds, positions, and the reference's mask."""
     nat0 = 0
     for d, doc in enumerate(docs, start=1):
-        slots = slot_of[nat0:nat0 + doc.num_tokens]
+        slots = slot_of[nat0 : nat0 + doc.num_tokens]
         assert (b["doc"][r][slots] == d).all()
         assert b["kind"][r][slots].tolist() == doc.kinds().tolist()
         assert b["position"][r][slots].tolist() == doc.positions().tolist()
@@ -125,13 +127,13 @@ def reference_dense_mask(split_lens, attn_modes):
     m = np.zeros((n, n), bool)
     s0 = 0
     for s, mode in zip(split_lens, attn_modes):
-        m[s0:s0 + s, :s0] = True
-        m[s0:s0 + s, s0:s0 + s] = np.tril(np.ones((s, s), bool)) if mode == "causal" else True
+        m[s0 : s0 + s, :s0] = True
+        m[s0 : s0 + s, s0 : s0 + s] = np.tril(np.ones((s, s), bool)) if mode == "causal" else True
         s0 += s
     s0 = 0
     for s, mode in zip(split_lens, attn_modes):
         if mode == "noise":
-            m[:, s0:s0 + s] = False
-            m[s0:s0 + s, s0:s0 + s] = True
+            m[:, s0 : s0 + s] = False
+            m[s0 : s0 + s, s0 : s0 + s] = True
         s0 += s
     return m

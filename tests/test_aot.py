@@ -1,4 +1,5 @@
 """AOT planner: compile the train step for a small TPU topology on this CPU host (needs libtpu)."""
+
 import os
 import subprocess
 import sys
@@ -28,12 +29,15 @@ def test_toy_train_step_compiles_for_v5e_with_expected_flops(v5e_devices):
     p = aot.plan(config, v5e_devices, "train_toy:aot_spec")
     assert p["device_kind"] == "TPU v5 lite" and p["num_devices"] == 4
     assert p["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "sequence": 1}
-    assert p["argument_bytes"] > 0 and p["output_bytes"] > 0 and p["hbm_bytes"] == 16 * 2 ** 30
+    assert p["argument_bytes"] > 0 and p["output_bytes"] > 0 and p["hbm_bytes"] == 16 * 2**30
     # matmul MACs per step (by hand): tokens 8·16 = 128 through vit 12·32, connector 32·32, k/v 2·32·32,
     # lm_head 32·64; each expert (64 tokens) q/o 2·32·32 + SwiGLU 3·32·64; attention per expert
     # 2 (QK, AV) · B·H·8 queries·16 keys·hd 8. fwd + bwd = 3 × fwd, 2 FLOPs per MAC.
-    macs = 128 * (12 * 32 + 32 * 32 + 2 * 32 * 32 + 32 * 64) + 128 * (2 * 32 * 32 + 3 * 32 * 64) \
+    macs = (
+        128 * (12 * 32 + 32 * 32 + 2 * 32 * 32 + 32 * 64)
+        + 128 * (2 * 32 * 32 + 3 * 32 * 64)
         + 2 * 2 * 8 * 4 * 8 * 16 * 8
+    )
     total = p["compiled_flops_per_device"] * p["num_devices"]
     assert 6 * macs <= total <= 1.5 * 6 * macs, (total, 6 * macs)
     text = aot.report(p, step_time=0.01)
@@ -65,14 +69,17 @@ def test_out_of_memory_is_reported_not_raised(v5e_devices):
         import jax.numpy as jnp
 
         def init_fn(rng):
-            return {"language_model": {"w": nn.with_logical_partitioning(
-                nn.initializers.zeros, ("embed", "mlp"))(rng, (2 ** 16, 2 ** 15))}}
+            return {
+                "language_model": {
+                    "w": nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "mlp"))(rng, (2**16, 2**15))
+                }
+            }
 
         def loss_fn(params, batch, rng):
             y = batch["x"] @ params["language_model"]["w"]
-            return jnp.mean(y ** 2), {}
+            return jnp.mean(y**2), {}
 
-        return aot.ModelSpec(init_fn, loss_fn, {"x": jax.ShapeDtypeStruct((4, 2 ** 16), jnp.float32)})
+        return aot.ModelSpec(init_fn, loss_fn, {"x": jax.ShapeDtypeStruct((4, 2**16), jnp.float32)})
 
     aot.register_loss("huge")(huge)
     p = aot.plan(config, v5e_devices, "huge")
@@ -83,20 +90,30 @@ def test_out_of_memory_is_reported_not_raised(v5e_devices):
 def test_planner_cli():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
     env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "bagel_jax.aot", "--config=configs/tiny.py", "--topology=v5e:2x2",
-           "--loss=train_toy:aot_spec", "--config.parallel.data=2", "--config.parallel.fsdp=2",
-           "--config.data.batch_size=8", "--step_time=0.5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bagel_jax.aot",
+        "--config=configs/tiny.py",
+        "--topology=v5e:2x2",
+        "--loss=train_toy:aot_spec",
+        "--config.parallel.data=2",
+        "--config.parallel.fsdp=2",
+        "--config.data.batch_size=8",
+        "--step_time=0.5",
+    ]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "per-chip HBM" in out.stdout and "4 × TPU v5 lite" in out.stdout and "MFU @ 0.5 s/step" in out.stdout
-    bad = subprocess.run(cmd[:-4] + ["--config.parallel.data=3"], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: parallel:") and bad.stderr.count("\n") == 1, \
-        bad.stderr
+    bad = subprocess.run(
+        cmd[:-4] + ["--config.parallel.data=3"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: parallel:") and bad.stderr.count("\n") == 1, bad.stderr
 
 
 def test_multislice_mesh_spans_slices_along_dcn_axis():
     from bagel_jax.parallel.mesh import make_mesh
+
     devices = aot.topology_devices("v5e:2x2", num_slices=2)
     config = T.toy_config(data=2, fsdp=4, dcn_data=2)
     mesh = make_mesh(config, devices)
@@ -109,6 +126,7 @@ def test_full_bagel_compiles_for_v5e_with_vae_frozen(v5e_devices):
     import jax
 
     from bagel_jax.model.bagel import make_init_fn
+
     config = _tiny_config()
     config.parallel.update(data=2, fsdp=2)
     config.data.batch_size = 4
@@ -129,8 +147,15 @@ def test_vae_encode_scan_cuts_encoder_memory(v5e_devices):
         config.parallel.update(data=1, fsdp=4)
         config.model.update(max_latent_size=16)
         config.model.vae.update(ch=64, ch_mult=(1, 2, 4, 4), num_res_blocks=2, encode_scan=scan)
-        config.data.update(batch_size=4, seq_len=1536, und_len=512, gen_len=1024, max_vae_images=4,
-                           vae_image_size=(256, 256), vae_transform=(256, 128, 16))
+        config.data.update(
+            batch_size=4,
+            seq_len=1536,
+            und_len=512,
+            gen_len=1024,
+            max_vae_images=4,
+            vae_image_size=(256, 256),
+            vae_transform=(256, 128, 16),
+        )
         p = aot.plan(config, v5e_devices, "bagel")
         assert "oom" not in p, p.get("oom")
         temps[scan] = p["temp_bytes"]

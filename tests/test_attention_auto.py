@@ -4,6 +4,7 @@ Random packed rows like the trainer's: many short documents (1–10 per row) of 
 ViT tokens in the und region, the latents of some full/noise splits in the gen region, random padding in both
 regions and lengths that are not a multiple of the tile. Forward and dq/dk/dv in f32 ≤ 1e-5 (abs + rel).
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,8 +44,9 @@ def packed_row(draw):
     is_gen = np.asarray(gen)
     und_pad, gen_pad = UND - int((~is_gen).sum()), GEN - int(is_gen.sum())
     pad = {f: np.zeros(n, np.int32) for f, n in (("und", und_pad), ("gen", gen_pad))}
-    return {f: np.concatenate([meta[f][~is_gen], pad["und"], meta[f][is_gen], pad["gen"]]).astype(np.int32)
-            for f in FIELDS}
+    return {
+        f: np.concatenate([meta[f][~is_gen], pad["und"], meta[f][is_gen], pad["gen"]]).astype(np.int32) for f in FIELDS
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("impl",))

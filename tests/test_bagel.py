@@ -1,4 +1,5 @@
 """Bagel on packed rows = the unpacked oracle on each sample alone (tiny model, fp32)."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -30,12 +31,18 @@ def test_packed_equals_unpacked(setup, packed_run):
     for d, (doc, ref) in enumerate(zip(docs, lib.oracle_four()), start=1):
         und, gen = lib.slots_of(batch, 0, d)
         assert len(und) == len(ref["logits"]) and len(gen) == len(doc.gen_nat), doc.key
-        np.testing.assert_allclose(out["text_logits"][0, und], ref["logits"], atol=1e-5, rtol=1e-5,
-                                   err_msg=f"logits of sample {doc.key}")
+        np.testing.assert_allclose(
+            out["text_logits"][0, und], ref["logits"], atol=1e-5, rtol=1e-5, err_msg=f"logits of sample {doc.key}"
+        )
         np.testing.assert_allclose(out["ce"][0, und], ref["ce"], atol=1e-5, rtol=1e-5)
         if len(gen):
-            np.testing.assert_allclose(out["velocity_pred"][0, gen], ref["velocity"], atol=1e-5, rtol=1e-5,
-                                       err_msg=f"velocity of sample {doc.key}")
+            np.testing.assert_allclose(
+                out["velocity_pred"][0, gen],
+                ref["velocity"],
+                atol=1e-5,
+                rtol=1e-5,
+                err_msg=f"velocity of sample {doc.key}",
+            )
             np.testing.assert_allclose(out["velocity_target"][0, gen], ref["target"], atol=1e-5, rtol=1e-5)
             np.testing.assert_array_equal(out["mse_mask"][0, gen], ref["noised"])
             np.testing.assert_allclose(out["timestep"][0, gen], ref["t"], atol=1e-6)
@@ -53,8 +60,11 @@ def test_noise_and_timestep_formulas(setup, packed_run):
     t_img = 1 / (1 + np.exp(-z.astype(np.float64)))
     np.testing.assert_allclose(np.asarray(flow_time(jnp.asarray(z), 1.0)), np.nan_to_num(t_img), atol=1e-7)
     s = 3.0
-    np.testing.assert_allclose(np.asarray(flow_time(jnp.asarray([0.3]), s)),
-                               [s * (1 / (1 + np.exp(-0.3))) / (1 + (s - 1) / (1 + np.exp(-0.3)))], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(flow_time(jnp.asarray([0.3]), s)),
+        [s * (1 / (1 + np.exp(-0.3))) / (1 + (s - 1) / (1 + np.exp(-0.3)))],
+        rtol=1e-6,
+    )
     u = batch.und_len
     noised = np.asarray(batch.kind[0, u:]) == KIND_NOISED_VAE
     np.testing.assert_array_equal(out["mse_mask"][0], noised)
@@ -75,8 +85,20 @@ def test_rng_drives_the_noise(setup, packed_run):
 
 def test_dense_mask_matches_reference_example():
     """bagel.md §3.2's printed example (splits [2,3,2,3,2], modes causal,full,causal,noise,full)."""
-    rows = ["x...........", "xx..........", "xxxxx.......", "xxxxx.......", "xxxxx.......", "xxxxxx......",
-            "xxxxxxx.....", "xxxxxxxxxx..", "xxxxxxxxxx..", "xxxxxxxxxx..", "xxxxxxx...xx", "xxxxxxx...xx"]
+    rows = [
+        "x...........",
+        "xx..........",
+        "xxxxx.......",
+        "xxxxx.......",
+        "xxxxx.......",
+        "xxxxxx......",
+        "xxxxxxx.....",
+        "xxxxxxxxxx..",
+        "xxxxxxxxxx..",
+        "xxxxxxxxxx..",
+        "xxxxxxx...xx",
+        "xxxxxxx...xx",
+    ]
     want = np.array([[c == "x" for c in r] for r in rows])
     got = dense_mask([2, 3, 2, 3, 2], ["causal", "full", "causal", "noise", "full"])
     np.testing.assert_array_equal(got, want)
@@ -94,8 +116,11 @@ def test_chunked_cross_entropy_matches_full():
     for chunk in (5, 64):
         np.testing.assert_allclose(np.asarray(ce(h, w, labels, chunk)), want, rtol=1e-5, atol=1e-5)
     g = jax.jit(jax.grad(lambda hh: chunked_cross_entropy(hh, w, labels, 5).sum()))(h)
-    g_full = jax.jit(jax.grad(lambda hh: (jax.nn.logsumexp(hh @ w, -1)
-                                          - jnp.take_along_axis(hh @ w, labels[..., None], -1)[..., 0]).sum()))(h)
+    g_full = jax.jit(
+        jax.grad(
+            lambda hh: (jax.nn.logsumexp(hh @ w, -1) - jnp.take_along_axis(hh @ w, labels[..., None], -1)[..., 0]).sum()
+        )
+    )(h)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_full), rtol=1e-5, atol=1e-6)
 
 

@@ -1,4 +1,5 @@
 """Official release layout ⇄ params: key table vs §9.3, exact round trip, strict errors, config recovery."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,11 @@ def test_release_key_table_matches_section_9_3():
         "language_model.model.layers.9.post_attention_layernorm_moe_gen.weight": (3584,),
         "language_model.model.norm_moe_gen.weight": (3584,),
         "language_model.lm_head.weight": (152064, 3584),
-        "time_embedder.mlp.0.weight": (3584, 256), "time_embedder.mlp.2.weight": (3584, 3584),
-        "vae2llm.weight": (3584, 64), "llm2vae.weight": (64, 3584), "llm2vae.bias": (64,),
+        "time_embedder.mlp.0.weight": (3584, 256),
+        "time_embedder.mlp.2.weight": (3584, 3584),
+        "vae2llm.weight": (3584, 64),
+        "llm2vae.weight": (64, 3584),
+        "llm2vae.bias": (64,),
         "latent_pos_embed.pos_embed": (4096, 3584),
         "vit_model.vision_model.embeddings.patch_embedding.weight": (1152, 588),
         "vit_model.vision_model.embeddings.position_embedding.weight": (4900, 1152),
@@ -41,7 +45,8 @@ def test_release_key_table_matches_section_9_3():
         "vit_model.vision_model.encoder.layers.0.mlp.fc1.weight": (4304, 1152),
         "vit_model.vision_model.encoder.layers.0.mlp.fc2.weight": (1152, 4304),
         "vit_model.vision_model.post_layernorm.bias": (1152,),
-        "connector.fc1.weight": (3584, 1152), "connector.fc2.weight": (3584, 3584),
+        "connector.fc1.weight": (3584, 1152),
+        "connector.fc2.weight": (3584, 3584),
         "vit_pos_embed.pos_embed": (4900, 3584),
     }
     for key, shape in want.items():
@@ -106,8 +111,9 @@ def test_round_trip_bf16_and_sharded(ckpt_dir, tmp_path):
     with open(src / "ema.safetensors.index.json", "w") as fh:
         json.dump({"weight_map": {k: name for name, ks in shards.items() for k in ks}}, fh)
     seen = []
-    params = bc.load_params(str(src), cfg, ae_path=os.path.join(d, bc.AE_FILE),
-                            place=lambda path, a: seen.append("/".join(path)) or a)
+    params = bc.load_params(
+        str(src), cfg, ae_path=os.path.join(d, bc.AE_FILE), place=lambda path, a: seen.append("/".join(path)) or a
+    )
     assert len(seen) == len(sd) + len(bc.flux_ae_keys(cfg.vae))  # every tensor handed over as it is read
     out = bc.params_to_state_dict(params, cfg, dtype="bfloat16")
     assert sorted(out) == keys
@@ -131,6 +137,7 @@ def test_renamed_key_fails_naming_it(ckpt_dir, tmp_path):
     def rename(sd):
         sd["language_model.model.layers.1.self_attn.k_norm_gen.weight"] = sd.pop(key)
         return sd
+
     _rewrite(d, str(tmp_path / "renamed"), rename)
     with pytest.raises(bc.CheckpointError, match=key.replace(".", r"\.")):
         bc.load_params(str(tmp_path / "renamed"), cfg)
@@ -138,6 +145,7 @@ def test_renamed_key_fails_naming_it(ckpt_dir, tmp_path):
     def extra(sd):
         sd["vit_model.vision_model.head.probe"] = np.zeros(3, np.float32)
         return sd
+
     _rewrite(d, str(tmp_path / "extra"), extra)
     with pytest.raises(bc.CheckpointError, match=r"vit_model\.vision_model\.head\.probe: unexpected"):
         bc.load_params(str(tmp_path / "extra"), cfg)
@@ -145,6 +153,7 @@ def test_renamed_key_fails_naming_it(ckpt_dir, tmp_path):
     def reshape(sd):
         sd["connector.fc1.weight"] = sd["connector.fc1.weight"][:, :-1]
         return sd
+
     _rewrite(d, str(tmp_path / "shape"), reshape)
     msg = r"connector\.fc1\.weight: expected shape \(64, 32\), found \(64, 31\)"
     with pytest.raises(bc.CheckpointError, match=msg):
@@ -154,9 +163,22 @@ def test_renamed_key_fails_naming_it(ckpt_dir, tmp_path):
 def test_config_recovered_from_the_release_files(ckpt_dir):
     cfg, d = ckpt_dir
     got = bc.config_from_checkpoint(d, base_config().model)
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-              "rope_theta", "layer_module", "qk_norm", "max_latent_size", "vit_max_num_patch_per_side",
-              "visual_gen", "visual_und", "tie_word_embeddings"):
+    for k in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "rope_theta",
+        "layer_module",
+        "qk_norm",
+        "max_latent_size",
+        "vit_max_num_patch_per_side",
+        "visual_gen",
+        "visual_und",
+        "tie_word_embeddings",
+    ):
         assert got[k] == cfg[k], k
     assert got.vit.to_dict() == cfg.vit.to_dict()
     for k in ("ch", "num_res_blocks", "z_channels"):

@@ -1,5 +1,6 @@
 """Orbax checkpoints: bitwise resume with the data stream, resharding restore (8 → 4 devices), keep-N,
 init_from, kill -9 during an async save, SIGTERM → checkpoint."""
+
 import json
 import os
 import signal
@@ -45,8 +46,9 @@ def test_resume_is_bitwise(saved_run):
     run = T.toy_run(data=2, fsdp=2, tensor=2)
     ckpt = Checkpointer(workdir, keep=2)
     assert ckpt.latest_step() == 3
-    state, shardings, data_state = restore_or_init(ckpt, T.init_fn, run.tx, run.mesh, run.rules,
-                                                   jax.random.PRNGKey(123), run.config)
+    state, shardings, data_state = restore_or_init(
+        ckpt, T.init_fn, run.tx, run.mesh, run.rules, jax.random.PRNGKey(123), run.config
+    )
     assert data_state == {"next_index": 3}
     _leaves_equal(state, at_3)
     data = T.ToyData(8)
@@ -94,8 +96,7 @@ def test_keep_n_and_init_from(saved_run, tmp_path):
     config = T.toy_config(data=2, fsdp=2, tensor=2)
     config.train.init_from = str(tmp_path / "converted")
     fresh = Checkpointer(str(tmp_path / "finetune"))
-    state, _, data_state = restore_or_init(fresh, T.init_fn, run.tx, run.mesh, run.rules, jax.random.PRNGKey(0),
-                                           config)
+    state, _, data_state = restore_or_init(fresh, T.init_fn, run.tx, run.mesh, run.rules, jax.random.PRNGKey(0), config)
     fresh.close()
     assert data_state is None and int(state.step) == 0
     _leaves_equal(state.params, at_3.params)
@@ -122,19 +123,33 @@ def test_data_state_is_one_json_file_per_host(tmp_path):
     assert got == data_state
     np.testing.assert_array_equal(restored["w"], state["w"])
     (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")  # saved by 2 hosts
-    with pytest.raises(FileNotFoundError, match=r"process_0-of-1\.json: no data-iterator state for this host "
-                                                r"\(found \[.*'process_0-of-2\.json'\]\); the host count changed"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"process_0-of-1\.json: no data-iterator state for this host "
+        r"\(found \[.*'process_0-of-2\.json'\]\); the host count changed",
+    ):
         Checkpointer(str(tmp_path)).restore(abstract)
     _, got = Checkpointer(str(tmp_path)).restore(abstract, data=False)
     assert got is None
 
 
 def _python(script: str, *args, devices: int = 1):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
-                         "--xla_llvm_disable_expensive_passes=true", TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 BIG = """
@@ -157,7 +172,9 @@ abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, shardin
 
 
 def test_kill_9_during_async_save_keeps_previous_checkpoint(tmp_path):
-    proc = _python(BIG + """
+    proc = _python(
+        BIG
+        + """
 import os, signal, sys
 from bagel_jax.train.checkpoint import Checkpointer
 ckpt = Checkpointer(sys.argv[1], keep=3)
@@ -168,7 +185,9 @@ bumped = state.replace(step=state.step + 1, params=jax.tree.map(lambda x: x + 1,
 ckpt.save(2, bumped, {"next_index": 2})
 print("in flight:", ckpt.manager.is_saving_in_progress(), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     assert "in flight: True" in out, out
@@ -183,7 +202,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
-    proc = _python("""
+    proc = _python(
+        """
 import sys, time, jax
 import train_toy as T
 from bagel_jax.train.checkpoint import Checkpointer, restore_or_init
@@ -203,7 +223,10 @@ for _ in range(100000):
         sys.exit(0)
     time.sleep(0.01)
 sys.exit(3)
-""", str(tmp_path), devices=2)
+""",
+        str(tmp_path),
+        devices=2,
+    )
     for line in proc.stdout:
         if line.strip() == "ready":
             break

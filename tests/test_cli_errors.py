@@ -1,6 +1,7 @@
 """Every CLI on every class of bad config / input, run as a user runs it (``python -m ...`` subprocesses): exactly one
 line on stderr naming the key or file, exit status 2, and no compile (``JAX_LOG_COMPILES=1`` logs a line per compile
 to stderr, so one line means none; the control test shows the flag reaches a compile through absl)."""
+
 from __future__ import annotations
 
 import glob
@@ -28,8 +29,14 @@ def _env(**extra) -> dict:
 
 
 def run_cli(module: str, args: list[str], **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(**env), capture_output=True,
-                          text=True, timeout=SECONDS * 3)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=SECONDS * 3,
+    )
 
 
 @pytest.fixture
@@ -45,8 +52,15 @@ def paths(tmp_path):
     release = tmp_path / "release"  # a release-layout directory without weights
     release.mkdir()
     (release / "llm_config.json").write_text(json.dumps({}))
-    return dict(tmp=str(tmp_path), wd=str(tmp_path / "wd"), file=str(file), bad_image=str(bad_image),
-                run=str(run), release=str(release), missing=str(tmp_path / "missing"))
+    return dict(
+        tmp=str(tmp_path),
+        wd=str(tmp_path / "wd"),
+        file=str(file),
+        bad_image=str(bad_image),
+        run=str(run),
+        release=str(release),
+        missing=str(tmp_path / "missing"),
+    )
 
 
 TINY = ["--config=configs/tiny.py", "--workdir={wd}"]
@@ -57,8 +71,13 @@ T2I = ["--mode=t2i", "--prompt=a red circle", "--out={tmp}/x.png"]
 # (id, module, args, the stderr line after "error: " must match this regex); FAST ones run in the default suite
 CASES = [
     # the BAGEL trainer
-    ("train/unknown_key", TRAIN, TINY + ["--config.train.lrr=1"], r"train\.lrr: unknown config key \(did you mean "
-                                                                   r"train\.lr\?\)"),
+    (
+        "train/unknown_key",
+        TRAIN,
+        TINY + ["--config.train.lrr=1"],
+        r"train\.lrr: unknown config key \(did you mean "
+        r"train\.lr\?\)",
+    ),
     ("train/unknown_section", TRAIN, TINY + ["--config.trainn.lr=1"], r"trainn\.lr: .*did you mean train\.lr\?"),
     ("train/bad_value", TRAIN, TINY + ["--config.train.lr=fast"], r"flag --config\.train\.lr=fast: "),
     ("train/missing_config", TRAIN, ["--config=configs/nope.py", "--workdir={wd}"], r"--config: .*nope\.py.*no such"),
@@ -81,67 +100,147 @@ CASES = [
     ("train/workdir_is_file", TRAIN, ["--config=configs/tiny.py", "--workdir={file}"], r"workdir: .*not a directory"),
     ("train/workdir_unwritable", TRAIN, ["--config=configs/tiny.py", "--workdir={file}/sub"], r"workdir: "),
     # the tower stages
-    ("vae/unknown_key", VAE, ["--config=configs/tiny_vae.py", "--workdir={wd}", "--config.vae_stage.losss=l1"],
-     r"vae_stage\.losss: .*did you mean vae_stage\.loss\?"),
-    ("vae/stage_rule", VAE, ["--config=configs/tiny_vae.py", "--workdir={wd}", "--config.vae_stage.loss=l3"],
-     r"vae_stage\.loss: "),
-    ("vae/no_data", VAE, ["--config=configs/tiny_vae.py", "--workdir={wd}", "--config.data.synthetic_examples=0"],
-     r"data\.data_dir: .*data\.mixture\.t2i"),
-    ("vit/stage_rule", VIT, ["--config=configs/tiny_vit.py", "--workdir={wd}", "--config.vit_stage.eval_seed=42"],
-     r"vit_stage\.eval_seed: "),
-    ("vit/negative_steps", VIT, ["--config=configs/tiny_vit.py", "--workdir={wd}", "--config.train.steps=-1"],
-     r"train\.steps: "),
+    (
+        "vae/unknown_key",
+        VAE,
+        ["--config=configs/tiny_vae.py", "--workdir={wd}", "--config.vae_stage.losss=l1"],
+        r"vae_stage\.losss: .*did you mean vae_stage\.loss\?",
+    ),
+    (
+        "vae/stage_rule",
+        VAE,
+        ["--config=configs/tiny_vae.py", "--workdir={wd}", "--config.vae_stage.loss=l3"],
+        r"vae_stage\.loss: ",
+    ),
+    (
+        "vae/no_data",
+        VAE,
+        ["--config=configs/tiny_vae.py", "--workdir={wd}", "--config.data.synthetic_examples=0"],
+        r"data\.data_dir: .*data\.mixture\.t2i",
+    ),
+    (
+        "vit/stage_rule",
+        VIT,
+        ["--config=configs/tiny_vit.py", "--workdir={wd}", "--config.vit_stage.eval_seed=42"],
+        r"vit_stage\.eval_seed: ",
+    ),
+    (
+        "vit/negative_steps",
+        VIT,
+        ["--config=configs/tiny_vit.py", "--workdir={wd}", "--config.train.steps=-1"],
+        r"train\.steps: ",
+    ),
     # the AOT planner (fails before libtpu builds the topology)
-    ("aot/unknown_key", AOT, ["--config=configs/tiny.py", "--config.model.hiden_size=8"],
-     r"model\.hiden_size: .*did you mean model\.hidden_size\?"),
-    ("aot/block_size", AOT, ["--config=configs/tiny.py", "--config.model.attention_block_kv=100"],
-     r"model\.attention_block_kv: "),
+    (
+        "aot/unknown_key",
+        AOT,
+        ["--config=configs/tiny.py", "--config.model.hiden_size=8"],
+        r"model\.hiden_size: .*did you mean model\.hidden_size\?",
+    ),
+    (
+        "aot/block_size",
+        AOT,
+        ["--config=configs/tiny.py", "--config.model.attention_block_kv=100"],
+        r"model\.attention_block_kv: ",
+    ),
     ("aot/unknown_loss", AOT, ["--config=configs/tiny.py", "--loss=nope"], r"--loss: unknown 'nope'"),
     ("aot/loss_module", AOT, ["--config=configs/tiny.py", "--loss=no_such_module:fn"], r"--loss=no_such_module:fn: "),
     # the local sweep runner (before any point runs)
     ("sweep/missing_sweep", SWEEP, SWEEP_ARGS + ["--sweep={missing}.py"], r"sweep .*missing\.py.*no such file"),
-    ("sweep/bad_point", SWEEP, SWEEP_ARGS + ["--sweep=configs/sweeps/tiny_lr_shift.py:-3"],
-     r"sweep point 0 .*train\.steps: must be >= 0"),
-    ("sweep/unknown_trainer_key", SWEEP, SWEEP_ARGS + ["--sweep=configs/sweeps/tiny_lr_shift.py",
-                                                       "--trainer_arg=--config.train.lrr=1"],
-     r"--trainer_arg=.*train\.lrr: unknown config key \(did you mean train\.lr\?\)"),
+    (
+        "sweep/bad_point",
+        SWEEP,
+        SWEEP_ARGS + ["--sweep=configs/sweeps/tiny_lr_shift.py:-3"],
+        r"sweep point 0 .*train\.steps: must be >= 0",
+    ),
+    (
+        "sweep/unknown_trainer_key",
+        SWEEP,
+        SWEEP_ARGS + ["--sweep=configs/sweeps/tiny_lr_shift.py", "--trainer_arg=--config.train.lrr=1"],
+        r"--trainer_arg=.*train\.lrr: unknown config key \(did you mean train\.lr\?\)",
+    ),
     ("sweep/missing_flag", SWEEP, ["--config=configs/tiny.py", "--workdir={wd}"], r"--sweep is required"),
     # the eval runner (before any weights load)
     ("eval/missing_workdir", EVAL, ["--workdir={missing}"], r"--workdir: .*missing is not a directory"),
     ("eval/no_checkpoint", EVAL, ["--workdir={run}"], r"--workdir: .*has no checkpoint .*--params=untrained"),
     ("eval/bad_fns", EVAL, ["--fns=no_such_module:f"], r"--fns=no_such_module:f: cannot import"),
-    ("eval/unknown_key", EVAL, ["--config=configs/tiny.py", "--config.evalz.x=1", "--fns=a:b"],
-     r"evalz\.x: unknown config key \(did you mean evals\?\)"),
+    (
+        "eval/unknown_key",
+        EVAL,
+        ["--config=configs/tiny.py", "--config.evalz.x=1", "--fns=a:b"],
+        r"evalz\.x: unknown config key \(did you mean evals\?\)",
+    ),
     ("eval/unknown_only", EVAL, ["--fns=bagel_jax.eval.runner:ground_truth_fns", "--only=zz"], r"--only: "),
-    ("eval/unwritable_output", EVAL, ["--fns=bagel_jax.eval.runner:ground_truth_fns", "--output={file}/m.json"],
-     r"--output: "),
+    (
+        "eval/unwritable_output",
+        EVAL,
+        ["--fns=bagel_jax.eval.runner:ground_truth_fns", "--output={file}/m.json"],
+        r"--output: ",
+    ),
     # the inference CLI (before any weights load)
-    ("infer/missing_image", INFER, ["--random_tiny", "--mode=understand", "--prompt=q", "--image={missing}.png"],
-     r"--image: .*missing\.png: No such file"),
-    ("infer/unreadable_image", INFER, ["--random_tiny", "--mode=understand", "--prompt=q", "--image={bad_image}"],
-     r"--image: .*bad\.png: undecodable image"),
-    ("infer/workdir_as_checkpoint", INFER, ["--checkpoint={run}"] + T2I,
-     r"--checkpoint: .*run is a training workdir .*bagel_jax\.eval\.runner --workdir="),
+    (
+        "infer/missing_image",
+        INFER,
+        ["--random_tiny", "--mode=understand", "--prompt=q", "--image={missing}.png"],
+        r"--image: .*missing\.png: No such file",
+    ),
+    (
+        "infer/unreadable_image",
+        INFER,
+        ["--random_tiny", "--mode=understand", "--prompt=q", "--image={bad_image}"],
+        r"--image: .*bad\.png: undecodable image",
+    ),
+    (
+        "infer/workdir_as_checkpoint",
+        INFER,
+        ["--checkpoint={run}"] + T2I,
+        r"--checkpoint: .*run is a training workdir .*bagel_jax\.eval\.runner --workdir=",
+    ),
     ("infer/missing_checkpoint", INFER, ["--checkpoint={missing}"] + T2I, r"--checkpoint: .*missing does not exist"),
     ("infer/no_tokenizer", INFER, ["--checkpoint={release}"] + T2I, r"--tokenizer: no tokenizer\.json or "),
     ("infer/unwritable_out", INFER, ["--random_tiny", "--mode=t2i", "--prompt=x", "--out={file}/x.png"], r"--out: "),
     ("infer/bad_number", INFER, ["--random_tiny"] + T2I + ["--cfg_interval=0.4"], r"--cfg_interval: "),
     ("infer/bad_choice", INFER, ["--random_tiny", "--mode=paint"], r"argument --mode: invalid choice"),
     ("infer/missing_config", INFER, ["--random_tiny"] + T2I + ["--config={missing}.py"], r"--config: "),
-    ("infer/bad_config_value", INFER, ["--random_tiny"] + T2I + ["--config=configs/tiny_repro.py:big"],
-     r"--config=.*tiny_repro\.py:big: .*unknown argument 'big'"),
+    (
+        "infer/bad_config_value",
+        INFER,
+        ["--random_tiny"] + T2I + ["--config=configs/tiny_repro.py:big"],
+        r"--config=.*tiny_repro\.py:big: .*unknown argument 'big'",
+    ),
 ]
 # one or two of each kind in the default suite (each costs a python start; the trainer's ~1-3 s): the rest is slow
-FAST = {"train/unknown_key", "train/negative_steps", "train/zero_interval", "train/block_size", "train/impl_vs_backend",
-        "train/accumulation", "train/no_data", "train/missing_tokenizer", "train/missing_init_from",
-        "train/workdir_unwritable", "train/missing_config", "vae/stage_rule", "vit/stage_rule", "aot/unknown_key",
-        "sweep/bad_point", "sweep/unknown_trainer_key", "eval/no_checkpoint", "eval/bad_fns", "infer/missing_image",
-        "infer/unreadable_image", "infer/workdir_as_checkpoint", "infer/unwritable_out"}
+FAST = {
+    "train/unknown_key",
+    "train/negative_steps",
+    "train/zero_interval",
+    "train/block_size",
+    "train/impl_vs_backend",
+    "train/accumulation",
+    "train/no_data",
+    "train/missing_tokenizer",
+    "train/missing_init_from",
+    "train/workdir_unwritable",
+    "train/missing_config",
+    "vae/stage_rule",
+    "vit/stage_rule",
+    "aot/unknown_key",
+    "sweep/bad_point",
+    "sweep/unknown_trainer_key",
+    "eval/no_checkpoint",
+    "eval/bad_fns",
+    "infer/missing_image",
+    "infer/unreadable_image",
+    "infer/workdir_as_checkpoint",
+    "infer/unwritable_out",
+}
 
 
 def _params():
-    return [pytest.param(module, args, pattern, id=name, marks=() if name in FAST else pytest.mark.slow)
-            for name, module, args, pattern in CASES]
+    return [
+        pytest.param(module, args, pattern, id=name, marks=() if name in FAST else pytest.mark.slow)
+        for name, module, args, pattern in CASES
+    ]
 
 
 @pytest.mark.parametrize("module,args,pattern", _params())
@@ -159,8 +258,9 @@ def test_user_error_is_one_line_exit_2_before_any_compile(module, args, pattern,
 def test_compile_log_reaches_stderr_through_absl():
     """The control for the test above: with JAX_LOG_COMPILES=1 a compile in an absl program writes 'Compiling'."""
     code = "import jax; from absl import app; app.run(lambda argv: print(jax.jit(lambda x: x + 1)(1)))"
-    r = subprocess.run([sys.executable, "-c", code], env=_env(JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                       timeout=SECONDS)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=_env(JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=SECONDS
+    )
     assert r.returncode == 0 and "Compiling" in r.stderr, r.stderr[-2000:]
 
 
@@ -174,8 +274,14 @@ def test_cpu_only_machine_never_loads_libtpu(paths):
     """Without JAX_PLATFORMS, on a machine without TPU chips, the CLIs keep jax from trying libtpu: no libtpu
     warnings on stderr, no libtpu log files of this process."""
     before = set(glob.glob("/tmp/tpu_logs/*"))
-    proc = subprocess.Popen([sys.executable, "-m", TRAIN, *[a.format(**paths) for a in TINY]], cwd=ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", TRAIN, *[a.format(**paths) for a in TINY]],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _, err = proc.communicate(timeout=SECONDS)
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err
     assert not [f for f in set(glob.glob("/tmp/tpu_logs/*")) - before if f.endswith(f".{proc.pid}")]
@@ -185,6 +291,7 @@ def test_a_finished_workdir_has_nothing_to_do(tmp_path):
     """A workdir whose newest checkpoint reached train.steps (and, for a tower stage, whose export was written) is
     finished: the trainers say so and exit 0 instead of starting."""
     from bagel_jax.train.app import nothing_to_do
+
     config = base_config()
     config.train.steps = 30
     assert nothing_to_do(config, str(tmp_path)) is None
@@ -192,8 +299,10 @@ def test_a_finished_workdir_has_nothing_to_do(tmp_path):
     (tmp_path / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir()  # a save that never finished
     assert nothing_to_do(config, str(tmp_path)) is None
     (tmp_path / "checkpoints" / "30").mkdir()
-    assert nothing_to_do(config, str(tmp_path)) == (f"{tmp_path}: already trained to step 30 (train.steps=30); "
-                                                    "nothing to do (raise --config.train.steps to train on)")
+    assert nothing_to_do(config, str(tmp_path)) == (
+        f"{tmp_path}: already trained to step 30 (train.steps=30); "
+        "nothing to do (raise --config.train.steps to train on)"
+    )
     assert nothing_to_do(config, str(tmp_path), "vae") is None  # trained, but the export is missing: redo it
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "vae.json").write_text("{}")

@@ -1,4 +1,5 @@
 """Config validation: every class of bad config is one line naming the key, raised before anything builds."""
+
 import importlib
 import os
 import pathlib
@@ -180,21 +181,26 @@ def test_tiny_repro_report_evals():
     """configs/tiny_repro.py:report: the README's held-out sets (GenEval 16 prompts per category × 4 images), the same
     model and data as the training config; builds its evaluators; an unknown argument names the file."""
     from bagel_jax.eval import runner
+
     train, report = shipped_config("tiny_repro"), shipped_config("tiny_repro:report")
     validate(report)
     assert report.model.to_dict() == train.model.to_dict() and report.data.to_dict() == train.data.to_dict()
     evaluators = runner.build_evaluators(report.evals)
-    assert len(evaluators["geneval"].evaluator.samples) == 6 * 16 * 4 and not any(
-        s.every for s in evaluators.values())
+    assert len(evaluators["geneval"].evaluator.samples) == 6 * 16 * 4 and not any(s.every for s in evaluators.values())
     with pytest.raises(ValueError, match="tiny_repro.py: unknown argument 'big'"):
         shipped_config("tiny_repro:big")
 
 
 def test_unknown_keys_name_the_nearest_valid_key():
     keys = config_keys(base_config())
-    for typo, nearest in [("train.lrr", "train.lr"), ("trainn.lr", "train.lr"), ("model.vit.hiden_size",
-                          "model.vit.hidden_size"), ("data.tokeniser", "data.tokenizer"),
-                          ("vae_stage.losss", "vae_stage.loss"), ("modle", "model")]:
+    for typo, nearest in [
+        ("train.lrr", "train.lr"),
+        ("trainn.lr", "train.lr"),
+        ("model.vit.hiden_size", "model.vit.hidden_size"),
+        ("data.tokeniser", "data.tokenizer"),
+        ("vae_stage.losss", "vae_stage.loss"),
+        ("modle", "model"),
+    ]:
         assert unknown_key_message(typo, keys) == f"{typo}: unknown config key (did you mean {nearest}?)"
     assert unknown_key_message("qqqqqq.zzzzzz", keys) == "qqqqqq.zzzzzz: unknown config key"
     c = shipped_config("tiny")
@@ -302,8 +308,10 @@ def test_layout_constants_agree_with_the_code_that_reads_them():
 
     assert (config.ATTENTION_LANES, config.ATTENTION_MAX_BLOCKS) == (tpu_split_splash.LANES, block_map.MAX_BLOCKS)
     assert synthetic_shapes.tokenizer_path("d") == os.path.join("d", config.SHAPES_TOKENIZER)
-    vae, vit = ("bagel_jax.convert.vae_export", "bagel_jax.train.vae_train"), ("bagel_jax.convert.vit_export",
-                                                                             "bagel_jax.train.vit_train")
+    vae, vit = (
+        ("bagel_jax.convert.vae_export", "bagel_jax.train.vae_train"),
+        ("bagel_jax.convert.vit_export", "bagel_jax.train.vit_train"),
+    )
     assert config.VAE_EXPORT_FILES == (_attr("AE_FILE", *vae), _attr("STATS_FILE", *vae))
     assert config.VIT_EXPORT_FILES == (_attr("WEIGHTS_FILE", *vit),)
     assert config.EXPORT_DIR == _attr("EXPORT_DIR", *vae) == _attr("EXPORT_DIR", *vit)

@@ -1,4 +1,5 @@
 """TFDS builders: each builds offline from a tiny fixture made here and reads back; shapes are deterministic."""
+
 import glob
 import io
 import json
@@ -56,8 +57,12 @@ def test_t2i_builder(tmp_path):
     manual = tmp_path / "manual"
     images = [jpeg(40, 30, (255, 0, 0)), jpeg(50, 60, (0, 255, 0))]
     (manual / "sub").mkdir(parents=True)
-    pq.write_table(pa.table({"image": images, "captions": [json.dumps({"a": "a red box", "b": "red"}),
-                                                            json.dumps({"a": "green"})]}), manual / "part0.parquet")
+    pq.write_table(
+        pa.table(
+            {"image": images, "captions": [json.dumps({"a": "a red box", "b": "red"}), json.dumps({"a": "green"})]}
+        ),
+        manual / "part0.parquet",
+    )
     pq.write_table(pa.table({"image": [jpeg(32, 32, (0, 0, 255))], "caption": ["blue"]}), manual / "sub" / "p1.parquet")
     common.build(t2i.T2i, tmp_path / "data", manual)
     recs = read_all(tmp_path / "data", "t2i")
@@ -77,19 +82,28 @@ def test_vlm_sft_builder_with_video_and_missing_image(tmp_path):
     for k in range(12):
         write(str(manual / "clip" / f"{k:03d}.png"), jpeg(28, 28, (k, k, k)))
     lines = [
-        {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
-                                             {"from": "gpt", "value": "A."}]},
-        {"image": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "<image><image>Compare"},
-                                                         {"from": "gpt", "value": "Same."}]},
-        {"video": "clip", "conversations": [{"from": "human", "value": "<video>\nDescribe"},
-                                            {"from": "gpt", "value": "Moving."}]},
-        {"image": "gone.jpg", "conversations": [{"from": "human", "value": "<image>Hi"},
-                                                {"from": "gpt", "value": "Yo"}]},
+        {
+            "image": "a.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}],
+        },
+        {
+            "image": ["a.jpg", "b.jpg"],
+            "conversations": [{"from": "human", "value": "<image><image>Compare"}, {"from": "gpt", "value": "Same."}],
+        },
+        {
+            "video": "clip",
+            "conversations": [{"from": "human", "value": "<video>\nDescribe"}, {"from": "gpt", "value": "Moving."}],
+        },
+        {
+            "image": "gone.jpg",
+            "conversations": [{"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Yo"}],
+        },
     ]
     (manual / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     common.build(vlm_sft.VlmSft, tmp_path / "data", manual, max_frames=4)
-    recs = sorted(read_all(tmp_path / "data", "vlm_sft"),
-                  key=lambda r: json.loads(r["meta"])["conversations"][1]["value"])
+    recs = sorted(
+        read_all(tmp_path / "data", "vlm_sft"), key=lambda r: json.loads(r["meta"])["conversations"][1]["value"]
+    )
     assert [json.loads(r["meta"])["conversations"][1]["value"] for r in recs] == ["A.", "Moving.", "Same.", "Yo"]
     video = recs[1]
     assert len(video["images"]) == 4  # 12 frames -> 4 evenly spread
@@ -103,8 +117,10 @@ def test_vlm_sft_builder_with_video_and_missing_image(tmp_path):
 def test_edit_builder(tmp_path):
     manual = tmp_path / "manual"
     manual.mkdir()
-    rows = {"image_list": [[jpeg(32, 32, (c, 0, 0)) for c in (10, 20, 30)], [jpeg(48, 32, (0, 9, 0))] * 2],
-            "instruction_list": [[["make it red", "redden"], ["more red"]], [["edit me"]]]}
+    rows = {
+        "image_list": [[jpeg(32, 32, (c, 0, 0)) for c in (10, 20, 30)], [jpeg(48, 32, (0, 9, 0))] * 2],
+        "instruction_list": [[["make it red", "redden"], ["more red"]], [["edit me"]]],
+    }
     pq.write_table(pa.table(rows), manual / "edits.parquet")
     common.build(edit.Edit, tmp_path / "data", manual)
     recs = read_all(tmp_path / "data", "edit")
@@ -120,8 +136,10 @@ def test_interleaved_video_builder(tmp_path):
         write(str(manual / "clip0" / f"f{k}.jpg"), jpeg(32, 32, (k * 20, 0, 0)))
     write(str(manual / "x.jpg"), jpeg(32, 32, (0, 0, 0)))
     write(str(manual / "y.jpg"), jpeg(32, 32, (9, 9, 9)))
-    lines = [{"frames": "clip0", "captions": [f"step {k}" for k in range(9)]},
-             {"frames": ["x.jpg", "y.jpg"], "captions": ["it brightens"]}]
+    lines = [
+        {"frames": "clip0", "captions": [f"step {k}" for k in range(9)]},
+        {"frames": ["x.jpg", "y.jpg"], "captions": ["it brightens"]},
+    ]
     (manual / "v.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     common.build(interleaved_video.InterleavedVideo, tmp_path / "data", manual, max_frames=4)
     recs = sorted(read_all(tmp_path / "data", "interleaved_video"), key=lambda r: len(r["images"]))
@@ -129,16 +147,25 @@ def test_interleaved_video_builder(tmp_path):
     kept = json.loads(recs[1]["meta"])["captions"]  # frames 0, 3, 6, 9 kept: merged change captions
     assert kept == ["step 0 step 1 step 2", "step 3 step 4 step 5", "step 6 step 7 step 8"]
     s = decode_all(recs, "video")[1]
-    assert [getattr(x, "vae", "text") for x in s.segments] == ["clean", "text", "noised+clean", "text",
-                                                               "noised+clean", "text", "noised"]
+    assert [getattr(x, "vae", "text") for x in s.segments] == [
+        "clean",
+        "text",
+        "noised+clean",
+        "text",
+        "noised+clean",
+        "text",
+        "noised",
+    ]
 
 
 def test_interleaved_web_builder(tmp_path):
     manual = tmp_path / "manual"
     write(str(manual / "img" / "1.jpg"), jpeg(32, 32, (1, 1, 1)))
     write(str(manual / "img" / "2.jpg"), jpeg(32, 32, (2, 2, 2)))
-    lines = [{"texts": ["Intro", None, "More", None], "images": [None, "img/1.jpg", None, "img/2.jpg"]},
-             {"items": [{"image": "img/2.jpg"}, {"text": "Caption"}]}]
+    lines = [
+        {"texts": ["Intro", None, "More", None], "images": [None, "img/1.jpg", None, "img/2.jpg"]},
+        {"items": [{"image": "img/2.jpg"}, {"text": "Caption"}]},
+    ]
     (manual / "web.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     common.build(interleaved_web.InterleavedWeb, tmp_path / "data", manual)
     recs = sorted(read_all(tmp_path / "data", "interleaved_web"), key=lambda r: -len(r["images"]))
@@ -172,9 +199,15 @@ def test_shapes_read_back_into_documents():
     d = shapes_dir()
     tok = load_tokenizer(synthetic_shapes.tokenizer_path(d))
     assert tok.vocab_size <= 512
-    layout = LayoutConfig(bos_id=tok.bos_id, eos_id=tok.eos_id, vision_start_id=tok.vision_start_id,
-                          vision_end_id=tok.vision_end_id, vit_max_patches_per_side=8, max_latent_size=8,
-                          vae_pad_hw=(64, 64))
+    layout = LayoutConfig(
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        vision_start_id=tok.vision_start_id,
+        vision_end_id=tok.vision_end_id,
+        vit_max_patches_per_side=8,
+        max_latent_size=8,
+        vae_pad_hw=(64, 64),
+    )
     rng = np.random.default_rng(0)
     for kind in KINDS:
         recs = read_all(d, f"synthetic_shapes:{kind}")
@@ -223,26 +256,35 @@ def test_builders_skip_bad_lines_and_rows_naming_them(tmp_path, caplog):
     caplog.set_level("WARNING")
     manual = tmp_path / "vlm"
     write(str(manual / "sub" / "a.jpg"), jpeg(40, 40, (1, 2, 3)))
-    good = {"image": "a.jpg",
-            "conversations": [{"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Yo"}]}
-    lines = [json.dumps(good).encode(),
-             b'{"image": "a.jpg", "conversations": [',  # line 2: not JSON
-             b"[1, 2, 3]",  # line 3: not an object
-             json.dumps({**good, "conversations": [{"from": "human", "value": None}]}).encode(),  # 4: value null
-             json.dumps({**good, "image": 5}).encode(),  # line 5: an image path that is a number
-             json.dumps({**good, "conversations": "hello"}).encode(),  # line 6
-             b'{"image": "a.jpg", "conversations": [{"from": "gpt", "value": "\xff\xfe"}]}',  # line 7: not UTF-8
-             b"",  # line 8: blank lines are fine
-             json.dumps({**good, "image": "gone.jpg"}).encode(),  # line 9: kept, missing image
-             json.dumps({**good, "conversations": [{"from": "gpt", "value": "\ud800 x"}]}).encode()]  # 10: kept
+    good = {
+        "image": "a.jpg",
+        "conversations": [{"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Yo"}],
+    }
+    lines = [
+        json.dumps(good).encode(),
+        b'{"image": "a.jpg", "conversations": [',  # line 2: not JSON
+        b"[1, 2, 3]",  # line 3: not an object
+        json.dumps({**good, "conversations": [{"from": "human", "value": None}]}).encode(),  # 4: value null
+        json.dumps({**good, "image": 5}).encode(),  # line 5: an image path that is a number
+        json.dumps({**good, "conversations": "hello"}).encode(),  # line 6
+        b'{"image": "a.jpg", "conversations": [{"from": "gpt", "value": "\xff\xfe"}]}',  # line 7: not UTF-8
+        b"",  # line 8: blank lines are fine
+        json.dumps({**good, "image": "gone.jpg"}).encode(),  # line 9: kept, missing image
+        json.dumps({**good, "conversations": [{"from": "gpt", "value": "\ud800 x"}]}).encode(),
+    ]  # 10: kept
     (manual / "sub" / "d.jsonl").write_bytes(b"\n".join(lines))
     common.build(vlm_sft.VlmSft, tmp_path / "data", manual)
     recs = read_all(tmp_path / "data", "vlm_sft")
     assert sorted(r["source"].decode() for r in recs) == ["sub/d.jsonl:1", "sub/d.jsonl:10", "sub/d.jsonl:9"]
     logged = "\n".join(_warnings(caplog))
-    for where, needle in [(2, "not_json"), (3, "a line must be a JSON object, got list"),
-                          (4, "'conversations[0].value' is null, expected a string"), (5, "'image' is int 5"),
-                          (6, "'conversations' is str"), (7, "not_json")]:
+    for where, needle in [
+        (2, "not_json"),
+        (3, "a line must be a JSON object, got list"),
+        (4, "'conversations[0].value' is null, expected a string"),
+        (5, "'image' is int 5"),
+        (6, "'conversations' is str"),
+        (7, "not_json"),
+    ]:
         assert any(f"sub/d.jsonl:{where}:" in m and needle in m for m in _warnings(caplog)), (where, logged)
     assert "vlm_sft: wrote 3 records; skipped 6 (not_json 2, bad_row 4); 1 missing images kept" in logged
 
@@ -258,9 +300,13 @@ def test_builders_skip_bad_lines_and_rows_naming_them(tmp_path, caplog):
     recs = read_all(tmp_path / "data", "t2i")
     assert sorted(r["source"].decode() for r in recs) == ["p.parquet:row 0", "p.parquet:row 4"]
     logged = "\n".join(_warnings(caplog))
-    for needle in ["p.parquet:row 1: 'captions' is not JSON", "p.parquet:row 2: 'captions' is int 5",
-                   "p.parquet:row 3: 'captions.a' is null", "no_image_column.parquet: no column image",
-                   "corrupt.parquet: unreadable"]:
+    for needle in [
+        "p.parquet:row 1: 'captions' is not JSON",
+        "p.parquet:row 2: 'captions' is int 5",
+        "p.parquet:row 3: 'captions.a' is null",
+        "no_image_column.parquet: no column image",
+        "corrupt.parquet: unreadable",
+    ]:
         assert needle in logged, (needle, logged)
     assert "t2i: wrote 2 records; skipped 5 (unreadable_file 2, not_json 1, bad_row 2); 1 missing images" in logged
 
@@ -276,10 +322,12 @@ def test_video_edit_web_builders_skip_rows_of_the_wrong_shape(tmp_path, caplog):
     manual = tmp_path / "video"
     for k in range(3):
         write(str(manual / f"f{k}.jpg"), jpeg(32, 32, (k * 50, 0, 0)))
-    lines = [{"frames": ["f0.jpg", "f1.jpg", "f2.jpg"], "captions": ["a", "b"]},
-             {"frames": ["f0.jpg", "f1.jpg", "f2.jpg"], "captions": ["a"]},  # 2: too few captions
-             {"frames": 5, "captions": []},  # 3
-             {"captions": ["a"]}]  # 4: no frames
+    lines = [
+        {"frames": ["f0.jpg", "f1.jpg", "f2.jpg"], "captions": ["a", "b"]},
+        {"frames": ["f0.jpg", "f1.jpg", "f2.jpg"], "captions": ["a"]},  # 2: too few captions
+        {"frames": 5, "captions": []},  # 3
+        {"captions": ["a"]},
+    ]  # 4: no frames
     (manual / "v.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     common.build(interleaved_video.InterleavedVideo, tmp_path / "data", manual)
     assert [r["source"] for r in read_all(tmp_path / "data", "interleaved_video")] == [b"v.jsonl:1"]
@@ -289,8 +337,12 @@ def test_video_edit_web_builders_skip_rows_of_the_wrong_shape(tmp_path, caplog):
 
     manual = tmp_path / "web"
     write(str(manual / "1.jpg"), jpeg(32, 32, (1, 1, 1)))
-    lines = [{"items": [{"text": "hi"}, {"image": "1.jpg"}]}, {"texts": ["a", None], "images": [None]},
-             {"items": [{"text": 3}]}, {"items": "nope"}]
+    lines = [
+        {"items": [{"text": "hi"}, {"image": "1.jpg"}]},
+        {"texts": ["a", None], "images": [None]},
+        {"items": [{"text": 3}]},
+        {"items": "nope"},
+    ]
     (manual / "w.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     common.build(interleaved_web.InterleavedWeb, tmp_path / "data", manual)
     assert [r["source"] for r in read_all(tmp_path / "data", "interleaved_web")] == [b"w.jsonl:1"]
@@ -300,8 +352,10 @@ def test_video_edit_web_builders_skip_rows_of_the_wrong_shape(tmp_path, caplog):
     manual = tmp_path / "edit"
     manual.mkdir()
     two = [jpeg(32, 32, (0, 9, 0))] * 2
-    pq.write_table(pa.table({"image_list": [two, two, [two[0], None]],
-                             "instruction_list": [[["fine"]], [], [["ok"]]]}), manual / "e.parquet")
+    pq.write_table(
+        pa.table({"image_list": [two, two, [two[0], None]], "instruction_list": [[["fine"]], [], [["ok"]]]}),
+        manual / "e.parquet",
+    )
     pq.write_table(pa.table({"image_list": [two], "instruction_list": ["make it red"]}), manual / "f.parquet")
     common.build(edit.Edit, tmp_path / "data", manual)
     assert sorted(r["source"] for r in read_all(tmp_path / "data", "edit")) == [b"e.parquet:row 0", b"e.parquet:row 2"]

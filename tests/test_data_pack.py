@@ -1,4 +1,5 @@
 """Packing: budgets respected, every document placed once, and rows satisfying the PackedBatch invariants."""
+
 import numpy as np
 import pytest
 
@@ -16,8 +17,16 @@ from data_fixtures import check_rows
 def test_row_packer_respects_every_budget_and_places_each_item_once():
     rng = np.random.default_rng(0)
     cap = np.array([300, 200, 150, 4, 6])
-    costs = np.stack([rng.integers(0, 120, 500), rng.integers(0, 90, 500), rng.integers(0, 60, 500),
-                      rng.integers(0, 3, 500), np.ones(500, int)], axis=1)
+    costs = np.stack(
+        [
+            rng.integers(0, 120, 500),
+            rng.integers(0, 90, 500),
+            rng.integers(0, 60, 500),
+            rng.integers(0, 3, 500),
+            np.ones(500, int),
+        ],
+        axis=1,
+    )
     costs[:, 2] = np.minimum(costs[:, 2], costs[:, 0])
     packer = RowPacker(cap, buffer_size=16)
     rows, arrived, placed = [], {}, {}
@@ -41,8 +50,10 @@ def test_row_packer_respects_every_budget_and_places_each_item_once():
 def test_row_packer_beats_sequential_packing():
     rng = np.random.default_rng(1)
     cap = np.array([1000, 1000, 1000, 100, 100])
-    costs = np.stack([rng.integers(50, 600, 2000), rng.integers(0, 600, 2000)] + [np.zeros(2000, int)] * 2
-                     + [np.ones(2000, int)], axis=1)
+    costs = np.stack(
+        [rng.integers(50, 600, 2000), rng.integers(0, 600, 2000)] + [np.zeros(2000, int)] * 2 + [np.ones(2000, int)],
+        axis=1,
+    )
     packer = RowPacker(cap, buffer_size=32)
     rows = [r for i, c in enumerate(costs) for r in packer.add(i, c)] + packer.flush()
     seq_rows, used = 1, np.zeros(5, int)  # next-fit: the reference-style sequential packer
@@ -57,10 +68,20 @@ def test_row_packer_beats_sequential_packing():
 def shapes_docs(tmp_path_factory):
     """Documents of every kind from the shapes generator (no TFDS needed), tiny-config geometry."""
     tok = train_sentencepiece(synthetic_shapes.corpus(), str(tmp_path_factory.mktemp("tok") / "s.model"))
-    layout = LayoutConfig(bos_id=tok.bos_id, eos_id=tok.eos_id, vision_start_id=tok.vision_start_id,
-                          vision_end_id=tok.vision_end_id, vit_patch_size=14, vit_max_patches_per_side=8,
-                          vae_downsample=16, max_latent_size=8, vae_pad_hw=(64, 64), text_cond_dropout_prob=0.1,
-                          vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3)
+    layout = LayoutConfig(
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        vision_start_id=tok.vision_start_id,
+        vision_end_id=tok.vision_end_id,
+        vit_patch_size=14,
+        vit_max_patches_per_side=8,
+        vae_downsample=16,
+        max_latent_size=8,
+        vae_pad_hw=(64, 64),
+        text_cond_dropout_prob=0.1,
+        vit_cond_dropout_prob=0.3,
+        vae_cond_dropout_prob=0.3,
+    )
     gen = synthetic_shapes.Generator(seed=3)
     rng = np.random.default_rng(0)
     docs = []
@@ -72,8 +93,9 @@ def shapes_docs(tmp_path_factory):
     return docs
 
 
-BUDGETS = Budgets(seq_len=512, und_len=384, max_vit_patches=128, max_vae_images=8, vae_hw=(64, 64),
-                  vit_patch_dim=588, max_docs=16)
+BUDGETS = Budgets(
+    seq_len=512, und_len=384, max_vit_patches=128, max_vae_images=8, vae_hw=(64, 64), vit_patch_dim=588, max_docs=16
+)
 
 
 def test_packed_rows_satisfy_invariants(shapes_docs):
@@ -104,7 +126,7 @@ def test_packed_rows_satisfy_invariants(shapes_docs):
             np.testing.assert_array_equal(batch["vae_images"][r, k, :h, :w], img_lib.normalize(px))
             k += 1
     vit = np.concatenate([d.vit_patches for d in docs])
-    np.testing.assert_array_equal(batch["vit_patches"][r, :len(vit)], img_lib.normalize(vit))
+    np.testing.assert_array_equal(batch["vit_patches"][r, : len(vit)], img_lib.normalize(vit))
     # it is a PackedBatch of the documented shapes
     pb = PackedBatch(**fields)
     assert (pb.und_len, pb.gen_len, pb.seq_len) == (384, 128, 512)

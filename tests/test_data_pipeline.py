@@ -1,17 +1,18 @@
 """The grain pipeline end to end on the shapes data: rows, exact resume, host sharding, skip counters."""
+
 import io
 import json
 import os
 import subprocess
 import sys
 
+import grain
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image as PILImage
 
-import grain
 from bagel_jax.batch import FIELDS, PackedBatch, empty_row
 from bagel_jax.data.builders import common, synthetic_shapes, t2i
 from bagel_jax.data.pipeline import make_dataset, make_train_iterator, record_key, split_key
@@ -125,8 +126,11 @@ def bad_t2i_config(tmp_path, **data):
     manual.mkdir()
     good = jpeg(64, 48)
     rows = [
-        (good, "a red circle"), (good, "a blue square"), (good, "two green triangles"),
-        (b"\x89PNG broken", "a red circle"), (good[: len(good) // 3], "a red circle"),  # undecodable x2
+        (good, "a red circle"),
+        (good, "a blue square"),
+        (good, "two green triangles"),
+        (b"\x89PNG broken", "a red circle"),
+        (good[: len(good) // 3], "a red circle"),  # undecodable x2
         (good, "   "),  # empty text
         (jpeg(300, 300), "a red circle"),  # beyond max_input_pixels
         (good, " ".join(["a red circle at the top left"] * 80)),  # cannot fit an empty row (und_len 384)
@@ -135,15 +139,21 @@ def bad_t2i_config(tmp_path, **data):
     images = [r[0] if isinstance(r[0], dict) else {"bytes": r[0], "path": None} for r in rows]
     pq.write_table(pa.table({"image": images, "caption": [r[1] for r in rows]}), manual / "t2i.parquet")
     common.build(t2i.T2i, tmp_path / "data", manual)
-    c = tiny_config(str(tmp_path / "data"), tokenizer=synthetic_shapes.tokenizer_path(shapes_dir()),
-                    builder="", max_input_pixels=50_000, **data)
+    c = tiny_config(
+        str(tmp_path / "data"),
+        tokenizer=synthetic_shapes.tokenizer_path(shapes_dir()),
+        builder="",
+        max_input_pixels=50_000,
+        **data,
+    )
     c.data.mixture.update(t2i=1.0, vlm=0.0, edit=0.0)
     c.data.sources.t2i = "t2i"
     return c
 
 
-BAD_T2I_SKIPS = dict.fromkeys(SKIP_REASONS, 0) | dict(undecodable_image=2, empty_text=1, image_too_large=1,
-                                                      too_large=1, missing_file=1)
+BAD_T2I_SKIPS = dict.fromkeys(SKIP_REASONS, 0) | dict(
+    undecodable_image=2, empty_text=1, image_too_large=1, too_large=1, missing_file=1
+)
 
 
 def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, caplog):
@@ -166,8 +176,14 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, caplog):
     finally:
         it.close()
     logged = [r.getMessage() for r in caplog.records if r.name == "bagel_jax.data"]
-    for row, reason in [(3, "undecodable_image"), (4, "undecodable_image"), (5, "empty_text"),
-                        (6, "image_too_large"), (7, "too_large"), (8, "missing_file")]:
+    for row, reason in [
+        (3, "undecodable_image"),
+        (4, "undecodable_image"),
+        (5, "empty_text"),
+        (6, "image_too_large"),
+        (7, "too_large"),
+        (8, "missing_file"),
+    ]:
         assert any(f"({reason}): t2i.parquet:row {row}: " in m for m in logged), (row, logged)
 
 
@@ -196,8 +212,13 @@ def test_worker_batches_leak_no_shared_memory_at_exit(tmp_path):
     script = tmp_path / "leak.py"
     script.write_text(LEAK_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "tests"), str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), os.path.join(ROOT, "tests"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["undecodable_image"] >= 2
     assert "leaked shared_memory" not in proc.stderr, proc.stderr[-3000:]

@@ -4,14 +4,18 @@ datasets in data/), plus CFG dropout. Expected tables are spelled out by hand, n
 Geometry: VAE rule (48, 32, 16), ViT rule (42, 28, 14); a 32x48 (w x h) image = 2x3 latents, a 32x32 image = 2x2
 latents and 2x2 ViT patches (28x28), a 28x42 image = 2x3 ViT patches. Every image split adds 2 vision markers.
 """
+
 import io
 
 import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from bagel_jax.attention.mask import MaskMeta, allowed, metadata_from_splits, Split
-from bagel_jax.batch import KIND_CLEAN_VAE as C, KIND_NOISED_VAE as N, KIND_TEXT as T, KIND_VIT as V
+from bagel_jax.attention.mask import MaskMeta, Split, allowed, metadata_from_splits
+from bagel_jax.batch import KIND_CLEAN_VAE as C
+from bagel_jax.batch import KIND_NOISED_VAE as N
+from bagel_jax.batch import KIND_TEXT as T
+from bagel_jax.batch import KIND_VIT as V
 from bagel_jax.data.images import ResizeRule
 from bagel_jax.data.records import RecordDecoder, RecordError
 from bagel_jax.data.sample import Image, LayoutConfig, Sample, Text, build_document
@@ -57,12 +61,26 @@ def png(w, h, color=(200, 30, 30)):
 
 def record(kind, meta, sizes):
     import json
-    return {"kind": kind, "meta": json.dumps(meta), "images": [png(w, h) for w, h in sizes],
-            "image_names": [f"{kind}{i}.png" for i in range(len(sizes))]}
+
+    return {
+        "kind": kind,
+        "meta": json.dumps(meta),
+        "images": [png(w, h) for w, h in sizes],
+        "image_names": [f"{kind}{i}.png" for i in range(len(sizes))],
+    }
 
 
-LAYOUT = LayoutConfig(bos_id=BOS, eos_id=EOS, vision_start_id=VS, vision_end_id=VE, vit_patch_size=14,
-                      vit_max_patches_per_side=8, vae_downsample=16, max_latent_size=8, vae_pad_hw=(64, 64))
+LAYOUT = LayoutConfig(
+    bos_id=BOS,
+    eos_id=EOS,
+    vision_start_id=VS,
+    vision_end_id=VE,
+    vit_patch_size=14,
+    vit_max_patches_per_side=8,
+    vae_downsample=16,
+    max_latent_size=8,
+    vae_pad_hw=(64, 64),
+)
 
 
 def decode(kind, rec, rng, layout=LAYOUT, tok=None):
@@ -76,51 +94,99 @@ def img(kind, n):  # an image split: marker, n tokens of `kind`, marker
 
 # kind, record, scripted rng, expected splits, expected RoPE ids, expected token kinds (natural order)
 TABLE = [
-    ("t2i caption + noised target (t2i_dataset.py; bagel.md §2.4 [ran] example)",
-     "t2i", ({"captions": ["a red circle"]}, [(32, 48)]), dict(integers=[0]),
-     [("causal", 5), ("noise", 8)],
-     [0, 1, 2, 3, 4] + [5] * 8,
-     [T] * 5 + img(N, 6)),
-    ("vlm image then question (loss 0) and answer (loss 1) (vlm_dataset.py; [ran] example)",
-     "vlm", ({"conversations": [{"from": "human", "value": "<image>what shape"},
-                                {"from": "gpt", "value": "a red circle"}]}, [(28, 42)]), {},
-     [("full", 8), ("causal", 4), ("causal", 5)],
-     [0] * 8 + [1, 2, 3, 4] + [5, 6, 7, 8, 9],
-     img(V, 6) + [T] * 9),
-    ("edit, 2 images: clean VAE + ViT of the source, instruction, noised target (edit_dataset.py; [ran] example)",
-     "edit", ({"instructions": [["turn it"]]}, [(32, 32), (32, 32)]), dict(integers=[0, 1, 0]),
-     [("full", 6), ("full", 6), ("causal", 4), ("noise", 6)],
-     [0] * 6 + [1] * 6 + [2, 3, 4, 5] + [6] * 6,
-     img(C, 4) + img(V, 4) + [T] * 4 + img(N, 4)),
-    ("edit, 3 images, per-step branch: intermediate image noised, then clean VAE + ViT",
-     "edit", ({"instructions": [["make it blue"], ["move it"]]}, [(32, 32)] * 3),
-     dict(integers=[0, 2, 0, 0], random=[0.7]),
-     [("full", 6), ("full", 6), ("causal", 5), ("noise", 6), ("full", 6), ("full", 6), ("causal", 4), ("noise", 6)],
-     [0] * 6 + [1] * 6 + [2, 3, 4, 5, 6] + [7] * 6 + [7] * 6 + [8] * 6 + [9, 10, 11, 12] + [13] * 6,
-     img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4) + img(C, 4) + img(V, 4) + [T] * 4 + img(N, 4)),
-    ("edit, 3 images, joined branch: end == last is pulled back by one (the reference's quirk)",
-     "edit", ({"instructions": [["make it blue"], ["move it"]]}, [(32, 32)] * 3),
-     dict(integers=[0, 2, 0], random=[0.3]),
-     [("full", 6), ("full", 6), ("causal", 5), ("noise", 6)],
-     [0] * 6 + [1] * 6 + [2, 3, 4, 5, 6] + [7] * 6,
-     img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4)),
-    ("video, 3 frames: frames chained like edit steps, captions between them",
-     "video", ({"captions": ["it moves", "it turns red"]}, [(32, 32)] * 3), {},
-     [("full", 6), ("full", 6), ("causal", 4), ("noise", 6), ("full", 6), ("full", 6), ("causal", 5), ("noise", 6)],
-     [0] * 6 + [1] * 6 + [2, 3, 4, 5] + [6] * 6 + [6] * 6 + [7] * 6 + [8, 9, 10, 11, 12] + [13] * 6,
-     img(C, 4) + img(V, 4) + [T] * 4 + img(N, 4) + img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4)),
-    ("web: texts with loss; images after text generated then kept as conditions",
-     "web", ({"items": [{"text": "hello world"}, {"image": 0}, {"text": "a red circle"}, {"image": 1},
-                        {"text": "bye"}]}, [(32, 32)] * 2), {},
-     [("causal", 4), ("noise", 6), ("full", 6), ("full", 6), ("causal", 5), ("noise", 6), ("full", 6), ("full", 6),
-      ("causal", 3)],
-     [0, 1, 2, 3] + [4] * 6 + [4] * 6 + [5] * 6 + [6, 7, 8, 9, 10] + [11] * 6 + [11] * 6 + [12] * 6 + [13, 14, 15],
-     [T] * 4 + img(N, 4) + img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4) + img(C, 4) + img(V, 4) + [T] * 3),
-    ("web: a leading image is a condition only; the last image is only generated",
-     "web", ({"items": [{"image": 0}, {"text": "a red circle"}, {"image": 1}]}, [(32, 32)] * 2), {},
-     [("full", 6), ("full", 6), ("causal", 5), ("noise", 6)],
-     [0] * 6 + [1] * 6 + [2, 3, 4, 5, 6] + [7] * 6,
-     img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4)),
+    (
+        "t2i caption + noised target (t2i_dataset.py; bagel.md §2.4 [ran] example)",
+        "t2i",
+        ({"captions": ["a red circle"]}, [(32, 48)]),
+        dict(integers=[0]),
+        [("causal", 5), ("noise", 8)],
+        [0, 1, 2, 3, 4] + [5] * 8,
+        [T] * 5 + img(N, 6),
+    ),
+    (
+        "vlm image then question (loss 0) and answer (loss 1) (vlm_dataset.py; [ran] example)",
+        "vlm",
+        (
+            {
+                "conversations": [
+                    {"from": "human", "value": "<image>what shape"},
+                    {"from": "gpt", "value": "a red circle"},
+                ]
+            },
+            [(28, 42)],
+        ),
+        {},
+        [("full", 8), ("causal", 4), ("causal", 5)],
+        [0] * 8 + [1, 2, 3, 4] + [5, 6, 7, 8, 9],
+        img(V, 6) + [T] * 9,
+    ),
+    (
+        "edit, 2 images: clean VAE + ViT of the source, instruction, noised target (edit_dataset.py; [ran] example)",
+        "edit",
+        ({"instructions": [["turn it"]]}, [(32, 32), (32, 32)]),
+        dict(integers=[0, 1, 0]),
+        [("full", 6), ("full", 6), ("causal", 4), ("noise", 6)],
+        [0] * 6 + [1] * 6 + [2, 3, 4, 5] + [6] * 6,
+        img(C, 4) + img(V, 4) + [T] * 4 + img(N, 4),
+    ),
+    (
+        "edit, 3 images, per-step branch: intermediate image noised, then clean VAE + ViT",
+        "edit",
+        ({"instructions": [["make it blue"], ["move it"]]}, [(32, 32)] * 3),
+        dict(integers=[0, 2, 0, 0], random=[0.7]),
+        [("full", 6), ("full", 6), ("causal", 5), ("noise", 6), ("full", 6), ("full", 6), ("causal", 4), ("noise", 6)],
+        [0] * 6 + [1] * 6 + [2, 3, 4, 5, 6] + [7] * 6 + [7] * 6 + [8] * 6 + [9, 10, 11, 12] + [13] * 6,
+        img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4) + img(C, 4) + img(V, 4) + [T] * 4 + img(N, 4),
+    ),
+    (
+        "edit, 3 images, joined branch: end == last is pulled back by one (the reference's quirk)",
+        "edit",
+        ({"instructions": [["make it blue"], ["move it"]]}, [(32, 32)] * 3),
+        dict(integers=[0, 2, 0], random=[0.3]),
+        [("full", 6), ("full", 6), ("causal", 5), ("noise", 6)],
+        [0] * 6 + [1] * 6 + [2, 3, 4, 5, 6] + [7] * 6,
+        img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4),
+    ),
+    (
+        "video, 3 frames: frames chained like edit steps, captions between them",
+        "video",
+        ({"captions": ["it moves", "it turns red"]}, [(32, 32)] * 3),
+        {},
+        [("full", 6), ("full", 6), ("causal", 4), ("noise", 6), ("full", 6), ("full", 6), ("causal", 5), ("noise", 6)],
+        [0] * 6 + [1] * 6 + [2, 3, 4, 5] + [6] * 6 + [6] * 6 + [7] * 6 + [8, 9, 10, 11, 12] + [13] * 6,
+        img(C, 4) + img(V, 4) + [T] * 4 + img(N, 4) + img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4),
+    ),
+    (
+        "web: texts with loss; images after text generated then kept as conditions",
+        "web",
+        (
+            {"items": [{"text": "hello world"}, {"image": 0}, {"text": "a red circle"}, {"image": 1}, {"text": "bye"}]},
+            [(32, 32)] * 2,
+        ),
+        {},
+        [
+            ("causal", 4),
+            ("noise", 6),
+            ("full", 6),
+            ("full", 6),
+            ("causal", 5),
+            ("noise", 6),
+            ("full", 6),
+            ("full", 6),
+            ("causal", 3),
+        ],
+        [0, 1, 2, 3] + [4] * 6 + [4] * 6 + [5] * 6 + [6, 7, 8, 9, 10] + [11] * 6 + [11] * 6 + [12] * 6 + [13, 14, 15],
+        [T] * 4 + img(N, 4) + img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4) + img(C, 4) + img(V, 4) + [T] * 3,
+    ),
+    (
+        "web: a leading image is a condition only; the last image is only generated",
+        "web",
+        ({"items": [{"image": 0}, {"text": "a red circle"}, {"image": 1}]}, [(32, 32)] * 2),
+        {},
+        [("full", 6), ("full", 6), ("causal", 5), ("noise", 6)],
+        [0] * 6 + [1] * 6 + [2, 3, 4, 5, 6] + [7] * 6,
+        img(C, 4) + img(V, 4) + [T] * 5 + img(N, 4),
+    ),
 ]
 
 
@@ -148,8 +214,11 @@ def _image_kinds(doc):
 
 def test_text_labels_and_weights():
     tok = WordTokenizer()
-    rec = record("vlm", {"conversations": [{"from": "human", "value": "<image>what shape"},
-                                           {"from": "gpt", "value": "a red circle"}]}, [(28, 42)])
+    rec = record(
+        "vlm",
+        {"conversations": [{"from": "human", "value": "<image>what shape"}, {"from": "gpt", "value": "a red circle"}]},
+        [(28, 42)],
+    )
     doc = decode("vlm", rec, ScriptedRng(), tok=tok)
     a, red, circle = tok.encode("a red circle")
     what, shape = tok.encode("what shape")
@@ -164,8 +233,9 @@ def test_text_labels_and_weights():
 
 
 def test_vae_and_vit_geometry():
-    doc = decode("edit", record("edit", {"instructions": [["turn it"]]}, [(32, 48), (32, 48)]),
-                 ScriptedRng(integers=[0, 1, 0]))
+    doc = decode(
+        "edit", record("edit", {"instructions": [["turn it"]]}, [(32, 48), (32, 48)]), ScriptedRng(integers=[0, 1, 0])
+    )
     # clean image 0: 3 rows x 2 cols of latents in a 64x64 pad (4 tokens per pad row); noised image 1
     assert doc.gen_src.tolist() == [0, 1, 4, 5, 8, 9] + [16, 17, 20, 21, 24, 25]
     assert doc.gen_latent_pos.tolist() == [0, 1, 8, 9, 16, 17] * 2  # r * max_latent_size + c
@@ -175,25 +245,36 @@ def test_vae_and_vit_geometry():
 
 
 def test_cfg_dropout_all_dropped_keeps_reference_positions():
-    drop_all = LayoutConfig(**{**LAYOUT.__dict__, "text_cond_dropout_prob": 1.0, "vit_cond_dropout_prob": 1.0,
-                               "vae_cond_dropout_prob": 1.0})
+    drop_all = LayoutConfig(
+        **{**LAYOUT.__dict__, "text_cond_dropout_prob": 1.0, "vit_cond_dropout_prob": 1.0, "vae_cond_dropout_prob": 1.0}
+    )
     rng = ScriptedRng(integers=[0], random=[0.0] * 10)
     doc = decode("t2i", record("t2i", {"captions": ["a red circle"]}, [(32, 48)]), rng, layout=drop_all)
     assert list(zip(doc.split_modes, doc.split_lens.tolist())) == [("noise", 8)]
     assert doc.positions().tolist() == [0] * 8  # a dropped text does not advance
-    doc = decode("edit", record("edit", {"instructions": [["turn it"]]}, [(32, 32)] * 2),
-                 ScriptedRng(integers=[0, 1, 0], random=[0.0] * 10), layout=drop_all)
+    doc = decode(
+        "edit",
+        record("edit", {"instructions": [["turn it"]]}, [(32, 32)] * 2),
+        ScriptedRng(integers=[0, 1, 0], random=[0.0] * 10),
+        layout=drop_all,
+    )
     assert list(zip(doc.split_modes, doc.split_lens.tolist())) == [("noise", 6)]
     assert doc.positions().tolist() == [2] * 6  # dropped clean VAE and ViT advance by one each
 
 
 def test_cfg_dropout_rates():
-    layout = LayoutConfig(**{**LAYOUT.__dict__, "text_cond_dropout_prob": 0.1, "vit_cond_dropout_prob": 0.3,
-                             "vae_cond_dropout_prob": 0.3})
+    layout = LayoutConfig(
+        **{**LAYOUT.__dict__, "text_cond_dropout_prob": 0.1, "vit_cond_dropout_prob": 0.3, "vae_cond_dropout_prob": 0.3}
+    )
     px = np.zeros((32, 32, 3), np.uint8)
-    sample = Sample([Image(vae="clean", vit=True, cfg=True, vae_pixels=px, vit_pixels=px[:28, :28]),
-                     Text([11, 12], cfg=True), Image(vae="noised", vae_pixels=px),
-                     Text([13], loss=True)])  # not droppable
+    sample = Sample(
+        [
+            Image(vae="clean", vit=True, cfg=True, vae_pixels=px, vit_pixels=px[:28, :28]),
+            Text([11, 12], cfg=True),
+            Image(vae="noised", vae_pixels=px),
+            Text([13], loss=True),
+        ]
+    )  # not droppable
     rng = np.random.default_rng(0)
     n = 3000
     kept = np.zeros(3)

@@ -18,10 +18,12 @@ def test_skip_log_is_rate_limited_per_reason(caplog):
     now[0] = 61.0
     log("undecodable_image", "a.jsonl:99: broken")
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["skipped (undecodable_image): a.jsonl:0: broken", "skipped (undecodable_image): a.jsonl:1: broken",
-                     "skipped (empty_text): b.jsonl:1: empty (and 2 more empty_text since the last one logged)",
-                     "skipped (undecodable_image): a.jsonl:99: broken (and 8 more undecodable_image since the last "
-                     "one logged)"]
+    assert lines == [
+        "skipped (undecodable_image): a.jsonl:0: broken",
+        "skipped (undecodable_image): a.jsonl:1: broken",
+        "skipped (empty_text): b.jsonl:1: empty (and 2 more empty_text since the last one logged)",
+        "skipped (undecodable_image): a.jsonl:99: broken (and 8 more undecodable_image since the last one logged)",
+    ]
     assert log.seen == {"undecodable_image": 11, "empty_text": 3}
 
 
@@ -44,6 +46,9 @@ def test_a_pipeline_of_only_bad_records_stops_with_one_error(monkeypatch):
     monkeypatch.setattr(pack, "MAX_SKIPS_IN_A_ROW", 50)
     ds = grain.MapDataset.range(10).map(lambda i: Skipped("undecodable_image", f"x.jsonl:{i}: broken")).repeat()
     budgets = Budgets(seq_len=64, und_len=48, max_vit_patches=8, max_vae_images=1, vae_hw=(32, 32), vit_patch_dim=12)
-    with pytest.raises(ValueError, match=r"data: 50 records in a row were skipped \(undecodable_image 50\); "
-                                         r"the last: x.jsonl:9: broken"):
+    with pytest.raises(
+        ValueError,
+        match=r"data: 50 records in a row were skipped \(undecodable_image 50\); "
+        r"the last: x.jsonl:9: broken",
+    ):
         next(iter(PackIterDataset(ds, budgets, batch_rows=1)))

@@ -1,4 +1,5 @@
 """Tokenizer interface: SentencePiece (trained here) and a Hugging Face tokenizer.json, same special tokens."""
+
 import json
 import pickle
 
@@ -6,11 +7,21 @@ import pytest
 from tokenizers import Tokenizer as HFTok
 from tokenizers import models, pre_tokenizers
 
-from bagel_jax.data.tokenizer import SPECIAL_TOKENS, HFTokenizer, SentencePieceTokenizer, load_tokenizer, \
-    train_sentencepiece
+from bagel_jax.data.tokenizer import (
+    SPECIAL_TOKENS,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 
-TEXTS = ["a red circle at the top left", "two blue squares and a green triangle", "how many circles are there",
-         "make the circle blue", "the yellow square moves right"] * 20
+TEXTS = [
+    "a red circle at the top left",
+    "two blue squares and a green triangle",
+    "how many circles are there",
+    "make the circle blue",
+    "the yellow square moves right",
+] * 20
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +51,9 @@ def test_sentencepiece_encode_decode_and_specials(sp):
     wrapped = sp.encode("<|im_start|>" + text + "<|im_end|>")
     assert wrapped == [sp.bos_id] + ids + [sp.eos_id]
     assert sp.decode(wrapped) == "<|im_start|>" + text + "<|im_end|>"
-    assert sp.special_token_ids() == dict(bos_token_id=sp.bos_id, eos_token_id=sp.eos_id,
-                                          start_of_image=sp.vision_start_id, end_of_image=sp.vision_end_id)
+    assert sp.special_token_ids() == dict(
+        bos_token_id=sp.bos_id, eos_token_id=sp.eos_id, start_of_image=sp.vision_start_id, end_of_image=sp.vision_end_id
+    )
     clone = pickle.loads(pickle.dumps(sp))
     assert clone.encode(text) == ids and clone.special == sp.special
 

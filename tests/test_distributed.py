@@ -1,5 +1,6 @@
 """Multi-host start-up (bagel_jax.distributed): two CPU processes on loopback find each other and reduce
 across processes; a single host stays single-process; (slow) two processes train the tiny config like one."""
+
 import json
 import os
 import socket
@@ -58,8 +59,10 @@ def clean_env(**extra):
 
 
 def run_processes(argvs, env, timeout):
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-             for argv in argvs]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        for argv in argvs
+    ]
     outs = []
     try:
         for p in procs:
@@ -69,7 +72,7 @@ def run_processes(argvs, env, timeout):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for code, out, err in outs:
+    for code, _, err in outs:
         assert code == 0, err[-3000:]
     return [out for _, out, _ in outs]
 
@@ -78,8 +81,14 @@ def test_two_processes_on_loopback_reduce_across_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     address = f"127.0.0.1:{free_port()}"
-    outs = run_processes([[sys.executable, str(script), f"--coordinator_address={address}", "--num_processes=2",
-                           f"--process_id={i}"] for i in range(2)], clean_env(), timeout=180)
+    outs = run_processes(
+        [
+            [sys.executable, str(script), f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"]
+            for i in range(2)
+        ],
+        clean_env(),
+        timeout=180,
+    )
     results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     # Formula: process p holds rows arange(6).reshape(2, 3) + 100 p on its 2 devices.
     shards = [np.arange(6, dtype=np.float32).reshape(2, 3) + 100 * p for p in range(2)]
@@ -94,8 +103,7 @@ def test_two_processes_on_loopback_reduce_across_processes(tmp_path):
 
 def test_single_host_is_a_no_op():
     assert distributed.initialize_distributed() is False
-    assert distributed.initialize_distributed(coordinator_address="127.0.0.1:1", num_processes=1,
-                                              process_id=0) is False
+    assert distributed.initialize_distributed(coordinator_address="127.0.0.1:1", num_processes=1, process_id=0) is False
     assert not jax.distributed.is_initialized()
     assert distributed.on_cloud_tpu_vm() is False  # this CPU host has no TPU chips on its PCI bus
     assert distributed.is_main_process() and jax.process_count() == 1
@@ -121,15 +129,36 @@ def test_two_process_tiny_training_matches_one_process(tmp_path):
     same global mesh and batch, so the
     losses of every step (functions of the state after the previous update) agree to tolerance."""
     steps = 4
-    common = [sys.executable, "-m", "bagel_jax.train", "--config=configs/tiny_shapes.py",
-              f"--config.train.steps={steps}", "--config.train.checkpoint_every=1000",
-              "--config.data.batch_size=4", "--config.data.synthetic_examples=40"]
-    run_processes([[*common, f"--workdir={tmp_path / 'single'}", "--config.data.emulate_hosts=2"]],
-                  clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), timeout=1800)
+    common = [
+        sys.executable,
+        "-m",
+        "bagel_jax.train",
+        "--config=configs/tiny_shapes.py",
+        f"--config.train.steps={steps}",
+        "--config.train.checkpoint_every=1000",
+        "--config.data.batch_size=4",
+        "--config.data.synthetic_examples=40",
+    ]
+    run_processes(
+        [[*common, f"--workdir={tmp_path / 'single'}", "--config.data.emulate_hosts=2"]],
+        clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        timeout=1800,
+    )
     address = f"127.0.0.1:{free_port()}"
-    run_processes([[*common, f"--workdir={tmp_path / 'multi'}", f"--coordinator_address={address}",
-                    "--num_processes=2", f"--process_id={i}"] for i in range(2)],
-                  clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=1800)
+    run_processes(
+        [
+            [
+                *common,
+                f"--workdir={tmp_path / 'multi'}",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ]
+            for i in range(2)
+        ],
+        clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        timeout=1800,
+    )
     single = [r for r in _metrics(tmp_path / "single") if "ce" in r]
     multi = [r for r in _metrics(tmp_path / "multi") if "ce" in r]
     assert [r["step"] for r in single] == [r["step"] for r in multi] and single[-1]["step"] == steps

@@ -1,5 +1,6 @@
 """Embeddings: timestep features and 2-D sin-cos table against the reference formulas (float64 numpy),
 the modules against torch written from the reference."""
+
 import math
 
 import flax.linen as nn
@@ -10,8 +11,13 @@ import pytest
 import torch
 
 from bagel_jax.data.images import flattened_position_ids
-from bagel_jax.model.embeddings import (Connector, PositionEmbedding, TimestepEmbedder, sincos_2d_table,
-                                        timestep_embedding)
+from bagel_jax.model.embeddings import (
+    Connector,
+    PositionEmbedding,
+    TimestepEmbedder,
+    sincos_2d_table,
+    timestep_embedding,
+)
 from configs_util import shipped_config
 
 
@@ -47,6 +53,7 @@ def test_sincos_table_formula():
 
 def test_sincos_table_matches_diffusers_mae_implementation():
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
     ref = np.asarray(get_2d_sincos_pos_embed(64, 7, base_size=7, output_type="pt"), np.float64)
     np.testing.assert_allclose(sincos_2d_table(64, 7), ref, atol=1e-6)
 

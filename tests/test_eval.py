@@ -1,5 +1,6 @@
 """bagel_jax.eval: the shape detector on rendered ground truth, and the three scorers with oracle and
 adversarial generators/answerers/editors."""
+
 import collections
 import dataclasses
 import json
@@ -32,6 +33,7 @@ def corrupt(img: Image.Image, rng, noise: float, blur: float) -> np.ndarray:
 
 
 # --- detector ---------------------------------------------------------------------------------------
+
 
 def bfs_components(mask: np.ndarray, connectivity: int) -> list[set]:
     """Slow oracle: connected components by breadth-first search."""
@@ -92,7 +94,7 @@ def test_gaussian_blur_matches_dense_convolution(sigma):
             for v in range(max(0, y - r), min(9, y + r + 1)):
                 for u in range(max(0, x - r), min(14, x + r + 1)):
                     d2 = (y - v) ** 2 + (x - u) ** 2
-                    want[y, x] += a[v, u] * np.exp(-d2 / (2 * sigma ** 2)) / (2 * np.pi * sigma ** 2)
+                    want[y, x] += a[v, u] * np.exp(-d2 / (2 * sigma**2)) / (2 * np.pi * sigma**2)
     np.testing.assert_allclose(detector.gaussian_blur(a, sigma), want, rtol=1e-10, atol=1e-12)
     assert detector.gaussian_blur(a, 0.0) is a
 
@@ -155,10 +157,11 @@ def test_detector_input_formats_and_rejects():
     with pytest.raises(ValueError, match="image"):
         detector.detect(arr.astype(np.int32))
     # Lines, rings and merged shapes are none of the shapes: not reported.
-    for draw_fn in (lambda d: d.line([5, 5, 58, 40], fill=(40, 80, 220), width=3),
-                    lambda d: d.ellipse([10, 10, 54, 54], outline=(40, 170, 60), width=4),
-                    lambda d: (d.ellipse([8, 8, 30, 30], fill=(220, 40, 40)),
-                               d.rectangle([22, 22, 46, 46], fill=(220, 40, 40)))):
+    for draw_fn in (
+        lambda d: d.line([5, 5, 58, 40], fill=(40, 80, 220), width=3),
+        lambda d: d.ellipse([10, 10, 54, 54], outline=(40, 170, 60), width=4),
+        lambda d: (d.ellipse([8, 8, 30, 30], fill=(220, 40, 40)), d.rectangle([22, 22, 46, 46], fill=(220, 40, 40))),
+    ):
         junk = Image.new("RGB", (64, 64), tuple(int(v) for v in detector.BACKGROUND))
         draw_fn(ImageDraw.Draw(junk))
         assert detector.detect(junk) == []
@@ -169,6 +172,7 @@ def test_detector_input_formats_and_rejects():
 
 
 # --- shapes-GenEval ---------------------------------------------------------------------------------
+
 
 def _shift_color(o: Obj) -> Obj:
     return Obj(o.shape, COLORS[(COLORS.index(o.color) + 1) % len(COLORS)], o.cell)
@@ -202,8 +206,9 @@ def test_geneval_prompts(gen_eval):
     with pytest.raises(ValueError, match="num_examples"):
         geneval.ShapesGenEval(num_examples=0)
     with pytest.raises(ValueError, match="exclude"):  # only 18 single-object count captions exist
-        geneval.make_examples(1, categories=["colors"], exclude=[f"An image with one {c} {s}." for c in COLORS
-                                                                 for s in shapes.SHAPES])
+        geneval.make_examples(
+            1, categories=["colors"], exclude=[f"An image with one {c} {s}." for c in COLORS for s in shapes.SHAPES]
+        )
 
 
 def test_geneval_oracle_scores_one(gen_eval):
@@ -219,7 +224,7 @@ def test_geneval_samples_get_their_own_seeds():
     assert len(ev.samples) == 3 * 6 * 4
     assert [e for e, _ in ev.samples[::4]] == ev.examples
     seeds = [s for _, s in ev.samples]
-    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2 ** 31 for s in seeds)
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**31 for s in seeds)
     bigger = geneval.ShapesGenEval(num_examples=5, seed=5, samples_per_prompt=4)
     assert set(seeds) < {s for _, s in bigger.samples}
     assert not set(seeds) & {s for _, s in geneval.ShapesGenEval(num_examples=3, seed=6, samples_per_prompt=4).samples}
@@ -230,6 +235,7 @@ def test_geneval_samples_get_their_own_seeds():
         calls.append((prompt, seed))
         e = next(e for e, s in ev.samples if s == seed)
         return _render(e, e.objects if (len(calls) - 1) % 4 == 0 else [])
+
     s = ev.run(right_for_the_first_sample)
     assert calls == [(e.prompt, seed) for e, seed in ev.samples]
     assert s == {**{c: 0.25 for c in geneval.CATEGORIES}, "overall": 0.25}
@@ -250,8 +256,13 @@ def test_geneval_adversaries_fail_their_category(gen_eval):
     assert s["colors"] == s["color_attr"] == 0.0
     assert all(s[c] == 1.0 for c in ("single_object", "two_object", "counting", "position"))
     # colours swapped between the two shapes → only attribute binding fails
-    s = score(lambda e: [Obj(o.shape, e.objects[1 - i].color, o.cell) for i, o in enumerate(e.objects)]
-              if e.category == "color_attr" else e.objects)
+    s = score(
+        lambda e: (
+            [Obj(o.shape, e.objects[1 - i].color, o.cell) for i, o in enumerate(e.objects)]
+            if e.category == "color_attr"
+            else e.objects
+        )
+    )
     assert s["color_attr"] == 0.0 and s["colors"] == 1.0
 
     # wrong count: one more shape of the counted kind
@@ -259,6 +270,7 @@ def test_geneval_adversaries_fail_their_category(gen_eval):
         if e.category != "counting":
             return e.objects
         return list(e.objects) + [Obj(e.objects[0].shape, e.objects[0].color, _free_cells(e.objects)[0])]
+
     s = score(more)
     assert s["counting"] == 0.0 and all(s[c] == 1.0 for c in geneval.CATEGORIES if c != "counting")
     s = score(lambda e: e.objects[:-1] if e.category == "counting" else e.objects)  # one fewer
@@ -268,19 +280,23 @@ def test_geneval_adversaries_fail_their_category(gen_eval):
     def moved(e):
         free = _free_cells(e.objects)
         return [Obj(o.shape, o.color, free[i]) for i, o in enumerate(e.objects)]
+
     s = score(moved)
     assert s["position"] == 0.0 and all(s[c] == 1.0 for c in geneval.CATEGORIES if c != "position")
 
     # wrong shapes → object categories fail
-    s = score(lambda e: [Obj(shapes.SHAPES[(shapes.SHAPES.index(o.shape) + 1) % 3], o.color, o.cell)
-                         for o in e.objects])
+    s = score(
+        lambda e: [Obj(shapes.SHAPES[(shapes.SHAPES.index(o.shape) + 1) % 3], o.color, o.cell) for o in e.objects]
+    )
     assert s["single_object"] == s["two_object"] == s["colors"] == s["color_attr"] == 0.0
+
     # one object more than the prompt describes (a shape the prompt does not name) → every category fails
     def extra(e):
         free = _free_cells(e.objects)[0]
         named = {o.shape for o in e.objects}
         other = next(sh for sh in shapes.SHAPES if sh not in named)
         return list(e.objects) + [Obj(other, e.objects[0].color, free)]
+
     s = score(extra)
     assert s == {**{c: 0.0 for c in geneval.CATEGORIES}, "overall": 0.0}
     lenient = geneval.ShapesGenEval(num_examples=10, seed=3, no_extras=False)  # GenEval's own rules
@@ -305,6 +321,7 @@ def test_geneval_requirements():
 
 # --- shapes-VQA -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def vqa_eval():
     return vqa.ShapesVQA(num_examples=60, seed=5)
@@ -323,11 +340,16 @@ def test_vqa_phrasing_and_ground_truth(vqa_eval):
             shape = e.question.split()[2][:-1]
             assert e.answer.split()[2] == shapes.NUMBERS[sum(o.shape == shape for o in seen)]
         elif e.kind == "color":
-            assert any(e.answer == f"It is {o.color}." and e.question == f"What colour is the {o.shape} "
-                       f"{shapes._where(o.cell)}?" for o in seen)
+            assert any(
+                e.answer == f"It is {o.color}."
+                and e.question == f"What colour is the {o.shape} {shapes._where(o.cell)}?"
+                for o in seen
+            )
         else:
-            assert any(e.question == f"Where is the {o.color} {o.shape}?"
-                       and e.answer == f"It is {shapes._where(o.cell)}." for o in seen)
+            assert any(
+                e.question == f"Where is the {o.color} {o.shape}?" and e.answer == f"It is {shapes._where(o.cell)}."
+                for o in seen
+            )
 
 
 def test_vqa_exact_match(vqa_eval):
@@ -337,15 +359,18 @@ def test_vqa_exact_match(vqa_eval):
     # case, spacing and the final full stop do not matter; bare answers count
     assert vqa_eval.score(["  " + e.answer.upper().rstrip(".") + " " for e in exs])["overall"] == 1.0
     assert vqa_eval.score([e.accepted[-1] for e in exs])["overall"] == 1.0
+
     # a wrong colour / count / place fails its kind only
     def wrong(e):
         if e.kind == "color":
             return "It is " + ("red" if "red" not in e.answer else "blue") + "."
         return e.answer
+
     s = vqa_eval.score([wrong(e) for e in exs])
     assert s["color"] == 0.0 and s["count"] == s["position"] == 1.0 and s["overall"] == pytest.approx(2 / 3)
-    s = vqa_eval.score(["There are three circles" if e.kind == "count" and "three" not in e.answer else e.answer
-                        for e in exs])
+    s = vqa_eval.score(
+        ["There are three circles" if e.kind == "count" and "three" not in e.answer else e.answer for e in exs]
+    )
     assert s["count"] < 1.0 and s["color"] == 1.0
     assert vqa_eval.score(["It is at the top left and more." for _ in exs])["overall"] == 0.0
     with pytest.raises(TypeError, match="answer_fn"):
@@ -355,6 +380,7 @@ def test_vqa_exact_match(vqa_eval):
 
 
 # --- shapes-edit ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def edit_eval():
@@ -384,8 +410,14 @@ def test_edit_scoring(edit_eval):
     fns = runner.ground_truth_fns(None, {"e": runner.Scheduled("e", "shapes_edit", edit_eval, 0)})
     perfect = edit_eval.run(fns["edit_fn"])
     unedited, blank = perfect.pop("edit_l1_unedited"), perfect.pop("edit_l1_blank")
-    assert perfect == {"edit_success": 1.0, "preservation": 1.0, "overall": 1.0, **{op: 1.0 for op in edit.OPS},
-                       "edit_l1": 0.0, "rest_l1": 0.0}
+    assert perfect == {
+        "edit_success": 1.0,
+        "preservation": 1.0,
+        "overall": 1.0,
+        **{op: 1.0 for op in edit.OPS},
+        "edit_l1": 0.0,
+        "rest_l1": 0.0,
+    }
     seen = []
     edit_eval.run(lambda image, instruction, seed: seen.append(seed) or image)
     assert seen == edit_eval.seeds and len(set(seen)) == len(exs)  # each edit samples its own noise
@@ -407,6 +439,7 @@ def test_edit_scoring(edit_eval):
         (new,) = collections.Counter(e.target) - collections.Counter(e.source)
         bad = [c for c in COLORS if c not in (new.color, dict((o.cell, o.color) for o in e.source)[new.cell])][0]
         return [Obj(o.shape, bad, o.cell) if o == new else o for o in e.target]
+
     s = edit_eval.score([render(e, wrong_color(e)) for e in exs])
     assert s["recolor"] == 0.0 and all(s[op] == 1.0 for op in ("move", "add", "remove")) and s["preservation"] == 1.0
     assert s["edit_success"] == pytest.approx(0.75)
@@ -416,16 +449,22 @@ def test_edit_scoring(edit_eval):
         kept = collections.Counter(e.source) & collections.Counter(e.target)
         victim = next(iter(kept), None)
         return [o for o in e.target if o != victim]
+
     s = edit_eval.score([render(e, collateral(e)) for e in exs])
     has_kept = [bool(collections.Counter(e.source) & collections.Counter(e.target)) for e in exs]
     assert s["edit_success"] == 1.0 and s["preservation"] == pytest.approx(1 - np.mean(has_kept))
     # an extra object appears away from the edit → preservation fails everywhere
-    s = edit_eval.score([render(e, list(e.target) + [Obj("circle", "red", _free_cells(e.target + e.source)[0])])
-                         for e in exs])
+    s = edit_eval.score(
+        [render(e, list(e.target) + [Obj("circle", "red", _free_cells(e.target + e.source)[0])]) for e in exs]
+    )
     assert s["edit_success"] == 1.0 and s["preservation"] == 0.0
     # ... in the cell the edit touches: charged to the edit (e.g. a removed shape drawn in another colour)
-    s = edit_eval.score([render(e, [_shift_color(o) if o not in e.target else o for o in e.source]
-                                if e.op == "remove" else e.target) for e in exs])
+    s = edit_eval.score(
+        [
+            render(e, [_shift_color(o) if o not in e.target else o for o in e.source] if e.op == "remove" else e.target)
+            for e in exs
+        ]
+    )
     assert s["remove"] == 0.0 and s["edit_success"] == pytest.approx(0.75) and s["preservation"] == 1.0
 
 
@@ -457,18 +496,24 @@ def test_edit_l1_grades_every_edit(edit_eval):
 
 # --- runner -----------------------------------------------------------------------------------------
 
+
 def small_evals():
-    return ml_collections.ConfigDict(dict(
-        gen=dict(type="shapes_geneval", num_examples=2, every=10, seed=1),
-        vqa=dict(type="shapes_vqa", num_examples=6, every=5),
-        edit=dict(type="shapes_edit", num_examples=4, every=0),
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            gen=dict(type="shapes_geneval", num_examples=2, every=10, seed=1),
+            vqa=dict(type="shapes_vqa", num_examples=6, every=5),
+            edit=dict(type="shapes_edit", num_examples=4, every=0),
+        )
+    )
 
 
 def test_runner_builds_and_schedules():
     evaluators = runner.build_evaluators(small_evals())
     assert {n: s.type for n, s in evaluators.items()} == {
-        "gen": "shapes_geneval", "vqa": "shapes_vqa", "edit": "shapes_edit"}
+        "gen": "shapes_geneval",
+        "vqa": "shapes_vqa",
+        "edit": "shapes_edit",
+    }
     assert len(evaluators["gen"].evaluator.examples) == 12
     assert [s for s in range(1, 21) if evaluators["vqa"].due(s)] == [5, 10, 15, 20]
     assert not any(evaluators["edit"].due(s) for s in range(100))
@@ -485,14 +530,17 @@ def test_runner_builds_and_schedules():
         runner.run_evals(evaluators, step=10, answer_fn=fns["answer_fn"])
 
 
-@pytest.mark.parametrize("entry, message", [
-    (dict(type="nope"), r"evals.x.type: expected one of"),
-    (dict(num_examples=3), r"evals.x.type"),
-    (dict(type="shapes_vqa", every=-1), r"evals.x.every"),
-    (dict(type="shapes_vqa", colour=1), r"evals.x.colour: unknown option for shapes_vqa"),
-    (dict(type="shapes_edit", num_examples=0), r"evals.x.num_examples: must be >= 1"),
-    (3, r"evals.x: expected a dict"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (dict(type="nope"), r"evals.x.type: expected one of"),
+        (dict(num_examples=3), r"evals.x.type"),
+        (dict(type="shapes_vqa", every=-1), r"evals.x.every"),
+        (dict(type="shapes_vqa", colour=1), r"evals.x.colour: unknown option for shapes_vqa"),
+        (dict(type="shapes_edit", num_examples=0), r"evals.x.num_examples: must be >= 1"),
+        (3, r"evals.x: expected a dict"),
+    ],
+)
 def test_runner_config_errors(entry, message):
     with pytest.raises(ConfigError, match=message):
         runner.build_evaluators({"x": entry})
@@ -508,9 +556,11 @@ def test_runner_cli(tmp_path):
         "import ml_collections\n"
         "def get_config():\n"
         "    return ml_collections.ConfigDict(dict(evals=dict(\n"
-        "        g=dict(type='shapes_geneval', num_examples=1), v=dict(type='shapes_vqa', num_examples=3))))\n")
-    metrics = runner.main(["runner", f"--config={config}", "--fns=bagel_jax.eval.runner:ground_truth_fns",
-                           "--only=v", f"--output={out}"])
+        "        g=dict(type='shapes_geneval', num_examples=1), v=dict(type='shapes_vqa', num_examples=3))))\n"
+    )
+    metrics = runner.main(
+        ["runner", f"--config={config}", "--fns=bagel_jax.eval.runner:ground_truth_fns", "--only=v", f"--output={out}"]
+    )
     assert json.loads(out.read_text()) == metrics
     assert set(metrics) == {"v/count", "v/color", "v/position", "v/overall", "v/seconds"}
     assert metrics["v/overall"] == 1.0

@@ -1,5 +1,6 @@
 """``python -m bagel_jax.convert.export``: a run's checkpoint → the release layout (key set and shapes of
 ``official_shapes``), read back by the converter exactly (f32), bf16 = the rounded values; user errors one line."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,13 @@ import os
 import subprocess
 import sys
 
-import bagel_testlib as lib
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import safe_open
 
+import bagel_testlib as lib
 from bagel_jax.convert import bagel_ckpt as bc
 from bagel_jax.convert.export import export_run, main
 from bagel_jax.train.checkpoint import Checkpointer
@@ -37,9 +38,14 @@ def _fake_run(tmp_path, scan_layers=False):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-    state = TrainState(step=jnp.int32(5), params=jax.tree.map(jnp.asarray, params), opt_state={},
-                       ema_params=jax.tree.map(jnp.asarray, ema), rng=jax.random.PRNGKey(0),
-                       nonfinite_steps=jnp.int32(0))
+    state = TrainState(
+        step=jnp.int32(5),
+        params=jax.tree.map(jnp.asarray, params),
+        opt_state={},
+        ema_params=jax.tree.map(jnp.asarray, ema),
+        rng=jax.random.PRNGKey(0),
+        nonfinite_steps=jnp.int32(0),
+    )
     ckpt = Checkpointer(str(workdir))
     ckpt.save(5, state)
     ckpt.close()
@@ -55,8 +61,7 @@ def test_export_round_trip_is_exact_in_f32(tmp_path, scan_layers):
     with safe_open(os.path.join(out, bc.EMA_FILE), framework="numpy") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert shapes == bc.official_shapes(config.model)
-    assert sorted(os.listdir(out)) == sorted([bc.EMA_FILE, bc.AE_FILE, bc.LLM_CONFIG, bc.VIT_CONFIG,
-                                              "tokenizer.model"])
+    assert sorted(os.listdir(out)) == sorted([bc.EMA_FILE, bc.AE_FILE, bc.LLM_CONFIG, bc.VIT_CONFIG, "tokenizer.model"])
     cfg = bc.config_from_checkpoint(out, config.model)
     got = bc.load_params(out, cfg)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ema), strict=True):
@@ -68,6 +73,7 @@ def test_export_round_trip_is_exact_in_f32(tmp_path, scan_layers):
 
 def test_export_bf16_is_the_rounded_params(tmp_path):
     import ml_dtypes
+
     config, workdir, _, ema = _fake_run(tmp_path)
     out = str(tmp_path / "bf16")
     export_run(workdir, out)  # defaults: ema, bfloat16
@@ -78,9 +84,11 @@ def test_export_bf16_is_the_rounded_params(tmp_path):
 
 def test_export_user_errors_are_one_line(tmp_path, capsys):
     config, workdir, _, _ = _fake_run(tmp_path)
-    cases = [([f"--workdir={tmp_path / 'nope'}", f"--out={tmp_path / 'o1'}"], "--workdir"),
-             ([f"--workdir={tmp_path}", f"--out={tmp_path / 'o2'}"], "config.json"),
-             ([f"--workdir={workdir}", f"--out={workdir}"], "--out")]
+    cases = [
+        ([f"--workdir={tmp_path / 'nope'}", f"--out={tmp_path / 'o1'}"], "--workdir"),
+        ([f"--workdir={tmp_path}", f"--out={tmp_path / 'o2'}"], "config.json"),
+        ([f"--workdir={workdir}", f"--out={workdir}"], "--out"),
+    ]
     for argv, names in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -93,10 +101,9 @@ def test_export_user_errors_are_one_line(tmp_path, capsys):
 def test_train_export_infer(tmp_path):
     """tiny_shapes: 2 steps → export (the command) → the converter reads the EMA exactly → the inference CLI
     answers from the exported folder."""
-    from configs_util import shipped_config
-
     from bagel_jax.convert.run_checkpoint import load_params
     from bagel_jax.train.train import train
+    from configs_util import shipped_config
 
     c = shipped_config("tiny_shapes")
     c.train.update(steps=2, checkpoint_every=2)
@@ -104,21 +111,42 @@ def test_train_export_infer(tmp_path):
     workdir, out = str(tmp_path / "run"), str(tmp_path / "release")
     train(c, workdir, devices=jax.devices()[:1])
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-m", "bagel_jax.convert.export", f"--workdir={workdir}", f"--out={out}",
-                           "--dtype=float32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bagel_jax.convert.export", f"--workdir={workdir}", f"--out={out}", "--dtype=float32"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with safe_open(os.path.join(out, bc.EMA_FILE), framework="numpy") as f:
         assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == bc.official_shapes(c.model)
     import flax.linen as nn
 
     from bagel_jax.model.bagel import make_init_fn
+
     abstract = nn.unbox(jax.eval_shape(make_init_fn(c)[1], jax.random.PRNGKey(0)))
     want = load_params(workdir, abstract, use_ema=True)
     got = bc.load_params(out, c.model)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
     png = str(tmp_path / "x.png")
-    proc = subprocess.run([sys.executable, "-m", "bagel_jax.infer.cli", f"--checkpoint={out}", "--mode=t2i",
-                           "--prompt=a red circle", "--num_timesteps=2", f"--out={png}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bagel_jax.infer.cli",
+            f"--checkpoint={out}",
+            "--mode=t2i",
+            "--prompt=a red circle",
+            "--num_timesteps=2",
+            f"--out={png}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and os.path.getsize(png) > 0, proc.stderr[-3000:]

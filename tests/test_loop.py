@@ -1,6 +1,7 @@
 """The one training loop (bagel_jax/train/loop.py), for each stage: BAGEL, the VAE stage and the ViT stage all
 train through ``loop.run``, and a step's checkpoint is written (and finished) before its evals run, so an eval
 that raises stops the run with that step on disk, readable."""
+
 import json
 import os
 
@@ -17,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _bagel(monkeypatch):
     from bagel_jax.eval import runner
     from bagel_jax.train.train import train
+
     monkeypatch.setattr(runner, "run_evals", _broken)
     c = load_config(os.path.join(ROOT, "configs", "tiny_shapes.py"))
     c.data.synthetic_examples = 40
@@ -26,6 +28,7 @@ def _bagel(monkeypatch):
 
 def _vae(monkeypatch):
     from bagel_jax.train import vae_train
+
     monkeypatch.setattr(vae_train.ReconEval, "__call__", _broken)
     c = load_config(os.path.join(ROOT, "configs", "tiny_vae.py"))
     c.data.update(synthetic_examples=8, batch_size=2, vae_image_size=(32, 32), vae_transform=(32, 16, 16))
@@ -35,6 +38,7 @@ def _vae(monkeypatch):
 
 def _vit(monkeypatch):
     from bagel_jax.train import vit_train
+
     monkeypatch.setattr(vit_train.CellEval, "__call__", _broken)
     c = load_config(os.path.join(ROOT, "configs", "tiny_vit.py"))
     c.data.update(synthetic_examples=16, batch_size=4)
@@ -56,6 +60,7 @@ def test_a_failing_eval_loses_no_training(make, tmp_path, monkeypatch):
     def spy(config, workdir, stage, devices=None):
         stages.append(stage.name)
         return real_run(config, workdir, stage, devices)
+
     monkeypatch.setattr(loop, "run", spy)
 
     with pytest.raises(RuntimeError, match="eval broke"):
@@ -70,7 +75,6 @@ def test_a_failing_eval_loses_no_training(make, tmp_path, monkeypatch):
 
 # --- what the loop guarantees, on the toy model (tests/train_toy.py) ----------------------------------------------
 
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -100,8 +104,9 @@ class NanData(T.ToyData):
 
 
 def toy_stage(data):
-    return loop.Stage(name="toy", init_fn=T.init_fn, loss_fn=T.deterministic_loss_fn,
-                      make_data=lambda index, count: data)
+    return loop.Stage(
+        name="toy", init_fn=T.init_fn, loss_fn=T.deterministic_loss_fn, make_data=lambda index, count: data
+    )
 
 
 def toy_config(**train):
@@ -174,8 +179,9 @@ def small_disk(tmp_path):
     """``tmp_path/checkpoints`` on its own 4 MiB tmpfs (needs root, as in CI), unmounted afterwards."""
     mount = tmp_path / "checkpoints"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs to fill ({proc.stderr.strip()}); CI runs this as root")
     try:
@@ -187,6 +193,7 @@ def small_disk(tmp_path):
 def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous(tmp_path, small_disk):
     """The disk fills up after checkpoint 3: writing checkpoint 6 fails, the run stops with one clear error (not a
     stream of background-thread tracebacks) and checkpoint 3 still restores."""
+
     class DiskFillsUp(NanData):
         def __next__(self):
             if self.next_index == 4:  # step 5: once checkpoint 3 has committed, fill the disk
@@ -211,11 +218,19 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous(tmp_path
 
 
 def test_workdir_lock_refuses_a_second_trainer_and_takes_over_a_stale_lock(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, %r)\n"
-        "from bagel_jax.train.workdir import WorkdirLock\n"
-        "lock = WorkdirLock(%r).acquire(); print('held', flush=True); time.sleep(60)") % (ROOT, str(tmp_path))],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                f"import sys, time; sys.path.insert(0, {ROOT!r})\n"
+                "from bagel_jax.train.workdir import WorkdirLock\n"
+                f"lock = WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WorkdirLocked, match=f"in use by a running trainer .*pid {holder.pid}"):
@@ -230,17 +245,19 @@ def test_workdir_lock_refuses_a_second_trainer_and_takes_over_a_stale_lock(tmp_p
 def test_metrics_continue_without_duplicates_after_kill_9(tmp_path):
     """A trainer killed with SIGKILL after it logged steps beyond its last checkpoint; the restart replays them."""
     script = (
-        "import sys; sys.path[:0] = [%r, %r]\n"
+        "import sys; sys.path[:0] = [{!r}, {!r}]\n"
         "import jax, train_toy as T\n"
         "from bagel_jax.train import loop\n"
         "c = T.toy_config(data=1)\n"
         "c.train.update(steps=1000, checkpoint_every=4, log_every=1, keep_checkpoints=0)\n"
         "stage = loop.Stage(name='toy', init_fn=T.init_fn, loss_fn=T.deterministic_loss_fn,\n"
         "                   make_data=lambda i, n: T.ToyData(8))\n"
-        "loop.run(c, %r, stage, devices=jax.devices()[:1])\n") % (ROOT, os.path.join(ROOT, "tests"), str(tmp_path))
+        "loop.run(c, {!r}, stage, devices=jax.devices()[:1])\n"
+    ).format(ROOT, os.path.join(ROOT, "tests"), str(tmp_path))
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline:

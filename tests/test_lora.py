@@ -1,11 +1,11 @@
 """LoRA (model/lora.py): B = 0 gives the base model exactly; only adapters train (small optimizer state, base
 bitwise unchanged, the loss falls); the export merges W + (alpha/rank)·A·B in the release layout and the merged
 base model computes what the adapted one does; adapters shard like their kernels; bad LoRA config is one line."""
+
 from __future__ import annotations
 
 import os
 
-import bagel_testlib as lib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import bagel_testlib as lib
 from bagel_jax.attention import MaskMeta, Split, metadata_from_splits
 from bagel_jax.config import ConfigError, base_config, validate
 from bagel_jax.convert import bagel_ckpt as bc
@@ -28,8 +29,17 @@ U, G, B = 12, 6, 2
 
 def _cfg(rank=0, **lora):
     m = base_config().model
-    m.update(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-             dtype="float32", param_dtype="float32", attention_impl="reference")
+    m.update(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        dtype="float32",
+        param_dtype="float32",
+        attention_impl="reference",
+    )
     m.lora.update(rank=rank, alpha=8.0, **lora)
     return m
 
@@ -102,11 +112,14 @@ def test_lora_at_init_is_exactly_the_base_model(scan):
             np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
 
 
-@pytest.mark.parametrize("experts,targets,expected", [
-    (("und", "gen"), ("q", "k", "v", "o", "mlp"), 2 * 2 * 7),
-    (("gen",), ("q", "v"), 2 * 2),
-    (("und",), ("mlp",), 2 * 3),
-])
+@pytest.mark.parametrize(
+    "experts,targets,expected",
+    [
+        (("und", "gen"), ("q", "k", "v", "o", "mlp"), 2 * 2 * 7),
+        (("gen",), ("q", "v"), 2 * 2),
+        (("und",), ("mlp",), 2 * 3),
+    ],
+)
 def test_adapters_go_where_configured(experts, targets, expected):
     flat = _flat(_init(_cfg(rank=2, experts=experts, targets=targets)))
     adapted = {p.rsplit("/", 1)[0] for p in flat if is_lora_path(p)}
@@ -129,8 +142,10 @@ def test_only_adapters_train_base_bitwise_unchanged_loss_falls():
     n_all = sum(np.size(x) for x in jax.tree.leaves(params))
     adapter_bytes = sum(x.nbytes for p, x in _flat(params).items() if is_lora_path(p))
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))
-    print(f"LoRA rank 4: {n_train} trainable of {n_all} params ({100 * n_train / n_all:.1f}%); optimizer state "
-          f"{opt_bytes} bytes (adapters {adapter_bytes} bytes; full fine-tune would need {8 * n_all})")
+    print(
+        f"LoRA rank 4: {n_train} trainable of {n_all} params ({100 * n_train / n_all:.1f}%); optimizer state "
+        f"{opt_bytes} bytes (adapters {adapter_bytes} bytes; full fine-tune would need {8 * n_all})"
+    )
     assert all(mask[p] == is_lora_path(p) for p in mask)
     assert n_train < 0.25 * n_all
     assert opt_bytes <= 2 * adapter_bytes + 64  # AdamW's mu and nu for the adapters, plus step counters
@@ -213,13 +228,18 @@ def test_merged_base_model_computes_the_adapted_model():
     params = _init(cfg)
     rng = np.random.default_rng(3)
     params = jax.tree_util.tree_map_with_path(  # a trained-looking adapter: B ≠ 0
-        lambda p, x: jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype) if optim.param_path(p).endswith("lora_b")
-        else x, params)
+        lambda p, x: (
+            jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype) if optim.param_path(p).endswith("lora_b") else x
+        ),
+        params,
+    )
 
     def merge(tree, name=None):
         if isinstance(tree, dict) and "kernel" in tree:
-            return {"kernel": jnp.asarray(merge_kernel(name, tree, tree["kernel"], cfg)),
-                    **{k: v for k, v in tree.items() if k not in ("kernel", "lora_a", "lora_b")}}
+            return {
+                "kernel": jnp.asarray(merge_kernel(name, tree, tree["kernel"], cfg)),
+                **{k: v for k, v in tree.items() if k not in ("kernel", "lora_a", "lora_b")},
+            }
         return {k: merge(v, k) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
     merged = merge(jax.tree.map(np.asarray, params))
@@ -246,13 +266,16 @@ def test_adapters_shard_like_their_kernels():
     assert checked == 2 * 2 * 7
 
 
-@pytest.mark.parametrize("update,key", [
-    (dict(rank=17), "model.lora.rank"),  # > the k/v layers' smaller dim (2 kv heads × 8 = 16)
-    (dict(rank=-1), "model.lora.rank"),
-    (dict(rank=4, targets=("q", "attn")), "model.lora.targets"),
-    (dict(rank=4, experts=("vit",)), "model.lora.experts"),
-    (dict(rank=4, alpha=0.0), "model.lora.alpha"),
-])
+@pytest.mark.parametrize(
+    "update,key",
+    [
+        (dict(rank=17), "model.lora.rank"),  # > the k/v layers' smaller dim (2 kv heads × 8 = 16)
+        (dict(rank=-1), "model.lora.rank"),
+        (dict(rank=4, targets=("q", "attn")), "model.lora.targets"),
+        (dict(rank=4, experts=("vit",)), "model.lora.experts"),
+        (dict(rank=4, alpha=0.0), "model.lora.alpha"),
+    ],
+)
 def test_bad_lora_config_is_one_line(update, key):
     config = base_config()
     config.model.update(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
@@ -280,6 +303,7 @@ def test_release_init_keeps_fresh_adapters_sharded_by_the_rules(tmp_path):
     from bagel_jax.model.bagel import make_init_fn
     from bagel_jax.parallel.mesh import logical_rules, make_mesh
     from bagel_jax.train.state import state_shardings
+
     config = lib.tiny_config()
     config.model.lora.update(rank=4, targets=("q", "o", "mlp"))
     config.data.batch_size = 8
@@ -310,13 +334,13 @@ def test_release_init_keeps_fresh_adapters_sharded_by_the_rules(tmp_path):
 def test_trainer_with_lora_keeps_the_base_and_exports_it_merged(tmp_path):
     """tiny_shapes + LoRA through the trainer (3 steps): the base params of every checkpoint are the same bits,
     the adapters move, and the export of the run is base + (alpha/rank)·B·A in the release layout."""
-    from configs_util import shipped_config
     from safetensors.numpy import load_file
 
     from bagel_jax.convert.export import export_run
     from bagel_jax.convert.run_checkpoint import load_params
     from bagel_jax.model.bagel import make_init_fn
     from bagel_jax.train.train import train
+    from configs_util import shipped_config
 
     c = shipped_config("tiny_shapes")
     # und only: a fresh model's zero-initialised llm2vae (frozen under LoRA) passes no gradient to the gen expert
@@ -326,8 +350,9 @@ def test_trainer_with_lora_keeps_the_base_and_exports_it_merged(tmp_path):
     workdir, out = str(tmp_path / "run"), str(tmp_path / "release")
     train(c, workdir, devices=jax.devices()[:1])
     abstract = nn.unbox(jax.eval_shape(make_init_fn(c)[1], jax.random.PRNGKey(0)))
-    first, last = (_flat(jax.device_get(load_params(os.path.join(workdir, "checkpoints", str(s)), abstract)))
-                   for s in (1, 3))
+    first, last = (
+        _flat(jax.device_get(load_params(os.path.join(workdir, "checkpoints", str(s)), abstract))) for s in (1, 3)
+    )
     for p, x in first.items():
         if is_lora_path(p):
             assert p.endswith("lora_a") or np.any(last[p] != x), f"adapter {p} did not train"

@@ -1,4 +1,5 @@
 """Losses against formulas written here (reference §1.4 steps 8–9, §1.5)."""
+
 from __future__ import annotations
 
 import jax
@@ -7,8 +8,7 @@ import numpy as np
 import pytest
 
 import bagel_testlib as lib
-from bagel_jax.train.losses import (bagel_loss_fn, ce_sum_count, cross_entropy, loss_terms, mse_sum_count,
-                                    total_loss)
+from bagel_jax.train.losses import bagel_loss_fn, ce_sum_count, cross_entropy, loss_terms, mse_sum_count, total_loss
 
 
 def _ce_ref(logits, labels):
@@ -22,8 +22,12 @@ def test_cross_entropy_formula():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((3, 7, 13)).astype(np.float32) * 4
     labels = rng.integers(0, 13, (3, 7))
-    np.testing.assert_allclose(np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(labels))),
-                               _ce_ref(logits, labels), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(labels))),
+        _ce_ref(logits, labels),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("reweighting", [False, True])

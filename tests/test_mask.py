@@ -6,6 +6,7 @@ quoted in shared/reference/bagel.md §3.1) transcribed literally, evaluated by b
 doc 0 instead, which attends to nothing and is attended by nothing, so padding pairs are compared
 against False and real pairs against the literal predicate.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +45,11 @@ def create_sparse_mask_literal(document_lens, split_lens, attn_modes):
 
     def mask_mod(q_idx, kv_idx):  # and_masks(or_masks(causal, full_and_noise), remove_noise, sample)
         b = h = 0
-        return bool((causal_mask(b, h, q_idx, kv_idx) | full_and_noise_mask(b, h, q_idx, kv_idx))
-                    & remove_noise_mask(b, h, q_idx, kv_idx) & sample_mask(b, h, q_idx, kv_idx))
+        return bool(
+            (causal_mask(b, h, q_idx, kv_idx) | full_and_noise_mask(b, h, q_idx, kv_idx))
+            & remove_noise_mask(b, h, q_idx, kv_idx)
+            & sample_mask(b, h, q_idx, kv_idx)
+        )
 
     return mask_mod
 
@@ -63,7 +67,7 @@ def _brute_force(docs, pad):
     if pad:  # the reference's padding pseudo-sample
         split_lens, attn_modes, document_lens = split_lens + [pad], attn_modes + ["causal"], document_lens + [pad]
     mask_mod = create_sparse_mask_literal(document_lens, split_lens, attn_modes)
-    real, length = sum(document_lens[:len(docs)]), sum(document_lens)
+    real, length = sum(document_lens[: len(docs)]), sum(document_lens)
     out = np.zeros((length, length), bool)
     for q in range(real):
         for kv in range(real):
@@ -76,9 +80,13 @@ def _splits(docs):
 
 
 layouts = st.tuples(
-    st.lists(st.lists(st.tuples(st.sampled_from(["causal", "full", "noise"]), st.integers(1, 5)),
-                      min_size=1, max_size=4), min_size=1, max_size=4),
-    st.integers(0, 4))
+    st.lists(
+        st.lists(st.tuples(st.sampled_from(["causal", "full", "noise"]), st.integers(1, 5)), min_size=1, max_size=4),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(0, 4),
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -162,7 +170,7 @@ def test_reference_attention_equals_naive_softmax():
     meta = _batch_meta(ROWS)
     out = np.asarray(reference_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), meta))
     mask = np.asarray(allowed(meta))
-    np.testing.assert_allclose(out, _naive_attention(q, k, v, mask, 8 ** -0.5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, _naive_attention(q, k, v, mask, 8**-0.5), rtol=1e-5, atol=1e-6)
     scaled = np.asarray(reference_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), meta, scale=0.3))
     np.testing.assert_allclose(scaled, _naive_attention(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-6)
 
@@ -190,8 +198,9 @@ def test_reference_attention_separate_kv_meta_and_permutation():
     meta = _batch_meta(ROWS)
     full = np.asarray(reference_attention(q, k, v, meta))
     rows = np.array([1, 5, 9, 12, 20])
-    sub = reference_attention(q[:, rows], k, v, MaskMeta(*(a[:, rows] for a in
-                                                            (meta.doc, meta.index, meta.q_hi, meta.kv_hi))), meta)
+    sub = reference_attention(
+        q[:, rows], k, v, MaskMeta(*(a[:, rows] for a in (meta.doc, meta.index, meta.q_hi, meta.kv_hi))), meta
+    )
     np.testing.assert_allclose(np.asarray(sub), full[:, rows], rtol=1e-6, atol=1e-6)
     perms = [rng.permutation(24) for _ in range(2)]
     take = lambda x: np.stack([x[b][p] for b, p in enumerate(perms)])  # noqa: E731

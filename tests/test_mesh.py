@@ -1,8 +1,10 @@
 """Mesh from config, batch sharding, and sharded training == single-device training (8 simulated CPUs)."""
+
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 import train_toy as T
 from bagel_jax.config import ConfigError
@@ -13,13 +15,16 @@ STEPS = 3
 LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
 
 
-@pytest.mark.parametrize("parallel,shape", [
-    (dict(data=8), (8, 1, 1, 1)),
-    (dict(data=1, fsdp=8), (1, 8, 1, 1)),
-    (dict(data=2, fsdp=2, tensor=2), (2, 2, 2, 1)),
-    (dict(data=-1, fsdp=2, tensor=2), (2, 2, 2, 1)),
-    (dict(data=1, fsdp=-1, sequence=2), (1, 4, 1, 2)),
-])
+@pytest.mark.parametrize(
+    "parallel,shape",
+    [
+        (dict(data=8), (8, 1, 1, 1)),
+        (dict(data=1, fsdp=8), (1, 8, 1, 1)),
+        (dict(data=2, fsdp=2, tensor=2), (2, 2, 2, 1)),
+        (dict(data=-1, fsdp=2, tensor=2), (2, 2, 2, 1)),
+        (dict(data=1, fsdp=-1, sequence=2), (1, 4, 1, 2)),
+    ],
+)
 def test_mesh_shape_and_axis_types(parallel, shape):
     mesh = mesh_lib.make_mesh(T.toy_config(**parallel))
     assert tuple(mesh.shape.values()) == shape
@@ -28,14 +33,17 @@ def test_mesh_shape_and_axis_types(parallel, shape):
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 
-@pytest.mark.parametrize("parallel,batch,key", [
-    (dict(data=3), 8, "parallel"),  # 3 does not divide 8 devices
-    (dict(data=2, fsdp=2), 8, "parallel"),  # 4 != 8 devices
-    (dict(data=-1, fsdp=-1), 8, "parallel"),  # two fills
-    (dict(data=4, fsdp=2), 4, "data.batch_size"),  # 4 rows over 8 batch shards
-    (dict(data=8, dcn_data=3), 8, "parallel.dcn_data"),  # does not divide data
-    (dict(data=8, dcn_data=2), 8, "parallel.dcn_data"),  # CPU devices form one slice
-])
+@pytest.mark.parametrize(
+    "parallel,batch,key",
+    [
+        (dict(data=3), 8, "parallel"),  # 3 does not divide 8 devices
+        (dict(data=2, fsdp=2), 8, "parallel"),  # 4 != 8 devices
+        (dict(data=-1, fsdp=-1), 8, "parallel"),  # two fills
+        (dict(data=4, fsdp=2), 4, "data.batch_size"),  # 4 rows over 8 batch shards
+        (dict(data=8, dcn_data=3), 8, "parallel.dcn_data"),  # does not divide data
+        (dict(data=8, dcn_data=2), 8, "parallel.dcn_data"),  # CPU devices form one slice
+    ],
+)
 def test_bad_mesh_config_is_one_line_error_naming_the_key(parallel, batch, key):
     config = T.toy_config(**parallel)
     config.data.batch_size = batch
@@ -75,8 +83,9 @@ def single_device_run():
     return T.host_tree(state), [h["loss"] for h in history]
 
 
-@pytest.mark.parametrize("parallel", [dict(data=8), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)],
-                         ids=["data8", "fsdp8", "d2f2t2"])
+@pytest.mark.parametrize(
+    "parallel", [dict(data=8), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)], ids=["data8", "fsdp8", "d2f2t2"]
+)
 def test_sharded_training_matches_one_device(parallel, single_device_run):
     ref_state, ref_losses = single_device_run
     run = T.toy_run(**parallel)
@@ -90,10 +99,14 @@ def test_sharded_training_matches_one_device(parallel, single_device_run):
     sizes = dict(run.mesh.shape)
     expected = {
         ("language_model", "embed_tokens"): (P("tensor", "fsdp"), (64 // sizes["tensor"], 32 // sizes["fsdp"])),
-        ("language_model", "layer_0_und", "gate_proj", "kernel"): (P("fsdp", "tensor"),
-                                                                  (32 // sizes["fsdp"], 64 // sizes["tensor"])),
-        ("language_model", "layer_0_gen", "down_proj_moe_gen", "kernel"): (P("tensor", "fsdp"),
-                                                                          (64 // sizes["tensor"], 32 // sizes["fsdp"])),
+        ("language_model", "layer_0_und", "gate_proj", "kernel"): (
+            P("fsdp", "tensor"),
+            (32 // sizes["fsdp"], 64 // sizes["tensor"]),
+        ),
+        ("language_model", "layer_0_gen", "down_proj_moe_gen", "kernel"): (
+            P("tensor", "fsdp"),
+            (64 // sizes["tensor"], 32 // sizes["fsdp"]),
+        ),
         ("connector", "kernel"): (P(None, "fsdp"), (32, 32 // sizes["fsdp"])),
     }
     adam = state.opt_state.inner_states["train"].inner_state[1][0]

@@ -1,4 +1,5 @@
 """FLOPs (BAGEL's formula vs a hand computation), MFU, packing stats, aggregation, writers."""
+
 import json
 import os
 
@@ -48,21 +49,48 @@ def test_packing_stats_match_numpy():
     np.testing.assert_allclose(float(stats["fill"]), tokens / doc.size)
 
 
-@pytest.mark.parametrize("kind,peak", [("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0),
-                                       ("TPU v6 lite", 918.0), ("NVIDIA H100 80GB HBM3", 989.0),
-                                       ("NVIDIA A100-SXM4-80GB", 312.0), ("cpu", None)])
+@pytest.mark.parametrize(
+    "kind,peak",
+    [
+        ("TPU v4", 275.0),
+        ("TPU v5 lite", 197.0),
+        ("TPU v5", 459.0),
+        ("TPU v6 lite", 918.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("cpu", None),
+    ],
+)
 def test_peak_table(kind, peak):
     assert metrics.peak_tflops(kind) == peak
     assert metrics.peak_tflops(kind, override=123.0) == 123.0
 
 
 def test_aggregate_and_throughput():
-    window = [dict(loss=jnp.float32(2.0), ce_sum=jnp.float32(10.0), ce_count=jnp.float32(4.0), lr=jnp.float32(0.1),
-                   tokens=jnp.float32(100.0), sum_len_sq=jnp.float32(5000.0), nonfinite=jnp.int32(0),
-                   nonfinite_steps=jnp.int32(1), ce=jnp.float32(2.5)),
-              dict(loss=jnp.float32(4.0), ce_sum=jnp.float32(2.0), ce_count=jnp.float32(2.0), lr=jnp.float32(0.2),
-                   tokens=jnp.float32(50.0), sum_len_sq=jnp.float32(2500.0), nonfinite=jnp.int32(1),
-                   nonfinite_steps=jnp.int32(2), ce=jnp.float32(1.0))]
+    window = [
+        dict(
+            loss=jnp.float32(2.0),
+            ce_sum=jnp.float32(10.0),
+            ce_count=jnp.float32(4.0),
+            lr=jnp.float32(0.1),
+            tokens=jnp.float32(100.0),
+            sum_len_sq=jnp.float32(5000.0),
+            nonfinite=jnp.int32(0),
+            nonfinite_steps=jnp.int32(1),
+            ce=jnp.float32(2.5),
+        ),
+        dict(
+            loss=jnp.float32(4.0),
+            ce_sum=jnp.float32(2.0),
+            ce_count=jnp.float32(2.0),
+            lr=jnp.float32(0.2),
+            tokens=jnp.float32(50.0),
+            sum_len_sq=jnp.float32(2500.0),
+            nonfinite=jnp.int32(1),
+            nonfinite_steps=jnp.int32(2),
+            ce=jnp.float32(1.0),
+        ),
+    ]
     agg = metrics.aggregate(window)
     assert agg["loss"] == 3.0 and agg["lr"] == pytest.approx(0.2) and agg["nonfinite_steps"] == 2
     assert agg["ce_sum"] == 12.0 and agg["ce_count"] == 6.0 and agg["ce"] == 2.0  # exact token mean, not 1.75
@@ -81,8 +109,13 @@ def test_metrics_logger_writes_tensorboard_and_jsonl(tmp_path):
     config.model.update(_tiny_model())
     config.train.update(log_every=2, peak_tflops=10.0, steps=4)
     logger = metrics.MetricsLogger(str(tmp_path), config, num_devices=1)
-    step = dict(loss=jnp.float32(1.0), tokens=jnp.float32(64.0), sum_len_sq=jnp.float32(4096.0),
-                fill=jnp.float32(0.5), lr=jnp.float32(1e-3))
+    step = dict(
+        loss=jnp.float32(1.0),
+        tokens=jnp.float32(64.0),
+        sum_len_sq=jnp.float32(4096.0),
+        fill=jnp.float32(0.5),
+        lr=jnp.float32(1e-3),
+    )
     assert logger.step(1, step) is None
     out = logger.step(2, step, extra={"skipped_samples": 3.0})
     logger.write_texts(2, {"answer": "a red square"})

@@ -6,6 +6,7 @@ token and selects per token (``jnp.where(is_gen, gen, und)``) — it accepts any
 runs on the natural order directly. It shares only the param tree and ``reference_attention`` (itself
 checked against a naive softmax in test_mask.py) with the module.
 """
+
 import functools
 import json
 
@@ -28,13 +29,24 @@ G = "_moe_gen"
 
 def _cfg(**overrides):
     m = base_config().model  # configs/tiny.py's LLM shapes
-    m.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-             rope_theta=1_000_000.0, dtype="float32", param_dtype="float32", attention_impl="reference")
+    m.update(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        rope_theta=1_000_000.0,
+        dtype="float32",
+        param_dtype="float32",
+        attention_impl="reference",
+    )
     m.update(**overrides)
     return m
 
 
 # --- the oracle -------------------------------------------------------------------------------------
+
 
 def _rms(x, scale, eps):
     x32 = x.astype(jnp.float32)
@@ -60,7 +72,7 @@ def mot_oracle(params, x, is_gen, position, meta, cfg):
     ang = position[..., None].astype(jnp.float32) * inv_freq
     emb = jnp.concatenate([ang, ang], -1)[:, :, None]  # [B, L, 1, hd]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
-    rope = lambda t: t * cos + jnp.concatenate([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin  # noqa: E731
+    rope = lambda t: t * cos + jnp.concatenate([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin  # noqa: E731
     for i in range(cfg.num_layers):
         lp = p[f"layers_{i}"]
         a = lp["self_attn"]
@@ -75,11 +87,13 @@ def mot_oracle(params, x, is_gen, position, meta, cfg):
 
         def mlp(w, h=h):
             return (jax.nn.silu(h @ w["gate_proj"]["kernel"]) * (h @ w["up_proj"]["kernel"])) @ w["down_proj"]["kernel"]
+
         x = x + both(mlp, lp, "mlp")
     return both(lambda w: _rms(x, w["scale"], eps), p, "norm")
 
 
 # --- rows: natural order and modality-sorted layout ---------------------------------------------------
+
 
 def _doc(*segments):
     """segments: (kind, n tokens incl. markers). Returns [(mode, is_gen per token, position per token)]."""
@@ -125,8 +139,13 @@ def _row(names):
     n_und_pad = U - len(und_slots)
     perm = np.array(und_slots + pad_idx[:n_und_pad] + gen_slots + pad_idx[n_und_pad:])
     nat_gen = np.array(is_gen + [False] * n_und_pad + [True] * (pad - n_und_pad))  # padding: its slot's expert
-    return dict(md=md, perm=perm, is_gen=nat_gen, position=np.array(pos + [0] * pad, np.int32),
-                doc_of=np.array(doc_of + ["pad"] * pad))
+    return dict(
+        md=md,
+        perm=perm,
+        is_gen=nat_gen,
+        position=np.array(pos + [0] * pad, np.int32),
+        doc_of=np.array(doc_of + ["pad"] * pad),
+    )
 
 
 def _batch(rows):
@@ -134,12 +153,22 @@ def _batch(rows):
     nat = lambda key: np.stack([r[key] for r in rows])  # noqa: E731
     meta_nat = MaskMeta(**{k: jnp.asarray(np.stack([r["md"][k] for r in rows])) for k in rows[0]["md"]})
     perm = nat("perm")
+
     def take(a):  # natural → slot order along axis 1
         return np.take_along_axis(np.asarray(a), perm.reshape(perm.shape + (1,) * (np.ndim(a) - 2)), 1)
-    meta_sorted = MaskMeta(*(jnp.asarray(take(a)) for a in (meta_nat.doc, meta_nat.index, meta_nat.q_hi,
-                                                             meta_nat.kv_hi)))
-    return dict(meta_nat=meta_nat, meta_sorted=meta_sorted, perm=perm, take=take, is_gen=nat("is_gen"),
-                position=nat("position"), doc_of=nat("doc_of"))
+
+    meta_sorted = MaskMeta(
+        *(jnp.asarray(take(a)) for a in (meta_nat.doc, meta_nat.index, meta_nat.q_hi, meta_nat.kv_hi))
+    )
+    return dict(
+        meta_nat=meta_nat,
+        meta_sorted=meta_sorted,
+        perm=perm,
+        take=take,
+        is_gen=nat("is_gen"),
+        position=nat("position"),
+        doc_of=nat("doc_of"),
+    )
 
 
 def _unpermute(sorted_out, perm):
@@ -160,7 +189,7 @@ def _random_params(cfg, seed=0):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(cfg_json):
     cfg = ml_collections.ConfigDict(json.loads(cfg_json))
     return jax.jit(lambda p, u, g, pos, m: LanguageModel(cfg).apply(p, u, g, pos, m))
@@ -188,8 +217,9 @@ def setup():
 
 def test_layout_invariance_against_per_token_oracle(setup):
     cfg, params, b, x_nat, x_sorted, pos_sorted = setup
-    oracle = lambda x, is_gen, pos, meta: np.asarray(_oracle_jit(  # noqa: E731
-        params, jnp.asarray(x), jnp.asarray(is_gen), jnp.asarray(pos), meta, cfg.to_json()))
+    oracle = lambda x, is_gen, pos, meta: np.asarray(  # noqa: E731
+        _oracle_jit(params, jnp.asarray(x), jnp.asarray(is_gen), jnp.asarray(pos), meta, cfg.to_json())
+    )
     ours = _unpermute(_apply(cfg, params, x_sorted[:, :U], x_sorted[:, U:], pos_sorted, b["meta_sorted"]), b["perm"])
     oracle_nat = oracle(x_nat, b["is_gen"], b["position"], b["meta_nat"])
     np.testing.assert_allclose(ours, oracle_nat, rtol=1e-5, atol=2e-5)
@@ -214,7 +244,8 @@ def test_gen_perturbation_never_changes_und_only_documents(setup):
     base = _apply(cfg, params, x_sorted[:, :U], x_sorted[:, U:], pos_sorted, b["meta_sorted"])
     gen_x = x_sorted[:, U:] + np.random.default_rng(3).normal(size=x_sorted[:, U:].shape).astype(np.float32)
     gen_params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x * 1.5 + 0.3 if any(G in str(k.key) for k in path) else x, params)
+        lambda path, x: x * 1.5 + 0.3 if any(G in str(k.key) for k in path) else x, params
+    )
     moved_inputs = _apply(cfg, params, x_sorted[:, :U], gen_x, pos_sorted, b["meta_sorted"])
     moved_params = _apply(cfg, gen_params, x_sorted[:, :U], x_sorted[:, U:], pos_sorted, b["meta_sorted"])
     independent = _independent_of_gen(b["meta_sorted"])
@@ -229,8 +260,18 @@ def test_gen_perturbation_never_changes_und_only_documents(setup):
 
 
 def _copy_und_to_gen(tree):
-    expert_keys = ("norm", "input_layernorm", "post_attention_layernorm", "mlp", "q_proj", "k_proj", "v_proj",
-                   "o_proj", "q_norm", "k_norm")
+    expert_keys = (
+        "norm",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "mlp",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "q_norm",
+        "k_norm",
+    )
     out = {}
     for k, v in tree.items():
         out[k] = _copy_und_to_gen(v) if isinstance(v, dict) and k not in expert_keys else v
@@ -252,8 +293,12 @@ def test_mot_with_gen_equal_und_equals_dense(setup):
 def test_no_gen_tokens_skips_gen_expert(setup):
     """G = 0 equals the same und tokens with an all-padding gen region (gen expert output unused)."""
     cfg, params, b, _, x_sorted, pos_sorted = setup
-    meta0 = MaskMeta(*(a[:, :U] for a in (b["meta_sorted"].doc, b["meta_sorted"].index, b["meta_sorted"].q_hi,
-                                          b["meta_sorted"].kv_hi)))
+    meta0 = MaskMeta(
+        *(
+            a[:, :U]
+            for a in (b["meta_sorted"].doc, b["meta_sorted"].index, b["meta_sorted"].q_hi, b["meta_sorted"].kv_hi)
+        )
+    )
     md = metadata_from_splits([Split(1, "causal", 30)], U + GEN)  # und docs only; gen slots = padding
     meta = MaskMeta(**{k: jnp.asarray(np.stack([v, v])) for k, v in md.items()})
     with_gen = _apply(cfg, params, x_sorted[:, :U], x_sorted[:, U:], pos_sorted, meta)
@@ -275,7 +320,7 @@ def test_bfloat16_compute_close_to_float32(setup):
 
 def _loss(cfg, params, b, x_sorted, pos_sorted):
     und_h, gen_h = LanguageModel(cfg).apply(params, x_sorted[:, :U], x_sorted[:, U:], pos_sorted, b["meta_sorted"])
-    return jnp.sum(und_h ** 2) + jnp.sum(jnp.sin(gen_h))
+    return jnp.sum(und_h**2) + jnp.sum(jnp.sin(gen_h))
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +341,9 @@ def test_remat_and_scan_equal_plain_model(setup, plain_value_and_grad, scan, rem
     if scan:
         ref_grad = {"params": stack_layers(ref_grad["params"], cfg.num_layers)}
     # f32 sums in another order (scan + full remat recompute): 1e-5 of each gradient's own scale
-    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(r).max())),
-                 grad, ref_grad)
+    jax.tree.map(
+        lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(r).max())), grad, ref_grad
+    )
 
 
 def test_remat_wraps_every_mode_config_accepts():
@@ -315,8 +361,9 @@ def test_every_param_has_logical_axes(scan):
     known = {name for name, _ in LOGICAL_AXIS_RULES}
     for leaf in leaves:
         assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim
-        assert set(leaf.names) <= known and (leaf.names[0] == "layers") == (scan and leaf.value.ndim > 1
-                                                                              and "layers" in leaf.names)
+        assert set(leaf.names) <= known and (leaf.names[0] == "layers") == (
+            scan and leaf.value.ndim > 1 and "layers" in leaf.names
+        )
 
 
 def test_sharded_forward_matches_single_device(setup):

@@ -6,6 +6,7 @@ reduced size hardly any edit is all right yet, see the README). This test runs i
 the reduced step counts below and checks the scores it printed against margins taken from the measured CI-size
 numbers.
 """
+
 import json
 import os
 import sys
@@ -14,8 +15,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "tiny_reproduction.ipynb")
-CI_SIZE = {"BAGEL_NB_VAE_STEPS": "800", "BAGEL_NB_VIT_STEPS": "300", "BAGEL_NB_STEPS": "1000",
-           "BAGEL_NB_EVAL_EXAMPLES": "8"}
+CI_SIZE = {
+    "BAGEL_NB_VAE_STEPS": "800",
+    "BAGEL_NB_VIT_STEPS": "300",
+    "BAGEL_NB_STEPS": "1000",
+    "BAGEL_NB_EVAL_EXAMPLES": "8",
+}
 
 
 def _outputs(nb) -> str:
@@ -30,6 +35,7 @@ def _outputs(nb) -> str:
 def test_notebook_runs_and_training_beats_untrained(tmp_path, monkeypatch):
     import nbclient  # pinned test dependencies (setup.py "test"): missing is a broken install, not a skip
     import nbformat
+
     monkeypatch.setenv("BAGEL_REPO", REPO)
     monkeypatch.setenv("BAGEL_NB_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -45,7 +51,7 @@ def test_notebook_runs_and_training_beats_untrained(tmp_path, monkeypatch):
         nbformat.write(nb, str(tmp_path / "executed.ipynb"))  # kept for debugging a failure
     lines = [line for line in _outputs(nb).splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, "the notebook prints one RESULT line"
-    result = json.loads(lines[0][len("RESULT "):])
+    result = json.loads(lines[0][len("RESULT ") :])
     print(json.dumps(result, indent=1), file=sys.stderr)
     assert result["bagel_steps"] == int(CI_SIZE["BAGEL_NB_STEPS"])
     assert result["vit_steps"] == int(CI_SIZE["BAGEL_NB_VIT_STEPS"])

@@ -6,6 +6,7 @@ venv, which sees this interpreter's packages so that only the project itself is 
 network: pip is told ``--no-index`` when setuptools is here to build with). A new interpreter in the venv then imports
 ``bagel_jax`` from the clone, outside any checkout.
 """
+
 import importlib.util
 import json
 import os
@@ -30,8 +31,10 @@ def install_cell() -> str:
 @pytest.fixture
 def no_subprocess(monkeypatch):
     """Any subprocess (pip, git) fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"the cell started a subprocess: {args[0] if args else kwargs}")
+
     monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
@@ -57,8 +60,9 @@ def test_cell_installs_nothing_where_bagel_jax_imports(monkeypatch, no_subproces
 
 def test_cell_outside_colab_and_a_checkout_says_how_to_install(monkeypatch, no_subprocess):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bagel_jax" else
-                        real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bagel_jax" else real_find_spec(name, *a)
+    )
     with pytest.raises(ImportError, match=r"pip install -e \."):
         run_cell(monkeypatch, colab=False)
 
@@ -86,8 +90,12 @@ def fresh_venv(path) -> str:
     bagel_jax among them, are not run). Returns its python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = os.path.join(path, "bin", "python")
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     with open(os.path.join(purelib, "outer_site_packages.pth"), "w") as f:
         f.write("\n".join(ours) + "\n")
@@ -98,10 +106,19 @@ def test_colab_install_cell_installs_the_project_into_a_fresh_venv(tmp_path):
     python = fresh_venv(tmp_path / "venv")
     clone = tmp_path / "clone"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BAGEL_REPO") and not k.startswith("PIP_")}
-    env.update(COLAB_RELEASE_TAG="simulated", BAGEL_JAX_SOURCE="file://" + REPO, BAGEL_REPO=str(clone),
-               BAGEL_JAX_ACCELERATOR="cpu", PIP_NO_DEPS="1", PIP_IGNORE_INSTALLED="1", PIP_CONFIG_FILE=os.devnull,
-               PIP_DISABLE_PIP_VERSION_CHECK="1")
-    if importlib.util.find_spec("setuptools"):  # build with it, offline (pip reads the value as build_isolation: 0 = off)
+    env.update(
+        COLAB_RELEASE_TAG="simulated",
+        BAGEL_JAX_SOURCE="file://" + REPO,
+        BAGEL_REPO=str(clone),
+        BAGEL_JAX_ACCELERATOR="cpu",
+        PIP_NO_DEPS="1",
+        PIP_IGNORE_INSTALLED="1",
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+    )
+    if importlib.util.find_spec(
+        "setuptools"
+    ):  # build with it, offline (pip reads the value as build_isolation: 0 = off)
         env.update(PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0")
     check = "import importlib.util; assert importlib.util.find_spec('bagel_jax') is None, 'bagel_jax is visible'"
     subprocess.run([python, "-c", check], check=True, cwd=tmp_path, env=env)  # so the cell has something to do
@@ -111,7 +128,12 @@ def test_colab_install_cell_installs_the_project_into_a_fresh_venv(tmp_path):
     assert cell.returncode == 0, cell.stdout + cell.stderr
     assert f"-m pip install -q -e {clone}\n" in cell.stdout, cell.stdout
     assert f"imported {clone / 'bagel_jax' / '__init__.py'}" in cell.stdout, cell.stdout
-    imported = subprocess.run([python, "-c", "import bagel_jax, bagel_jax.config; print(bagel_jax.__file__)"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True)
+    imported = subprocess.run(
+        [python, "-c", "import bagel_jax, bagel_jax.config; print(bagel_jax.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.strip() == str(clone / "bagel_jax" / "__init__.py")

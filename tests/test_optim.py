@@ -1,4 +1,5 @@
 """Optimizer (vs torch AdamW + clip_grad_norm_ + HF schedules), freezing, EMA, NaN skipping, accumulation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ def _train_cfg(**kw):
 def test_schedule_matches_transformers(schedule):
     import torch  # a pinned test dependency: missing is a broken install, not a skip
     from transformers import optimization as hf
+
     cfg = _train_cfg(schedule=schedule, lr=3e-4, min_lr=1e-5, warmup_steps=5, steps=40)
     ours = optim.make_schedule(cfg)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
@@ -37,24 +39,34 @@ def test_schedule_matches_transformers(schedule):
 
 def test_adamw_with_clipping_matches_torch():
     import torch  # a pinned test dependency: missing is a broken install, not a skip
+
     rng = np.random.default_rng(0)
-    params = {"language_model": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
-              "connector": {"b": rng.normal(size=(5,)).astype(np.float32)}}
+    params = {
+        "language_model": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
+        "connector": {"b": rng.normal(size=(5,)).astype(np.float32)},
+    }
     cfg = _train_cfg(lr=1e-2, warmup_steps=0, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)
     tx, _ = optim.make_optimizer(cfg, params)
     state = tx.init(params)
-    tparams = [torch.nn.Parameter(torch.tensor(params["language_model"]["w"])),
-               torch.nn.Parameter(torch.tensor(params["connector"]["b"]))]
-    topt = torch.optim.AdamW(tparams, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    tparams = [
+        torch.nn.Parameter(torch.tensor(params["language_model"]["w"])),
+        torch.nn.Parameter(torch.tensor(params["connector"]["b"])),
+    ]
+    topt = torch.optim.AdamW(
+        tparams, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
     ours = jax.tree.map(jnp.asarray, params)
     for scale in (3.0, 0.1, 5.0):  # global norms above and below max_grad_norm
-        grads = {"language_model": {"w": scale * rng.normal(size=(3, 4)).astype(np.float32)},
-                 "connector": {"b": scale * rng.normal(size=(5,)).astype(np.float32)}}
+        grads = {
+            "language_model": {"w": scale * rng.normal(size=(3, 4)).astype(np.float32)},
+            "connector": {"b": scale * rng.normal(size=(5,)).astype(np.float32)},
+        }
         updates, state = tx.update(grads, state, ours)
         ours = optax.apply_updates(ours, updates)
-        tparams[0].grad, tparams[1].grad = (torch.tensor(grads["language_model"]["w"]),
-                                            torch.tensor(grads["connector"]["b"]))
+        tparams[0].grad, tparams[1].grad = (
+            torch.tensor(grads["language_model"]["w"]),
+            torch.tensor(grads["connector"]["b"]),
+        )
         torch.nn.utils.clip_grad_norm_(tparams, cfg.max_grad_norm)
         topt.step()
         np.testing.assert_allclose(ours["language_model"]["w"], tparams[0].detach().numpy(), rtol=2e-5, atol=1e-6)
@@ -84,8 +96,9 @@ def test_freeze_patterns_select_the_modules():
     assert "language_model/embed_tokens" in und and "language_model/layer_0_und/q_proj/kernel" in und
 
 
-@pytest.mark.parametrize("freeze,msg", [(("decoder",), "unknown module 'decoder'"),
-                                        (("vit",), "module 'vit' matches no parameter")])
+@pytest.mark.parametrize(
+    "freeze,msg", [(("decoder",), "unknown module 'decoder'"), (("vit",), "module 'vit' matches no parameter")]
+)
 def test_bad_freeze_is_config_error(freeze, msg):
     params = {"language_model": {"w": jnp.zeros(3)}}  # no vit_model in this tree
     with pytest.raises(ConfigError, match=rf"^train.freeze: {msg}"):
@@ -99,8 +112,9 @@ def test_frozen_modules_do_not_move_and_hold_no_optimizer_state():
     end = T.host_tree(state)
     mask = jax.tree.leaves(run.trainable)
     paths = [optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(end.params)[0]]
-    for path, trains, a, b, ema in zip(paths, mask, jax.tree.leaves(start.params), jax.tree.leaves(end.params),
-                                       jax.tree.leaves(end.ema_params)):
+    for path, trains, a, b, ema in zip(
+        paths, mask, jax.tree.leaves(start.params), jax.tree.leaves(end.params), jax.tree.leaves(end.ema_params)
+    ):
         frozen = path.startswith("vit_model/") or "_moe_gen" in path
         assert trains == (not frozen), path
         if frozen:
@@ -144,8 +158,9 @@ def test_ema_and_nonfinite_step_skipped_and_counted(tmp_path):
     assert int(metrics["nonfinite"]) == 0 and int(good.nonfinite_steps) == 1 and int(good.step) == 4
     np.testing.assert_allclose(float(metrics["lr"]), float(run.schedule(2)), rtol=1e-7)
     decay = run.config.train.ema_decay
-    for e0, p1, e1 in zip(jax.tree.leaves(after.ema_params), jax.tree.leaves(good.params),
-                          jax.tree.leaves(good.ema_params)):
+    for e0, p1, e1 in zip(
+        jax.tree.leaves(after.ema_params), jax.tree.leaves(good.params), jax.tree.leaves(good.ema_params)
+    ):
         np.testing.assert_allclose(e1, decay * e0 + (1 - decay) * p1, rtol=1e-6, atol=1e-7)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(good.params)))
 
@@ -172,28 +187,45 @@ def test_per_module_lr_matches_torch_param_groups():
     """train.lr_scale: und ×0.1, llm ×0.5 (a leaf in both gets ×0.05) = torch AdamW param groups with those lrs
     (weight decay scaled with them), one clip over all params; frozen leaves still get nothing."""
     import torch  # a pinned test dependency: missing is a broken install, not a skip
+
     rng = np.random.default_rng(1)
-    shapes = {"language_model/q_proj": (3, 4), "language_model/q_proj_moe_gen": (3, 4), "connector/w": (5,),
-              "vit_model/w": (2,)}
-    params = {"language_model": {"q_proj": rng.normal(size=(3, 4)).astype(np.float32),
-                                 "q_proj_moe_gen": rng.normal(size=(3, 4)).astype(np.float32)},
-              "connector": {"w": rng.normal(size=(5,)).astype(np.float32)},
-              "vit_model": {"w": rng.normal(size=(2,)).astype(np.float32)}}
+    shapes = {
+        "language_model/q_proj": (3, 4),
+        "language_model/q_proj_moe_gen": (3, 4),
+        "connector/w": (5,),
+        "vit_model/w": (2,),
+    }
+    params = {
+        "language_model": {
+            "q_proj": rng.normal(size=(3, 4)).astype(np.float32),
+            "q_proj_moe_gen": rng.normal(size=(3, 4)).astype(np.float32),
+        },
+        "connector": {"w": rng.normal(size=(5,)).astype(np.float32)},
+        "vit_model": {"w": rng.normal(size=(2,)).astype(np.float32)},
+    }
     cfg = _train_cfg(lr=1e-2, warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0, freeze=("vit",))
     cfg.lr_scale.update(und=0.1, llm=0.5)
     tx, _ = optim.make_optimizer(cfg, params)
     state = tx.init(params)
-    lrs = {"language_model/q_proj": 0.05 * cfg.lr, "language_model/q_proj_moe_gen": 0.5 * cfg.lr,
-           "connector/w": cfg.lr}
+    lrs = {"language_model/q_proj": 0.05 * cfg.lr, "language_model/q_proj_moe_gen": 0.5 * cfg.lr, "connector/w": cfg.lr}
     tparams = {k: torch.nn.Parameter(torch.tensor(params[k.split("/")[0]][k.split("/")[1]])) for k in lrs}
-    topt = torch.optim.AdamW([dict(params=[tparams[k]], lr=lr) for k, lr in lrs.items()], betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, weight_decay=cfg.weight_decay)
+    topt = torch.optim.AdamW(
+        [dict(params=[tparams[k]], lr=lr) for k, lr in lrs.items()],
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+    )
     ours = jax.tree.map(jnp.asarray, params)
     for scale in (3.0, 0.1, 5.0):
         grads = {k: scale * rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
-        tree = {"language_model": {"q_proj": grads["language_model/q_proj"],
-                                   "q_proj_moe_gen": grads["language_model/q_proj_moe_gen"]},
-                "connector": {"w": grads["connector/w"]}, "vit_model": {"w": grads["vit_model/w"]}}
+        tree = {
+            "language_model": {
+                "q_proj": grads["language_model/q_proj"],
+                "q_proj_moe_gen": grads["language_model/q_proj_moe_gen"],
+            },
+            "connector": {"w": grads["connector/w"]},
+            "vit_model": {"w": grads["vit_model/w"]},
+        }
         updates, state = tx.update(tree, state, ours)
         ours = optax.apply_updates(ours, updates)
         for k in lrs:
@@ -220,6 +252,7 @@ def test_lr_scale_all_ones_keeps_the_optimizer_state_structure():
 @pytest.mark.parametrize("name,value", [("und", 0.0), ("gen", -1.0)])
 def test_bad_lr_scale_is_one_line(name, value):
     from bagel_jax.config import validate
+
     config = T.toy_config()
     config.train.lr_scale[name] = value
     with pytest.raises(ConfigError, match=rf"^train\.lr_scale\.{name}: must be > 0"):
@@ -236,22 +269,26 @@ def test_grads_only_for_trainable_leaves(k):
 
     from bagel_jax.parallel.mesh import logical_rules
     from bagel_jax.train.step import _accumulated_grads
+
     rng = np.random.default_rng(0)
-    params = {"frozen": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
-              "train": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+    params = {
+        "frozen": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+        "train": jnp.asarray(rng.normal(size=(2,)), jnp.float32),
+    }
     batch = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
 
     def loss_fn(p, x, key):
         del key
         y = x @ p["frozen"] @ p["train"]
-        return jnp.mean(y ** 2), {}
+        return jnp.mean(y**2), {}
 
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "tensor", "sequence"))
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
     mask = [False, True]  # jax.tree.leaves order: frozen, train
     with mesh:
-        _, _, grads = _accumulated_grads(loss_fn, params, batch, jax.random.PRNGKey(0), k, mesh,
-                                         logical_rules(T.toy_config()), shardings, mask)
+        _, _, grads = _accumulated_grads(
+            loss_fn, params, batch, jax.random.PRNGKey(0), k, mesh, logical_rules(T.toy_config()), shardings, mask
+        )
     want = jax.grad(lambda p: loss_fn(p, batch, None)[0])(params)
     np.testing.assert_allclose(grads["train"], want["train"], rtol=1e-5)
     np.testing.assert_array_equal(grads["frozen"], np.zeros((3, 2), np.float32))

@@ -1,5 +1,6 @@
 """``data.pixel_dtype="uint8"`` (4× fewer host bytes; normalised on device) gives the same model losses
 as the float32 PackedBatch contract on the same data."""
+
 import jax
 import numpy as np
 

@@ -3,6 +3,7 @@
 Qwen3 with ``attention_bias=True`` and the o_proj bias removed is exactly BAGEL's attention
 (Qwen2 + qkv bias + per-head RMS QK-norm before RoPE), so it checks our ``qk_norm=True`` path.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,13 +13,27 @@ import transformers
 
 from bagel_jax.attention import MaskMeta, Split, metadata_from_splits
 from bagel_jax.config import base_config
-from bagel_jax.convert.hf import (ConversionError, model_config_from_hf, params_to_qwen2, qwen2_to_params,
-                                  stack_layers, unstack_layers)
+from bagel_jax.convert.hf import (
+    ConversionError,
+    model_config_from_hf,
+    params_to_qwen2,
+    qwen2_to_params,
+    stack_layers,
+    unstack_layers,
+)
 from bagel_jax.model.mot import LanguageModel
 
 TOL = 1e-5
-SHAPES = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False)
+SHAPES = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
 
 
 def _randomise(model: torch.nn.Module, seed: int):
@@ -96,8 +111,9 @@ def test_single_document_logits_match_hf(hf, layer_module):
     params = qwen2_to_params(model.state_dict(), cfg)
     ids = np.random.default_rng(0).integers(0, 512, size=24).astype(np.int32)
     meta = _meta([Split(1, "causal", 24)], 24)
-    und_logits, _ = _run(cfg, params, ids[None], np.zeros((1, 0), np.int32), jnp.arange(24, dtype=jnp.int32)[None],
-                         meta)
+    und_logits, _ = _run(
+        cfg, params, ids[None], np.zeros((1, 0), np.int32), jnp.arange(24, dtype=jnp.int32)[None], meta
+    )
     assert _rel(und_logits[0], _hf_logits(model, ids)) <= TOL
 
 
@@ -122,18 +138,19 @@ def test_packed_documents_match_hf_run_alone(hf, layout):
     position = np.concatenate([np.arange(n) for n in lens] + [np.zeros(pad, int)]).astype(np.int32)
     if layout == "mot_gen_slots":  # slots: doc1, doc2, padding | doc3
         u = lens[0] + lens[1] + pad
-        perm = np.r_[0:lens[0] + lens[1], sum(lens):length, lens[0] + lens[1]:sum(lens)]
+        perm = np.r_[0 : lens[0] + lens[1], sum(lens) : length, lens[0] + lens[1] : sum(lens)]
     else:
         u, perm = length, np.arange(length)
     meta = MaskMeta(**{k: jnp.asarray(v[perm])[None] for k, v in md.items()})
-    und_logits, gen_logits = _run(cfg, params, ids[perm][None, :u], ids[perm][None, u:],
-                                  jnp.asarray(position[perm])[None], meta)
+    und_logits, gen_logits = _run(
+        cfg, params, ids[perm][None, :u], ids[perm][None, u:], jnp.asarray(position[perm])[None], meta
+    )
     slots = np.concatenate([np.asarray(und_logits[0]), np.asarray(gen_logits[0])])
     natural = np.empty_like(slots)
     natural[perm] = slots  # un-permute to natural order
     start = 0
     for d, n in zip(docs, lens):
-        assert _rel(natural[start:start + n], _hf_logits(model, d)) <= TOL
+        assert _rel(natural[start : start + n], _hf_logits(model, d)) <= TOL
         start += n
     assert np.all(np.isfinite(natural[start:]))  # padding rows: finite (attend nothing)
 
@@ -175,14 +192,21 @@ def _bad(sd, change):
     return sd
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight: missing"),
-    (lambda sd: sd.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(64)}),
-     "model.layers.0.self_attn.o_proj.bias: unexpected key"),
-    (lambda sd: sd.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((48, 64))}),
-     "model.layers.0.self_attn.k_proj.weight: expected shape (64, 2, 16)"),
-    (lambda sd: sd.update({"lm_head.weight": np.zeros((500, 64))}), "lm_head.weight: expected shape (64, 512)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight: missing"),
+        (
+            lambda sd: sd.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(64)}),
+            "model.layers.0.self_attn.o_proj.bias: unexpected key",
+        ),
+        (
+            lambda sd: sd.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((48, 64))}),
+            "model.layers.0.self_attn.k_proj.weight: expected shape (64, 2, 16)",
+        ),
+        (lambda sd: sd.update({"lm_head.weight": np.zeros((500, 64))}), "lm_head.weight: expected shape (64, 512)"),
+    ],
+)
 def test_converter_errors_name_the_key(change, message):
     model = _hf_model("qwen2")
     cfg = _cfg(model, "dense")
@@ -212,8 +236,9 @@ def test_rmsnorm_and_rope_match_hf_in_bfloat16():
     with torch.no_grad():
         ref.weight.copy_(torch.from_numpy(w))
         want = ref(torch.from_numpy(x).to(torch.bfloat16)).float().numpy()
-    got = RMSNorm(1e-6, jnp.bfloat16, "head_dim").apply({"params": {"scale": jnp.asarray(w, jnp.bfloat16)}},
-                                                        jnp.asarray(x, jnp.bfloat16))
+    got = RMSNorm(1e-6, jnp.bfloat16, "head_dim").apply(
+        {"params": {"scale": jnp.asarray(w, jnp.bfloat16)}}, jnp.asarray(x, jnp.bfloat16)
+    )
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=8e-3, atol=1e-6)
 
@@ -225,5 +250,6 @@ def test_rmsnorm_and_rope_match_hf_in_bfloat16():
     cos, sin = rope_cos_sin(jnp.asarray(position, jnp.int32), 16, 1_000_000.0, jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(cos, np.float32), cos_t.float().numpy())
     got_q = apply_rope(jnp.asarray(x, jnp.bfloat16), cos, sin)
-    np.testing.assert_allclose(np.asarray(got_q, np.float32), want_q.transpose(1, 2).float().numpy(),
-                               rtol=8e-3, atol=8e-3)
+    np.testing.assert_allclose(
+        np.asarray(got_q, np.float32), want_q.transpose(1, 2).float().numpy(), rtol=8e-3, atol=8e-3
+    )

@@ -18,6 +18,7 @@ Run as written (a few seconds each; ``/tmp/`` becomes a temporary directory, ``p
 Only checked (minutes to hours, or a TPU, a release checkpoint or the network): pip install, the lint + test line,
 every training, evaluation, AOT-planning and local-sweep command, and inference from a release checkpoint.
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,7 +50,7 @@ def bash_commands(text: str) -> list[tuple[int, list[str]]]:
             while argv:
                 cut = argv.index("&&") if "&&" in argv else len(argv)
                 out.append((b, argv[:cut]))
-                argv = argv[cut + 1:]
+                argv = argv[cut + 1 :]
     return out
 
 
@@ -71,8 +72,11 @@ def _file_flags(path: Path) -> tuple[frozenset, frozenset, tuple]:
                 if fn in ("DEFINE_config_file", "DEFINE_config_dict"):
                     config_files.add(first)
             elif fn == "add_argument":
-                names.update(a.value[2:] for a in node.args if isinstance(a, ast.Constant)
-                             and isinstance(a.value, str) and a.value.startswith("--"))
+                names.update(
+                    a.value[2:]
+                    for a in node.args
+                    if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("--")
+                )
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("bagel_jax"):
             imports += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
@@ -127,7 +131,7 @@ def check_command(argv: list[str]) -> list[str]:
     if argv[0] == "pip":
         for spec in argv[1:]:
             if "[" in spec:
-                unknown = set(spec[spec.index("[") + 1:spec.index("]")].split(",")) - _setup_extras()
+                unknown = set(spec[spec.index("[") + 1 : spec.index("]")].split(",")) - _setup_extras()
                 errors += [f"{spec}: setup.py has no extra {sorted(unknown)}"] if unknown else []
         return errors
     if argv[0] in ("pytest", "ruff"):
@@ -145,7 +149,7 @@ def check_command(argv: list[str]) -> list[str]:
             return errors + [f"python {argv[1]}: no such script"]
     names, config_files = entry_flags(entry)
     flags = dict(a[2:].partition("=")[::2] for a in args if a.startswith("--"))
-    overrides = {k[len("config."):]: _parse_value(v) for k, v in flags.items() if k.startswith("config.")}
+    overrides = {k[len("config.") :]: _parse_value(v) for k, v in flags.items() if k.startswith("config.")}
     for name in flags:
         if name.startswith("config.") and "config" in config_files:
             continue
@@ -154,11 +158,13 @@ def check_command(argv: list[str]) -> list[str]:
     config = flags.get("config", "")
     if config.split(":")[0].endswith(".py") and (ROOT / launch_utils.split_file_arg(config)[0]).is_file():
         try:
-            points = launch_utils.load_points(str(ROOT / config), str(ROOT / flags["sweep"]) if "sweep" in flags
-                                              else None)
+            points = launch_utils.load_points(
+                str(ROOT / config), str(ROOT / flags["sweep"]) if "sweep" in flags else None
+            )
             for point in points:
-                validate(launch_utils.apply_overrides(launch_utils.load_config(str(ROOT / config)),
-                                                      {**point, **overrides}))
+                validate(
+                    launch_utils.apply_overrides(launch_utils.load_config(str(ROOT / config)), {**point, **overrides})
+                )
         except (ConfigError, launch_utils.LaunchError, ValueError) as e:
             errors.append(f"--config={config}: {e}")
     return errors
@@ -196,18 +202,21 @@ def test_relative_links_exist():
     assert local and [link for link in local if not (ROOT / link).exists()] == []
 
 
-@pytest.mark.parametrize("broken", [
-    "python -m bagel_jax.trian --config=configs/tiny_shapes.py --workdir=/tmp/x",  # no such module
-    "python -m bagel_jax.train --config=configs/tiny_shape.py --workdir=/tmp/x",  # no such config
-    "python -m bagel_jax.train --config=configs/tiny_shapes.py --config.train.lrr=1e-3 --workdir=/tmp/x",  # key
-    "python -m bagel_jax.train --config=configs/tiny_shapes.py --config.model.remat=foo --workdir=/tmp/x",  # value
-    "python -m bagel_jax.aot --config=configs/tiny.py --topolgy=v5e:2x2",  # flag
-    "python -m bagel_jax.infer.cli --random_tiny --mode=t2i --promt=x",  # argparse flag
-    "python launch/xm_launch.py --config=configs/tiny.py --sweep=configs/sweeps/none.py --workdir=/tmp/x",  # file
-    "python -m bagel_jax.sweep --config=configs/tiny_shapes.py --sweep=configs/sweeps/lr.py:nope",  # sweep arg
-    'pip install -e ".[test,gpu]"',  # extra
-    "make train",  # unknown command
-])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "python -m bagel_jax.trian --config=configs/tiny_shapes.py --workdir=/tmp/x",  # no such module
+        "python -m bagel_jax.train --config=configs/tiny_shape.py --workdir=/tmp/x",  # no such config
+        "python -m bagel_jax.train --config=configs/tiny_shapes.py --config.train.lrr=1e-3 --workdir=/tmp/x",  # key
+        "python -m bagel_jax.train --config=configs/tiny_shapes.py --config.model.remat=foo --workdir=/tmp/x",  # value
+        "python -m bagel_jax.aot --config=configs/tiny.py --topolgy=v5e:2x2",  # flag
+        "python -m bagel_jax.infer.cli --random_tiny --mode=t2i --promt=x",  # argparse flag
+        "python launch/xm_launch.py --config=configs/tiny.py --sweep=configs/sweeps/none.py --workdir=/tmp/x",  # file
+        "python -m bagel_jax.sweep --config=configs/tiny_shapes.py --sweep=configs/sweeps/lr.py:nope",  # sweep arg
+        'pip install -e ".[test,gpu]"',  # extra
+        "make train",  # unknown command
+    ],
+)
 def test_the_checks_catch_broken_commands(broken):
     assert check_command(shlex.split(broken)), broken
 
@@ -218,18 +227,20 @@ RUN = [c for _, c in COMMANDS if any(m in c for m in RUN_MARKERS)]
 def test_cheap_commands_run_as_written(tmp_path):
     """Starts every cheap command at once (they take seconds each) and checks each exits 0 and writes its --out."""
     assert len(RUN) >= 2, RUN
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu"
+    )
     env.pop("XLA_FLAGS", None)  # the test session's 8 simulated devices are not what a user has
     runs = []
     for i, argv in enumerate(RUN):
         (tmp_path / str(i)).mkdir()
         argv = [sys.executable if a == argv[0] else a.replace("/tmp/", f"{tmp_path}/{i}/") for a in argv]
-        runs.append((argv, subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True)))
+        runs.append(
+            (argv, subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        )
     for argv, proc in runs:
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{shlex.join(argv)}\n{stdout[-2000:]}\n{stderr[-3000:]}"
         for a in argv:  # files the command says it writes exist
             if a.startswith("--out="):
-                assert Path(a[len("--out="):]).stat().st_size > 0, a
+                assert Path(a[len("--out=") :]).stat().st_size > 0, a

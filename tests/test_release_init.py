@@ -1,17 +1,18 @@
 """``train.init_from`` = a release folder: every tensor read straight into its shards (8 CPU devices, fsdp 8 and
 fsdp 4 × tensor 2) equals the converter's ``load_params`` bitwise (f32), with the rules' shardings; bad folders are
 one-line errors naming the file or key, before anything is created or written."""
+
 from __future__ import annotations
 
 import os
 import shutil
 
-import bagel_testlib as lib
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
+import bagel_testlib as lib
 from bagel_jax.config import ConfigError
 from bagel_jax.convert import bagel_ckpt as bc
 from bagel_jax.convert.release_sharded import load_release_sharded
@@ -53,8 +54,9 @@ def _fresh_state(config, workdir):
 def _check_params(params, shardings, want):
     assert jax.tree.structure(jax.device_get(params)) == jax.tree.structure(want)
     sharded = 0
-    for (kp, got), sharding, ref in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings),
-                                        jax.tree.leaves(want), strict=True):
+    for (kp, got), sharding, ref in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings), jax.tree.leaves(want), strict=True
+    ):
         name = jax.tree_util.keystr(kp)
         assert got.sharding == sharding, name
         assert got.dtype == ref.dtype == np.float32, name
@@ -65,8 +67,11 @@ def _check_params(params, shardings, want):
     assert len({str(s.index) for s in embed.addressable_shards}) == 8  # 8 distinct slices, one per device
 
 
-@pytest.mark.parametrize("parallel,scan", [(dict(fsdp=8), False), (dict(fsdp=4, tensor=2), False),
-                                           (dict(fsdp=4, tensor=2), True)], ids=["fsdp8", "fsdp4_tensor2", "scan"])
+@pytest.mark.parametrize(
+    "parallel,scan",
+    [(dict(fsdp=8), False), (dict(fsdp=4, tensor=2), False), (dict(fsdp=4, tensor=2), True)],
+    ids=["fsdp8", "fsdp4_tensor2", "scan"],
+)
 def test_release_loads_sharded_equal_to_the_converter(release, parallel, scan):
     """The loader on the trainer's param shardings (from the logical rules; no state is compiled)."""
     config = _config(release, scan_layers=scan, **parallel)
@@ -106,11 +111,19 @@ def _broken(release, tmp_path, how):
     return d
 
 
-@pytest.mark.parametrize("how,config_key,names", [
-    ("no_ae", None, bc.AE_FILE), ("truncated", None, bc.EMA_FILE),
-    ("ok", "num_layers", "model.num_layers"), ("ok", "vocab_size", "model.vocab_size"),
-    ("ok", "max_latent_size", "model.max_latent_size"), ("ok", "vit_max_num_patch_per_side", "vit_max_num"),
-    ("ok", "qk_norm", "model.qk_norm"), ("ok", "hidden_size", "model.hidden_size")])
+@pytest.mark.parametrize(
+    "how,config_key,names",
+    [
+        ("no_ae", None, bc.AE_FILE),
+        ("truncated", None, bc.EMA_FILE),
+        ("ok", "num_layers", "model.num_layers"),
+        ("ok", "vocab_size", "model.vocab_size"),
+        ("ok", "max_latent_size", "model.max_latent_size"),
+        ("ok", "vit_max_num_patch_per_side", "vit_max_num"),
+        ("ok", "qk_norm", "model.qk_norm"),
+        ("ok", "hidden_size", "model.hidden_size"),
+    ],
+)
 def test_bad_release_is_one_line_naming_file_or_key(release, tmp_path, how, config_key, names):
     d = _broken(release, tmp_path, how) if how != "ok" else release
     config = _config(d, fsdp=8)
@@ -133,9 +146,8 @@ def test_bad_release_is_one_line_naming_file_or_key(release, tmp_path, how, conf
 def test_train_from_release_then_restart_resumes_its_own_checkpoint(tmp_path):
     """tiny_shapes from a release folder on fsdp 4 × tensor 2: trains, checkpoints; the restart resumes that
     checkpoint (the release is gone by then) and trains on."""
-    from configs_util import shipped_config
-
     from bagel_jax.train.train import train
+    from configs_util import shipped_config
 
     c = shipped_config("tiny_shapes")
     c.train.update(steps=2, checkpoint_every=2, log_every=1)
@@ -153,6 +165,7 @@ def test_train_from_release_then_restart_resumes_its_own_checkpoint(tmp_path):
     c.train.steps = 3
     train(c, workdir, devices=jax.devices())
     import json
+
     with open(os.path.join(workdir, "metrics.jsonl")) as fh:
         rows = [r for r in map(json.loads, fh) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
@@ -171,9 +184,21 @@ def test_cli_bad_release_writes_nothing(release, tmp_path):
     workdir = tmp_path / "run"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-m", "bagel_jax.train", "--config=configs/tiny_shapes.py",
-                           f"--workdir={workdir}", f"--config.train.init_from={d}"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bagel_jax.train",
+            "--config=configs/tiny_shapes.py",
+            f"--workdir={workdir}",
+            f"--config.train.init_from={d}",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train.init_from: ") and bc.AE_FILE in lines[0], lines

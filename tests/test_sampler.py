@@ -1,5 +1,6 @@
 """The Euler flow sampler with CFG = a step-by-step computation written here from the reference (§8.1, §8.3),
 with every velocity taken from the unpacked oracle on each context alone."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,9 @@ def _ref_combine(v, vt, vi, st, si, renorm, rmin):
         return v
     if renorm == "text_channel":
         vt_ = vt + st * (v - vt)
-        scale = np.clip(np.linalg.norm(v, axis=-1, keepdims=True)
-                        / (np.linalg.norm(vt_, axis=-1, keepdims=True) + 1e-8), rmin, 1.0)
+        scale = np.clip(
+            np.linalg.norm(v, axis=-1, keepdims=True) / (np.linalg.norm(vt_, axis=-1, keepdims=True) + 1e-8), rmin, 1.0
+        )
         vt_ = vt_ * scale
         return vi + si * (vt_ - vi) if si > 1.0 else vt_
     vt_ = vt + st * (v - vt)
@@ -28,8 +30,9 @@ def _ref_combine(v, vt, vi, st, si, renorm, rmin):
     if renorm == "global":
         scale = np.clip(np.linalg.norm(v) / (np.linalg.norm(v_) + 1e-8), rmin, 1.0)
     else:
-        scale = np.clip(np.linalg.norm(v, axis=-1, keepdims=True)
-                        / (np.linalg.norm(v_, axis=-1, keepdims=True) + 1e-8), rmin, 1.0)
+        scale = np.clip(
+            np.linalg.norm(v, axis=-1, keepdims=True) / (np.linalg.norm(v_, axis=-1, keepdims=True) + 1e-8), rmin, 1.0
+        )
     return v_ * scale
 
 
@@ -83,9 +86,20 @@ def test_sampler_matches_reference_loop(sampler_setup, renorm):
     hw, steps, shift, st, si, rmin, interval = (32, 48), 6, 3.0, 400.0, 2.0, 0.0, (0.5, 1.0)
     n_tok = (hw[0] // 16) * (hw[1] // 16)
     noise = np.random.default_rng(7).standard_normal((n_tok, 64)).astype(np.float32)
-    res = sampler.sample(ctx.gen, ctx.cfg_text, ctx.cfg_img, hw, num_timesteps=steps, timestep_shift=shift,
-                         cfg_text_scale=st, cfg_img_scale=si, cfg_interval=interval, cfg_renorm_type=renorm,
-                         cfg_renorm_min=rmin, init_noise=noise)
+    res = sampler.sample(
+        ctx.gen,
+        ctx.cfg_text,
+        ctx.cfg_img,
+        hw,
+        num_timesteps=steps,
+        timestep_shift=shift,
+        cfg_text_scale=st,
+        cfg_img_scale=si,
+        cfg_interval=interval,
+        cfg_renorm_type=renorm,
+        cfg_renorm_min=rmin,
+        init_noise=noise,
+    )
 
     # --- the reference loop, every f(x, t; context) from the oracle on that context alone ---
     sd = lib.official_sd(params, cfg)

@@ -1,5 +1,6 @@
 """SigLIP NaViT: parity with transformers' SiglipVisionModel (tiny, random, fp32), packed = separate calls,
 and the converter's strictness."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,17 +18,31 @@ PATCH, SIDE, HF_LAYERS = 14, 4, 3  # image 56 = 4 patches per side; we run HF_LA
 def model_cfg():
     m = base_config().model
     m.update(dtype="float32", attention_impl="reference", vit_max_num_patch_per_side=SIDE)
-    m.vit.update(hidden_size=32, intermediate_size=64, num_layers=HF_LAYERS - 1, num_heads=2, patch_size=PATCH,
-                 num_positions=SIDE * SIDE)
+    m.vit.update(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=HF_LAYERS - 1,
+        num_heads=2,
+        patch_size=PATCH,
+        num_positions=SIDE * SIDE,
+    )
     return m
 
 
 @pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
-    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=HF_LAYERS,
-                                num_attention_heads=2, image_size=PATCH * SIDE, patch_size=PATCH,
-                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, attn_implementation="eager")
+    config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=HF_LAYERS,
+        num_attention_heads=2,
+        image_size=PATCH * SIDE,
+        patch_size=PATCH,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        attn_implementation="eager",
+    )
     model = SiglipVisionModel(config).eval()
     with torch.no_grad():  # non-trivial norms and biases
         for name, p in model.named_parameters():
@@ -57,7 +72,7 @@ def hf_features(model, image: np.ndarray, layers: int) -> np.ndarray:
     """HF modules run on one image of any patch-multiple size: conv patch embed, learned positions at
     row*SIDE + col, the first ``layers`` encoder layers, post_layernorm."""
     x = torch.from_numpy(image).permute(2, 0, 1)[None]
-    h, w = image.shape[0] // PATCH, image.shape[1] // PATCH
+    _h, _w = image.shape[0] // PATCH, image.shape[1] // PATCH
     _, pos = patchify(image)
     with torch.no_grad():
         emb = model.embeddings.patch_embedding(x).flatten(2).transpose(1, 2)
@@ -104,7 +119,7 @@ def test_packed_images_equal_separate_calls(setup):
     start, spans = 0, []
     for n, image in enumerate(images, start=1):
         p, q = patchify(image)
-        patches[0, start:start + len(q)], pos[0, start:start + len(q)], ids[0, start:start + len(q)] = p, q, n
+        patches[0, start : start + len(q)], pos[0, start : start + len(q)], ids[0, start : start + len(q)] = p, q, n
         spans.append((start, start + len(q)))
         start += len(q)
     packed = np.asarray(apply(params, patches, pos, ids))
@@ -133,8 +148,9 @@ def test_remat_and_bf16_variants(setup, override):
 def test_bad_patch_shape_raises(setup):
     cfg, params, _ = setup
     with pytest.raises(ValueError, match="patches must be"):
-        SiglipNaViT(cfg).apply({"params": params}, jnp.zeros((1, 4, 10)), jnp.zeros((1, 4), jnp.int32),
-                               jnp.ones((1, 4), jnp.int32))
+        SiglipNaViT(cfg).apply(
+            {"params": params}, jnp.zeros((1, 4, 10)), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
+        )
 
 
 def test_converter_prefixes_linear_patch_form_and_truncation(hf_model):
@@ -149,8 +165,9 @@ def test_converter_prefixes_linear_patch_form_and_truncation(hf_model):
     converted = siglip_to_params(bagel, cfg)
     np.testing.assert_array_equal(converted["patch_embedding"]["kernel"], base["patch_embedding"]["kernel"])
     hub = {"vision_model." + k: v for k, v in sd.items()}
-    np.testing.assert_array_equal(siglip_to_params(hub, cfg)["layers_1"]["mlp"]["fc1"]["kernel"],
-                                  base["layers_1"]["mlp"]["fc1"]["kernel"])
+    np.testing.assert_array_equal(
+        siglip_to_params(hub, cfg)["layers_1"]["mlp"]["fc1"]["kernel"], base["layers_1"]["mlp"]["fc1"]["kernel"]
+    )
 
 
 def test_converter_errors_name_the_key(hf_model):

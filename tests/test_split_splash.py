@@ -7,6 +7,7 @@ devices. Tolerances: f32 ≤ 1e-5 (abs + rel); bf16 inputs: out ≤ 2e-2, grads 
 dividing by max(1, largest reference magnitude) (bf16 matmuls, f32 softmax), against the f32 oracle
 on the same bf16-rounded inputs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,7 +26,6 @@ from jax.sharding import AxisType
 from bagel_jax.attention import attention, block_map
 from bagel_jax.attention.gpu import gpu_attention
 from bagel_jax.attention.mask import CAUSAL, FULL, MODES, NOISE, MaskMeta, Split, metadata_from_splits
-from bagel_jax.attention.reference import reference_attention
 from bagel_jax.attention.tpu_split_splash import split_splash_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +88,7 @@ def random_qkv(seed, b, lq, lkv, hq, hkv, hd, dtype=jnp.float32):
 @functools.partial(jax.jit, static_argnames=("impl", "kwargs"))
 def value_and_grads(q, k, v, do, meta, kv_meta=None, *, impl, kwargs=()):
     """Output and (dq, dk, dv) of <out, do> for one implementation."""
+
     def f(q, k, v):
         return attention(q, k, v, meta, kv_meta, impl=impl, **dict(kwargs))
 
@@ -122,8 +123,11 @@ TPU = (("interpret", True), ("block_q", 128), ("block_kv", 128))
 
 
 @settings(max_examples=25, **SETTINGS)
-@given(row=st.sampled_from(["sorted", "shuffled", "natural"]).flatmap(lambda o: packed_row(384, o)),
-       bq=st.sampled_from([8, 32, 128]), bkv=st.sampled_from([8, 64, 128]))
+@given(
+    row=st.sampled_from(["sorted", "shuffled", "natural"]).flatmap(lambda o: packed_row(384, o)),
+    bq=st.sampled_from([8, 32, 128]),
+    bkv=st.sampled_from([8, 64, 128]),
+)
 def test_block_map_is_sound(row, bq, bkv):
     """Never EMPTY where the dense mask has an allowed pair; FULL only where all pairs are allowed."""
     meta = to_meta([row])
@@ -136,22 +140,30 @@ def test_block_map_is_sound(row, bq, bkv):
 def test_block_map_bounds_documents_separately():
     """A gen block holding latents of docs 1 and 3 is EMPTY for q blocks of doc 2 (und only, between them);
     whole-block document ranges (1..3) would visit it. On this PackedBatch-like row the map is exact."""
-    splits = [Split(1, CAUSAL, 20), Split(1, NOISE, 62), Split(2, FULL, 52), Split(2, CAUSAL, 30),
-              Split(3, CAUSAL, 10), Split(3, NOISE, 42)]
+    splits = [
+        Split(1, CAUSAL, 20),
+        Split(1, NOISE, 62),
+        Split(2, FULL, 52),
+        Split(2, CAUSAL, 30),
+        Split(3, CAUSAL, 10),
+        Split(3, NOISE, 42),
+    ]
     natural = metadata_from_splits(splits)
     is_gen = np.zeros(len(natural["doc"]), bool)
     is_gen[21:81] = True  # doc 1 latents (markers at 20 and 81 stay und)
     is_gen[175:215] = True  # doc 3 latents
     und, gen = np.nonzero(~is_gen)[0], np.nonzero(is_gen)[0]
-    row = {f: np.concatenate([x[und], np.zeros(128 - len(und), np.int32), x[gen], np.zeros(128 - len(gen), np.int32)])
-           for f, x in natural.items()}  # und region = 128 slots, gen region = 128 slots; padding doc 0
+    row = {
+        f: np.concatenate([x[und], np.zeros(128 - len(und), np.int32), x[gen], np.zeros(128 - len(gen), np.int32)])
+        for f, x in natural.items()
+    }  # und region = 128 slots, gen region = 128 slots; padding doc 0
     meta = to_meta([row])
     kinds = np.asarray(block_map.block_kinds(meta, meta, 32, 32))[0]
     exact = block_map.dense_block_kinds(row, row, 32, 32)
     np.testing.assert_array_equal(kinds != block_map.EMPTY, exact != block_map.EMPTY)
     gen_block, doc2_q_block = 5, 1
-    assert set(row["doc"][gen_block * 32:(gen_block + 1) * 32]) == {1, 3}
-    assert set(row["doc"][doc2_q_block * 32:(doc2_q_block + 1) * 32]) == {2}
+    assert set(row["doc"][gen_block * 32 : (gen_block + 1) * 32]) == {1, 3}
+    assert set(row["doc"][doc2_q_block * 32 : (doc2_q_block + 1) * 32]) == {2}
     assert kinds[doc2_q_block, gen_block] == block_map.EMPTY
 
 
@@ -204,16 +216,24 @@ def test_tpu_kernel_matches_reference_bf16(rows, seed):
 
 def test_tpu_kernel_odd_shapes_and_separate_backward_blocks():
     """L not a multiple of the blocks, head_dim 72 (SigLIP), other bwd tiles, explicit scale, Lq != Lkv."""
-    q_row = metadata_from_splits([Split(1, CAUSAL, 40), Split(1, FULL, 90), Split(2, NOISE, 60),
-                                  Split(2, CAUSAL, 7)], 200)
-    kv_row = metadata_from_splits([Split(1, CAUSAL, 40), Split(1, FULL, 90), Split(2, NOISE, 60),
-                                   Split(2, CAUSAL, 7), Split(3, FULL, 50)], 300)
+    q_row = metadata_from_splits(
+        [Split(1, CAUSAL, 40), Split(1, FULL, 90), Split(2, NOISE, 60), Split(2, CAUSAL, 7)], 200
+    )
+    kv_row = metadata_from_splits(
+        [Split(1, CAUSAL, 40), Split(1, FULL, 90), Split(2, NOISE, 60), Split(2, CAUSAL, 7), Split(3, FULL, 50)], 300
+    )
     q, k, v, do = random_qkv(3, 1, 200, 300, 3, 1, 72)
-    kwargs = TPU[:1] + (("block_q", 256), ("block_kv", 128), ("block_q_bwd", 128), ("block_kv_bwd", 256),
-                        ("scale", 0.2))
+    kwargs = TPU[:1] + (
+        ("block_q", 256),
+        ("block_kv", 128),
+        ("block_q_bwd", 128),
+        ("block_kv_bwd", 256),
+        ("scale", 0.2),
+    )
     out, grads = value_and_grads(q, k, v, do, to_meta([q_row]), to_meta([kv_row]), impl="tpu", kwargs=kwargs)
-    ref_out, ref_grads = value_and_grads(q, k, v, do, to_meta([q_row]), to_meta([kv_row]), impl="reference",
-                                         kwargs=(("scale", 0.2),))
+    ref_out, ref_grads = value_and_grads(
+        q, k, v, do, to_meta([q_row]), to_meta([kv_row]), impl="reference", kwargs=(("scale", 0.2),)
+    )
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
         assert_close(got, want, 1e-5, 1e-5, name)
 
@@ -256,9 +276,13 @@ def test_bad_inputs_raise_one_line_errors():
 
 
 @settings(max_examples=5, **SETTINGS)
-@given(rows=st.lists(st.sampled_from(["sorted", "shuffled"]).flatmap(lambda o: packed_row(256, o)),
-                     min_size=2, max_size=2),
-       seed=st.integers(0, 100), blocks=st.sampled_from([(32, 64, 3), (64, 32, 8), (128, 128, 1)]))
+@given(
+    rows=st.lists(
+        st.sampled_from(["sorted", "shuffled"]).flatmap(lambda o: packed_row(256, o)), min_size=2, max_size=2
+    ),
+    seed=st.integers(0, 100),
+    blocks=st.sampled_from([(32, 64, 3), (64, 32, 8), (128, 128, 1)]),
+)
 def test_gpu_path_matches_reference_f32(rows, seed, blocks):
     q, k, v, do = random_qkv(seed, 2, 256, 256, 4, 2, 32)
     bq, bkv, chunk = blocks
@@ -266,18 +290,28 @@ def test_gpu_path_matches_reference_f32(rows, seed, blocks):
 
 
 def test_gpu_path_matches_reference_bf16():
-    rows = [metadata_from_splits([Split(1, CAUSAL, 60), Split(1, FULL, 100), Split(2, NOISE, 80)], 256),
-            metadata_from_splits([Split(1, NOISE, 200), Split(1, CAUSAL, 56)], 256)]
+    rows = [
+        metadata_from_splits([Split(1, CAUSAL, 60), Split(1, FULL, 100), Split(2, NOISE, 80)], 256),
+        metadata_from_splits([Split(1, NOISE, 200), Split(1, CAUSAL, 56)], 256),
+    ]
     q, k, v, do = random_qkv(1, 2, 256, 256, 4, 2, 64, jnp.bfloat16)
     check_against_reference(q, k, v, do, to_meta(rows), "gpu", (("block_q", 64), ("block_kv", 64)), f32=False)
 
 
 def test_gpu_path_does_not_import_the_tpu_kernel():
     """The XLA path shares kernel_inputs.py with the Pallas kernel, not the kernel module (nor Pallas TPU)."""
-    code = ("import sys, bagel_jax.attention.gpu; "
-            "print(sorted(m for m in sys.modules if m.endswith(('tpu_split_splash', 'pallas.tpu'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+    code = (
+        "import sys, bagel_jax.attention.gpu; "
+        "print(sorted(m for m in sys.modules if m.endswith(('tpu_split_splash', 'pallas.tpu'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+    )
     assert out.stdout.strip() == "[]", out.stdout
 
 
@@ -288,9 +322,12 @@ def test_gpu_path_does_not_import_the_tpu_kernel():
 @pytest.mark.parametrize("impl,kwargs", [("tpu", TPU), ("gpu", (("block_q", 64), ("block_kv", 64)))])
 def test_sharded_attention_matches_reference(impl, kwargs):
     mesh = jax.make_mesh((2, 1, 2, 2), ("data", "fsdp", "tensor", "sequence"), axis_types=(AxisType.Auto,) * 4)
-    rows = [metadata_from_splits([Split(1, CAUSAL, 50), Split(1, FULL, 120), Split(2, NOISE, 200),
-                                  Split(2, CAUSAL, 100)], 512),
-            metadata_from_splits([Split(1, NOISE, 300), Split(1, CAUSAL, 80), Split(2, FULL, 90)], 512)]
+    rows = [
+        metadata_from_splits(
+            [Split(1, CAUSAL, 50), Split(1, FULL, 120), Split(2, NOISE, 200), Split(2, CAUSAL, 100)], 512
+        ),
+        metadata_from_splits([Split(1, NOISE, 300), Split(1, CAUSAL, 80), Split(2, FULL, 90)], 512),
+    ]
     meta = to_meta(rows)
     q, k, v, do = random_qkv(5, 2, 512, 512, 4, 1, 64)  # 1 kv head over 2 head shards: repeated
     with jax.set_mesh(mesh):
@@ -313,8 +350,10 @@ def tpu_interpreter():
     try:
         from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
     except ImportError as e:
-        pytest.fail(f"JAX moved its TPU interpreter (jax._src.pallas.mosaic.interpret.interpret_pallas_call: {e}): "
-                    "find where it records races now and update tpu_interpreter()")
+        pytest.fail(
+            f"JAX moved its TPU interpreter (jax._src.pallas.mosaic.interpret.interpret_pallas_call: {e}): "
+            "find where it records races now and update tpu_interpreter()"
+        )
     if not hasattr(interpreter, "races"):
         pytest.fail("JAX's TPU interpreter has no `races` record any more: update tpu_interpreter()")
     return interpreter
@@ -353,9 +392,12 @@ def test_race_detector_finds_a_race(race):
     x = jnp.zeros((8, 128), jnp.float32)
 
     def run():  # pallas_call reads the interpret mode when it is made
-        call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-                              in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-                              scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA])
+        call = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+            in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+            scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA],
+        )
         return jax.block_until_ready(call(x))
 
     out, found = races_found(run)
@@ -367,8 +409,11 @@ def test_race_detector_finds_a_race(race):
 @pytest.mark.slow
 def test_tpu_kernel_in_tpu_interpret_mode_has_no_races():
     """Simulates TPU pipelining (DMA, buffers, the dynamic grid) and checks for races (~30 s)."""
-    rows = [metadata_from_splits([Split(1, CAUSAL, 60), Split(1, FULL, 100), Split(2, NOISE, 150),
-                                  Split(2, CAUSAL, 30)], 384)]
+    rows = [
+        metadata_from_splits(
+            [Split(1, CAUSAL, 60), Split(1, FULL, 100), Split(2, NOISE, 150), Split(2, CAUSAL, 30)], 384
+        )
+    ]
     meta = to_meta(rows)
     q, k, v, do = random_qkv(2, 1, 384, 384, 2, 1, 128)
 
@@ -385,10 +430,14 @@ def test_tpu_kernel_in_tpu_interpret_mode_has_no_races():
 
 @pytest.mark.slow
 @settings(max_examples=12, **SETTINGS)
-@given(rows=st.lists(st.sampled_from(["sorted", "shuffled", "natural"]).flatmap(lambda o: packed_row(768, o)),
-                     min_size=2, max_size=2),
-       seed=st.integers(0, 1000), heads=st.sampled_from([(4, 1), (4, 4), (8, 2)]),
-       blocks=st.sampled_from([(128, 128), (256, 128), (128, 256), (256, 256)]))
+@given(
+    rows=st.lists(
+        st.sampled_from(["sorted", "shuffled", "natural"]).flatmap(lambda o: packed_row(768, o)), min_size=2, max_size=2
+    ),
+    seed=st.integers(0, 1000),
+    heads=st.sampled_from([(4, 1), (4, 4), (8, 2)]),
+    blocks=st.sampled_from([(128, 128), (256, 128), (128, 256), (256, 256)]),
+)
 def test_tpu_kernel_sweep_slow(rows, seed, heads, blocks):
     q, k, v, do = random_qkv(seed, 2, 768, 768, heads[0], heads[1], 64)
     kwargs = (("interpret", True), ("block_q", blocks[0]), ("block_kv", blocks[1]))

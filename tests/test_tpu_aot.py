@@ -10,6 +10,7 @@ session's CPU backend is untouched. Shapes: BAGEL-7B's 28 q / 4 kv heads split 4
 parallelism (7 q / 1 kv head per chip), head_dim 128, bf16, one 32K row, 512×512 blocks.
 Default run: v5e (~20–40 s on 2 cores); v5p, v6e and the unsplit 28/4 heads: ``-m slow``.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,23 @@ CHIPS = {"v5e:2x2": ("v5litepod-4", 16 * GIB), "v5p:2x2x1": ("v5p-8", 95 * GIB),
 
 
 def _compile_in_subprocess(topology: str, seq_len: int, hq: int, hkv: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
-               TPU_ACCELERATOR_TYPE=CHIPS[topology][0])
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TPU_SKIP_MDS_QUERY="1",
+        TPU_WORKER_HOSTNAMES="localhost",
+        TPU_ACCELERATOR_TYPE=CHIPS[topology][0],
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), topology, str(seq_len), str(hq), str(hkv)],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=root)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), topology, str(seq_len), str(hq), str(hkv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=root,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         raise AssertionError(f"AOT compile for {topology} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -43,10 +55,15 @@ def _check(topology: str, seq_len: int = 32768, hq: int = 7, hkv: int = 1, lxl_f
     start = time.time()
     res = _compile_in_subprocess(topology, seq_len, hq, hkv)
     hbm = CHIPS[topology][1]
-    print(f"\n{res['device_kind']} L={seq_len} heads {hq}/{hkv}: " + "; ".join(
-        f"{name}: compile {r['compile_s']:.1f}s, args {r['arg'] / 2**20:.0f} MiB, out {r['out'] / 2**20:.0f} MiB, "
-        f"temp {r['temp'] / 2**20:.1f} MiB, kernels {r['kernels']}" for name, r in res["programs"].items())
-        + f" (total {time.time() - start:.0f}s)")
+    print(
+        f"\n{res['device_kind']} L={seq_len} heads {hq}/{hkv}: "
+        + "; ".join(
+            f"{name}: compile {r['compile_s']:.1f}s, args {r['arg'] / 2**20:.0f} MiB, out {r['out'] / 2**20:.0f} MiB, "
+            f"temp {r['temp'] / 2**20:.1f} MiB, kernels {r['kernels']}"
+            for name, r in res["programs"].items()
+        )
+        + f" (total {time.time() - start:.0f}s)"
+    )
     bf16 = 2
     activations = seq_len * 128 * bf16 * (3 * hq + 2 * hkv)  # q, o, do + k, v
     for name, r in res["programs"].items():
@@ -88,7 +105,8 @@ def _main(topology: str, seq_len: int, hq: int, hkv: int):
     import jax.numpy as jnp
     import numpy as np
     from jax.experimental import topologies
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from bagel_jax.attention import MaskMeta
     from bagel_jax.attention.tpu_split_splash import split_splash_attention
@@ -109,14 +127,20 @@ def _main(topology: str, seq_len: int, hq: int, hkv: int):
     act = lambda h: spec((1, seq_len, h, 128), jnp.bfloat16)  # noqa: E731
     meta = tuple(spec((1, seq_len), jnp.int32) for _ in range(4))
     programs = {}
-    for name, fn, args in (("fwd", fwd, (act(hq), act(hkv), act(hkv), *meta)),
-                           ("fwd+bwd", fwd_bwd, (act(hq), act(hkv), act(hkv), act(hq), *meta))):
+    for name, fn, args in (
+        ("fwd", fwd, (act(hq), act(hkv), act(hkv), *meta)),
+        ("fwd+bwd", fwd_bwd, (act(hq), act(hkv), act(hkv), act(hq), *meta)),
+    ):
         start = time.time()
         compiled = jax.jit(fn).lower(*args).compile()
         mem = compiled.memory_analysis()
-        programs[name] = dict(compile_s=time.time() - start, arg=mem.argument_size_in_bytes,
-                              out=mem.output_size_in_bytes, temp=mem.temp_size_in_bytes,
-                              kernels=compiled.as_text().count("tpu_custom_call"))
+        programs[name] = dict(
+            compile_s=time.time() - start,
+            arg=mem.argument_size_in_bytes,
+            out=mem.output_size_in_bytes,
+            temp=mem.temp_size_in_bytes,
+            kernels=compiled.as_text().count("tpu_custom_call"),
+        )
     print(json.dumps(dict(device_kind=dev.device_kind, programs=programs)))
 
 

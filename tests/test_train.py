@@ -1,5 +1,6 @@
 """The trainer end to end on configs/tiny_shapes.py: the README's CLI, falling losses, artifacts, resume,
 and meshes on 8 simulated devices agreeing with one device."""
+
 import glob
 import json
 import os
@@ -40,8 +41,14 @@ def cli_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("tiny_shapes"))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    cmd = [sys.executable, "-m", "bagel_jax.train", "--config=configs/tiny_shapes.py", f"--workdir={workdir}",
-           f"--config.train.steps={STEPS}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bagel_jax.train",
+        "--config=configs/tiny_shapes.py",
+        f"--workdir={workdir}",
+        f"--config.train.steps={STEPS}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir, proc
@@ -66,12 +73,20 @@ def test_eval_runner_scores_the_workdir(cli_run, tmp_path):
     """``python -m bagel_jax.eval.runner --workdir=DIR`` scores the run's EMA model (a few VQA questions)."""
     workdir, _ = cli_run
     evals = tmp_path / "evals.py"
-    evals.write_text("import ml_collections\n\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
-                     "    c.evals = dict(vqa=dict(type='shapes_vqa', num_examples=3))\n    return c\n")
+    evals.write_text(
+        "import ml_collections\n\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
+        "    c.evals = dict(vqa=dict(type='shapes_vqa', num_examples=3))\n    return c\n"
+    )
     out = tmp_path / "scores.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, "-m", "bagel_jax.eval.runner", f"--workdir={workdir}", f"--config={evals}",
-           f"--output={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bagel_jax.eval.runner",
+        f"--workdir={workdir}",
+        f"--config={evals}",
+        f"--output={out}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     scores = json.loads(out.read_text())
@@ -113,6 +128,7 @@ def test_both_losses_fall(cli_run):
     trained = saved_params(workdir, STEPS)["params"]
     # infer/from_workdir.py loads the same two models from the workdir (the evaluators' trained / untrained)
     from bagel_jax.infer import from_workdir
+
     run_config = from_workdir.load_run_config(workdir)
     for which, want in (("untrained", initial), ("params", trained)):
         _, got = from_workdir.load_run_params(run_config, workdir, which)
@@ -128,6 +144,7 @@ def test_both_losses_fall(cli_run):
 
 def _train(workdir, steps, devices=None, **parallel):
     from bagel_jax.train.train import train
+
     c = tiny_shapes(steps=steps, checkpoint_every=3)
     c.data.synthetic_examples = 40
     c.data.batch_size = parallel.pop("batch_size", c.data.batch_size)
@@ -151,8 +168,9 @@ def test_resume_is_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)],
-                         ids=["data8", "fsdp8", "d2f2t2"])
+@pytest.mark.parametrize(
+    "parallel", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)], ids=["data8", "fsdp8", "d2f2t2"]
+)
 def test_meshes_match_one_device(tmp_path, parallel):
     """3 steps of tiny BAGEL on 8 simulated devices equal 1 device (f32; tolerance 2e-5 relative: the
     sharded reductions sum in another order)."""

@@ -1,6 +1,7 @@
 """FLUX VAE: parity with diffusers' AutoencoderKL and with BFL's module tree (written below in torch from
 the reference formulas, so its state-dict names are the ae.safetensors names), padded-batch masking,
 latent helpers, converter strictness."""
+
 import functools
 
 import flax.linen as nn
@@ -13,10 +14,16 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from bagel_jax.config import base_config
-from bagel_jax.convert.hf_vision import (diffusers_vae_to_params, flux_ae_keys, flux_ae_to_params,
-                                         params_to_flux_ae)
-from bagel_jax.model.vae import (FluxVAE, denormalize_latent, masked_spatial_attention, normalize_latent,
-                                 patchify_latent, sample_posterior, unpatchify_latent)
+from bagel_jax.convert.hf_vision import diffusers_vae_to_params, flux_ae_keys, flux_ae_to_params, params_to_flux_ae
+from bagel_jax.model.vae import (
+    FluxVAE,
+    denormalize_latent,
+    masked_spatial_attention,
+    normalize_latent,
+    patchify_latent,
+    sample_posterior,
+    unpatchify_latent,
+)
 
 
 def vae_cfg(**kw):
@@ -41,7 +48,7 @@ def perturb(model: torch.nn.Module, scale=0.05):
     return model.eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(cfg_items, method):
     cfg = vae_cfg(**dict(cfg_items))
     return jax.jit(lambda p, x, hw: FluxVAE(cfg).apply({"params": p}, x, hw, method=method))
@@ -54,13 +61,22 @@ def run(cfg, method, params, x, hw=None):
 
 # --- diffusers parity ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def diffusers_model():
     torch.manual_seed(0)
-    model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                          up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
-                          layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
-                          use_post_quant_conv=False)
+    model = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
     return perturb(model)
 
 
@@ -93,7 +109,7 @@ def test_padded_batch_equals_per_image(params):
     images = [rng.uniform(-1, 1, (h, w, 3)).astype(np.float32) for h, w in sizes]
     canvas = rng.uniform(-5, 5, (3, 64, 80, 3)).astype(np.float32)  # garbage outside the valid regions
     for n, im in enumerate(images):
-        canvas[n, :im.shape[0], :im.shape[1]] = im
+        canvas[n, : im.shape[0], : im.shape[1]] = im
     mean, logvar = run(cfg, FluxVAE.encode, params, canvas, sizes)
     assert np.isfinite(mean).all() and np.isfinite(logvar).all()
     latents = []
@@ -106,7 +122,7 @@ def test_padded_batch_equals_per_image(params):
     # decode masked the same way: latent valid sizes
     zcanvas = rng.normal(size=(3, 8, 10, 16)).astype(np.float32)
     for n, z in enumerate(latents):
-        zcanvas[n, :z.shape[0], :z.shape[1]] = z
+        zcanvas[n, : z.shape[0], : z.shape[1]] = z
     decoded = run(cfg, FluxVAE.decode, params, zcanvas, [(h // 8, w // 8) for h, w in sizes])
     for n, (h, w) in enumerate(sizes):
         alone = run(cfg, FluxVAE.decode, params, latents[n][None])[0]
@@ -122,8 +138,7 @@ def test_bad_inputs_raise(params):
     cfg = vae_cfg()
     vae = FluxVAE(cfg)
     with pytest.raises(ValueError, match="image 1 valid size \\(20, 16\\) is not a multiple of 8"):
-        vae.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), np.array([[16, 16], [20, 16]]),
-                  method=FluxVAE.encode)
+        vae.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), np.array([[16, 16], [20, 16]]), method=FluxVAE.encode)
     with pytest.raises(ValueError, match="image 0 valid size \\(40, 16\\) exceeds the canvas"):
         vae.apply({"params": params}, jnp.zeros((1, 32, 32, 3)), np.array([[40, 16]]), method=FluxVAE.encode)
     with pytest.raises(ValueError, match="images must be \\[N, H, W, 3\\]"):
@@ -154,6 +169,7 @@ def test_bf16_encode_close_to_fp32(params):
 
 
 # --- BFL layout: the reference's module tree, written here in torch from modeling/autoencoder.py ---
+
 
 def _gn(c):
     return torch.nn.GroupNorm(32, c, eps=1e-6, affine=True)
@@ -319,8 +335,11 @@ def test_flux_layout_errors_name_the_key(bfl_model):
         flux_ae_to_params({k: v for k, v in sd.items() if k != "decoder.up.2.upsample.conv.bias"}, cfg)
     with pytest.raises(KeyError, match="unexpected key 'encoder.quant_conv.weight'"):
         flux_ae_to_params({**sd, "encoder.quant_conv.weight": torch.zeros(1)}, cfg)
-    with pytest.raises(ValueError, match=r"'encoder.mid.attn_1.q.weight' has shape \(64, 64\), "
-                                         r"expected \(64, 64, 1, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'encoder.mid.attn_1.q.weight' has shape \(64, 64\), "
+        r"expected \(64, 64, 1, 1\)",
+    ):
         flux_ae_to_params({**sd, "encoder.mid.attn_1.q.weight": torch.zeros(64, 64)}, cfg)
     params = flux_ae_to_params(sd, cfg)
     del params["decoder"]["norm_out"]
@@ -329,6 +348,7 @@ def test_flux_layout_errors_name_the_key(bfl_model):
 
 
 # --- latent helpers ------------------------------------------------------------------------------
+
 
 def test_patchify_matches_reference_formula_and_inverts():
     rng = np.random.default_rng(4)
@@ -357,10 +377,10 @@ def test_latent_normalisation_and_posterior_sample():
     cfg = vae_cfg()
     z = jnp.linspace(-2, 2, 12).reshape(1, 2, 2, 3)
     np.testing.assert_allclose(np.asarray(normalize_latent(z, cfg)), 0.3611 * (np.asarray(z) - 0.1159), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(denormalize_latent(normalize_latent(z, cfg), cfg)), np.asarray(z),
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(denormalize_latent(normalize_latent(z, cfg), cfg)), np.asarray(z), atol=1e-6)
     mean, logvar = jnp.ones((2, 3, 3, 4)), jnp.full((2, 3, 3, 4), -1.0)
     rng = jax.random.PRNGKey(7)
     eps = np.asarray(jax.random.normal(rng, mean.shape))
-    np.testing.assert_allclose(np.asarray(sample_posterior(mean, logvar, rng)), 1.0 + np.exp(-0.5) * eps,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(sample_posterior(mean, logvar, rng)), 1.0 + np.exp(-0.5) * eps, rtol=1e-6, atol=1e-6
+    )

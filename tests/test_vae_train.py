@@ -1,5 +1,6 @@
 """The VAE stage (bagel_jax/train/vae_train.py): PSNR vs numpy, the image transform, a short real run whose loss
 falls on a fixed batch, the export (ae.safetensors + vae.json) and its round trip into a Bagel TrainState."""
+
 import io
 import json
 import os
@@ -12,8 +13,8 @@ import pytest
 from PIL import Image
 
 from bagel_jax.config import ConfigError
-from bagel_jax.data import images as img_lib
 from bagel_jax.convert import vae_export
+from bagel_jax.data import images as img_lib
 from bagel_jax.train import vae_train
 from configs_util import shipped_config
 
@@ -28,6 +29,7 @@ def tiny_vae_config(**stage):
 
 # --- pure functions ----------------------------------------------------------------------------------------------
 
+
 def test_psnr_matches_numpy_on_uint8_scale():
     rng = np.random.default_rng(0)
     target = rng.uniform(-1, 1, (3, 8, 12, 3)).astype(np.float32)
@@ -41,7 +43,7 @@ def test_psnr_matches_numpy_on_uint8_scale():
         h, w = (8, 12) if n == 0 else (4, 8)
         a = (np.clip(recon[n, :h, :w], -1, 1) + 1) * 127.5
         b = (target[n, :h, :w] + 1) * 127.5
-        want = 10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b) ** 2))
+        want = 10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2))
         assert got[n] == pytest.approx(want, abs=1e-3)
     assert got[2] == 0.0
     full = np.asarray(vae_train.psnr(jnp.asarray(target), jnp.asarray(target * 0.5)))
@@ -89,14 +91,16 @@ def test_config_validation_names_the_key():
 
 # --- a short real run --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
     """train_vae on 8 shapes images (batch 8: every step sees the same fixed batch), 1 device, 12 steps."""
     workdir = str(tmp_path_factory.mktemp("vae_run"))
     c = tiny_vae_config(eval_every=0, eval_images=8, eval_batch=8, stats_images=8, export="ema")
     c.data.update(synthetic_examples=8, batch_size=8)
-    c.train.update(steps=STEPS, lr=2e-3, warmup_steps=0, schedule="constant", log_every=1, checkpoint_every=STEPS,
-                   ema_decay=0.5)
+    c.train.update(
+        steps=STEPS, lr=2e-3, warmup_steps=0, schedule="constant", log_every=1, checkpoint_every=STEPS, ema_decay=0.5
+    )
     result = vae_train.train_vae(c, workdir, devices=jax.devices()[:1])
     return c, workdir, result
 
@@ -133,8 +137,8 @@ def test_export_is_the_final_ema_params_with_latent_stats(vae_run):
 
 
 def test_load_into_bagel_state_and_latents_are_normalised(vae_run):
-    """load_vae_params round trip into a Bagel TrainState (the BAGEL stage's fresh-state hook), and the vae.json scale/shift make
-    BAGEL's normalised latents of the training images zero-mean, unit-std."""
+    """load_vae_params round trip into a Bagel TrainState (the BAGEL stage's fresh-state hook), and the vae.json
+    scale/shift make BAGEL's normalised latents of the training images zero-mean, unit-std."""
     from bagel_jax.model.bagel import make_init_fn
     from bagel_jax.model.vae import FluxVAE, normalize_latent, sample_posterior, valid_mask
     from bagel_jax.parallel.mesh import logical_rules, make_mesh
@@ -145,16 +149,20 @@ def test_load_into_bagel_state_and_latents_are_normalised(vae_run):
     config = shipped_config("tiny")
     config.model.vae.init_from = workdir
     stats = vae_export.apply_vae_init_config(config)
-    assert (config.model.vae.scale_factor, config.model.vae.shift_factor) == (stats["scale_factor"],
-                                                                              stats["shift_factor"])
+    assert (config.model.vae.scale_factor, config.model.vae.shift_factor) == (
+        stats["scale_factor"],
+        stats["shift_factor"],
+    )
     devices = jax.devices()[:2]
     mesh, rules = make_mesh(config, devices), logical_rules(config)
     _, init_fn = make_init_fn(config)
     optimizer, _ = make_optimizer(config.train, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
     shardings = state_shardings(init_fn, optimizer, mesh, rules)
     rng = np.random.default_rng(0)  # a Bagel TrainState with random values (no init compile), sharded as in train.py
-    state = jax.tree.map(lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding),
-                         abstract_state(init_fn, optimizer, mesh, rules))
+    state = jax.tree.map(
+        lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding),
+        abstract_state(init_fn, optimizer, mesh, rules),
+    )
     before = jax.tree.map(np.asarray, state.params)
     loaded = vae_export.load_vae_params(workdir)
     new = with_pretrained(state, shardings, "vae", loaded, "model.vae.init_from")

@@ -1,6 +1,7 @@
 """The ViT stage (bagel_jax/train/vit_train.py): the scene rows and their cell labels, a short real run whose
 held-out accuracy rises, the export (a transformers SiglipVisionModel checkpoint, checked against transformers)
 and its load into a Bagel TrainState (``model.vit.init_from``)."""
+
 import json
 import os
 
@@ -11,10 +12,10 @@ import torch
 from transformers import SiglipVisionModel
 
 from bagel_jax.config import ConfigError
+from bagel_jax.convert import vit_export
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import synthetic_shapes as shapes
 from bagel_jax.model.siglip import SiglipNaViT
-from bagel_jax.convert import vit_export
 from bagel_jax.train import vit_train
 from configs_util import shipped_config
 
@@ -40,18 +41,22 @@ def test_scene_rows_match_the_pipeline_and_label_every_cell(interpolate_pos):
     for i in range(6):
         row = fn(i)
         objs, w, h = gen.t2i_scene(i)
-        pixels = img_lib.resize(np.asarray(shapes.render(objs, w, h)),
-                                img_lib.ResizeRule.from_tuple(config.data.vit_transform))
+        pixels = img_lib.resize(
+            np.asarray(shapes.render(objs, w, h)), img_lib.ResizeRule.from_tuple(config.data.vit_transform)
+        )
         n = (pixels.shape[0] // p) * (pixels.shape[1] // p)
         assert row["patches"].shape == (max_patches, p * p * 3) and row["image"].sum() == n
         np.testing.assert_array_equal(row["patches"][:n], img_lib.patchify(pixels, p))  # what BAGEL's ViT sees
-        np.testing.assert_array_equal(row["pos"][:n], img_lib.flattened_position_ids(*pixels.shape[:2], p, side,
-                                                                                     interpolate_pos))
+        np.testing.assert_array_equal(
+            row["pos"][:n], img_lib.flattened_position_ids(*pixels.shape[:2], p, side, interpolate_pos)
+        )
         assert set(row["cell"][:n]) == set(range(9))  # every grid cell owns patches
         for o in objs:  # the object's colour dominates the non-background pixels of its cell's patches
             shape_ids, color_ids = shapes.cell_labels(objs)
-            assert shapes.SHAPES[shape_ids[o.cell] - 1] == o.shape and list(shapes.COLORS)[color_ids[o.cell] - 1] \
-                == o.color
+            assert (
+                shapes.SHAPES[shape_ids[o.cell] - 1] == o.shape
+                and list(shapes.COLORS)[color_ids[o.cell] - 1] == o.color
+            )
             px = row["patches"][:n][row["cell"][:n] == o.cell].reshape(-1, 3).astype(int)
             fg = px[np.abs(px - (245, 245, 240)).sum(-1) > 60]
             assert np.abs(np.median(fg, 0) - shapes.COLORS[o.color]).max() < 40, (o, np.median(fg, 0))
@@ -87,21 +92,22 @@ def test_export_is_a_transformers_siglip_checkpoint(vit_run):
     hf = SiglipVisionModel.from_pretrained(os.path.join(workdir, "export"), attn_implementation="eager").eval()
     side, p = config.model.vit_max_num_patch_per_side, config.model.vit.patch_size
     image = np.asarray(shapes.render(shapes.Generator(3).t2i_scene(0)[0], side * p, side * p))  # a native square
-    x = (image.astype(np.float32) / 127.5 - 1.0)
+    x = image.astype(np.float32) / 127.5 - 1.0
     with torch.no_grad():
         want = hf(torch.from_numpy(x).permute(2, 0, 1)[None]).last_hidden_state[0].numpy()
     params = vit_export.load_vit_params(workdir, config.model)
     patches = img_lib.patchify(image, p).astype(np.float32) / 127.5 - 1.0
     pos = img_lib.flattened_position_ids(side * p, side * p, p, side)
-    got = SiglipNaViT(config.model).apply({"params": params}, patches[None], pos[None],
-                                          np.ones((1, len(pos)), np.int32))[0]
+    got = SiglipNaViT(config.model).apply(
+        {"params": params}, patches[None], pos[None], np.ones((1, len(pos)), np.int32)
+    )[0]
     err = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
     assert err < 1e-5, err
 
 
 def test_bagel_loads_the_stage_and_untrained_baseline_keeps_it(vit_run):
-    """load_vit_params + with_pretrained (the BAGEL stage's hook on a fresh start) puts the export in params and EMA, sharded, and
-    leaves everything else alone."""
+    """load_vit_params + with_pretrained (the BAGEL stage's hook on a fresh start) puts the export in params and EMA,
+    sharded, and leaves everything else alone."""
     from bagel_jax.model.bagel import make_init_fn
     from bagel_jax.parallel.mesh import logical_rules, make_mesh
     from bagel_jax.train.optim import make_optimizer
@@ -117,14 +123,17 @@ def test_bagel_loads_the_stage_and_untrained_baseline_keeps_it(vit_run):
     optimizer, _ = make_optimizer(config.train, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
     shardings = state_shardings(init_fn, optimizer, mesh, rules)
     rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding),
-                         abstract_state(init_fn, optimizer, mesh, rules))
+    state = jax.tree.map(
+        lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding),
+        abstract_state(init_fn, optimizer, mesh, rules),
+    )
     before = jax.tree.map(np.asarray, state.params)
     loaded = vit_export.load_vit_params(workdir, config.model)
     new = with_pretrained(state, shardings, "vit_model", loaded, "model.vit.init_from")
     for tree in (new.params["vit_model"], new.ema_params["vit_model"]):
-        for a, b, s in zip(jax.tree.leaves(tree), jax.tree.leaves(loaded),
-                           jax.tree.leaves(shardings.params["vit_model"])):
+        for a, b, s in zip(
+            jax.tree.leaves(tree), jax.tree.leaves(loaded), jax.tree.leaves(shardings.params["vit_model"])
+        ):
             np.testing.assert_array_equal(np.asarray(a), b)
             assert a.sharding == s
     for key in before:

@@ -4,6 +4,7 @@ Its param tree mimics BAGEL's top level (``vit_model``, ``connector``, ``languag
 ``*_moe_gen`` experts, ``embed_tokens``, ``lm_head``) so freezing patterns and sharding rules are exercised on
 the names they will see. Every parameter carries logical axis names; the activations are constrained.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -18,13 +19,18 @@ VOCAB, EMBED, MLP, HEADS, HEAD_DIM, PATCH = 64, 32, 64, 4, 8, 12
 
 
 def _dense(features, names, name, use_bias=False):
-    return nn.Dense(features, use_bias=use_bias, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.2), names),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.2), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
+    )
 
 
 class Expert(nn.Module):
     """Attention projections + SwiGLU of one expert (suffix '' = und, '_moe_gen' = gen)."""
+
     suffix: str
 
     @nn.compact
@@ -55,8 +61,11 @@ class ToyLM(nn.Module):
 class LanguageModel(nn.Module):
     @nn.compact
     def __call__(self, tokens, vision):
-        emb = self.param("embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-                         (VOCAB, EMBED))
+        emb = self.param(
+            "embed_tokens",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            (VOCAB, EMBED),
+        )
         x = jnp.take(emb, tokens, axis=0) + vision
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         k = _dense(HEADS * HEAD_DIM, ("embed", "heads"), "k_proj")(x)
@@ -87,8 +96,12 @@ def make_batch(rows: int, length: int = 16, seed: int = 0) -> dict[str, np.ndarr
     tokens = rng.integers(1, VOCAB, (rows, length), dtype=np.int32)
     weight = np.ones((rows, length), np.float32)
     weight[:, -1] = 0.0
-    return dict(tokens=tokens, patches=rng.normal(size=(rows, length, PATCH)).astype(np.float32),
-                targets=np.roll(tokens, -1, axis=1), weight=weight)
+    return dict(
+        tokens=tokens,
+        patches=rng.normal(size=(rows, length, PATCH)).astype(np.float32),
+        targets=np.roll(tokens, -1, axis=1),
+        weight=weight,
+    )
 
 
 MODEL = ToyLM()
@@ -133,6 +146,7 @@ def toy_config(**parallel) -> ml_collections.ConfigDict:
 def aot_spec(config):
     """``python -m bagel_jax.aot --loss=train_toy:aot_spec``: the toy model for the AOT planner."""
     from bagel_jax.aot import ModelSpec
+
     host = make_batch(config.data.batch_size)
     return ModelSpec(init_fn, loss_fn, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host))
 
@@ -177,8 +191,16 @@ class ToyRun:
         self.tx, self.schedule = make_optimizer(config.train, self.params_shape)
         self.shardings = state_shardings(init_fn, self.tx, self.mesh, self.rules)
         self.trainable = trainable_mask(self.params_shape, tuple(config.train.freeze))
-        self.step = make_train_step(loss or loss_fn, self.tx, self.schedule, config, mesh=self.mesh, rules=self.rules,
-                                    state_shardings=self.shardings, trainable=self.trainable)
+        self.step = make_train_step(
+            loss or loss_fn,
+            self.tx,
+            self.schedule,
+            config,
+            mesh=self.mesh,
+            rules=self.rules,
+            state_shardings=self.shardings,
+            trainable=self.trainable,
+        )
         self._init = make_init(init_fn, self.tx, self.shardings)
 
     def init(self, seed: int = 1):
@@ -186,11 +208,13 @@ class ToyRun:
 
     def abstract(self):
         from bagel_jax.train.state import abstract_state
+
         return abstract_state(init_fn, self.tx, self.mesh, self.rules)
 
     def run(self, state, data, steps: int):
         """``steps`` train steps on batches from ``data``; returns (state, [host metrics dicts])."""
         from bagel_jax.parallel.mesh import shard_batch
+
         history = []
         for _ in range(steps):
             state, metrics = self.step(state, shard_batch(next(data), self.mesh, self.rules))
@@ -219,6 +243,7 @@ def host_tree(tree):
 def digest(tree) -> str:
     """sha256 over every leaf's bytes (bitwise identity of two states across processes)."""
     import hashlib
+
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(host_tree(tree)):
         h.update(np.ascontiguousarray(leaf).tobytes())

@@ -4,6 +4,7 @@
 in plain XLA, gpu.py: any backend, tiles tuned for CPU there), ``"auto"`` (by backend: ``tpu`` on TPU, ``gpu`` on GPU
 and CPU). Every implementation takes the same O(L) metadata (mask.py).
 """
+
 from __future__ import annotations
 
 import jax
@@ -25,19 +26,42 @@ def resolve_impl(impl: str) -> str:
     return "tpu" if backend == "tpu" else "gpu"
 
 
-def attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *, impl: str = "reference",
-              scale: float | None = None, **kwargs):
+def attention(
+    q,
+    k,
+    v,
+    q_meta: MaskMeta,
+    kv_meta: MaskMeta | None = None,
+    *,
+    impl: str = "reference",
+    scale: float | None = None,
+    **kwargs,
+):
     """Split-wise masked attention. q [B, Lq, Hq, hd], k/v [B, Lkv, Hkv, hd] → [B, Lq, Hq, hd]."""
     impl = resolve_impl(impl)
     if impl == "reference":
         return reference_attention(q, k, v, q_meta, kv_meta, scale=scale)
     from bagel_jax.attention.sharded import shard_attention  # per-device kernels under the context mesh
+
     if impl == "tpu":
         from bagel_jax.attention.tpu_split_splash import split_splash_attention
+
         return shard_attention(split_splash_attention, q, k, v, q_meta, kv_meta, scale=scale, **kwargs)
     from bagel_jax.attention.gpu import gpu_attention
+
     return shard_attention(gpu_attention, q, k, v, q_meta, kv_meta, scale=scale, **kwargs)
 
 
-__all__ = ["attention", "resolve_impl", "MaskMeta", "Split", "metadata_from_splits", "allowed",
-           "reference_attention", "CAUSAL", "FULL", "NOISE", "IMPLS"]
+__all__ = [
+    "attention",
+    "resolve_impl",
+    "MaskMeta",
+    "Split",
+    "metadata_from_splits",
+    "allowed",
+    "reference_attention",
+    "CAUSAL",
+    "FULL",
+    "NOISE",
+    "IMPLS",
+]

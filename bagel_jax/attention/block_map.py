@@ -17,6 +17,7 @@ A *schedule* lists the blocks a kernel visits, packed one int32 per step and com
 (dkv) walks kv-block columns. A row (column) with no non-empty block gets one EMPTY step so the
 kernel still writes its zeros. ``count`` (traced) is the number of steps: the kernels' grid length.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -73,8 +74,15 @@ def _bounds(select, doc, index, hi) -> Bounds:
     def hi_(x):
         return jnp.max(jnp.where(select, x, _SMALL), axis=-1)
 
-    return Bounds(any=select.any(-1), doc_lo=lo(doc), doc_hi=hi_(doc), index_lo=lo(index), index_hi=hi_(index),
-                  hi_lo=lo(hi), hi_hi=hi_(hi))
+    return Bounds(
+        any=select.any(-1),
+        doc_lo=lo(doc),
+        doc_hi=hi_(doc),
+        index_lo=lo(index),
+        index_hi=hi_(index),
+        hi_lo=lo(hi),
+        hi_hi=hi_(hi),
+    )
 
 
 def block_stats(meta: MaskMeta, block: int, side: str) -> BlockStats:
@@ -96,7 +104,8 @@ def block_stats(meta: MaskMeta, block: int, side: str) -> BlockStats:
         first_doc=_bounds(real & (doc == lo_doc), doc, index, hi),
         last_doc=_bounds(real & (doc == hi_doc), doc, index, hi),
         all_real=real.all(-1),
-        has_middle=(real & (doc > lo_doc) & (doc < hi_doc)).any(-1))
+        has_middle=(real & (doc > lo_doc) & (doc < hi_doc)).any(-1),
+    )
 
 
 def _may_attend(q: Bounds, k: Bounds, same_doc) -> jnp.ndarray:
@@ -119,8 +128,15 @@ def block_kinds(q_meta: MaskMeta, kv_meta: MaskMeta, block_q: int, block_kv: int
     q, k = qs.real, ks.real
     by_range = _may_attend(q, k, (q.doc_lo <= k.doc_hi) & (k.doc_lo <= q.doc_hi))
     maybe = jnp.where(qs.has_middle | ks.has_middle, by_range, by_parts)
-    full = (qs.all_real & ks.all_real & (q.doc_lo == q.doc_hi) & (k.doc_lo == k.doc_hi) & (q.doc_lo == k.doc_lo)
-            & (k.index_hi <= q.hi_lo) & (q.index_hi <= k.hi_lo))
+    full = (
+        qs.all_real
+        & ks.all_real
+        & (q.doc_lo == q.doc_hi)
+        & (k.doc_lo == k.doc_hi)
+        & (q.doc_lo == k.doc_lo)
+        & (k.index_hi <= q.hi_lo)
+        & (q.index_hi <= k.hi_lo)
+    )
     return jnp.where(full, FULL, jnp.where(maybe, PARTIAL, EMPTY)).astype(jnp.int32)
 
 
@@ -147,8 +163,9 @@ def col_key(step):
 def check_limits(batch: int, n_q: int, n_kv: int) -> None:
     """Raises if a schedule of this size cannot be packed."""
     if n_q > MAX_BLOCKS or n_kv > MAX_BLOCKS:
-        raise ValueError(f"attention blocks per sequence ({n_q} q, {n_kv} kv) exceed {MAX_BLOCKS}: "
-                         "use larger block_q / block_kv")
+        raise ValueError(
+            f"attention blocks per sequence ({n_q} q, {n_kv} kv) exceed {MAX_BLOCKS}: use larger block_q / block_kv"
+        )
     if batch > MAX_BATCH:
         raise ValueError(f"attention batch {batch} exceeds {MAX_BATCH} rows per call (per device)")
 
@@ -166,8 +183,12 @@ def schedule(kinds: jnp.ndarray, by: str) -> Schedule:
         raise ValueError(f"schedule order must be 'q' or 'kv', got {by!r}")
     b, n_q, n_kv = kinds.shape
     check_limits(b, n_q, n_kv)
-    bi, ii, jj = jnp.meshgrid(jnp.arange(b, dtype=jnp.int32), jnp.arange(n_q, dtype=jnp.int32),
-                              jnp.arange(n_kv, dtype=jnp.int32), indexing="ij")
+    bi, ii, jj = jnp.meshgrid(
+        jnp.arange(b, dtype=jnp.int32),
+        jnp.arange(n_q, dtype=jnp.int32),
+        jnp.arange(n_kv, dtype=jnp.int32),
+        indexing="ij",
+    )
     packed = pack(bi, ii, jj, kinds)
     visit = kinds != EMPTY
     if by == "kv":  # walk [B, n_kv, n_q]

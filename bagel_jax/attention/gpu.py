@@ -13,6 +13,7 @@ GPU; 32 on CPU, where packs hold many short documents and a small tile wastes th
 2-core CPU, fwd+bwd of one tiny-model layer at a 4K pack: 32 → ~0.04 s, 128 → ~0.16 s, dense reference ~11 s).
 Its speed on a GPU against dense XLA attention (goal ≥3× at 8K–16K) is measured on a GPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -167,8 +168,18 @@ def default_block(length: int, backend: str | None = None) -> int:
     return block
 
 
-def gpu_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *, scale: float | None = None,
-                  block_q: int | None = None, block_kv: int | None = None, chunk: int | None = None):
+def gpu_attention(
+    q,
+    k,
+    v,
+    q_meta: MaskMeta,
+    kv_meta: MaskMeta | None = None,
+    *,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    chunk: int | None = None,
+):
     """Split-wise masked attention with GQA, block-sparse in XLA (differentiable).
 
     Args:
@@ -195,12 +206,13 @@ def gpu_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *,
     chunk = max(1, lq_p // bq) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"attention chunk must be >= 1, got {chunk}")
-    cfg = _Config(block_q=bq, block_kv=bkv, chunk=chunk, group=hq // hkv,
-                  scale=hd**-0.5 if scale is None else float(scale))
+    cfg = _Config(
+        block_q=bq, block_kv=bkv, chunk=chunk, group=hq // hkv, scale=hd**-0.5 if scale is None else float(scale)
+    )
     qm, km = meta_rows(q_meta, lq_p), meta_rows(kv_meta, lkv_p)
-    (sched,) = block_map.schedules(MaskMeta(*(qm[:, r] for r in range(4))), MaskMeta(*(km[:, r] for r in range(4))),
-                                   bq, bkv, by=("q",))
+    (sched,) = block_map.schedules(
+        MaskMeta(*(qm[:, r] for r in range(4))), MaskMeta(*(km[:, r] for r in range(4))), bq, bkv, by=("q",)
+    )
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
     out = _core(cfg, pad(q, lq_p), pad(k, lkv_p), pad(v, lkv_p), qm, km, sched)
     return out[:, :lq]
-

@@ -1,6 +1,7 @@
 """What the two block-sparse kernels (tpu_split_splash.py, gpu.py) share about their inputs: the shape checks,
 the metadata rows padded to the block grid, the padding arithmetic and the matmul precision of the input dtype.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp

@@ -2,13 +2,13 @@
 ``allowed`` mask the oracle uses. The rule and the numpy metadata builder live in ``bagel_jax.splits`` (re-exported
 here); this equals the reference's ``create_sparse_mask`` (see tests/test_mask.py).
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import struct
 
-from bagel_jax.splits import (CAUSAL, FULL, KV_HI_INF, MODES, NOISE, Split, metadata_from_splits,  # noqa: F401
-                              splits_from_lengths)
+from bagel_jax.splits import CAUSAL, FULL, KV_HI_INF, MODES, NOISE, Split, metadata_from_splits, splits_from_lengths  # noqa: F401
 
 
 @struct.dataclass
@@ -21,11 +21,11 @@ class MaskMeta:
     kv_hi: jnp.ndarray
 
     @classmethod
-    def of(cls, batch) -> "MaskMeta":
+    def of(cls, batch) -> MaskMeta:
         """The metadata fields of a ``PackedBatch`` (or anything with ``doc``, ``index``, ``q_hi``, ``kv_hi``)."""
         return cls(doc=batch.doc, index=batch.index, q_hi=batch.q_hi, kv_hi=batch.kv_hi)
 
-    def take(self, idx, axis: int = -1) -> "MaskMeta":
+    def take(self, idx, axis: int = -1) -> MaskMeta:
         """Gathers tokens ``idx`` along ``axis`` (e.g. one expert's slice or a permutation)."""
         return MaskMeta(*(jnp.take(a, idx, axis=axis) for a in (self.doc, self.index, self.q_hi, self.kv_hi)))
 

@@ -1,4 +1,5 @@
 """Dense jnp attention under the split-wise mask: the oracle every fast path is tested against."""
+
 from __future__ import annotations
 
 import jax

@@ -8,6 +8,7 @@ because it carries each token's logical index. Axes that do not divide a dimensi
 unsharded. The rules are flax's current ``nn.logical_axis_rules`` or, if none are set, the project
 table (bagel_jax/parallel/rules.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,14 +20,16 @@ from jax.sharding import PartitionSpec as P
 
 from bagel_jax.attention.mask import MaskMeta
 
-LOGICAL = dict(batch="activation_batch", length="activation_length", heads="activation_heads",
-               kv_heads="activation_kv_heads")
+LOGICAL = dict(
+    batch="activation_batch", length="activation_length", heads="activation_heads", kv_heads="activation_kv_heads"
+)
 
 
 def _rules():
     rules = tuple(nn.get_logical_axis_rules())
     if not rules:
         from bagel_jax.parallel.rules import LOGICAL_AXIS_RULES
+
         rules = LOGICAL_AXIS_RULES
     return dict(rules)
 
@@ -70,8 +73,9 @@ def shard_attention(fn, q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = No
     if hkv % n_heads:  # repeat kv heads so each head shard holds whole groups
         repeat = n_heads // math.gcd(hkv, n_heads)
         if (hq // hkv) % repeat:
-            raise ValueError(f"attention: {hq} q / {hkv} kv heads cannot be split over {n_heads} head shards "
-                             f"(mesh axes {heads})")
+            raise ValueError(
+                f"attention: {hq} q / {hkv} kv heads cannot be split over {n_heads} head shards (mesh axes {heads})"
+            )
         k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
     b_ax, h_ax, l_ax = _spec_axis(batch), _spec_axis(heads), _spec_axis(length)
     q_spec, kv_spec = P(b_ax, l_ax, h_ax, None), P(b_ax, None, h_ax, None)
@@ -81,5 +85,10 @@ def shard_attention(fn, q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = No
     def local(q, k, v, q_meta, kv_meta):
         return fn(q, k, v, q_meta, kv_meta, **kwargs)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, q_meta_spec, kv_meta_spec),
-                         out_specs=q_spec, check_vma=False)(q, k, v, q_meta, kv_meta)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, q_meta_spec, kv_meta_spec),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, q_meta, kv_meta)

@@ -15,6 +15,7 @@ Queries with no allowed key (padding, doc 0) output zeros and get a logsumexp of
 backward pass gives them zero weight. Softmax statistics and accumulators are f32; matmuls run in
 the input dtype (bf16 or f32, the latter at HIGHEST precision) with f32 accumulation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,8 +115,9 @@ def _compiler_params(cfg: _Config):
 
 def _row_tile_mask(qm_ref, km_ref):
     """bool[bq, bkv] of a (q-block, kv-block) tile from its metadata refs (q along sublanes)."""
-    return _allowed(qm_ref[0][:, None], qm_ref[1][:, None], qm_ref[2][:, None],
-                    km_ref[0:1, :], km_ref[1:2, :], km_ref[3:4, :])
+    return _allowed(
+        qm_ref[0][:, None], qm_ref[1][:, None], qm_ref[2][:, None], km_ref[0:1, :], km_ref[1:2, :], km_ref[3:4, :]
+    )
 
 
 def _by_block_kind(kind, compute):
@@ -128,8 +130,9 @@ def _by_block_kind(kind, compute):
 # forward
 
 
-def _fwd_kernel(steps_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
-                cfg: _Config, precision):
+def _fwd_kernel(
+    steps_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg: _Config, precision
+):
     hd, group = cfg.head_dim, cfg.group
     step, first, last = _step_flags(steps_ref, block_map.row_key)
     kind = block_map.unpack(step)[3]
@@ -201,11 +204,13 @@ def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
                 pl.BlockSpec((None, bq, g * hd), q_rows),
                 pl.BlockSpec((None, None, g, bq), q_stats),
             ],
-            scratch_shapes=[pltpu.VMEM((g, bq, LANES), jnp.float32), pltpu.VMEM((g, bq, LANES), jnp.float32),
-                            pltpu.VMEM((g, bq, hd), jnp.float32)],
+            scratch_shapes=[
+                pltpu.VMEM((g, bq, LANES), jnp.float32),
+                pltpu.VMEM((g, bq, LANES), jnp.float32),
+                pltpu.VMEM((g, bq, hd), jnp.float32),
+            ],
         ),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, hkv, g, lq), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hkv, g, lq), jnp.float32)],
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="split_splash_fwd",
@@ -217,8 +222,9 @@ def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
 # backward: dq walks q rows, dkv walks kv columns (both over non-empty blocks only)
 
 
-def _dq_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, km_ref, dq_ref, dq_scr, *,
-               cfg: _Config, precision):
+def _dq_kernel(
+    steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, km_ref, dq_ref, dq_scr, *, cfg: _Config, precision
+):
     hd, group = cfg.head_dim, cfg.group
     step, first, last = _step_flags(steps_ref, block_map.row_key)
     kind = block_map.unpack(step)[3]
@@ -256,8 +262,24 @@ def _dq_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, 
         lax.fori_loop(0, group, head, 0)
 
 
-def _dkv_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, km_ref, dk_ref, dv_ref,
-                dk_scr, dv_scr, *, cfg: _Config, precision):
+def _dkv_kernel(
+    steps_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    di_ref,
+    qm_ref,
+    km_ref,
+    dk_ref,
+    dv_ref,
+    dk_scr,
+    dv_scr,
+    *,
+    cfg: _Config,
+    precision,
+):
     hd, group = cfg.head_dim, cfg.group
     step, first, last = _step_flags(steps_ref, block_map.col_key)
     kind = block_map.unpack(step)[3]
@@ -270,8 +292,14 @@ def _dkv_kernel(steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref,
     def compute(masked: bool):
         k, v = k_ref[...], v_ref[...]
         if masked:  # transposed tile: kv along sublanes, q along lanes
-            mask = _allowed(qm_ref[0:1, :], qm_ref[1:2, :], qm_ref[2:3, :],
-                            km_ref[0][:, None], km_ref[1][:, None], km_ref[3][:, None])
+            mask = _allowed(
+                qm_ref[0:1, :],
+                qm_ref[1:2, :],
+                qm_ref[2:3, :],
+                km_ref[0][:, None],
+                km_ref[1][:, None],
+                km_ref[3][:, None],
+            )
 
         def head(t, carry):
             dk, dv = carry
@@ -301,8 +329,9 @@ def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
     b, lq, _ = q.shape
     hkv = k.shape[-1] // cfg.head_dim
     bq, bkv, hd, g = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.head_dim, cfg.group
-    di = jnp.sum(out.astype(jnp.float32).reshape(b, lq, hkv, g, hd)
-                 * do.astype(jnp.float32).reshape(b, lq, hkv, g, hd), axis=-1).transpose(0, 2, 3, 1)
+    di = jnp.sum(
+        out.astype(jnp.float32).reshape(b, lq, hkv, g, hd) * do.astype(jnp.float32).reshape(b, lq, hkv, g, hd), axis=-1
+    ).transpose(0, 2, 3, 1)
     q_rows, kv_rows, q_stats, q_meta, kv_meta = _index_maps()
     precision = matmul_precision(q.dtype)
     in_specs = [
@@ -319,20 +348,30 @@ def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(hkv, dq_sched.count), in_specs=in_specs,
+            num_scalar_prefetch=1,
+            grid=(hkv, dq_sched.count),
+            in_specs=in_specs,
             out_specs=pl.BlockSpec((None, bq, g * hd), q_rows),
-            scratch_shapes=[pltpu.VMEM((g, bq, hd), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((g, bq, hd), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="split_splash_dq",
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="split_splash_dq",
     )(dq_sched.steps, *args)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(hkv, dkv_sched.count), in_specs=in_specs,
+            num_scalar_prefetch=1,
+            grid=(hkv, dkv_sched.count),
+            in_specs=in_specs,
             out_specs=[pl.BlockSpec((None, bkv, hd), kv_rows), pl.BlockSpec((None, bkv, hd), kv_rows)],
-            scratch_shapes=[pltpu.VMEM((bkv, hd), jnp.float32), pltpu.VMEM((bkv, hd), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((bkv, hd), jnp.float32), pltpu.VMEM((bkv, hd), jnp.float32)],
+        ),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="split_splash_dkv",
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="split_splash_dkv",
     )(dkv_sched.steps, *args)
     return dq, dk, dv
 
@@ -364,10 +403,21 @@ _core.defvjp(_core_fwd, _core_bwd)
 # public entry
 
 
-def split_splash_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None = None, *,
-                           scale: float | None = None, block_q: int = 512, block_kv: int = 512,
-                           block_q_bwd: int | None = None, block_kv_bwd: int | None = None,
-                           interpret: bool = False, vmem_limit_bytes: int | None = None):
+def split_splash_attention(
+    q,
+    k,
+    v,
+    q_meta: MaskMeta,
+    kv_meta: MaskMeta | None = None,
+    *,
+    scale: float | None = None,
+    block_q: int = 512,
+    block_kv: int = 512,
+    block_q_bwd: int | None = None,
+    block_kv_bwd: int | None = None,
+    interpret: bool = False,
+    vmem_limit_bytes: int | None = None,
+):
     """Split-wise masked attention with GQA as a block-sparse Pallas TPU kernel (differentiable).
 
     Args:
@@ -390,8 +440,12 @@ def split_splash_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None =
     scale = hd**-0.5 if scale is None else float(scale)
     block_q_bwd = block_q if block_q_bwd is None else block_q_bwd
     block_kv_bwd = block_kv if block_kv_bwd is None else block_kv_bwd
-    for name, val in (("block_q", block_q), ("block_kv", block_kv), ("block_q_bwd", block_q_bwd),
-                      ("block_kv_bwd", block_kv_bwd)):
+    for name, val in (
+        ("block_q", block_q),
+        ("block_kv", block_kv),
+        ("block_q_bwd", block_q_bwd),
+        ("block_kv_bwd", block_kv_bwd),
+    ):
         if val <= 0 or val % LANES:
             raise ValueError(f"attention {name} must be a positive multiple of {LANES}, got {val}")
     # clip blocks to the (128-padded) sequence, then pad the sequence to a multiple of every block
@@ -401,8 +455,17 @@ def split_splash_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None =
     lq_p = round_up(lq, math.lcm(bq, bq_bwd))
     lkv_p = round_up(lkv, math.lcm(bkv, bkv_bwd))
     hd_p = round_up(hd, LANES)
-    cfg = _Config(block_q=bq, block_kv=bkv, block_q_bwd=bq_bwd, block_kv_bwd=bkv_bwd, group=hq // hkv,
-                  head_dim=hd_p, scale=scale, interpret=bool(interpret), vmem_limit_bytes=vmem_limit_bytes)
+    cfg = _Config(
+        block_q=bq,
+        block_kv=bkv,
+        block_q_bwd=bq_bwd,
+        block_kv_bwd=bkv_bwd,
+        group=hq // hkv,
+        head_dim=hd_p,
+        scale=scale,
+        interpret=bool(interpret),
+        vmem_limit_bytes=vmem_limit_bytes,
+    )
 
     def to_kernel(x, length):
         x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, hd_p - hd)))
@@ -411,13 +474,16 @@ def split_splash_attention(q, k, v, q_meta: MaskMeta, kv_meta: MaskMeta | None =
     if not interpret:
         smem = 4 * bsz * max((lq_p // bq) * (lkv_p // bkv), (lq_p // bq_bwd) * (lkv_p // bkv_bwd))
         if smem > SMEM_BYTES - (64 << 10):
-            raise ValueError(f"attention schedule needs {smem >> 10} KiB of TPU scalar memory (SMEM, 1 MiB): "
-                             "use larger block_q / block_kv or fewer rows per device")
+            raise ValueError(
+                f"attention schedule needs {smem >> 10} KiB of TPU scalar memory (SMEM, 1 MiB): "
+                "use larger block_q / block_kv or fewer rows per device"
+            )
     qm, km = meta_rows(q_meta, lq_p), meta_rows(kv_meta, lkv_p)
     q_meta_p = MaskMeta(*(qm[:, r] for r in range(4)))
     kv_meta_p = MaskMeta(*(km[:, r] for r in range(4)))
     (fwd_sched,) = block_map.schedules(q_meta_p, kv_meta_p, bq, bkv, by=("q",))
     dq_sched, dkv_sched = block_map.schedules(q_meta_p, kv_meta_p, bq_bwd, bkv_bwd, by=("q", "kv"))
-    out = _core(cfg, to_kernel(q, lq_p), to_kernel(k, lkv_p), to_kernel(v, lkv_p), qm, km,
-                fwd_sched, dq_sched, dkv_sched)
+    out = _core(
+        cfg, to_kernel(q, lq_p), to_kernel(k, lkv_p), to_kernel(v, lkv_p), qm, km, fwd_sched, dq_sched, dkv_sched
+    )
     return out.reshape(bsz, lq_p, hq, hd_p)[:, :lq, :, :hd]

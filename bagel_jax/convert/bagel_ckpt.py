@@ -25,12 +25,14 @@ missing or unexpected key raises ``CheckpointError`` naming it; a wrong shape na
 expected and the found shape. ``export_checkpoint`` writes the same layout back; a load → export
 round trip reproduces keys, shapes and values exactly (in the file's dtype).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,6 +57,7 @@ class CheckpointError(ValueError):
 
 
 # --- the table -------------------------------------------------------------------------------------
+
 
 def _dense(key: str, path: tuple[str, ...]) -> list[tuple[str, tuple[str, ...], str]]:
     return [(f"{key}.weight", path + ("kernel",), "linear"), (f"{key}.bias", path + ("bias",), "copy")]
@@ -93,7 +96,7 @@ def official_shapes(cfg) -> dict[str, tuple[int, ...]]:
     d, f, v, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, head_dim(cfg)
     hq, hkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     dv, fv = cfg.vit.hidden_size, cfg.vit.intermediate_size
-    patch_dim = cfg.latent_patch_size ** 2 * cfg.vae.z_channels
+    patch_dim = cfg.latent_patch_size**2 * cfg.vae.z_channels
     shapes: dict[str, tuple[int, ...]] = {}
     for key, _, _ in entries(cfg):
         name = key.rsplit(".", 1)[0]
@@ -124,13 +127,13 @@ def official_shapes(cfg) -> dict[str, tuple[int, ...]]:
         elif key.startswith("llm2vae"):
             s = (patch_dim,) if is_bias else (patch_dim, d)
         elif key == "latent_pos_embed.pos_embed":
-            s = (cfg.max_latent_size ** 2, d)
+            s = (cfg.max_latent_size**2, d)
         elif key == "vit_pos_embed.pos_embed":
-            s = (cfg.vit_max_num_patch_per_side ** 2, d)
+            s = (cfg.vit_max_num_patch_per_side**2, d)
         elif key.startswith("connector.fc1"):
             s = (d,) if is_bias else (d, dv)
         elif "patch_embedding" in key:
-            s = (dv,) if is_bias else (dv, cfg.vit.patch_size ** 2 * 3)
+            s = (dv,) if is_bias else (dv, cfg.vit.patch_size**2 * 3)
         elif "position_embedding" in key:
             s = (cfg.vit.num_positions, dv)
         elif ".mlp.fc1" in key:
@@ -144,6 +147,7 @@ def official_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 # --- tensor layouts --------------------------------------------------------------------------------
+
 
 def to_ours(kind: str, w: np.ndarray, hd: int) -> np.ndarray:
     """Official (torch) layout → our layout."""
@@ -171,6 +175,7 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 
 # --- reading ---------------------------------------------------------------------------------------
 
+
 class TensorSource:
     """Streaming view of safetensors file(s): key → file, shapes from headers, tensors read on demand."""
 
@@ -190,7 +195,7 @@ class TensorSource:
                     self.dtypes[key] = sl.get_dtype()
 
     @classmethod
-    def from_dir_or_file(cls, path: str) -> "TensorSource":
+    def from_dir_or_file(cls, path: str) -> TensorSource:
         """A ``.safetensors`` file, a ``.index.json`` (HF sharding), or a directory holding either."""
         return cls(weight_files(path))
 
@@ -241,8 +246,14 @@ def _check_keys(found: Mapping[str, tuple], expected: Mapping[str, tuple], what:
             raise CheckpointError(f"{key}: expected shape {tuple(shape)}, found {tuple(found[key])} in {what}")
 
 
-def load_params(path: str, cfg, *, dtype=None, place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
-                ae_path: str | None = None) -> dict:
+def load_params(
+    path: str,
+    cfg,
+    *,
+    dtype=None,
+    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+    ae_path: str | None = None,
+) -> dict:
     """Reads an official ``ema.safetensors`` (+ ``ae.safetensors``) into a ``Bagel`` param tree.
 
     Args:
@@ -275,7 +286,8 @@ def load_params(path: str, cfg, *, dtype=None, place: Callable[[tuple[str, ...],
     if stack:
         lm = stack_layers(params["language_model"], cfg.num_layers)
         lm["layers"] = jax.tree_util.tree_map_with_path(
-            lambda kp, a: put(("language_model", "layers") + tuple(k.key for k in kp), a), lm["layers"])
+            lambda kp, a: put(("language_model", "layers") + tuple(k.key for k in kp), a), lm["layers"]
+        )
         params["language_model"] = lm
     if cfg.visual_gen:
         ae_path = ae_path or os.path.join(path if os.path.isdir(path) else os.path.dirname(path), AE_FILE)
@@ -301,10 +313,12 @@ def load_vae_params(ae_path: str, cfg, *, dtype=np.float32, place=None) -> dict:
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{ae_path}: {e}") from e
     return jax.tree_util.tree_map_with_path(
-        lambda kp, a: (place or (lambda _p, x: x))(("vae",) + tuple(k.key for k in kp), np.asarray(a, dtype)), tree)
+        lambda kp, a: (place or (lambda _p, x: x))(("vae",) + tuple(k.key for k in kp), np.asarray(a, dtype)), tree
+    )
 
 
 # --- configs ---------------------------------------------------------------------------------------
+
 
 def _read_json(path: str) -> dict:
     if not os.path.exists(path):
@@ -331,25 +345,39 @@ def config_from_checkpoint(directory: str, base: ml_collections.ConfigDict | Non
     theta = llm.get("rope_theta", (llm.get("rope_parameters") or {}).get("rope_theta"))
     if theta is None:
         raise CheckpointError(f"{LLM_CONFIG}: rope_theta missing")
-    m.update(vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"], intermediate_size=llm["intermediate_size"],
-             num_layers=llm["num_hidden_layers"], num_heads=heads, num_kv_heads=llm["num_key_value_heads"],
-             head_dim=0 if hd * heads == llm["hidden_size"] else hd, rope_theta=float(theta),
-             rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
-             tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
-             layer_module="mot" if any(GEN in k for k in keys) else "dense",
-             qk_norm=any(k.endswith("self_attn.q_norm.weight") for k in keys),
-             qkv_bias=any(k.endswith("self_attn.q_proj.bias") for k in keys),
-             visual_gen="vae2llm.weight" in keys, visual_und=f"{VIT_PREFIX}post_layernorm.weight" in keys)
+    m.update(
+        vocab_size=llm["vocab_size"],
+        hidden_size=llm["hidden_size"],
+        intermediate_size=llm["intermediate_size"],
+        num_layers=llm["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=llm["num_key_value_heads"],
+        head_dim=0 if hd * heads == llm["hidden_size"] else hd,
+        rope_theta=float(theta),
+        rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
+        layer_module="mot" if any(GEN in k for k in keys) else "dense",
+        qk_norm=any(k.endswith("self_attn.q_norm.weight") for k in keys),
+        qkv_bias=any(k.endswith("self_attn.q_proj.bias") for k in keys),
+        visual_gen="vae2llm.weight" in keys,
+        visual_und=f"{VIT_PREFIX}post_layernorm.weight" in keys,
+    )
     if m.visual_gen:
         m.max_latent_size = math.isqrt(src.shapes["latent_pos_embed.pos_embed"][0])
         m.vae.update(_vae_config_from_ae(os.path.join(directory, AE_FILE)))
     if m.visual_und:
         vit = _read_json(os.path.join(directory, VIT_CONFIG))
         side = vit["image_size"] // vit["patch_size"]
-        m.vit.update(hidden_size=vit["hidden_size"], intermediate_size=vit["intermediate_size"],
-                     num_layers=vit["num_hidden_layers"] - 1, num_heads=vit["num_attention_heads"],
-                     patch_size=vit["patch_size"], layer_norm_eps=float(vit.get("layer_norm_eps", 1e-6)),
-                     hidden_act=vit.get("hidden_act", "gelu_pytorch_tanh"), num_positions=side * side)
+        m.vit.update(
+            hidden_size=vit["hidden_size"],
+            intermediate_size=vit["intermediate_size"],
+            num_layers=vit["num_hidden_layers"] - 1,
+            num_heads=vit["num_attention_heads"],
+            patch_size=vit["patch_size"],
+            layer_norm_eps=float(vit.get("layer_norm_eps", 1e-6)),
+            hidden_act=vit.get("hidden_act", "gelu_pytorch_tanh"),
+            num_positions=side * side,
+        )
         m.vit_max_num_patch_per_side = math.isqrt(src.shapes["vit_pos_embed.pos_embed"][0])
     return m
 
@@ -364,19 +392,36 @@ def _vae_config_from_ae(ae_path: str) -> dict:
     levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down."))
     blocks = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block."))
     mult = tuple(shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels))
-    return dict(ch=ch, ch_mult=mult, num_res_blocks=blocks, z_channels=shapes["decoder.conv_in.weight"][1],
-                in_channels=shapes["encoder.conv_in.weight"][1], out_ch=shapes["decoder.conv_out.weight"][0])
+    return dict(
+        ch=ch,
+        ch_mult=mult,
+        num_res_blocks=blocks,
+        z_channels=shapes["decoder.conv_in.weight"][1],
+        in_channels=shapes["encoder.conv_in.weight"][1],
+        out_ch=shapes["decoder.conv_out.weight"][0],
+    )
 
 
 def llm_config_json(cfg) -> dict:
     """``llm_config.json`` content (Qwen2 config fields the reference reads)."""
-    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=cfg.vocab_size,
-                hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                num_key_value_heads=cfg.num_kv_heads, head_dim=head_dim(cfg), rope_theta=cfg.rope_theta,
-                rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings, hidden_act="silu",
-                max_position_embeddings=32768, qk_norm=cfg.qk_norm,
-                layer_module="Qwen2MoTDecoderLayer" if cfg.layer_module == "mot" else "Qwen2DecoderLayer")
+    return dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=head_dim(cfg),
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        qk_norm=cfg.qk_norm,
+        layer_module="Qwen2MoTDecoderLayer" if cfg.layer_module == "mot" else "Qwen2DecoderLayer",
+    )
 
 
 def vit_config_json(cfg) -> dict:
@@ -385,13 +430,22 @@ def vit_config_json(cfg) -> dict:
     side = math.isqrt(v.num_positions)
     if side * side != v.num_positions:
         raise CheckpointError(f"model.vit.num_positions: {v.num_positions} is not a square")
-    return dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                num_hidden_layers=v.num_layers + 1, num_attention_heads=v.num_heads, patch_size=v.patch_size,
-                image_size=side * v.patch_size, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act,
-                num_channels=3)
+    return dict(
+        model_type="siglip_vision_model",
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers + 1,
+        num_attention_heads=v.num_heads,
+        patch_size=v.patch_size,
+        image_size=side * v.patch_size,
+        layer_norm_eps=v.layer_norm_eps,
+        hidden_act=v.hidden_act,
+        num_channels=3,
+    )
 
 
 # --- writing ---------------------------------------------------------------------------------------
+
 
 def params_to_state_dict(params: Mapping, cfg, dtype="bfloat16") -> dict[str, np.ndarray]:
     """``Bagel`` params (boxed or not, scanned or not) → the official ``ema.safetensors`` dict (no VAE)."""
@@ -450,20 +504,22 @@ def random_state_dict(cfg, seed: int = 0, dtype="float32") -> dict[str, np.ndarr
             w = 0.1 * rng.standard_normal(shape)
         else:
             fan_in = shape[-1] if len(shape) == 2 else 1
-            w = rng.standard_normal(shape) * (min(0.02, fan_in ** -0.5) if len(shape) == 2 else 0.02)
+            w = rng.standard_normal(shape) * (min(0.02, fan_in**-0.5) if len(shape) == 2 else 0.02)
         out[key] = np.ascontiguousarray(np.asarray(w).astype(np.dtype(dtype)))
     return out
 
 
 def random_ae_state_dict(cfg, seed: int = 0, dtype="float32") -> dict[str, np.ndarray]:
     """A random FLUX ``ae.safetensors`` dict (BFL names) for ``cfg.vae``, from an abstract ``FluxVAE`` init."""
-    from bagel_jax.model.vae import FluxVAE
     import jax.numpy as jnp
+
+    from bagel_jax.model.vae import FluxVAE
 
     vae_cfg = cfg.vae
     f = 2 ** (len(vae_cfg.ch_mult) - 1)
-    shapes = jax.eval_shape(lambda: nn.unbox(FluxVAE(vae_cfg).init(jax.random.key(0),
-                                                                  jnp.zeros((1, f, f, vae_cfg.in_channels)))))
+    shapes = jax.eval_shape(
+        lambda: nn.unbox(FluxVAE(vae_cfg).init(jax.random.key(0), jnp.zeros((1, f, f, vae_cfg.in_channels))))
+    )
     rng = np.random.default_rng(seed + 1)
 
     def fill(kp, s):

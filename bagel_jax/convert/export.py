@@ -12,6 +12,7 @@ an existing DIR is an error (nothing is overwritten). Then::
 
     python -m bagel_jax.infer.cli --checkpoint=DIR --mode=t2i --prompt="a red circle" --out=x.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,20 @@ DTYPES = ("bfloat16", "float32")
 PARAMS = ("ema", "params")
 
 
-def write_safetensors_streaming(path: str, specs: list[tuple[str, tuple[int, ...]]], dtype: str,
-                                tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+def write_safetensors_streaming(
+    path: str, specs: list[tuple[str, tuple[int, ...]]], dtype: str, tensors: Iterable[tuple[str, np.ndarray]]
+) -> None:
     """Writes a safetensors file whose header lists ``specs`` ((key, shape), in this order, all of ``dtype``) and
     whose data are ``tensors`` (the same keys, the same order), appended one at a time."""
     np_dtype = np.dtype(dtype)
     header, offset = {}, 0
     for key, shape in specs:
         size = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                       "data_offsets": [offset, offset + size]}
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -65,6 +70,7 @@ def _export_mesh(config, devices):
 
     from bagel_jax.config import ConfigError
     from bagel_jax.parallel.mesh import logical_rules, make_mesh
+
     try:
         return make_mesh(config, devices), logical_rules(config)
     except ConfigError:
@@ -77,8 +83,10 @@ def _export_mesh(config, devices):
 
 def _to_host(x) -> np.ndarray:
     import jax
+
     if jax.process_count() > 1 and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
+
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
@@ -89,6 +97,7 @@ def release_tensors(params, cfg) -> Iterator[tuple[str, np.ndarray]]:
     LoRA-adapted kernel is exported merged, W + (alpha/rank)·A·B (model/lora.py)."""
     from bagel_jax.convert.bagel_ckpt import entries, to_official
     from bagel_jax.model.lora import merge_kernel
+
     table = {key: (path, kind) for key, path, kind in entries(cfg)}
     for key in sorted(table):
         path, kind = table[key]
@@ -108,6 +117,7 @@ def find_run_tokenizer(config, workdir: str) -> str | None:
     if config.data.tokenizer:
         return config.data.tokenizer
     from bagel_jax.data.builders import synthetic_shapes
+
     if config.data.builder == synthetic_shapes.NAME:
         path = synthetic_shapes.tokenizer_path(config.data.data_dir or os.path.join(workdir, "data"))
         return path if os.path.isfile(path) else None
@@ -156,8 +166,9 @@ def export_run(workdir: str, out: str, *, which: str = "ema", dtype: str = "bflo
     _, init_fn = make_init_fn(config)
     boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     shardings = logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), meta.unbox(boxed),
-                            shardings)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), meta.unbox(boxed), shardings
+    )
     params = load_params(workdir, abstract, use_ema=which == "ema")
 
     tmp = out.rstrip("/") + ".partial"
@@ -175,8 +186,10 @@ def export_run(workdir: str, out: str, *, which: str = "ema", dtype: str = "bflo
     if cfg.visual_gen:
         vae = jax.tree.map(_to_host, params["vae"])
         if jax.process_index() == 0:
-            save_file({k: v.astype(np.float32) for k, v in params_to_flux_ae(vae, cfg.vae).items()},
-                      os.path.join(tmp, AE_FILE))
+            save_file(
+                {k: v.astype(np.float32) for k, v in params_to_flux_ae(vae, cfg.vae).items()},
+                os.path.join(tmp, AE_FILE),
+            )
     if jax.process_index() == 0:
         with open(os.path.join(tmp, LLM_CONFIG), "w") as fh:
             json.dump(llm_config_json(cfg), fh, indent=2)

@@ -6,7 +6,7 @@ Qwen2 / Qwen3 CausalLM (and BAGEL's MoT LM, whose gen expert keys carry ``_moe_g
 | HF key (under ``model.``)                          | ours                                    | transform |
 |----------------------------------------------------|-----------------------------------------|-----------|
 | ``embed_tokens.weight`` [V, D]                     | ``embed_tokens/embedding`` [V, D]       | — |
-| ``layers.i.self_attn.{q,k,v}_proj{s}.weight`` [H·hd, D] | ``layers_i/self_attn/{q,k,v}_proj{s}/kernel`` [D, H, hd] | T, reshape |
+| ``layers.i.self_attn.{q,k,v}_proj{s}.weight`` [H·hd, D] | ``…/{q,k,v}_proj{s}/kernel`` [D, H, hd] | T, reshape |
 | ``layers.i.self_attn.{q,k,v}_proj{s}.bias`` [H·hd] | ``…/bias`` [H, hd]                      | reshape |
 | ``layers.i.self_attn.o_proj{s}.weight`` [D, H·hd]  | ``…/o_proj{s}/kernel`` [H, hd, D]       | T, reshape |
 | ``layers.i.self_attn.{q,k}_norm{s}.weight`` [hd]   | ``…/{q,k}_norm{s}/scale``               | — |
@@ -16,9 +16,11 @@ Qwen2 / Qwen3 CausalLM (and BAGEL's MoT LM, whose gen expert keys carry ``_moe_g
 
 (``{s}`` = ``""`` for the und expert, ``"_moe_gen"`` for the gen expert.)
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,16 +57,19 @@ def lm_entries(cfg, key_prefix: str = "", path_prefix: tuple[str, ...] = ()) -> 
         hf, ours = f"{key_prefix}model.layers.{i}.", path_prefix + (f"layers_{i}",)
         for s in suffixes:
             for p in ("q", "k", "v"):
-                out.append((f"{hf}self_attn.{p}_proj{s}.weight", ours + ("self_attn", f"{p}_proj{s}", "kernel"),
-                            "in_heads"))
+                out.append(
+                    (f"{hf}self_attn.{p}_proj{s}.weight", ours + ("self_attn", f"{p}_proj{s}", "kernel"), "in_heads")
+                )
                 if cfg.qkv_bias:
-                    out.append((f"{hf}self_attn.{p}_proj{s}.bias", ours + ("self_attn", f"{p}_proj{s}", "bias"),
-                                "heads"))
+                    out.append(
+                        (f"{hf}self_attn.{p}_proj{s}.bias", ours + ("self_attn", f"{p}_proj{s}", "bias"), "heads")
+                    )
             out.append((f"{hf}self_attn.o_proj{s}.weight", ours + ("self_attn", f"o_proj{s}", "kernel"), "heads_out"))
             if cfg.qk_norm:
                 for p in ("q", "k"):
-                    out.append((f"{hf}self_attn.{p}_norm{s}.weight", ours + ("self_attn", f"{p}_norm{s}", "scale"),
-                                "copy"))
+                    out.append(
+                        (f"{hf}self_attn.{p}_norm{s}.weight", ours + ("self_attn", f"{p}_norm{s}", "scale"), "copy")
+                    )
             for p in ("gate", "up", "down"):
                 out.append((f"{hf}mlp{s}.{p}_proj.weight", ours + (f"mlp{s}", f"{p}_proj", "kernel"), "linear"))
             for p in ("input_layernorm", "post_attention_layernorm"):
@@ -147,7 +152,7 @@ def qwen2_to_params(state_dict: Mapping[str, Any], cfg, copy_to_gen: bool = True
     Raises:
       ConversionError naming the first missing / unexpected key or a shape mismatch.
     """
-    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_SUFFIXES)}
     has_gen = any(GEN_SUFFIX in k for k in sd)
     if has_gen and cfg.layer_module != "mot":
@@ -169,8 +174,9 @@ def qwen2_to_params(state_dict: Mapping[str, Any], cfg, copy_to_gen: bool = True
             raise ConversionError(f"{prefix}{key}: missing from the state dict")
         w = hf_to_ours(kind, _to_numpy(sd.pop(key)), hd)
         if w.shape != shapes[path]:
-            raise ConversionError(f"{prefix}{key}: expected shape {shapes[path]} for {'/'.join(path)}, found "
-                                  f"{w.shape} after conversion")
+            raise ConversionError(
+                f"{prefix}{key}: expected shape {shapes[path]} for {'/'.join(path)}, found {w.shape} after conversion"
+            )
         _set(params, path, np.asarray(w, dtype=pdtype))
     if sd:
         raise ConversionError(f"{prefix}{sorted(sd)[0]}: unexpected key ({len(sd)} unexpected in all)")
@@ -235,15 +241,21 @@ def model_config_from_hf(hf_config, base: ml_collections.ConfigDict | None = Non
     heads = hf_config.num_attention_heads
     hd = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     is_qwen3 = getattr(hf_config, "model_type", "") == "qwen3"
-    m.update(vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-             intermediate_size=hf_config.intermediate_size, num_layers=hf_config.num_hidden_layers,
-             num_heads=heads, num_kv_heads=hf_config.num_key_value_heads,
-             head_dim=0 if hd * heads == hf_config.hidden_size else hd, rope_theta=float(theta),
-             rms_norm_eps=float(hf_config.rms_norm_eps), tie_word_embeddings=bool(hf_config.tie_word_embeddings),
-             qk_norm=is_qwen3 or bool(getattr(hf_config, "qk_norm", False)),
-             qkv_bias=bool(getattr(hf_config, "attention_bias", True)) if is_qwen3 else True)
+    m.update(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=hf_config.num_key_value_heads,
+        head_dim=0 if hd * heads == hf_config.hidden_size else hd,
+        rope_theta=float(theta),
+        rms_norm_eps=float(hf_config.rms_norm_eps),
+        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        qk_norm=is_qwen3 or bool(getattr(hf_config, "qk_norm", False)),
+        qkv_bias=bool(getattr(hf_config, "attention_bias", True)) if is_qwen3 else True,
+    )
     return m
-
 
 
 # SigLIP and FLUX VAE converters (bagel_jax/convert/hf_vision.py), re-exported here.

@@ -1,7 +1,8 @@
 """Vision-tower checkpoint converters: state dicts (torch or numpy tensors) ⇄ Flax params.
 
 * ``siglip_to_params(sd, cfg)``: ``transformers`` ``SiglipVisionModel`` (or BAGEL's ``vit_model.*``)
-  → ``SiglipNaViT`` params (``params_to_siglip`` is the inverse, with the HF conv patch embedding). The conv patch embedding becomes the Linear on (ph, pw, c)-ordered features
+  → ``SiglipNaViT`` params (``params_to_siglip`` is the inverse, with the HF conv patch embedding). The conv
+  patch embedding becomes the Linear on (ph, pw, c)-ordered features
   (as the reference's ``convert_conv2d_to_linear``); only the first ``cfg.vit.num_layers`` encoder
   layers are taken (the reference drops the last one); the pooling ``head`` is not used.
 * ``diffusers_vae_to_params(sd, cfg)``: diffusers ``AutoencoderKL`` (FLUX layout, no quant convs)
@@ -14,11 +15,13 @@ raises ``ValueError`` naming the key, the expected and the found shape. Returned
 dicts of float32 numpy arrays, i.e. the content of the ``params`` collection
 (``module.apply({"params": params}, ...)``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,13 +32,21 @@ from flax import traverse_util
 from bagel_jax.model.siglip import SiglipNaViT
 from bagel_jax.model.vae import FluxVAE
 
-__all__ = ["siglip_to_params", "params_to_siglip", "diffusers_vae_to_params", "flux_ae_to_params", "params_to_flux_ae",
-           "flux_ae_keys", "SIGLIP_PREFIXES"]
+__all__ = [
+    "siglip_to_params",
+    "params_to_siglip",
+    "diffusers_vae_to_params",
+    "flux_ae_to_params",
+    "params_to_flux_ae",
+    "flux_ae_keys",
+    "SIGLIP_PREFIXES",
+]
 
 SIGLIP_PREFIXES = ("vit_model.vision_model.", "vision_model.", "")
 
 
 # --- tensor layouts ------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -49,10 +60,12 @@ class Layout:
 
 SAME = Layout("same", lambda a: a, lambda a: a, tuple)
 LINEAR = Layout("linear", lambda a: a.T, lambda a: a.T, lambda s: (s[1], s[0]))  # [O, I] ⇄ [I, O]
-CONV = Layout("conv", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1),
-              lambda s: (s[3], s[2], s[0], s[1]))  # [O, I, kh, kw] ⇄ [kh, kw, I, O]
-CONV1X1 = Layout("conv1x1", lambda a: a[:, :, 0, 0].T, lambda a: a.T[:, :, None, None],
-                 lambda s: (s[1], s[0], 1, 1))  # [O, I, 1, 1] ⇄ Dense [I, O]
+CONV = Layout(
+    "conv", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1), lambda s: (s[3], s[2], s[0], s[1])
+)  # [O, I, kh, kw] ⇄ [kh, kw, I, O]
+CONV1X1 = Layout(
+    "conv1x1", lambda a: a[:, :, 0, 0].T, lambda a: a.T[:, :, None, None], lambda s: (s[1], s[0], 1, 1)
+)  # [O, I, 1, 1] ⇄ Dense [I, O]
 
 
 def _patch_conv_to_flax(a):
@@ -89,21 +102,27 @@ def _section(cfg, key: str):
 def _expected_shapes(module: nn.Module, *args, method=None) -> dict[tuple[str, ...], tuple]:
     def init():
         return module.init(jax.random.PRNGKey(0), *args, method=method)
+
     variables = jax.eval_shape(init)
     flat = traverse_util.flatten_dict(nn.meta.unbox(variables["params"]))
     return {path: tuple(v.shape) for path, v in flat.items()}
 
 
-def _convert(sd: Mapping[str, Any], entries: Iterable[Entry], expected: dict, what: str,
-             ignored: Callable[[str], bool] = lambda key: False, prefix: str = "") -> dict:
+def _convert(
+    sd: Mapping[str, Any],
+    entries: Iterable[Entry],
+    expected: dict,
+    what: str,
+    ignored: Callable[[str], bool] = lambda key: False,
+    prefix: str = "",
+) -> dict:
     entries = list(entries)
     by_key = {prefix + key: (path, layout) for key, path, layout in entries}
     mapped_paths = {path for _, path, _ in entries}
     if mapped_paths != set(expected):  # a bug in the key table, not in the input
-        raise AssertionError(f"{what}: key table does not cover the params: "
-                             f"{sorted(set(expected) ^ mapped_paths)[:3]}")
+        raise AssertionError(f"{what}: key table does not cover the params: {sorted(set(expected) ^ mapped_paths)[:3]}")
     for key in sd:
-        if key not in by_key and not ignored(key[len(prefix):] if key.startswith(prefix) else key):
+        if key not in by_key and not ignored(key[len(prefix) :] if key.startswith(prefix) else key):
             raise KeyError(f"{what}: unexpected key {key!r}")
     flat = {}
     for key, (path, layout) in by_key.items():
@@ -134,8 +153,9 @@ def _to_torch(params, entries: Iterable[Entry], expected: dict, what: str, prefi
             raise KeyError(f"{what}: missing param {'/'.join(path)!r} (for {key!r})")
         value = np.asarray(flat[path], dtype=np.float32)
         if tuple(value.shape) != expected[path]:
-            raise ValueError(f"{what}: param {'/'.join(path)!r} has shape {tuple(value.shape)}, "
-                             f"expected {expected[path]}")
+            raise ValueError(
+                f"{what}: param {'/'.join(path)!r} has shape {tuple(value.shape)}, expected {expected[path]}"
+            )
         out[prefix + key] = np.ascontiguousarray(layout.to_torch(value))
     return out
 
@@ -148,6 +168,7 @@ def _flat_params(params) -> dict:
 
 
 # --- SigLIP --------------------------------------------------------------------------------------
+
 
 def _siglip_entries(num_layers: int) -> list[Entry]:
     e: list[Entry] = [
@@ -162,11 +183,15 @@ def _siglip_entries(num_layers: int) -> list[Entry]:
         for ln in ("layer_norm1", "layer_norm2"):
             e += [(f"{src}{ln}.weight", (dst, ln, "scale"), SAME), (f"{src}{ln}.bias", (dst, ln, "bias"), SAME)]
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            e += [(f"{src}self_attn.{proj}.weight", (dst, "self_attn", proj, "kernel"), LINEAR),
-                  (f"{src}self_attn.{proj}.bias", (dst, "self_attn", proj, "bias"), SAME)]
+            e += [
+                (f"{src}self_attn.{proj}.weight", (dst, "self_attn", proj, "kernel"), LINEAR),
+                (f"{src}self_attn.{proj}.bias", (dst, "self_attn", proj, "bias"), SAME),
+            ]
         for fc in ("fc1", "fc2"):
-            e += [(f"{src}mlp.{fc}.weight", (dst, "mlp", fc, "kernel"), LINEAR),
-                  (f"{src}mlp.{fc}.bias", (dst, "mlp", fc, "bias"), SAME)]
+            e += [
+                (f"{src}mlp.{fc}.weight", (dst, "mlp", fc, "kernel"), LINEAR),
+                (f"{src}mlp.{fc}.bias", (dst, "mlp", fc, "bias"), SAME),
+            ]
     return e
 
 
@@ -186,8 +211,9 @@ def siglip_to_params(hf_state_dict: Mapping[str, Any], cfg, prefix: str | None =
     if prefix is None:
         found = [p for p in SIGLIP_PREFIXES if p + "post_layernorm.weight" in hf_state_dict]
         if not found:
-            raise KeyError("siglip_to_params: missing key 'post_layernorm.weight' (under any prefix of "
-                           f"{SIGLIP_PREFIXES})")
+            raise KeyError(
+                f"siglip_to_params: missing key 'post_layernorm.weight' (under any prefix of {SIGLIP_PREFIXES})"
+            )
         prefix = found[0]
     v = model_cfg.vit
     expected = _siglip_expected(model_cfg)
@@ -195,8 +221,11 @@ def siglip_to_params(hf_state_dict: Mapping[str, Any], cfg, prefix: str | None =
 
     def ignored(key: str) -> bool:
         m = layer_re.match(key)
-        return (key.startswith("head.") or key == "embeddings.position_ids"
-                or (m is not None and int(m.group(1)) >= v.num_layers))
+        return (
+            key.startswith("head.")
+            or key == "embeddings.position_ids"
+            or (m is not None and int(m.group(1)) >= v.num_layers)
+        )
 
     return _convert(hf_state_dict, _siglip_entries(v.num_layers), expected, "siglip_to_params", ignored, prefix)
 
@@ -213,24 +242,32 @@ def params_to_siglip(params, cfg, prefix: str = "vision_model.") -> dict[str, np
 
 
 def _siglip_expected(model_cfg) -> dict:
-    feat = model_cfg.vit.patch_size ** 2 * 3
-    return _expected_shapes(SiglipNaViT(model_cfg), jnp.zeros((1, 1, feat)), jnp.zeros((1, 1), jnp.int32),
-                            jnp.ones((1, 1), jnp.int32))
+    feat = model_cfg.vit.patch_size**2 * 3
+    return _expected_shapes(
+        SiglipNaViT(model_cfg), jnp.zeros((1, 1, feat)), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
+    )
 
 
 # --- FLUX VAE: shared structure ------------------------------------------------------------------
 
+
 def _resnet_entries(src: str, dst: tuple[str, ...], c_in: int, c_out: int, names: dict) -> list[Entry]:
     e: list[Entry] = []
     for part in ("norm1", "norm2"):
-        e += [(f"{src}.{names[part]}.weight", dst + (part, "scale"), SAME),
-              (f"{src}.{names[part]}.bias", dst + (part, "bias"), SAME)]
+        e += [
+            (f"{src}.{names[part]}.weight", dst + (part, "scale"), SAME),
+            (f"{src}.{names[part]}.bias", dst + (part, "bias"), SAME),
+        ]
     for part in ("conv1", "conv2"):
-        e += [(f"{src}.{names[part]}.weight", dst + (part, "kernel"), CONV),
-              (f"{src}.{names[part]}.bias", dst + (part, "bias"), SAME)]
+        e += [
+            (f"{src}.{names[part]}.weight", dst + (part, "kernel"), CONV),
+            (f"{src}.{names[part]}.bias", dst + (part, "bias"), SAME),
+        ]
     if c_in != c_out:
-        e += [(f"{src}.{names['nin_shortcut']}.weight", dst + ("nin_shortcut", "kernel"), CONV1X1),
-              (f"{src}.{names['nin_shortcut']}.bias", dst + ("nin_shortcut", "bias"), SAME)]
+        e += [
+            (f"{src}.{names['nin_shortcut']}.weight", dst + ("nin_shortcut", "kernel"), CONV1X1),
+            (f"{src}.{names['nin_shortcut']}.bias", dst + ("nin_shortcut", "bias"), SAME),
+        ]
     return e
 
 
@@ -242,8 +279,9 @@ def _norm_entries(src: str, dst: tuple[str, ...]) -> list[Entry]:
     return [(f"{src}.weight", dst + ("scale",), SAME), (f"{src}.bias", dst + ("bias",), SAME)]
 
 
-def _vae_entries(cfg, names: Callable[[str, tuple], str], resnet_names: dict, attn_names: dict,
-                 attn_layout: Layout) -> list[Entry]:
+def _vae_entries(
+    cfg, names: Callable[[str, tuple], str], resnet_names: dict, attn_names: dict, attn_layout: Layout
+) -> list[Entry]:
     """Entries for both towers; ``names(kind, index)`` gives each source module's key prefix."""
     ch, mult, nrb, levels = cfg.ch, tuple(cfg.ch_mult), cfg.num_res_blocks, len(cfg.ch_mult)
     mid_ch = ch * mult[-1]
@@ -252,13 +290,16 @@ def _vae_entries(cfg, names: Callable[[str, tuple], str], resnet_names: dict, at
     def mid(tower):
         out = []
         for which in ("block_1", "block_2"):
-            out += _resnet_entries(names(f"{tower}.mid.{which}", ()), (tower, f"mid_{which}"), mid_ch, mid_ch,
-                                   resnet_names)
+            out += _resnet_entries(
+                names(f"{tower}.mid.{which}", ()), (tower, f"mid_{which}"), mid_ch, mid_ch, resnet_names
+            )
         src = names(f"{tower}.mid.attn_1", ())
         out += _norm_entries(f"{src}.{attn_names['norm']}", (tower, "mid_attn_1", "norm"))
         for part in ("q", "k", "v", "proj_out"):
-            out += [(f"{src}.{attn_names[part]}.weight", (tower, "mid_attn_1", part, "kernel"), attn_layout),
-                    (f"{src}.{attn_names[part]}.bias", (tower, "mid_attn_1", part, "bias"), SAME)]
+            out += [
+                (f"{src}.{attn_names[part]}.weight", (tower, "mid_attn_1", part, "kernel"), attn_layout),
+                (f"{src}.{attn_names[part]}.bias", (tower, "mid_attn_1", part, "bias"), SAME),
+            ]
         return out
 
     # encoder
@@ -266,8 +307,13 @@ def _vae_entries(cfg, names: Callable[[str, tuple], str], resnet_names: dict, at
     c_in = ch
     for i in range(levels):
         for j in range(nrb):
-            e += _resnet_entries(names("encoder.down.block", (i, j)), ("encoder", f"down_{i}_block_{j}"),
-                                 c_in, ch * mult[i], resnet_names)
+            e += _resnet_entries(
+                names("encoder.down.block", (i, j)),
+                ("encoder", f"down_{i}_block_{j}"),
+                c_in,
+                ch * mult[i],
+                resnet_names,
+            )
             c_in = ch * mult[i]
         if i != levels - 1:
             e += _conv_entries(names("encoder.down.downsample", (i,)), ("encoder", f"down_{i}_downsample", "conv"))
@@ -280,8 +326,9 @@ def _vae_entries(cfg, names: Callable[[str, tuple], str], resnet_names: dict, at
     c_in = mid_ch
     for i in reversed(range(levels)):
         for j in range(nrb + 1):
-            e += _resnet_entries(names("decoder.up.block", (i, j)), ("decoder", f"up_{i}_block_{j}"),
-                                 c_in, ch * mult[i], resnet_names)
+            e += _resnet_entries(
+                names("decoder.up.block", (i, j)), ("decoder", f"up_{i}_block_{j}"), c_in, ch * mult[i], resnet_names
+            )
             c_in = ch * mult[i]
         if i != 0:
             e += _conv_entries(names("decoder.up.upsample", (i,)), ("decoder", f"up_{i}_upsample", "conv"))
@@ -355,9 +402,12 @@ _DIFFUSERS_ATTN = dict(norm="group_norm", q="to_q", k="to_k", v="to_v", proj_out
 
 def _diffusers_names(levels: int):
     fixed = {
-        "encoder.conv_in": "encoder.conv_in", "encoder.norm_out": "encoder.conv_norm_out",
-        "encoder.conv_out": "encoder.conv_out", "decoder.conv_in": "decoder.conv_in",
-        "decoder.norm_out": "decoder.conv_norm_out", "decoder.conv_out": "decoder.conv_out",
+        "encoder.conv_in": "encoder.conv_in",
+        "encoder.norm_out": "encoder.conv_norm_out",
+        "encoder.conv_out": "encoder.conv_out",
+        "decoder.conv_in": "decoder.conv_in",
+        "decoder.norm_out": "decoder.conv_norm_out",
+        "decoder.conv_out": "decoder.conv_out",
     }
     for tower in ("encoder", "decoder"):
         fixed[f"{tower}.mid.block_1"] = f"{tower}.mid_block.resnets.0"
@@ -374,6 +424,7 @@ def _diffusers_names(levels: int):
         if kind == "decoder.up.upsample":
             return f"decoder.up_blocks.{levels - 1 - idx[0]}.upsamplers.0.conv"
         return fixed[kind]
+
     return names
 
 

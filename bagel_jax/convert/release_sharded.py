@@ -12,6 +12,7 @@ whole on the host, then placed.
 ``check_release`` compares a ``model`` config with the release's json and headers (no tensor is read): a
 mismatch is one ``CheckpointError`` naming the key and both values.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,15 +43,30 @@ from bagel_jax.model.lora import is_lora_path
 
 # model config keys a release fixes, with the release file that holds each
 CHECKED_KEYS = (
-    ("vocab_size", LLM_CONFIG), ("hidden_size", LLM_CONFIG), ("intermediate_size", LLM_CONFIG),
-    ("num_layers", LLM_CONFIG), ("num_heads", LLM_CONFIG), ("num_kv_heads", LLM_CONFIG),
+    ("vocab_size", LLM_CONFIG),
+    ("hidden_size", LLM_CONFIG),
+    ("intermediate_size", LLM_CONFIG),
+    ("num_layers", LLM_CONFIG),
+    ("num_heads", LLM_CONFIG),
+    ("num_kv_heads", LLM_CONFIG),
     ("tie_word_embeddings", LLM_CONFIG),
-    ("layer_module", "the weights"), ("qk_norm", "the weights"), ("qkv_bias", "the weights"),
-    ("visual_gen", "the weights"), ("visual_und", "the weights"), ("max_latent_size", "the weights"),
+    ("layer_module", "the weights"),
+    ("qk_norm", "the weights"),
+    ("qkv_bias", "the weights"),
+    ("visual_gen", "the weights"),
+    ("visual_und", "the weights"),
+    ("max_latent_size", "the weights"),
     ("vit_max_num_patch_per_side", "the weights"),
-    ("vit.hidden_size", VIT_CONFIG), ("vit.intermediate_size", VIT_CONFIG), ("vit.num_layers", VIT_CONFIG),
-    ("vit.num_heads", VIT_CONFIG), ("vit.patch_size", VIT_CONFIG), ("vit.num_positions", VIT_CONFIG),
-    ("vae.ch", AE_FILE), ("vae.ch_mult", AE_FILE), ("vae.num_res_blocks", AE_FILE), ("vae.z_channels", AE_FILE),
+    ("vit.hidden_size", VIT_CONFIG),
+    ("vit.intermediate_size", VIT_CONFIG),
+    ("vit.num_layers", VIT_CONFIG),
+    ("vit.num_heads", VIT_CONFIG),
+    ("vit.patch_size", VIT_CONFIG),
+    ("vit.num_positions", VIT_CONFIG),
+    ("vae.ch", AE_FILE),
+    ("vae.ch_mult", AE_FILE),
+    ("vae.num_res_blocks", AE_FILE),
+    ("vae.z_channels", AE_FILE),
 )
 
 
@@ -86,15 +102,20 @@ def check_release(path: str, cfg) -> None:
     for key, where in CHECKED_KEYS:
         if key.startswith("vit.") and not cfg.visual_und or key.startswith("vae.") and not cfg.visual_gen:
             continue
-        if key in ("max_latent_size",) and not cfg.visual_gen or key == "vit_max_num_patch_per_side" and not (
-                cfg.visual_und):
+        if (
+            key in ("max_latent_size",)
+            and not cfg.visual_gen
+            or key == "vit_max_num_patch_per_side"
+            and not (cfg.visual_und)
+        ):
             continue
         ours, theirs = _get(cfg, key), _get(rel, key)
         if ours != theirs:
             raise CheckpointError(f"model.{key}: {ours!r} in the config, {theirs!r} in {where} of {path}")
     if head_dim(cfg) != head_dim(rel):
-        raise CheckpointError(f"model.head_dim: {head_dim(cfg)} in the config, {head_dim(rel)} in {LLM_CONFIG} "
-                              f"of {path}")
+        raise CheckpointError(
+            f"model.head_dim: {head_dim(cfg)} in the config, {head_dim(rel)} in {LLM_CONFIG} of {path}"
+        )
     _check_keys(src.shapes, official_shapes(cfg), ", ".join(src.files))
 
 
@@ -112,6 +133,7 @@ def open_source(path: str) -> TensorSource:
 
 
 # --- one shard of one tensor -----------------------------------------------------------------------
+
 
 def _bounds(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
     out = []
@@ -145,8 +167,9 @@ def read_shard(tensor, kind: str, index: tuple[slice, ...], hd: int) -> np.ndarr
     raise ValueError(f"unknown layout kind {kind!r}")
 
 
-def _place(src: TensorSource, keys: list[str], kind: str, shape: tuple[int, ...], dtype, sharding, hd: int,
-           stacked: bool) -> jax.Array:
+def _place(
+    src: TensorSource, keys: list[str], kind: str, shape: tuple[int, ...], dtype, sharding, hd: int, stacked: bool
+) -> jax.Array:
     """One param from ``keys`` (one key; or one per layer when ``stacked`` on a leading layer axis)."""
     cache: dict[tuple, np.ndarray] = {}  # replicated shards read once
     with contextlib.ExitStack() as stack:
@@ -158,8 +181,10 @@ def _place(src: TensorSource, keys: list[str], kind: str, shape: tuple[int, ...]
             tag = tuple((s.start, s.stop) for s in idx)
             if tag not in cache:
                 if stacked:
-                    parts = [read_shard(tensor(keys[i]), kind, idx[1:], hd).astype(dtype)
-                             for i in range(idx[0].start, idx[0].stop)]
+                    parts = [
+                        read_shard(tensor(keys[i]), kind, idx[1:], hd).astype(dtype)
+                        for i in range(idx[0].start, idx[0].stop)
+                    ]
                     cache[tag] = np.ascontiguousarray(np.stack(parts))
                 else:
                     cache[tag] = np.ascontiguousarray(read_shard(tensor(keys[0]), kind, idx, hd).astype(dtype))

@@ -5,6 +5,7 @@ Layout (written by ``bagel_jax.train.checkpoint.Checkpointer``): ``<workdir>/che
 ``state`` holds the whole ``TrainState`` (``params``, ``ema_params``, ...). Only the asked-for field is read, sharded
 onto the given abstract params' shardings.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,12 @@ def load_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> An
             return ckptr.restore(root, abstract_params)
     field = "ema_params" if use_ema else "params"
     with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
-            item={field: abstract_params}, restore_args={field: restore_args}, partial_restore=True))
+        out = ckptr.restore(
+            step_dir / STATE,
+            args=ocp.args.PyTreeRestore(
+                item={field: abstract_params}, restore_args={field: restore_args}, partial_restore=True
+            ),
+        )
     return out[field]
 
 

@@ -11,6 +11,7 @@ BAGEL picks it up with ``--config.model.vae.init_from=DIR``: the trainer calls `
 ``load_vae_params`` into ``params['vae']``. Loading a pretrained tower is conversion, not training: this module
 sits with the other converters, below ``infer`` and ``eval``.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,19 @@ def export_vae(directory: str, params, vae_cfg, stats: dict[str, float], info: d
     from safetensors.numpy import save_file
 
     from bagel_jax.convert.hf_vision import params_to_flux_ae
+
     os.makedirs(directory, exist_ok=True)
     tree = jax.tree.map(np.asarray, jax.device_get(nn.meta.unbox(params)))
     save_file(params_to_flux_ae(tree, vae_cfg), os.path.join(directory, AE_FILE))
     if not stats["latent_std"] > 0:
         raise ValueError(f"export_vae: latent std {stats['latent_std']} is not positive")
-    meta = dict(scale_factor=1.0 / stats["latent_std"], shift_factor=stats["latent_mean"], vae=_arch(vae_cfg),
-                **stats, **(info or {}))
+    meta = dict(
+        scale_factor=1.0 / stats["latent_std"],
+        shift_factor=stats["latent_mean"],
+        vae=_arch(vae_cfg),
+        **stats,
+        **(info or {}),
+    )
     with open(os.path.join(directory, STATS_FILE), "w") as fh:
         json.dump(meta, fh, indent=2, sort_keys=True)
     return directory
@@ -57,8 +64,10 @@ def _export_dir(path: str) -> str:
     for cand in (path, os.path.join(path, EXPORT_DIR)):
         if os.path.isfile(os.path.join(cand, AE_FILE)):
             return cand
-    raise FileNotFoundError(f"model.vae.init_from: no {AE_FILE} in {path} or {os.path.join(path, EXPORT_DIR)} "
-                            f"(run python -m bagel_jax.train.vae_train first)")
+    raise FileNotFoundError(
+        f"model.vae.init_from: no {AE_FILE} in {path} or {os.path.join(path, EXPORT_DIR)} "
+        f"(run python -m bagel_jax.train.vae_train first)"
+    )
 
 
 def load_latent_stats(path: str) -> dict:
@@ -74,8 +83,10 @@ def _check_arch(stats: dict, vae_cfg, path: str):
     want = _arch(vae_cfg)
     for key, value in want.items():
         if stats["vae"].get(key) != value:
-            raise ConfigError(f"model.vae.{key}: {value} differs from the VAE in {path} "
-                              f"({key}={stats['vae'].get(key)}); use the VAE stage's model.vae")
+            raise ConfigError(
+                f"model.vae.{key}: {value} differs from the VAE in {path} "
+                f"({key}={stats['vae'].get(key)}); use the VAE stage's model.vae"
+            )
 
 
 def load_vae_params(path: str, vae_cfg=None) -> dict:
@@ -83,6 +94,7 @@ def load_vae_params(path: str, vae_cfg=None) -> dict:
     layout of ``Bagel`` ``params['vae']``). ``path``: the VAE-stage workdir, its export/ dir, or the
     ae.safetensors. ``vae_cfg`` (default: the architecture in vae.json) must match the exported architecture."""
     from bagel_jax.convert.bagel_ckpt import load_vae_params as load_ae
+
     stats = load_latent_stats(path)
     if vae_cfg is None:  # the schema's model.vae with the exported architecture
         vae_cfg = base_config().model.vae
@@ -101,6 +113,10 @@ def apply_vae_init_config(config) -> dict | None:
     _check_arch(stats, config.model.vae, path)
     config.model.vae.scale_factor = float(stats["scale_factor"])
     config.model.vae.shift_factor = float(stats["shift_factor"])
-    logging.info("model.vae from %s: scale_factor=%.6g shift_factor=%.6g", path, config.model.vae.scale_factor,
-                 config.model.vae.shift_factor)
+    logging.info(
+        "model.vae from %s: scale_factor=%.6g shift_factor=%.6g",
+        path,
+        config.model.vae.scale_factor,
+        config.model.vae.shift_factor,
+    )
     return stats

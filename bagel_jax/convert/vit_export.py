@@ -10,6 +10,7 @@ Export layout (DIR/export/ of a ``python -m bagel_jax.train.vit_train`` run)::
 BAGEL loads it with ``--config.model.vit.init_from=DIR``: on a fresh start the trainer puts ``load_vit_params``
 into ``params['vit_model']``. Loading a pretrained tower is conversion, not training.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,23 @@ EXPORT_DIR, WEIGHTS_FILE, CONFIG_FILE, INFO_FILE = "export", "model.safetensors"
 def hf_vision_config(model_cfg) -> dict:
     """transformers ``SiglipVisionConfig`` of ``model.vit`` (exact layer count, no pooling head)."""
     v = model_cfg.vit
-    side = int(round(v.num_positions ** 0.5))
+    side = int(round(v.num_positions**0.5))
     if side * side != v.num_positions:
         raise ConfigError(f"model.vit.num_positions: {v.num_positions} is not a square")
-    return dict(model_type="siglip_vision_model", architectures=["SiglipVisionModel"], hidden_size=v.hidden_size,
-                intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-                num_attention_heads=v.num_heads, patch_size=v.patch_size, image_size=side * v.patch_size,
-                num_channels=3, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act, vision_use_head=False)
+    return dict(
+        model_type="siglip_vision_model",
+        architectures=["SiglipVisionModel"],
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        patch_size=v.patch_size,
+        image_size=side * v.patch_size,
+        num_channels=3,
+        layer_norm_eps=v.layer_norm_eps,
+        hidden_act=v.hidden_act,
+        vision_use_head=False,
+    )
 
 
 def export_vit(directory: str, vit_params, model_cfg, info: dict | None = None) -> str:
@@ -41,6 +52,7 @@ def export_vit(directory: str, vit_params, model_cfg, info: dict | None = None) 
     from safetensors.numpy import save_file
 
     from bagel_jax.convert.hf_vision import params_to_siglip
+
     os.makedirs(directory, exist_ok=True)
     tree = jax.tree.map(np.asarray, jax.device_get(nn.meta.unbox(vit_params)))
     save_file(params_to_siglip(tree, model_cfg), os.path.join(directory, WEIGHTS_FILE))
@@ -58,8 +70,10 @@ def _weights_file(path: str) -> str:
     for cand in (path, os.path.join(path, EXPORT_DIR)):
         if os.path.isfile(os.path.join(cand, WEIGHTS_FILE)):
             return os.path.join(cand, WEIGHTS_FILE)
-    raise FileNotFoundError(f"model.vit.init_from: no {WEIGHTS_FILE} in {path} or {os.path.join(path, EXPORT_DIR)} "
-                            f"(run python -m bagel_jax.train.vit_train first)")
+    raise FileNotFoundError(
+        f"model.vit.init_from: no {WEIGHTS_FILE} in {path} or {os.path.join(path, EXPORT_DIR)} "
+        f"(run python -m bagel_jax.train.vit_train first)"
+    )
 
 
 def check_vit_init(config) -> None:
@@ -81,6 +95,7 @@ def load_vit_params(path: str, model_cfg) -> dict:
     from safetensors.numpy import load_file
 
     from bagel_jax.convert.hf_vision import SIGLIP_PREFIXES, siglip_to_params
+
     file = _weights_file(path)
     sd = load_file(file)
     prefix = next((p for p in SIGLIP_PREFIXES if p + "post_layernorm.weight" in sd), None)

@@ -6,6 +6,7 @@ process imports this package: without the guard each worker would load jax (~1 s
 jax is not loaded yet, grain is imported with ``jax`` marked unimportable, and the mark is removed right after; a
 process that has already imported jax (the trainer) gets grain's jax-backed versions as before.
 """
+
 from __future__ import annotations
 
 import importlib

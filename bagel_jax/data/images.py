@@ -20,6 +20,7 @@ applied (a rotated phone photo comes out upright), 16-bit and 32-bit images are 
 ``convert`` clips them), every mode with an alpha channel (RGBA, LA, PA, palette or RGB with a transparent colour)
 is composited on white, and an animated image gives its first frame.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,7 +64,7 @@ class ResizeRule:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
-    def from_tuple(cls, spec) -> "ResizeRule":
+    def from_tuple(cls, spec) -> ResizeRule:
         """``(max_size, min_size, stride[, max_pixels])`` as in config ``data.vit_transform``."""
         if len(spec) not in (3, 4):
             raise ValueError(f"resize spec must be (max_size, min_size, stride[, max_pixels]), got {tuple(spec)}")
@@ -86,8 +87,9 @@ class ResizeRule:
 def decode_image(data: bytes, name: str = "image", max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
     """Encoded bytes → RGB PIL image (see the module doc); raises only ``ImageError``."""
     if not data:
-        raise ImageError(f"{name}: empty image bytes (the file was missing or unreadable when the data was built)",
-                         "missing_file")
+        raise ImageError(
+            f"{name}: empty image bytes (the file was missing or unreadable when the data was built)", "missing_file"
+        )
     allow_pil_pixels(max_input_pixels)
     with warnings.catch_warnings():  # PIL's warnings (its pixel limit, corrupt EXIF, palette transparency) are noise
         warnings.simplefilter("ignore")
@@ -99,19 +101,22 @@ def _decode(data: bytes, name: str, max_input_pixels: int) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         size = tuple(int(v) for v in img.size)
     except Image.DecompressionBombError as e:  # only above 2x our limit (allow_pil_pixels)
-        raise ImageError(f"{name}: exceeds the limit max_input_pixels={max_input_pixels} ({e})",
-                         "image_too_large") from None
+        raise ImageError(
+            f"{name}: exceeds the limit max_input_pixels={max_input_pixels} ({e})", "image_too_large"
+        ) from None
     except Exception as e:  # noqa: BLE001  (PIL raises many types on hostile bytes; all mean "not an image")
         raise ImageError(f"{name}: undecodable image ({_describe(e)})", "undecodable_image") from None
     check_size(size, name, max_input_pixels)  # from the header, before any pixel is decoded
     try:
         out = to_rgb(_upright(img))
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: exceeds the limit max_input_pixels={max_input_pixels} ({e})",
-                         "image_too_large") from None
+        raise ImageError(
+            f"{name}: exceeds the limit max_input_pixels={max_input_pixels} ({e})", "image_too_large"
+        ) from None
     except MemoryError:
-        raise ImageError(f"{name}: {size[0]}x{size[1]} does not fit in memory (lower data.max_input_pixels)",
-                         "image_too_large") from None
+        raise ImageError(
+            f"{name}: {size[0]}x{size[1]} does not fit in memory (lower data.max_input_pixels)", "image_too_large"
+        ) from None
     except Exception as e:  # noqa: BLE001  (truncated / corrupt data surfaces on load)
         raise ImageError(f"{name}: undecodable image ({_describe(e)})", "undecodable_image") from None
     check_size(out.size, name, max_input_pixels)
@@ -153,8 +158,9 @@ def check_size(size: tuple[int, int], name: str, max_input_pixels: int = DEFAULT
     if w <= 0 or h <= 0:
         raise ImageError(f"{name}: zero-size image {w}x{h}", "bad_image")
     if w * h > max_input_pixels:
-        raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit max_input_pixels={max_input_pixels}",
-                         "image_too_large")
+        raise ImageError(
+            f"{name}: {w}x{h} = {w * h} pixels exceeds the limit max_input_pixels={max_input_pixels}", "image_too_large"
+        )
 
 
 _ALPHA_MODES = ("RGBA", "LA", "La", "PA", "RGBa")
@@ -190,8 +196,13 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
-def resize(img: Image.Image | np.ndarray, rule: ResizeRule, img_num: int = 1, name: str = "image",
-           max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> np.ndarray:
+def resize(
+    img: Image.Image | np.ndarray,
+    rule: ResizeRule,
+    img_num: int = 1,
+    name: str = "image",
+    max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+) -> np.ndarray:
     """RGB image → uint8 [H', W', 3] resized by ``rule`` (BICUBIC, antialias), H', W' multiples of the stride."""
     if isinstance(img, np.ndarray):
         arr = img
@@ -246,8 +257,9 @@ def _torch_arange_f32(start: float, end: float, step: float) -> np.ndarray:
     return (start + step * np.arange(max(n, 0), dtype=np.float64)).astype(np.float32)
 
 
-def flattened_position_ids(img_h: int, img_w: int, patch_size: int, max_num_patches_per_side: int,
-                           interpolate: bool = False) -> np.ndarray:
+def flattened_position_ids(
+    img_h: int, img_w: int, patch_size: int, max_num_patches_per_side: int, interpolate: bool = False
+) -> np.ndarray:
     """Position id of each patch (row-major), int32[(H/p)·(W/p)].
 
     extrapolate (default): ``row·S + col``; interpolate: each axis bucketed into S bins as the reference's
@@ -257,8 +269,9 @@ def flattened_position_ids(img_h: int, img_w: int, patch_size: int, max_num_patc
     s = max_num_patches_per_side
     if not interpolate:
         if nh > s or nw > s:
-            raise ImageError(f"image {img_h}x{img_w} has {nh}x{nw} patches, more than max_num_patches_per_side={s}",
-                             "too_large")
+            raise ImageError(
+                f"image {img_h}x{img_w} has {nh}x{nw} patches, more than max_num_patches_per_side={s}", "too_large"
+            )
         rows, cols = np.arange(nh, dtype=np.int32), np.arange(nw, dtype=np.int32)
     else:
         boundaries = _torch_arange_f32(1.0 / s, 1.0, 1.0 / s)

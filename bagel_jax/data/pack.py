@@ -17,20 +17,21 @@
   (``skip_messages``: ``"reason\tmessage"`` strings, at most ``MESSAGES_PER_REASON`` per reason and batch), so
   both reach the trainer's process from grain workers.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
-from bagel_jax.data.grain_import import grain
 import numpy as np
 
-from bagel_jax.splits import Split, metadata_from_splits
 from bagel_jax.batch import FIELDS
 from bagel_jax.data import images as img_lib
+from bagel_jax.data.grain_import import grain
 from bagel_jax.data.records import SKIP_REASONS
 from bagel_jax.data.sample import Document
 from bagel_jax.data.skips import array_to_counts, counts_to_array
+from bagel_jax.splits import Split, metadata_from_splits
 
 EXTRA_FIELDS = ("skipped", "records", "real_tokens", "skip_messages")  # extras next to the PackedBatch fields
 MESSAGES_PER_REASON = 2  # skip messages sent with one batch, per reason (the counts are always complete)
@@ -65,8 +66,9 @@ class Budgets:
 
     @property
     def capacity(self) -> np.ndarray:
-        return np.array([self.und_len, self.gen_len, self.max_vit_patches, self.max_vae_images, self.max_docs],
-                        np.int64)
+        return np.array(
+            [self.und_len, self.gen_len, self.max_vit_patches, self.max_vae_images, self.max_docs], np.int64
+        )
 
 
 def doc_cost(doc: Document) -> np.ndarray:
@@ -141,19 +143,33 @@ class RowPacker:
 
 # --- row assembly ----------------------------------------------------------------------------------------------
 
+
 def field_shapes(b: Budgets, rows: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every output field for ``rows`` rows (PackedBatch fields + extras)."""
     L, U, G, P, N = b.seq_len, b.und_len, b.gen_len, b.max_vit_patches, b.max_vae_images
     H, W = b.vae_hw
     i32, f32, px = np.int32, np.float32, np.dtype(b.pixel_dtype)
     return {
-        "kind": ((rows, L), i32), "position": ((rows, L), i32), "index": ((rows, L), i32), "doc": ((rows, L), i32),
-        "q_hi": ((rows, L), i32), "kv_hi": ((rows, L), i32), "text_ids": ((rows, U), i32),
-        "labels": ((rows, U), i32), "ce_weight": ((rows, U), f32),
-        "vit_patches": ((rows, P, b.vit_patch_dim), px), "vit_pos": ((rows, P), i32), "vit_image": ((rows, P), i32),
-        "vit_slot": ((rows, P), i32), "vae_images": ((rows, N, H, W, 3), px), "vae_hw": ((rows, N, 2), i32),
-        "vae_timestep": ((rows, N), f32), "vae_src": ((rows, G), i32), "vae_pos": ((rows, G), i32),
-        "skipped": ((rows, len(SKIP_REASONS)), np.int64), "records": ((rows, b.max_docs), np.int64),
+        "kind": ((rows, L), i32),
+        "position": ((rows, L), i32),
+        "index": ((rows, L), i32),
+        "doc": ((rows, L), i32),
+        "q_hi": ((rows, L), i32),
+        "kv_hi": ((rows, L), i32),
+        "text_ids": ((rows, U), i32),
+        "labels": ((rows, U), i32),
+        "ce_weight": ((rows, U), f32),
+        "vit_patches": ((rows, P, b.vit_patch_dim), px),
+        "vit_pos": ((rows, P), i32),
+        "vit_image": ((rows, P), i32),
+        "vit_slot": ((rows, P), i32),
+        "vae_images": ((rows, N, H, W, 3), px),
+        "vae_hw": ((rows, N, 2), i32),
+        "vae_timestep": ((rows, N), f32),
+        "vae_src": ((rows, G), i32),
+        "vae_pos": ((rows, G), i32),
+        "skipped": ((rows, len(SKIP_REASONS)), np.int64),
+        "records": ((rows, b.max_docs), np.int64),
         "real_tokens": ((rows, 2), i32),
     }
 
@@ -203,19 +219,19 @@ def write_row(out: dict[str, np.ndarray], r: int, docs: Sequence[Document], b: B
         nat_u[us] = nat0 + doc.und_nat
         out["kind"][r, gs] = doc.gen_kind
         out["position"][r, gs] = doc.gen_pos
-        nat_g[g0:g0 + ng] = nat0 + doc.gen_nat
-        out["vae_src"][r, g0:g0 + ng] = i0 * T + doc.gen_src
-        out["vae_pos"][r, g0:g0 + ng] = doc.gen_latent_pos
+        nat_g[g0 : g0 + ng] = nat0 + doc.gen_nat
+        out["vae_src"][r, g0 : g0 + ng] = i0 * T + doc.gen_src
+        out["vae_pos"][r, g0 : g0 + ng] = doc.gen_latent_pos
         if nv:
-            _pixels(doc.vit_patches, out["vit_patches"][r, v0:v0 + nv])
-            out["vit_pos"][r, v0:v0 + nv] = doc.vit_pos
-            out["vit_image"][r, v0:v0 + nv] = vimg0 + doc.vit_img + 1
-            out["vit_slot"][r, v0:v0 + nv] = u0 + doc.vit_und
+            _pixels(doc.vit_patches, out["vit_patches"][r, v0 : v0 + nv])
+            out["vit_pos"][r, v0 : v0 + nv] = doc.vit_pos
+            out["vit_image"][r, v0 : v0 + nv] = vimg0 + doc.vit_img + 1
+            out["vit_slot"][r, v0 : v0 + nv] = u0 + doc.vit_und
         for k, px in enumerate(doc.vae_pixels):
             h, w = px.shape[:2]
             _pixels(px, out["vae_images"][r, i0 + k, :h, :w])
             out["vae_hw"][r, i0 + k] = (h, w)
-        out["vae_timestep"][r, i0:i0 + ni] = doc.vae_timestep
+        out["vae_timestep"][r, i0 : i0 + ni] = doc.vae_timestep
         out["records"][r, d - 1] = doc.key
         splits.extend(Split(d, m, int(n)) for m, n in zip(doc.split_modes, doc.split_lens))
         nat0 += doc.num_tokens
@@ -230,8 +246,9 @@ def write_row(out: dict[str, np.ndarray], r: int, docs: Sequence[Document], b: B
     out["real_tokens"][r] = (u0, g0)
 
 
-def assemble(rows: Sequence[Sequence[Document]], b: Budgets, num_rows: int | None = None,
-             alloc=np.zeros) -> dict[str, np.ndarray]:
+def assemble(
+    rows: Sequence[Sequence[Document]], b: Budgets, num_rows: int | None = None, alloc=np.zeros
+) -> dict[str, np.ndarray]:
     """Arrays for ``num_rows`` rows (default ``len(rows)``); rows beyond ``rows`` are padding."""
     num_rows = len(rows) if num_rows is None else num_rows
     out = allocate(b, num_rows, alloc)
@@ -262,6 +279,7 @@ def split_extras(batch: dict) -> tuple[dict, dict]:
 
 # --- grain dataset ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Skipped:
     """A record the transform rejected; the packer counts it by ``reason`` (one of ``skips.SKIP_REASONS``)."""
@@ -277,8 +295,14 @@ class PackIterDataset(grain.IterDataset):
     reported then come in one final all-padding batch (``TrainIterator`` absorbs it).
     """
 
-    def __init__(self, parent: grain.MapDataset, budgets: Budgets, batch_rows: int, buffer_size: int = 64,
-                 drop_remainder: bool = False):
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        budgets: Budgets,
+        batch_rows: int,
+        buffer_size: int = 64,
+        drop_remainder: bool = False,
+    ):
         super().__init__(parent)
         self.budgets, self.batch_rows, self.buffer_size = budgets, batch_rows, buffer_size
         self.drop_remainder = drop_remainder
@@ -293,16 +317,20 @@ class PackIterDataset(grain.IterDataset):
         """Called by grain in worker processes: allocate batches in shared memory (no copy to the consumer)."""
         self.shared_memory = True
 
-    def __iter__(self) -> "PackDatasetIterator":
+    def __iter__(self) -> PackDatasetIterator:
         return PackDatasetIterator(self)
 
     def __str__(self) -> str:
         return f"PackIterDataset(batch_rows={self.batch_rows}, buffer_size={self.buffer_size})"
 
 
-_BUDGET_NAMES = (("und tokens", "data.und_len"), ("gen tokens", "data.gen_len"),
-                 ("ViT patches", "data.max_vit_patches"), ("VAE images", "data.max_vae_images"),
-                 ("documents", "data.max_docs_per_row"))
+_BUDGET_NAMES = (
+    ("und tokens", "data.und_len"),
+    ("gen tokens", "data.gen_len"),
+    ("ViT patches", "data.max_vit_patches"),
+    ("VAE images", "data.max_vae_images"),
+    ("documents", "data.max_docs_per_row"),
+)
 
 
 class PackDatasetIterator(grain.DatasetIterator):
@@ -350,8 +378,11 @@ class PackDatasetIterator(grain.DatasetIterator):
             return
         cost = doc_cost(el)
         if not self._packer.fits_empty(cost):
-            over = ", ".join(f"{c} {what} > {key} {m}" for (what, key), c, m in zip(_BUDGET_NAMES, cost,
-                                                                                   self._packer.capacity) if c > m)
+            over = ", ".join(
+                f"{c} {what} > {key} {m}"
+                for (what, key), c, m in zip(_BUDGET_NAMES, cost, self._packer.capacity)
+                if c > m
+            )
             self._skip("too_large", f"{el.source or f'record {el.key}'}: does not fit an empty row ({over})")
             return
         self._in_a_row = 0
@@ -375,6 +406,7 @@ class PackDatasetIterator(grain.DatasetIterator):
         docs = [[self._docs.pop(i) for i in row] for row in take]
         if self._ds.shared_memory:
             from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
             alloc = lambda shape, dtype: SharedMemoryArray(shape, dtype)  # noqa: E731  (new shm is zero-filled)
         else:
             alloc = np.zeros
@@ -386,9 +418,13 @@ class PackDatasetIterator(grain.DatasetIterator):
         return out
 
     def get_state(self) -> dict:
-        return {"next": int(self._next), "buffer": [int(i) for i in self._packer.items],
-                "ready": [list(map(int, r)) for r in self._ready], "skipped": array_to_counts(self._skipped),
-                "exhausted": bool(self._exhausted)}
+        return {
+            "next": int(self._next),
+            "buffer": [int(i) for i in self._packer.items],
+            "ready": [list(map(int, r)) for r in self._ready],
+            "skipped": array_to_counts(self._skipped),
+            "exhausted": bool(self._exhausted),
+        }
 
     def set_state(self, state: dict) -> None:
         self._reset()
@@ -399,7 +435,8 @@ class PackDatasetIterator(grain.DatasetIterator):
             self._docs[i] = self._read(i)
             self._packer.items.append(i)
         self._packer.costs = np.array([doc_cost(self._docs[i]) for i in self._packer.items], np.int64).reshape(
-            -1, len(self._packer.capacity))
+            -1, len(self._packer.capacity)
+        )
         for row in state["ready"]:
             for i in row:
                 self._docs[i] = self._read(i)
@@ -407,4 +444,3 @@ class PackDatasetIterator(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return f"PackDatasetIterator(next={self._next})"
-

@@ -22,18 +22,19 @@ Trainer API::
     it.metrics()                      # {"data/skipped/<reason>": n, "data/fill": ..., ...}
     state = it.get_state(); it.set_state(state)
 """
+
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from bagel_jax.data.grain_import import grain
 import ml_collections
 import numpy as np
 
 from bagel_jax.batch import FIELDS, PackedBatch
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import common
+from bagel_jax.data.grain_import import grain
 from bagel_jax.data.pack import Budgets, PackIterDataset, Skipped, split_extras, unlink_shared_memory
 from bagel_jax.data.records import KINDS, SKIP_REASONS, RecordDecoder, RecordError
 from bagel_jax.data.sample import LayoutConfig, build_document
@@ -57,21 +58,37 @@ def _seed(*parts: int) -> int:
 
 def budgets_from_config(config: ml_collections.ConfigDict) -> Budgets:
     d, m = config.data, config.model
-    return Budgets(seq_len=d.seq_len, und_len=d.und_len, max_vit_patches=d.max_vit_patches,
-                   max_vae_images=d.max_vae_images, vae_hw=tuple(d.vae_image_size),
-                   vit_patch_dim=3 * m.vit.patch_size ** 2, max_docs=d.max_docs_per_row,
-                   latent_stride=8 * m.latent_patch_size, pixel_dtype=d.pixel_dtype)
+    return Budgets(
+        seq_len=d.seq_len,
+        und_len=d.und_len,
+        max_vit_patches=d.max_vit_patches,
+        max_vae_images=d.max_vae_images,
+        vae_hw=tuple(d.vae_image_size),
+        vit_patch_dim=3 * m.vit.patch_size**2,
+        max_docs=d.max_docs_per_row,
+        latent_stride=8 * m.latent_patch_size,
+        pixel_dtype=d.pixel_dtype,
+    )
 
 
 def layout_from_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> LayoutConfig:
     d, m = config.data, config.model
     return LayoutConfig(
-        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, vision_start_id=tokenizer.vision_start_id,
-        vision_end_id=tokenizer.vision_end_id, vit_patch_size=m.vit.patch_size,
-        vit_max_patches_per_side=m.vit_max_num_patch_per_side, vae_downsample=8 * m.latent_patch_size,
-        max_latent_size=m.max_latent_size, vae_pad_hw=tuple(d.vae_image_size), interpolate_pos=m.interpolate_pos,
-        text_cond_dropout_prob=d.text_cond_dropout_prob, vit_cond_dropout_prob=d.vit_cond_dropout_prob,
-        vae_cond_dropout_prob=d.vae_cond_dropout_prob, ce_loss_reweighting=d.ce_loss_reweighting)
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        vision_start_id=tokenizer.vision_start_id,
+        vision_end_id=tokenizer.vision_end_id,
+        vit_patch_size=m.vit.patch_size,
+        vit_max_patches_per_side=m.vit_max_num_patch_per_side,
+        vae_downsample=8 * m.latent_patch_size,
+        max_latent_size=m.max_latent_size,
+        vae_pad_hw=tuple(d.vae_image_size),
+        interpolate_pos=m.interpolate_pos,
+        text_cond_dropout_prob=d.text_cond_dropout_prob,
+        vit_cond_dropout_prob=d.vit_cond_dropout_prob,
+        vae_cond_dropout_prob=d.vae_cond_dropout_prob,
+        ce_loss_reweighting=d.ce_loss_reweighting,
+    )
 
 
 def source_spec(config: ml_collections.ConfigDict, kind: str) -> str:
@@ -86,13 +103,15 @@ def tokenizer_from_config(config: ml_collections.ConfigDict) -> Tokenizer:
     path = config.data.tokenizer
     if not path:
         from bagel_jax.data.builders import synthetic_shapes
+
         if config.data.builder != synthetic_shapes.NAME:
             raise ValueError("data.tokenizer: empty, and data.builder is not synthetic_shapes (which ships one)")
         path = synthetic_shapes.tokenizer_path(config.data.data_dir)
     tok = load_tokenizer(path)
     if tok.vocab_size > config.model.vocab_size:
-        raise ValueError(f"data.tokenizer: {path} has {tok.vocab_size} ids > model.vocab_size "
-                         f"{config.model.vocab_size}")
+        raise ValueError(
+            f"data.tokenizer: {path} has {tok.vocab_size} ids > model.vocab_size {config.model.vocab_size}"
+        )
     return tok
 
 
@@ -119,9 +138,15 @@ class DocumentTransform:
             return Skipped("internal_error", f"{where}: {type(e).__name__}: {e} (a bug in the decoder, please report)")
 
 
-def make_dataset(config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1, *,
-                 num_epochs: int | None = None, num_workers: int | None = None,
-                 drop_remainder: bool = False) -> grain.IterDataset:
+def make_dataset(
+    config: ml_collections.ConfigDict,
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    num_epochs: int | None = None,
+    num_workers: int | None = None,
+    drop_remainder: bool = False,
+) -> grain.IterDataset:
     """The grain dataset of batches (dicts: PackedBatch fields + extras ``skipped``, ``records``,
     ``real_tokens``, ``skip_messages``), ``config.data.batch_size // process_count`` rows each.
 
@@ -155,11 +180,17 @@ def make_dataset(config: ml_collections.ConfigDict, process_index: int = 0, proc
         datasets.append(ds)
         weights.append(float(d.mixture[kind]))
     mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    ds = PackIterDataset(mixed, budgets_from_config(config), d.batch_size // process_count,
-                         buffer_size=d.pack_buffer, drop_remainder=drop_remainder)
+    ds = PackIterDataset(
+        mixed,
+        budgets_from_config(config),
+        d.batch_size // process_count,
+        buffer_size=d.pack_buffer,
+        drop_remainder=drop_remainder,
+    )
     workers = d.num_workers if num_workers is None else num_workers
     if workers > 0:
         from absl import flags
+
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use their defaults
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=d.prefetch))
@@ -231,8 +262,12 @@ class TrainIterator(grain.DatasetIterator):
         return out
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._parent.get_state(), "skipped": self.skip_counts(), "rows": int(self.rows),
-                "real_tokens": self.real_tokens.tolist()}
+        return {
+            "pipeline": self._parent.get_state(),
+            "skipped": self.skip_counts(),
+            "rows": int(self.rows),
+            "real_tokens": self.real_tokens.tolist(),
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["pipeline"])
@@ -274,8 +309,9 @@ class EmulatedHostsIterator:
             it.set_state(s)
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1,
-                        **kwargs) -> TrainIterator | EmulatedHostsIterator:
+def make_train_iterator(
+    config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1, **kwargs
+) -> TrainIterator | EmulatedHostsIterator:
     """``TrainIterator`` over ``make_dataset(config, process_index, process_count, **kwargs)``; with
     ``data.emulate_hosts = n > 1`` (single process only) an ``EmulatedHostsIterator`` over n host shards."""
     n = config.data.emulate_hosts
@@ -286,7 +322,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, process_index: int = 
     return make_train_iterator_for_host(config, process_index, process_count, **kwargs)
 
 
-def make_train_iterator_for_host(config: ml_collections.ConfigDict, process_index: int, process_count: int,
-                                 **kwargs) -> TrainIterator:
+def make_train_iterator_for_host(
+    config: ml_collections.ConfigDict, process_index: int, process_count: int, **kwargs
+) -> TrainIterator:
     ds = make_dataset(config, process_index, process_count, **kwargs)
     return TrainIterator(iter(ds), budgets_from_config(config))

@@ -17,6 +17,7 @@ unusable ``image_names`` / ``source`` only make messages less precise. ``meta`` 
 Text with lone surrogates (valid JSON ``"\\ud800"``, not valid UTF-8) has them replaced by U+FFFD. Booleans
 are not integers here (``{"image": true}`` is a bad field).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -127,8 +128,9 @@ def parse_record(record, expected_kind: str, where: str) -> Record:
         raise RecordError(f"{source}: 'meta' is {show(meta)}, not a JSON object", "bad_record")
     raw = _as_sequence(record.get("images", []))
     if raw is None:
-        raise RecordError(f"{source}: feature 'images' is {show(record.get('images'))}, not a list of bytes",
-                          "bad_record")
+        raise RecordError(
+            f"{source}: feature 'images' is {show(record.get('images'))}, not a list of bytes", "bad_record"
+        )
     images = []
     for i, v in enumerate(raw):
         b = _as_bytes(v)
@@ -156,16 +158,20 @@ def check_meta(kind: str, meta, num_images: int, source: str) -> dict[str, Any]:
             raise RecordError(f"{source}: an edit record needs >= 2 images, has {num_images}", "bad_record")
         steps = f.list("instructions")
         if len(steps) < num_images - 1:
-            raise RecordError(f"{source}: 'instructions' has {len(steps)} steps for {num_images} images "
-                              f"(needs {num_images - 1})", "bad_field")
+            raise RecordError(
+                f"{source}: 'instructions' has {len(steps)} steps for {num_images} images (needs {num_images - 1})",
+                "bad_field",
+            )
         return {"instructions": [f.alternatives(v, f"instructions[{i}]") for i, v in enumerate(steps)]}
     if kind == "video":
         if num_images < 2:
             raise RecordError(f"{source}: a video record needs >= 2 frames, has {num_images}", "bad_record")
         captions = [f.text(v, f"captions[{i}]") for i, v in enumerate(f.list("captions"))]
         if len(captions) != num_images - 1:
-            raise RecordError(f"{source}: 'captions' has {len(captions)} entries for {num_images} frames "
-                              f"(needs {num_images - 1})", "bad_field")
+            raise RecordError(
+                f"{source}: 'captions' has {len(captions)} entries for {num_images} frames (needs {num_images - 1})",
+                "bad_field",
+            )
         return {"captions": captions}
     if kind == "web":
         return {"items": f.items("items", num_images)}
@@ -250,4 +256,3 @@ class _Missing:
 
 
 _MISSING = _Missing()
-

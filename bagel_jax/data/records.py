@@ -22,6 +22,7 @@ then per kind, ``meta`` → segments:
 The reference registers no video or web dataset; those two rules use its ``_add_text`` / ``_add_image`` building
 blocks (``interleave_t2i_dataset.py``) the way the edit dataset does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -128,8 +129,13 @@ class RecordDecoder:
             out.append(ctx.image(end, vae="noised"))
         else:
             for i in range(start + 1, end + 1):
-                out.append(Text(self._encode_nonempty(self._instruction(instructions[i - 1], ctx, rng), ctx),
-                                loss=False, cfg=True))
+                out.append(
+                    Text(
+                        self._encode_nonempty(self._instruction(instructions[i - 1], ctx, rng), ctx),
+                        loss=False,
+                        cfg=True,
+                    )
+                )
                 if i != end:
                     out.append(ctx.image(i, vae="noised+clean", vit=True, cfg=True))
                 else:
@@ -177,8 +183,9 @@ class _Context:
 
     def _pil(self, i: int):
         if i not in self._decoded:
-            self._decoded[i] = img_lib.decode_image(self.rec.images[i], self.rec.image_name(i),
-                                                    self.dec.max_input_pixels)
+            self._decoded[i] = img_lib.decode_image(
+                self.rec.images[i], self.rec.image_name(i), self.dec.max_input_pixels
+            )
         return self._decoded[i]
 
     def image(self, i: int, vae: str = "none", vit: bool = False, cfg: bool = False, img_num: int = 1) -> Image:

@@ -17,16 +17,17 @@ Noised images never drop. RoPE: texts advance by their length; clean VAE / ViT i
 und tokens (text + ViT, slots [0, U) of a row) and gen tokens (VAE latents, slots [U, L)), each carrying its
 natural (reading-order) index within the document, plus the document's splits. The packer places documents.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
-from bagel_jax.splits import CAUSAL, FULL, NOISE
 from bagel_jax.batch import KIND_CLEAN_VAE, KIND_NOISED_VAE, KIND_TEXT, KIND_VIT
 from bagel_jax.data import images as img_lib
+from bagel_jax.splits import CAUSAL, FULL, NOISE
 
 VAE_ROLES = ("none", "clean", "noised", "noised+clean")
 
@@ -63,7 +64,7 @@ class Image:
             raise ValueError(f"{self.name}: vit=True needs vit_pixels")
 
 
-Segment = Union[Text, Image]
+Segment = Text | Image
 
 
 @dataclasses.dataclass
@@ -101,7 +102,7 @@ class LayoutConfig:
 
 def len2weight(n: int) -> float:
     """The reference's CE weight per token of a text split with ``n`` loss tokens ('square': 1/√n)."""
-    return 0.0 if n == 0 else 1.0 / (n ** 0.5)
+    return 0.0 if n == 0 else 1.0 / (n**0.5)
 
 
 @dataclasses.dataclass
@@ -206,8 +207,9 @@ class _Builder:
     def _markers(self, inner: int):
         """und tokens <|vision_start|>, <|vision_end|> around ``inner`` image tokens (one RoPE id)."""
         c = self.cfg
-        self._und([self.curr, self.curr + 1 + inner], KIND_TEXT, [self.rope, self.rope],
-                  [c.vision_start_id, c.vision_end_id])
+        self._und(
+            [self.curr, self.curr + 1 + inner], KIND_TEXT, [self.rope, self.rope], [c.vision_start_id, c.vision_end_id]
+        )
 
     def vae(self, pixels: np.ndarray, noised: bool, name: str, rng: np.random.Generator):
         c = self.cfg
@@ -215,11 +217,15 @@ class _Builder:
         d = c.vae_downsample
         ph, pw = c.vae_pad_hw
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or h % d or w % d:
-            raise img_lib.ImageError(f"{name}: VAE pixels must be uint8 [H, W, 3] with H, W multiples of {d}, "
-                                     f"got {pixels.dtype} {pixels.shape}", "bad_image")
+            raise img_lib.ImageError(
+                f"{name}: VAE pixels must be uint8 [H, W, 3] with H, W multiples of {d}, "
+                f"got {pixels.dtype} {pixels.shape}",
+                "bad_image",
+            )
         if h > ph or w > pw:
-            raise img_lib.ImageError(f"{name}: VAE image {h}x{w} exceeds the limit data.vae_image_size={ph}x{pw}",
-                                     "too_large")
+            raise img_lib.ImageError(
+                f"{name}: VAE image {h}x{w} exceeds the limit data.vae_image_size={ph}x{pw}", "too_large"
+            )
         hl, wl = h // d, w // d
         n = hl * wl
         k = len(self.vae_pixels)
@@ -240,8 +246,9 @@ class _Builder:
         c = self.cfg
         p = c.vit_patch_size
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-            raise img_lib.ImageError(f"{name}: ViT pixels must be uint8 [H, W, 3], got {pixels.dtype} {pixels.shape}",
-                                     "bad_image")
+            raise img_lib.ImageError(
+                f"{name}: ViT pixels must be uint8 [H, W, 3], got {pixels.dtype} {pixels.shape}", "bad_image"
+            )
         h, w = pixels.shape[:2]
         patches = img_lib.patchify(pixels, p)
         n = len(patches)
@@ -272,18 +279,32 @@ class _Builder:
         und = {k: cat(u[k], np.float32 if k == "ce" else np.int32)[order] for k in u}
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order), dtype=order.dtype)
-        pdim = 3 * self.cfg.vit_patch_size ** 2
+        pdim = 3 * self.cfg.vit_patch_size**2
         vit_und = cat(v["und"], np.int32)
         return Document(
-            key=key, und_nat=und["nat"], und_kind=und["kind"], und_pos=und["pos"], und_text=und["text"],
-            und_label=und["label"], und_ce=und["ce"],
-            gen_nat=cat(g["nat"], np.int32), gen_kind=cat(g["kind"], np.int32), gen_pos=cat(g["pos"], np.int32),
-            gen_src=cat(g["src"], np.int32), gen_latent_pos=cat(g["lpos"], np.int32),
-            vit_patches=cat(v["patches"], np.uint8, (0, pdim)), vit_pos=cat(v["pos"], np.int32),
-            vit_img=cat(v["img"], np.int32), vit_und=inv[vit_und].astype(np.int32) if len(vit_und) else vit_und,
-            num_vit_images=self.num_vit_images, vae_pixels=self.vae_pixels,
+            key=key,
+            und_nat=und["nat"],
+            und_kind=und["kind"],
+            und_pos=und["pos"],
+            und_text=und["text"],
+            und_label=und["label"],
+            und_ce=und["ce"],
+            gen_nat=cat(g["nat"], np.int32),
+            gen_kind=cat(g["kind"], np.int32),
+            gen_pos=cat(g["pos"], np.int32),
+            gen_src=cat(g["src"], np.int32),
+            gen_latent_pos=cat(g["lpos"], np.int32),
+            vit_patches=cat(v["patches"], np.uint8, (0, pdim)),
+            vit_pos=cat(v["pos"], np.int32),
+            vit_img=cat(v["img"], np.int32),
+            vit_und=inv[vit_und].astype(np.int32) if len(vit_und) else vit_und,
+            num_vit_images=self.num_vit_images,
+            vae_pixels=self.vae_pixels,
             vae_timestep=np.asarray(self.timesteps, np.float32),
-            split_lens=np.asarray(self.split_lens, np.int32), split_modes=tuple(self.split_modes), source=source)
+            split_lens=np.asarray(self.split_lens, np.int32),
+            split_modes=tuple(self.split_modes),
+            source=source,
+        )
 
 
 def build_document(sample: Sample, cfg: LayoutConfig, rng: np.random.Generator) -> Document:

@@ -33,6 +33,7 @@ Records kept with a missing image are counted in the build summary (training ski
 ``SkipLog`` logs the first few messages of each reason, then at most one per reason every ``interval_s`` seconds
 (with the number it left out), so a dataset with a million bad records cannot flood the console.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,11 +43,29 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-SKIP_REASONS = ("unreadable_record", "bad_record", "bad_field", "empty_text", "no_loss", "missing_file",
-                "undecodable_image", "image_too_large", "bad_image", "too_large", "internal_error")
+SKIP_REASONS = (
+    "unreadable_record",
+    "bad_record",
+    "bad_field",
+    "empty_text",
+    "no_loss",
+    "missing_file",
+    "undecodable_image",
+    "image_too_large",
+    "bad_image",
+    "too_large",
+    "internal_error",
+)
 # The reason order before ``skips.py`` (iterator states saved then hold counts as a list in this order).
-LEGACY_SKIP_REASONS = ("undecodable_image", "missing_file", "empty_text", "too_large", "no_loss", "bad_image",
-                       "bad_record")
+LEGACY_SKIP_REASONS = (
+    "undecodable_image",
+    "missing_file",
+    "empty_text",
+    "too_large",
+    "no_loss",
+    "bad_image",
+    "bad_record",
+)
 BUILD_SKIP_REASONS = ("unreadable_file", "not_json", "bad_row")
 
 _repr = reprlib.Repr()
@@ -72,8 +91,9 @@ def counts_to_array(counts, reasons: tuple[str, ...] = SKIP_REASONS) -> np.ndarr
     else:
         counts = list(counts)
         if len(counts) != len(LEGACY_SKIP_REASONS):
-            raise ValueError(f"skip counts: expected a dict or {len(LEGACY_SKIP_REASONS)} legacy counts, "
-                             f"got {len(counts)}")
+            raise ValueError(
+                f"skip counts: expected a dict or {len(LEGACY_SKIP_REASONS)} legacy counts, got {len(counts)}"
+            )
         items = zip(LEGACY_SKIP_REASONS, counts, strict=True)
     for reason, n in items:
         if reason not in reasons:
@@ -90,8 +110,14 @@ class SkipLog:
     """Rate-limited skip messages: per reason the first ``first`` in full, then at most one every ``interval_s``
     seconds, which says how many were left out since the last one logged."""
 
-    def __init__(self, what: str = "skipped", first: int = 5, interval_s: float = 60.0,
-                 logger: logging.Logger | None = None, clock=time.monotonic):
+    def __init__(
+        self,
+        what: str = "skipped",
+        first: int = 5,
+        interval_s: float = 60.0,
+        logger: logging.Logger | None = None,
+        clock=time.monotonic,
+    ):
         self.what, self.first, self.interval_s = what, first, interval_s
         self.logger = logger or logging.getLogger("bagel_jax.data")
         self.clock = clock

@@ -9,13 +9,14 @@ the special-token strings before the backend sees it, so ``"<|im_start|>"`` in a
 
 Picklable (grain workers): only the model file path and bytes travel.
 """
+
 from __future__ import annotations
 
 import abc
 import io
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
@@ -84,8 +85,12 @@ class Tokenizer(abc.ABC):
 
     def special_token_ids(self) -> dict[str, int]:
         """The reference's ``new_token_ids`` dict."""
-        return dict(bos_token_id=self.bos_id, eos_token_id=self.eos_id, start_of_image=self.vision_start_id,
-                    end_of_image=self.vision_end_id)
+        return dict(
+            bos_token_id=self.bos_id,
+            eos_token_id=self.eos_id,
+            start_of_image=self.vision_start_id,
+            end_of_image=self.vision_end_id,
+        )
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -130,6 +135,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _load(self) -> None:
         import sentencepiece as spm
+
         self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
         self._init_special()
 
@@ -152,6 +158,7 @@ class HFTokenizer(Tokenizer):
 
     def _load(self) -> None:
         from tokenizers import Tokenizer as _Tok
+
         self._tok = _Tok.from_str(self._model_bytes.decode("utf-8"))
         self._init_special()
 
@@ -182,8 +189,9 @@ def load_tokenizer(path: str) -> Tokenizer:
     raise ValueError(f"tokenizer {path}: expected a SentencePiece '.model' or a 'tokenizer.json'")
 
 
-def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int = 512,
-                        model_type: str = "unigram") -> SentencePieceTokenizer:
+def train_sentencepiece(
+    texts: Iterable[str], model_path: str, vocab_size: int = 512, model_type: str = "unigram"
+) -> SentencePieceTokenizer:
     """Trains a SentencePiece model on ``texts`` (offline, deterministic, one thread) and writes ``model_path``.
 
     The special tokens are user-defined symbols inside ``vocab_size`` (ids 2..5; 0 = <pad>, 1 = <unk>), so the
@@ -191,6 +199,7 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int =
     may give fewer pieces.
     """
     import sentencepiece as spm
+
     if not model_path.endswith(".model"):
         raise ValueError(f"model_path must end with '.model', got {model_path!r}")
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
@@ -199,10 +208,22 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int =
         raise ValueError("train_sentencepiece: no non-empty texts to train on")
     proto = io.BytesIO()  # in memory: the file's bytes do not depend on where it is written
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=proto, vocab_size=vocab_size,
-        model_type=model_type, user_defined_symbols=list(SPECIAL_TOKENS), pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
-        hard_vocab_limit=False, num_threads=1, character_coverage=1.0, minloglevel=2,
-        input_sentence_size=0, shuffle_input_sentence=False)
+        sentence_iterator=iter(sentences),
+        model_writer=proto,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        user_defined_symbols=list(SPECIAL_TOKENS),
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=-1,
+        hard_vocab_limit=False,
+        num_threads=1,
+        character_coverage=1.0,
+        minloglevel=2,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+    )
     with open(model_path, "wb") as f:
         f.write(proto.getvalue())
     return SentencePieceTokenizer(model_path)

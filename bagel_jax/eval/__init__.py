@@ -7,6 +7,7 @@
 * ``runner``    evaluators from ``config.evals`` (big_vision style), during training or standalone
                 (``python -m bagel_jax.eval.runner``; import it as ``bagel_jax.eval.runner``).
 """
+
 from bagel_jax.eval.detector import Detection, detect, detect_objects
 from bagel_jax.eval.edit import ShapesEdit
 from bagel_jax.eval.geneval import ShapesGenEval

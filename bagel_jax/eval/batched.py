@@ -5,9 +5,10 @@ A callable may carry ``fn.batch``: the same function over columns of inputs, ret
 generated many per compiled call). Callables without it (``--fns`` factories, the ground-truth self-check) run row
 by row.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def call_all(fn: Callable, *columns: Sequence) -> list:

@@ -1,8 +1,10 @@
 """Image sizes of the evaluators' held-out scenes (shared by shapes-GenEval, -VQA and -edit), the example stream
 of VQA and edit, and the sampling seeds of the images they ask a model to generate."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,16 +23,25 @@ def draw_size(rng: np.random.Generator, min_px: int, max_px: int, square: bool =
     return (w, w) if square else (w, h)
 
 
-def cycled_examples(draw_example: Callable[[str, np.random.Generator, int, int, bool], Example],
-                    kinds: Sequence[str], salt: int, num_examples: int, seed: int, min_px: int, max_px: int,
-                    square: bool) -> list[Example]:
+def cycled_examples(
+    draw_example: Callable[[str, np.random.Generator, int, int, bool], Example],
+    kinds: Sequence[str],
+    salt: int,
+    num_examples: int,
+    seed: int,
+    min_px: int,
+    max_px: int,
+    square: bool,
+) -> list[Example]:
     """``num_examples`` examples; example i is ``draw_example(kinds[i % len(kinds)], rng, min_px, max_px, square)``
     with ``rng = default_rng([seed, salt, i])``, so it depends only on (seed, i)."""
     if num_examples < 1:
         raise ValueError(f"num_examples: must be >= 1, got {num_examples}")
     check_sizes(min_px, max_px)
-    return [draw_example(kinds[i % len(kinds)], np.random.default_rng([seed, salt, i]), min_px, max_px, square)
-            for i in range(num_examples)]
+    return [
+        draw_example(kinds[i % len(kinds)], np.random.default_rng([seed, salt, i]), min_px, max_px, square)
+        for i in range(num_examples)
+    ]
 
 
 def noise_seed(*index: int) -> int:

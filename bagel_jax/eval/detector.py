@@ -33,6 +33,7 @@ size (px)  clean  noise 8    blur 1.0   noise 8, blur 0.8   noise 12, blur 1.2
 (noise: Gaussian σ in 0..255 units; blur: Gaussian σ in px.) Images: ``PIL.Image`` or [H, W, 3] arrays
 (uint8 0..255, or float in [0, 1]).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,6 +65,7 @@ class Detection:
     ``fit_error``: sum of squared coverage differences of the best template divided by the fitted mass
     (≈0 for a clean render; large when the blob looks like none of the shapes).
     """
+
     shape: str
     color: str
     cell: int
@@ -96,15 +98,18 @@ def to_rgb(image) -> np.ndarray:
 
 # --- segmentation -----------------------------------------------------------------------------------
 
+
 def _shifted(a: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
     """``out[y, x] = a[y + dy, x + dx]``, ``fill`` where that falls outside ``a`` (|dy|, |dx| ≤ 1)."""
     h, w = a.shape
     p = np.pad(a, 1, constant_values=fill)
-    return p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+    return p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
 
 
-_NEIGHBOURS = {4: ((-1, 0), (1, 0), (0, -1), (0, 1)),
-               8: ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))}
+_NEIGHBOURS = {
+    4: ((-1, 0), (1, 0), (0, -1), (0, 1)),
+    8: ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)),
+}
 
 
 def label_components(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
@@ -141,8 +146,13 @@ def majority_filter(mask: np.ndarray) -> np.ndarray:
 
 def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     for _ in range(steps):
-        mask = mask | _shifted(mask, 1, 0, False) | _shifted(mask, -1, 0, False) \
-               | _shifted(mask, 0, 1, False) | _shifted(mask, 0, -1, False)
+        mask = (
+            mask
+            | _shifted(mask, 1, 0, False)
+            | _shifted(mask, -1, 0, False)
+            | _shifted(mask, 0, 1, False)
+            | _shifted(mask, 0, -1, False)
+        )
     return mask
 
 
@@ -153,6 +163,7 @@ def background_color(rgb: np.ndarray) -> np.ndarray:
 
 
 # --- classification ---------------------------------------------------------------------------------
+
 
 def classify_color(rgb) -> tuple[str, float]:
     """Nearest palette colour to one RGB triple (0..255) → (name, distance)."""
@@ -194,7 +205,7 @@ _AREA = {"square": 4.0, "circle": float(np.pi), "triangle": 2.0}
 _CENTROID_DROP = {"square": 0.0, "circle": 0.0, "triangle": 1.0 / 3.0}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gaussian_taps(sigma: float) -> np.ndarray:
     radius = int(np.ceil(3 * sigma))
     x = np.arange(-radius, radius + 1)
@@ -210,9 +221,9 @@ def gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
     r = len(taps) // 2
     h, w = a.shape
     p = np.pad(a, ((r, r), (0, 0)))
-    a = sum(t * p[k:k + h] for k, t in enumerate(taps))
+    a = sum(t * p[k : k + h] for k, t in enumerate(taps))
     p = np.pad(a, ((0, 0), (r, r)))
-    return sum(t * p[:, k:k + w] for k, t in enumerate(taps))
+    return sum(t * p[:, k : k + w] for k, t in enumerate(taps))
 
 
 def fit_shape(alpha: np.ndarray, region: np.ndarray, window: tuple[int, int, int, int]):
@@ -240,8 +251,9 @@ def fit_shape(alpha: np.ndarray, region: np.ndarray, window: tuple[int, int, int
     return shape, center, sigma, err / mass
 
 
-def detect(image, *, min_area_frac: float = 0.004, max_fit_error: float = MAX_FIT_ERROR,
-           smooth: bool = True) -> list[Detection]:
+def detect(
+    image, *, min_area_frac: float = 0.004, max_fit_error: float = MAX_FIT_ERROR, smooth: bool = True
+) -> list[Detection]:
     """Shapes in ``image``, in raster order of their first pixel (the method is in the module docstring).
 
     Components under ``min_area_frac`` of the image, or whose best template leaves ``fit_error`` above
@@ -266,8 +278,12 @@ def detect(image, *, min_area_frac: float = 0.004, max_fit_error: float = MAX_FI
         direction = median - bg
         if float(direction @ direction) == 0.0:
             continue
-        window = (max(0, ys.min() - MARGIN), max(0, xs.min() - MARGIN),
-                  min(h, ys.max() + 1 + MARGIN), min(w, xs.max() + 1 + MARGIN))
+        window = (
+            max(0, ys.min() - MARGIN),
+            max(0, xs.min() - MARGIN),
+            min(h, ys.max() + 1 + MARGIN),
+            min(w, xs.max() + 1 + MARGIN),
+        )
         wy, wx = slice(window[0], window[2]), slice(window[1], window[3])
         region = (_dilate(comp, MARGIN) & ((labels == 0) | comp))[wy, wx]
         alpha = np.where(region, ((rgb[wy, wx] - bg) @ direction) / float(direction @ direction), 0.0)
@@ -277,9 +293,19 @@ def detect(image, *, min_area_frac: float = 0.004, max_fit_error: float = MAX_FI
         if err > max_fit_error:
             continue
         center = (cy / h, cx / w)  # pixel-index coordinates = the renderer's PIL coordinates
-        out.append(Detection(shape=shape, color=color, cell=cell_of(*center), center=center,
-                             bbox=(int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1),
-                             area=int(areas[k]), color_distance=dist, blur=sigma, fit_error=err))
+        out.append(
+            Detection(
+                shape=shape,
+                color=color,
+                cell=cell_of(*center),
+                center=center,
+                bbox=(int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1),
+                area=int(areas[k]),
+                color_distance=dist,
+                blur=sigma,
+                fit_error=err,
+            )
+        )
     return out
 
 

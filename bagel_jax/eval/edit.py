@@ -17,11 +17,12 @@ channels), over the touched cells (``edit_l1``) and over the rest (``rest_l1``).
 edits that do nothing useful (properties of the examples, not of the model): ``edit_l1_unedited`` returns the source
 unchanged (its ``rest_l1`` is 0), ``edit_l1_blank`` returns an empty canvas.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -69,23 +70,29 @@ class EditExample:
         edited = self.touched_cells()
         d, t = collections.Counter(detected), collections.Counter(self.target)
         edit_ok = {o: n for o, n in d.items() if o.cell in edited} == {o: n for o, n in t.items() if o.cell in edited}
-        preserve_ok = {o: n for o, n in d.items() if o.cell not in edited} == \
-            {o: n for o, n in t.items() if o.cell not in edited}
+        preserve_ok = {o: n for o, n in d.items() if o.cell not in edited} == {
+            o: n for o, n in t.items() if o.cell not in edited
+        }
         return edit_ok, preserve_ok
 
 
 def _scene(rng, n: int) -> list[shapes.Obj]:
     cells = rng.choice(9, size=n, replace=False)
-    return [shapes.Obj(shapes.SHAPES[rng.integers(3)], detector.COLOR_NAMES[rng.integers(len(detector.COLOR_NAMES))],
-                       int(c)) for c in cells]
+    return [
+        shapes.Obj(
+            shapes.SHAPES[rng.integers(3)], detector.COLOR_NAMES[rng.integers(len(detector.COLOR_NAMES))], int(c)
+        )
+        for c in cells
+    ]
 
 
 def _unique(objs, **attrs) -> bool:
     return sum(all(getattr(o, k) == v for k, v in attrs.items()) for o in objs) == 1
 
 
-def draw_example(op: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96,
-                 square: bool = False) -> EditExample:
+def draw_example(
+    op: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96, square: bool = False
+) -> EditExample:
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     n_range = {"recolor": (1, 3), "move": (1, 3), "add": (1, 2), "remove": (2, 3)}[op]
@@ -97,29 +104,32 @@ def draw_example(op: str, rng: np.random.Generator, min_px: int = 64, max_px: in
         by_shape, by_both = _unique(objs, shape=o.shape), _unique(objs, shape=o.shape, color=o.color)
         if op == "recolor":
             color = [c for c in detector.COLOR_NAMES if c != o.color][rng.integers(len(detector.COLOR_NAMES) - 1)]
-            new = objs[:k] + [shapes.Obj(o.shape, color, o.cell)] + objs[k + 1:]
-            phrasings = [f"make the {o.shape} {color}"] * by_shape \
-                + [f"change the colour of the {o.color} {o.shape} to {color}"] * by_both
+            new = objs[:k] + [shapes.Obj(o.shape, color, o.cell)] + objs[k + 1 :]
+            phrasings = [f"make the {o.shape} {color}"] * by_shape + [
+                f"change the colour of the {o.color} {o.shape} to {color}"
+            ] * by_both
         elif op == "move":
             cell = int(free[rng.integers(len(free))])
-            new = objs[:k] + [shapes.Obj(o.shape, o.color, cell)] + objs[k + 1:]
-            phrasings = [f"move the {o.color} {o.shape} to the {shapes.PLACES[cell]}"] * by_both \
-                + [f"put the {o.shape} {_where(cell)}"] * by_shape
+            new = objs[:k] + [shapes.Obj(o.shape, o.color, cell)] + objs[k + 1 :]
+            phrasings = [f"move the {o.color} {o.shape} to the {shapes.PLACES[cell]}"] * by_both + [
+                f"put the {o.shape} {_where(cell)}"
+            ] * by_shape
         elif op == "add":
             color = detector.COLOR_NAMES[rng.integers(len(detector.COLOR_NAMES))]
             add = shapes.Obj(shapes.SHAPES[rng.integers(3)], color, int(free[rng.integers(len(free))]))
             new = objs + [add]
             phrasings = [f"add a {add.color} {add.shape} {_where(add.cell)}"]
         else:
-            new = objs[:k] + objs[k + 1:]
+            new = objs[:k] + objs[k + 1 :]
             phrasings = [f"remove the {o.color} {o.shape}"] * by_both + [f"delete the {o.shape} {_where(o.cell)}"]
         if phrasings:
             w, h = canvas.draw_size(rng, min_px, max_px, square)
             return EditExample(op, phrasings[rng.integers(len(phrasings))], tuple(objs), tuple(new), w, h)
 
 
-def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96,
-                  square: bool = False) -> list[EditExample]:
+def make_examples(
+    num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96, square: bool = False
+) -> list[EditExample]:
     """Example i has op ``OPS[i % 4]`` and depends only on (seed, i)."""
     return canvas.cycled_examples(draw_example, OPS, _SALT, num_examples, seed, min_px, max_px, square)
 
@@ -132,8 +142,7 @@ class ShapesEdit:
 
     fn_name = "edit_fn"
 
-    def __init__(self, num_examples: int = 32, seed: int = 0, min_px: int = 64, max_px: int = 96,
-                 square: bool = False):
+    def __init__(self, num_examples: int = 32, seed: int = 0, min_px: int = 64, max_px: int = 96, square: bool = False):
         self.examples = make_examples(num_examples, seed, min_px, max_px, square)
         self.seeds = [canvas.noise_seed(seed, _NOISE_SALT, i) for i in range(num_examples)]
 
@@ -147,8 +156,11 @@ class ShapesEdit:
         images = list(images)
         verdicts = self.judge(images)
         both = [a and b for a, b in verdicts]
-        out = {"edit_success": float(np.mean([a for a, _ in verdicts])),
-               "preservation": float(np.mean([b for _, b in verdicts])), "overall": float(np.mean(both))}
+        out = {
+            "edit_success": float(np.mean([a for a, _ in verdicts])),
+            "preservation": float(np.mean([b for _, b in verdicts])),
+            "overall": float(np.mean(both)),
+        }
         for op in OPS:
             hits = [ok for e, ok in zip(self.examples, both) if e.op == op]
             if hits:
@@ -157,10 +169,17 @@ class ShapesEdit:
         sizes = [np.asarray(img).shape[1::-1] for img in images]  # (W, H) of each edited image
         unedited = [e.l1(e.render("source", w, h))[0] for e, (w, h) in zip(self.examples, sizes)]
         blank = [e.l1(np.asarray(shapes.render([], w, h)))[0] for e, (w, h) in zip(self.examples, sizes)]
-        out.update(edit_l1=float(edit_l1), rest_l1=float(rest_l1), edit_l1_unedited=float(np.mean(unedited)),
-                   edit_l1_blank=float(np.mean(blank)))
+        out.update(
+            edit_l1=float(edit_l1),
+            rest_l1=float(rest_l1),
+            edit_l1_unedited=float(np.mean(unedited)),
+            edit_l1_blank=float(np.mean(blank)),
+        )
         return out
 
     def run(self, edit_fn: Callable[[np.ndarray, str, int], object]) -> dict[str, float]:
-        return self.score(call_all(edit_fn, [e.render() for e in self.examples],
-                                   [e.instruction for e in self.examples], list(self.seeds)))
+        return self.score(
+            call_all(
+                edit_fn, [e.render() for e in self.examples], [e.instruction for e in self.examples], list(self.seeds)
+            )
+        )

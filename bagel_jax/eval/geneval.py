@@ -23,17 +23,18 @@ Like GenEval, counting checks the shape count regardless of colour, and single/t
 checks ignore colour. Unlike GenEval, every prompt here is the caption of a whole scene, so an image is also
 wrong when it holds more objects than the prompt describes (``GenExample.no_extras``): without this rule an
 untrained model, whose images are colour blobs the detector reads as many shapes, passed the "≥ 1 circle"
-checks by chance (it scored 1.0 on single and two objects). Position is absolute (the captions name grid cells), where GenEval's prompts are
-relative. Prompts are drawn from a random stream separate from the builder's (a different salt), and
+checks by chance (it scored 1.0 on single and two objects). Position is absolute (the captions name grid cells),
+where GenEval's prompts are relative. Prompts are drawn from a random stream separate from the builder's (a different salt), and
 ``exclude`` (e.g. every training caption) removes prompts outright.
 
 Like GenEval (4 images per prompt), ``samples_per_prompt`` images are generated per prompt, each from its own
 sampling seed (``canvas.noise_seed``), and a category's accuracy is the mean over all of its images.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -51,6 +52,7 @@ _MAX_DRAWS = 1000
 class Requirement:
     """At least ``count`` detections of ``shape`` (with ``color`` / at ``cell`` when given); with ``exact``,
     also no more than ``count`` of ``shape`` in total (GenEval's counting "exclude" rule)."""
+
     shape: str
     count: int = 1
     color: str | None = None
@@ -59,14 +61,18 @@ class Requirement:
 
     def holds(self, objs: Sequence[shapes.Obj]) -> bool:
         same_shape = [o for o in objs if o.shape == self.shape]
-        matching = [o for o in same_shape if (self.color is None or o.color == self.color)
-                    and (self.cell is None or o.cell == self.cell)]
+        matching = [
+            o
+            for o in same_shape
+            if (self.color is None or o.color == self.color) and (self.cell is None or o.cell == self.cell)
+        ]
         return len(matching) >= self.count and (not self.exact or len(same_shape) == self.count)
 
 
 @dataclasses.dataclass(frozen=True)
 class GenExample:
     """A prompt, what must hold in its image, and one scene that satisfies it (what an oracle draws)."""
+
     category: str
     prompt: str
     requirements: tuple[Requirement, ...]
@@ -92,12 +98,14 @@ def _objs(rng, n: int, *, distinct_shapes=False, distinct_colors=False, same=Fal
     color_ids = rng.choice(len(detector.COLOR_NAMES), size=n, replace=not distinct_colors)
     if same:
         shape_ids, color_ids = [shape_ids[0]] * n, [color_ids[0]] * n
-    return [shapes.Obj(shapes.SHAPES[s], detector.COLOR_NAMES[c], cell)
-            for s, c, cell in zip(shape_ids, color_ids, cells)]
+    return [
+        shapes.Obj(shapes.SHAPES[s], detector.COLOR_NAMES[c], cell) for s, c, cell in zip(shape_ids, color_ids, cells)
+    ]
 
 
-def draw_example(category: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96,
-                 square: bool = False) -> GenExample:
+def draw_example(
+    category: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96, square: bool = False
+) -> GenExample:
     """One example of ``category`` from ``rng`` (see the module table)."""
     if category == "single_object":
         objs = _objs(rng, 1)
@@ -123,9 +131,15 @@ def draw_example(category: str, rng: np.random.Generator, min_px: int = 64, max_
     return GenExample(category, prompt, tuple(reqs), tuple(objs), w, h)
 
 
-def make_examples(num_per_category: int, seed: int = 0, categories: Sequence[str] = CATEGORIES,
-                  exclude: Iterable[str] = (), min_px: int = 64, max_px: int = 96,
-                  square: bool = False) -> list[GenExample]:
+def make_examples(
+    num_per_category: int,
+    seed: int = 0,
+    categories: Sequence[str] = CATEGORIES,
+    exclude: Iterable[str] = (),
+    min_px: int = 64,
+    max_px: int = 96,
+    square: bool = False,
+) -> list[GenExample]:
     """``num_per_category`` examples of each category, deterministic in ``seed``; example i of a category
     depends only on (seed, category, i). Prompts in ``exclude`` are redrawn."""
     if num_per_category < 1:
@@ -166,9 +180,18 @@ class ShapesGenEval:
 
     fn_name = "generate_fn"
 
-    def __init__(self, num_examples: int = 16, seed: int = 0, categories: Sequence[str] = CATEGORIES,
-                 exclude: Iterable[str] = (), min_px: int = 64, max_px: int = 96, square: bool = False,
-                 no_extras: bool = True, samples_per_prompt: int = 1):
+    def __init__(
+        self,
+        num_examples: int = 16,
+        seed: int = 0,
+        categories: Sequence[str] = CATEGORIES,
+        exclude: Iterable[str] = (),
+        min_px: int = 64,
+        max_px: int = 96,
+        square: bool = False,
+        no_extras: bool = True,
+        samples_per_prompt: int = 1,
+    ):
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt: must be >= 1, got {samples_per_prompt}")
         examples = make_examples(num_examples, seed, tuple(categories), exclude, min_px, max_px, square)
@@ -177,8 +200,10 @@ class ShapesGenEval:
         self.samples: list[tuple[GenExample, int]] = []  # (example, sampling seed) per image, example-major
         for e in self.examples:
             i = per_category[e.category] = per_category.get(e.category, -1) + 1
-            self.samples += [(e, canvas.noise_seed(seed, _NOISE_SALT, CATEGORIES.index(e.category), i, k))
-                             for k in range(samples_per_prompt)]
+            self.samples += [
+                (e, canvas.noise_seed(seed, _NOISE_SALT, CATEGORIES.index(e.category), i, k))
+                for k in range(samples_per_prompt)
+            ]
 
     @property
     def prompts(self) -> list[str]:

@@ -1,6 +1,7 @@
 """The evaluators' callables (``generate_fn``, ``answer_fn``, ``edit_fn``) from an ``Inferencer``, each with its
 batched form ``fn.batch`` (``eval/batched.py``): an evaluator hands all of its inputs to one call, which the
 Inferencer runs ``max_batch`` requests per compiled program."""
+
 from __future__ import annotations
 
 import jax
@@ -11,6 +12,7 @@ MAX_ANSWER_TOKENS = 32  # shapes-VQA answers are ~10 tokens; an untrained model 
 def inferencer_fns(inf, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
     """The evaluators' callables from an ``Inferencer`` (answers capped at ``max_answer_tokens`` fed tokens; an
     image's ``seed`` is its sampling key, ``jax.random.key(seed)``)."""
+
     def generate_fn(prompt, seed):
         return inf.generate(prompt, rng=jax.random.key(seed))
 
@@ -22,6 +24,7 @@ def inferencer_fns(inf, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
 
     generate_fn.batch = lambda prompts, seeds: inf.generate_batch(prompts, [jax.random.key(s) for s in seeds])
     answer_fn.batch = lambda images, questions: inf.answer_batch(images, questions, max_length=max_answer_tokens)
-    edit_fn.batch = lambda images, instructions, seeds: inf.edit_batch(images, instructions,
-                                                                       [jax.random.key(s) for s in seeds])
+    edit_fn.batch = lambda images, instructions, seeds: inf.edit_batch(
+        images, instructions, [jax.random.key(s) for s in seeds]
+    )
     return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}

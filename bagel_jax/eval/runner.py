@@ -27,6 +27,7 @@ the evaluators' own ground truth: a self-check of the scoring that must print 1.
 for shapes-edit's distances ``edit_l1`` and ``rest_l1`` (its ``*_unedited`` / ``*_blank`` are references). Without
 ``--config`` (or with an empty ``config.evals``) the evaluators of ``default_evals()`` run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -50,16 +52,19 @@ FN_NAMES = ("generate_fn", "answer_fn", "edit_fn")
 
 def default_evals() -> ml_collections.ConfigDict:
     """The three shapes evaluators at a size that runs in about a minute with a tiny model on CPU."""
-    return ml_collections.ConfigDict(dict(
-        geneval=dict(type="shapes_geneval", num_examples=16, every=0),
-        vqa=dict(type="shapes_vqa", num_examples=48, every=0),
-        edit=dict(type="shapes_edit", num_examples=32, every=0),
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            geneval=dict(type="shapes_geneval", num_examples=16, every=0),
+            vqa=dict(type="shapes_vqa", num_examples=48, every=0),
+            edit=dict(type="shapes_edit", num_examples=32, every=0),
+        )
+    )
 
 
 @dataclasses.dataclass
 class Scheduled:
     """An evaluator with its name and training period (``every`` steps; 0 = only standalone)."""
+
     name: str
     type: str
     evaluator: Any
@@ -108,9 +113,15 @@ def build_evaluators(evals) -> dict[str, Scheduled]:
     return out
 
 
-def run_evals(evaluators: Mapping[str, Scheduled], *, step: int | None = None,
-              generate_fn: Callable | None = None, answer_fn: Callable | None = None,
-              edit_fn: Callable | None = None, log: Callable[[str], None] | None = None) -> dict[str, float]:
+def run_evals(
+    evaluators: Mapping[str, Scheduled],
+    *,
+    step: int | None = None,
+    generate_fn: Callable | None = None,
+    answer_fn: Callable | None = None,
+    edit_fn: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float]:
     """Runs the evaluators due at ``step`` (all of them when ``step`` is None) → {"name/metric": value}.
 
     Also reports ``name/seconds``. An evaluator whose callable was not given raises ``ValueError``.
@@ -178,6 +189,7 @@ def check_run(workdir: str, params: str):
     raises ``InputError`` / ``ConfigError`` naming the flag, the file or the key. Reads no weights."""
     from bagel_jax.config import check_paths, latest_checkpoint
     from bagel_jax.infer import from_workdir
+
     if not os.path.isdir(workdir):
         raise InputError(f"--workdir: {workdir} is not a directory")
     try:
@@ -187,8 +199,10 @@ def check_run(workdir: str, params: str):
     except (ValueError, TypeError) as e:  # not JSON, or not a config
         raise InputError(f"--workdir: {os.path.join(workdir, 'config.json')}: unreadable ({one_line(e)})") from None
     if params != "untrained" and latest_checkpoint(workdir) is None:
-        raise InputError(f"--workdir: {workdir} has no checkpoint (checkpoints/<step>) to take --params={params} "
-                         f"from; --params=untrained evaluates the step-0 model")
+        raise InputError(
+            f"--workdir: {workdir} has no checkpoint (checkpoints/<step>) to take --params={params} "
+            f"from; --params=untrained evaluates the step-0 model"
+        )
     check_paths(run, None, "eval" if params != "untrained" else "eval_untrained")
     return run
 
@@ -204,12 +218,14 @@ def main(argv=None) -> dict[str, float]:
 
     quiet_platforms()
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Config file (get_config); its `evals` are run.",
-                                    flag_values=flag_values, lock_config=False)
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (get_config); its `evals` are run.", flag_values=flag_values, lock_config=False
+    )
     flags.DEFINE_string("fns", None, "package.module:factory returning the callables.", flag_values=flag_values)
     flags.DEFINE_string("workdir", None, "A training run to evaluate (instead of --fns).", flag_values=flag_values)
-    flags.DEFINE_enum("params", "ema", ["ema", "params", "untrained"], "With --workdir: which weights.",
-                      flag_values=flag_values)
+    flags.DEFINE_enum(
+        "params", "ema", ["ema", "params", "untrained"], "With --workdir: which weights.", flag_values=flag_values
+    )
     flags.DEFINE_list("only", [], "Run only these evals (names in config.evals).", flag_values=flag_values)
     flags.DEFINE_string("output", "", "Write the metrics here as JSON.", flag_values=flag_values)
     argv = sys.argv if argv is None else argv
@@ -228,6 +244,7 @@ def main(argv=None) -> dict[str, float]:
     if flag_values.workdir:
         from bagel_jax.eval.inferencer_fns import inferencer_fns
         from bagel_jax.infer import from_workdir
+
         run = check_run(flag_values.workdir, flag_values.params)
         config = config if config is not None else run
     evals = config.get("evals") if config is not None else None
@@ -254,5 +271,6 @@ def main(argv=None) -> dict[str, float]:
 
 if __name__ == "__main__":
     from bagel_jax.cli import user_errors
+
     with user_errors():
         main()

@@ -10,11 +10,12 @@ format; the scenes come from a random stream separate from the builder's. Three 
 A prediction is correct when, normalised (lower case, single spaces, no trailing punctuation), it equals the
 builder-format answer or the bare answer ("two" / "2", "red", "top left" / "at the top left").
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -52,12 +53,17 @@ class VQAExample:
 def _scene(rng) -> list[shapes.Obj]:
     n = int(rng.integers(1, 4))
     cells = rng.choice(9, size=n, replace=False)
-    return [shapes.Obj(shapes.SHAPES[rng.integers(3)], detector.COLOR_NAMES[rng.integers(len(detector.COLOR_NAMES))],
-                       int(c)) for c in cells]
+    return [
+        shapes.Obj(
+            shapes.SHAPES[rng.integers(3)], detector.COLOR_NAMES[rng.integers(len(detector.COLOR_NAMES))], int(c)
+        )
+        for c in cells
+    ]
 
 
-def draw_example(kind: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96,
-                 square: bool = False) -> VQAExample:
+def draw_example(
+    kind: str, rng: np.random.Generator, min_px: int = 64, max_px: int = 96, square: bool = False
+) -> VQAExample:
     while True:
         objs = _scene(rng)
         if kind == "count":
@@ -74,8 +80,11 @@ def draw_example(kind: str, rng: np.random.Generator, min_px: int = 64, max_px: 
             if not unique:
                 continue
             o = unique[rng.integers(len(unique))]
-            q, a, short = f"Where is the {o.color} {o.shape}?", f"It is {_where(o.cell)}.", \
-                (shapes.PLACES[o.cell], _where(o.cell))
+            q, a, short = (
+                f"Where is the {o.color} {o.shape}?",
+                f"It is {_where(o.cell)}.",
+                (shapes.PLACES[o.cell], _where(o.cell)),
+            )
         else:
             raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
         w, h = canvas.draw_size(rng, min_px, max_px, square)
@@ -83,8 +92,9 @@ def draw_example(kind: str, rng: np.random.Generator, min_px: int = 64, max_px: 
         return VQAExample(kind, q, a, accepted, tuple(objs), w, h)
 
 
-def make_examples(num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96,
-                  square: bool = False) -> list[VQAExample]:
+def make_examples(
+    num_examples: int, seed: int = 0, min_px: int = 64, max_px: int = 96, square: bool = False
+) -> list[VQAExample]:
     """Example i has kind ``KINDS[i % 3]`` and depends only on (seed, i)."""
     return canvas.cycled_examples(draw_example, KINDS, _SALT, num_examples, seed, min_px, max_px, square)
 
@@ -95,8 +105,7 @@ class ShapesVQA:
 
     fn_name = "answer_fn"
 
-    def __init__(self, num_examples: int = 48, seed: int = 0, min_px: int = 64, max_px: int = 96,
-                 square: bool = False):
+    def __init__(self, num_examples: int = 48, seed: int = 0, min_px: int = 64, max_px: int = 96, square: bool = False):
         self.examples = make_examples(num_examples, seed, min_px, max_px, square)
 
     def score(self, predictions: Sequence[str]) -> dict[str, float]:
@@ -107,8 +116,11 @@ class ShapesVQA:
             if not isinstance(p, str):
                 raise TypeError(f"answer_fn: must return str, got {type(p).__name__}")
         hits = [e.correct(p) for e, p in zip(self.examples, predictions)]
-        out = {k: float(np.mean([h for e, h in zip(self.examples, hits) if e.kind == k]))
-               for k in KINDS if any(e.kind == k for e in self.examples)}
+        out = {
+            k: float(np.mean([h for e, h in zip(self.examples, hits) if e.kind == k]))
+            for k in KINDS
+            if any(e.kind == k for e in self.examples)
+        }
         return {**out, "overall": float(np.mean(hits))}
 
     def run(self, answer_fn: Callable[[np.ndarray, str], str]) -> dict[str, float]:

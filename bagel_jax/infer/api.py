@@ -12,11 +12,12 @@ Two paths, one interface (``cached=``):
 Both draw a request's noise from its own key (``noise.py``), so a seed gives the same image on either path,
 alone or in a batch. Defaults follow the reference's notebook/app (bagel.md §8.4).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -67,16 +68,27 @@ class Inferencer:
     call (larger batches run in pieces); ``max_context_tokens``: the KV cache's limit (context + generated tokens).
     """
 
-    def __init__(self, model, params, tokenizer, data_cfg, *, cached: bool = True, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS):
+    def __init__(
+        self,
+        model,
+        params,
+        tokenizer,
+        data_cfg,
+        *,
+        cached: bool = True,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+    ):
         cfg = model.cfg
         params = jax.device_put(params)
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.cached, self.max_batch = cached, max_batch
-        self.vae_rule = fit_rule(ResizeRule.from_tuple(data_cfg.vae_transform),
-                                 cfg.max_latent_size * 8 * cfg.latent_patch_size)
-        self.vit_rule = fit_rule(ResizeRule.from_tuple(data_cfg.vit_transform),
-                                 cfg.vit_max_num_patch_per_side * cfg.vit.patch_size)
+        self.vae_rule = fit_rule(
+            ResizeRule.from_tuple(data_cfg.vae_transform), cfg.max_latent_size * 8 * cfg.latent_patch_size
+        )
+        self.vit_rule = fit_rule(
+            ResizeRule.from_tuple(data_cfg.vit_transform), cfg.vit_max_num_patch_per_side * cfg.vit.patch_size
+        )
         self.pre = Preprocess(tokenizer, self.vae_rule, self.vit_rule)
         limits = dict(max_batch=max_batch, max_context_tokens=max_context_tokens)
         if cached:
@@ -88,14 +100,27 @@ class Inferencer:
 
     # --- understanding ----------------------------------------------------------------------------
 
-    def answer_ids(self, items, *, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3,
-                   rng=None) -> list[int]:
+    def answer_ids(
+        self, items, *, max_length: int = 512, do_sample: bool = False, temperature: float = 0.3, rng=None
+    ) -> list[int]:
         """Generated token ids after the context ``items`` (texts and uint8 [H, W, 3] images)."""
-        return self.answer_ids_batch([items], max_length=max_length, do_sample=do_sample, temperature=temperature,
-                                     rngs=None if rng is None else [rng])[0]
+        return self.answer_ids_batch(
+            [items],
+            max_length=max_length,
+            do_sample=do_sample,
+            temperature=temperature,
+            rngs=None if rng is None else [rng],
+        )[0]
 
-    def answer_ids_batch(self, items_list: Sequence, *, max_length: int = 512, do_sample: bool = False,
-                         temperature: float = 0.3, rngs: Sequence | None = None) -> list[list[int]]:
+    def answer_ids_batch(
+        self,
+        items_list: Sequence,
+        *,
+        max_length: int = 512,
+        do_sample: bool = False,
+        temperature: float = 0.3,
+        rngs: Sequence | None = None,
+    ) -> list[list[int]]:
         """``answer_ids`` of many contexts (``rngs``: per context a key or int seed; default key 0 each)."""
         contexts = [interleave_contexts(items, self.pre, understanding=True).gen for items in items_list]
         rngs = [jax.random.key(0)] * len(contexts) if rngs is None else list(rngs)
@@ -118,51 +143,124 @@ class Inferencer:
         """``answer`` of many (image or None, question) pairs (``kw`` as ``answer_ids_batch``)."""
         if len(images) != len(questions):
             raise ValueError(f"images / questions: {len(images)} vs {len(questions)}, expected one each")
-        items = [([np.asarray(im, np.uint8)] if im is not None else []) + ([q] if q else [])
-                 for im, q in zip(images, questions)]
+        items = [
+            ([np.asarray(im, np.uint8)] if im is not None else []) + ([q] if q else [])
+            for im, q in zip(images, questions)
+        ]
         return [safe_decode(self.tokenizer, ids) for ids in self.answer_ids_batch(items, **kw)]
 
     # --- image generation -------------------------------------------------------------------------
 
-    def generate(self, prompt: str, hw: tuple[int, int] | None = None, *, num_timesteps: int = 50,
-                 timestep_shift: float = 3.0, rng=None, init_noise=None, **cfg_kw) -> np.ndarray:
+    def generate(
+        self,
+        prompt: str,
+        hw: tuple[int, int] | None = None,
+        *,
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        rng=None,
+        init_noise=None,
+        **cfg_kw,
+    ) -> np.ndarray:
         """Text-to-image: uint8 [H, W, 3] (behind ``generate_fn`` of shapes-GenEval). ``hw`` defaults to the VAE
         rule's max side, square; ``rng`` (default key 0) draws the initial noise unless ``init_noise`` is given."""
-        return self.generate_batch([prompt], [_key(rng)], hw, num_timesteps=num_timesteps,
-                                   timestep_shift=timestep_shift,
-                                   init_noise=None if init_noise is None else [init_noise], **cfg_kw)[0]
+        return self.generate_batch(
+            [prompt],
+            [_key(rng)],
+            hw,
+            num_timesteps=num_timesteps,
+            timestep_shift=timestep_shift,
+            init_noise=None if init_noise is None else [init_noise],
+            **cfg_kw,
+        )[0]
 
-    def generate_batch(self, prompts: Sequence[str], rngs: Sequence, hw: tuple[int, int] | None = None, *,
-                       num_timesteps: int = 50, timestep_shift: float = 3.0, init_noise=None,
-                       **cfg_kw) -> list[np.ndarray]:
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        rngs: Sequence,
+        hw: tuple[int, int] | None = None,
+        *,
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        init_noise=None,
+        **cfg_kw,
+    ) -> list[np.ndarray]:
         """``generate`` of many prompts, each image with its own key or int seed (a prompt may repeat)."""
         side = self.vae_rule.max_size
-        return self.sample_batch([[p] for p in prompts], rngs, [hw or (side, side)] * len(prompts),
-                                 num_timesteps=num_timesteps, timestep_shift=timestep_shift, init_noise=init_noise,
-                                 **{**T2I_DEFAULTS, **cfg_kw})
+        return self.sample_batch(
+            [[p] for p in prompts],
+            rngs,
+            [hw or (side, side)] * len(prompts),
+            num_timesteps=num_timesteps,
+            timestep_shift=timestep_shift,
+            init_noise=init_noise,
+            **{**T2I_DEFAULTS, **cfg_kw},
+        )
 
-    def edit(self, image, instruction: str, *, num_timesteps: int = 50, timestep_shift: float = 3.0, rng=None,
-             init_noise=None, posterior_noise=None, **cfg_kw) -> np.ndarray:
+    def edit(
+        self,
+        image,
+        instruction: str,
+        *,
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        rng=None,
+        init_noise=None,
+        posterior_noise=None,
+        **cfg_kw,
+    ) -> np.ndarray:
         """Editing: uint8 [H, W, 3] at the VAE-resized input size (behind ``edit_fn`` of shapes-edit).
         ``posterior_noise``: the source image's VAE posterior draw [h/8, w/8, C] (default: from ``rng``)."""
-        return self.edit_batch([image], [instruction], [_key(rng)], num_timesteps=num_timesteps,
-                               timestep_shift=timestep_shift, init_noise=None if init_noise is None else [init_noise],
-                               posterior_noise=None if posterior_noise is None else [[posterior_noise]],
-                               **cfg_kw)[0]
+        return self.edit_batch(
+            [image],
+            [instruction],
+            [_key(rng)],
+            num_timesteps=num_timesteps,
+            timestep_shift=timestep_shift,
+            init_noise=None if init_noise is None else [init_noise],
+            posterior_noise=None if posterior_noise is None else [[posterior_noise]],
+            **cfg_kw,
+        )[0]
 
-    def edit_batch(self, images: Sequence, instructions: Sequence[str], rngs: Sequence, *, num_timesteps: int = 50,
-                   timestep_shift: float = 3.0, init_noise=None, posterior_noise=None, **cfg_kw) -> list[np.ndarray]:
+    def edit_batch(
+        self,
+        images: Sequence,
+        instructions: Sequence[str],
+        rngs: Sequence,
+        *,
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        init_noise=None,
+        posterior_noise=None,
+        **cfg_kw,
+    ) -> list[np.ndarray]:
         """``edit`` of many (image, instruction) pairs, each with its own key or int seed."""
         if len(images) != len(instructions):
             raise ValueError(f"images / instructions: {len(images)} vs {len(instructions)}, expected one each")
         items = [[np.asarray(im, np.uint8), ins] for im, ins in zip(images, instructions)]
-        return self.sample_batch(items, rngs, None, num_timesteps=num_timesteps, timestep_shift=timestep_shift,
-                                 init_noise=init_noise, posterior_noise=posterior_noise,
-                                 **{**EDIT_DEFAULTS, **cfg_kw})
+        return self.sample_batch(
+            items,
+            rngs,
+            None,
+            num_timesteps=num_timesteps,
+            timestep_shift=timestep_shift,
+            init_noise=init_noise,
+            posterior_noise=posterior_noise,
+            **{**EDIT_DEFAULTS, **cfg_kw},
+        )
 
-    def sample_batch(self, items_list: Sequence, rngs: Sequence, hws: Sequence | None = None, *,
-                     num_timesteps: int = 50, timestep_shift: float = 3.0, init_noise=None, posterior_noise=None,
-                     **cfg_kw) -> list[np.ndarray]:
+    def sample_batch(
+        self,
+        items_list: Sequence,
+        rngs: Sequence,
+        hws: Sequence | None = None,
+        *,
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        init_noise=None,
+        posterior_noise=None,
+        **cfg_kw,
+    ) -> list[np.ndarray]:
         """One image after each interleaved context (texts and uint8 images, the reference's
         ``interleave_inference``), uint8 [H, W, 3] each.
 
@@ -192,9 +290,16 @@ class Inferencer:
         out: list = [None] * n
         if not self.cached:
             for i, ctx in enumerate(contexts):
-                res = self._image.sample(ctx.gen, ctx.cfg_text, ctx.cfg_img, sizes[i], rng=_key(rngs[i]),
-                                         init_noise=None if init_noise is None else init_noise[i],
-                                         posterior_noise=None if posterior_noise is None else posterior_noise[i], **kw)
+                res = self._image.sample(
+                    ctx.gen,
+                    ctx.cfg_text,
+                    ctx.cfg_img,
+                    sizes[i],
+                    rng=_key(rngs[i]),
+                    init_noise=None if init_noise is None else init_noise[i],
+                    posterior_noise=None if posterior_noise is None else posterior_noise[i],
+                    **kw,
+                )
                 out[i] = self._decode(res.latents[None], res.grid_hw)[0]
             return out
         for hw in dict.fromkeys(sizes):  # one group per output size, max_batch requests per call
@@ -202,9 +307,13 @@ class Inferencer:
             for part in chunks(len(group), self.max_batch):
                 idx = [group[j] for j in part]
                 res = self._image.sample(
-                    [contexts[i] for i in idx], hw, [rngs[i] for i in idx],
+                    [contexts[i] for i in idx],
+                    hw,
+                    [rngs[i] for i in idx],
                     init_noise=None if init_noise is None else np.stack([init_noise[i] for i in idx]),
-                    posterior_noise=None if posterior_noise is None else [posterior_noise[i] for i in idx], **kw)
+                    posterior_noise=None if posterior_noise is None else [posterior_noise[i] for i in idx],
+                    **kw,
+                )
                 for i, img in zip(idx, self._decode(res.latents, res.grid_hw)):
                     out[i] = img
         return out

@@ -7,6 +7,7 @@ multiple of 2^k / 4 (at most 25 % padding, four buckets per octave). Request cou
 
 The limit errors are ``InputError``s (``ValueError``s): a command-line program reports them as one line.
 """
+
 from __future__ import annotations
 
 from bagel_jax.cli import InputError

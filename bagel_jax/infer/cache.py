@@ -13,6 +13,7 @@ alone against the cache under the same split-wise mask rule, so the result equal
 The functions below take the bound ``Bagel`` module as their first argument and run under
 ``model.apply(variables, ..., method=fn)``.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -37,20 +38,24 @@ class KVCache:
     def length(self) -> int:
         return self.k.shape[2]
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         """Rows [start, stop) (static)."""
         return jax.tree.map(lambda a: a[:, start:stop] if a.ndim == 5 else a[start:stop], self)
 
-    def with_empty_slots(self, n: int) -> "KVCache":
+    def with_empty_slots(self, n: int) -> KVCache:
         """The cache followed by ``n`` empty slots (doc 0: invisible until written)."""
         pad5 = ((0, 0), (0, 0), (0, n), (0, 0), (0, 0))
         b = self.meta.doc.shape[0]
-        empty = MaskMeta(doc=jnp.zeros((b, n), jnp.int32), index=jnp.zeros((b, n), jnp.int32),
-                         q_hi=jnp.zeros((b, n), jnp.int32), kv_hi=jnp.full((b, n), KV_HI_INF, jnp.int32))
+        empty = MaskMeta(
+            doc=jnp.zeros((b, n), jnp.int32),
+            index=jnp.zeros((b, n), jnp.int32),
+            q_hi=jnp.zeros((b, n), jnp.int32),
+            kv_hi=jnp.full((b, n), KV_HI_INF, jnp.int32),
+        )
         meta = jax.tree.map(lambda a, e: jnp.concatenate([a, e], axis=1), self.meta, empty)
         return KVCache(constrain(jnp.pad(self.k, pad5)), constrain(jnp.pad(self.v, pad5)), meta)
 
-    def write(self, slot, k, v, meta: MaskMeta) -> "KVCache":
+    def write(self, slot, k, v, meta: MaskMeta) -> KVCache:
         """Writes T new tokens (k, v [layers, B, T, Hkv, hd], meta [B, T]) at slots [slot, slot + T) of every row."""
         zero = jnp.zeros((), jnp.int32)
         put5 = lambda a, x: jax.lax.dynamic_update_slice(a, x.astype(a.dtype), (zero, zero, slot, zero, zero))  # noqa
@@ -82,7 +87,7 @@ def prefill(m, batch: PackedBatch, x0=None) -> KVCache:
       KVCache with C = L slots (slot order of the rows; padding slots have doc 0).
     """
     cfg = m.cfg
-    u, g = batch.und_len, batch.gen_len
+    _u, g = batch.und_len, batch.gen_len
     und_x = m.embed_und(batch)
     b = und_x.shape[0]
     if cfg.visual_gen and g > 0:
@@ -110,7 +115,7 @@ class ImageQuery:
     meta: MaskMeta
     latent_pos: jax.Array
 
-    def rows(self, start: int, stop: int) -> "ImageQuery":
+    def rows(self, start: int, stop: int) -> ImageQuery:
         return jax.tree.map(lambda a: a[start:stop], self)
 
 
@@ -130,6 +135,5 @@ def text_step(m, cache: KVCache, ids, position, meta: MaskMeta):
     """
     und_x = m.language_model.embed(ids[:, None])
     gen_x = jnp.zeros((und_x.shape[0], 0, und_x.shape[2]), und_x.dtype)
-    und_h, _, (k, v) = m.language_model.extend(und_x, gen_x, position[:, None], meta, (cache.k, cache.v),
-                                               cache.meta)
+    und_h, _, (k, v) = m.language_model.extend(und_x, gen_x, position[:, None], meta, (cache.k, cache.v), cache.meta)
     return m.text_logits(und_h)[:, 0].astype(jnp.float32), k, v

@@ -14,10 +14,11 @@ Shapes are bucketed (``buckets.py``): requests to a power of two (padding repeat
 budgets to ``round_bucket``; scales, the interval, timesteps and renorm_min are traced, so one program serves a
 bucket. Requests of one call share the output size.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +52,21 @@ def _prefill_contexts(model: Bagel, variables, batch, posterior_keys, posterior,
 def _build_sampler(model: Bagel):
     cfg = model.cfg
 
-    def run(params, batch, query: ImageQuery, keys, init_noise, posterior, ts, dts, inside, scales, renorm_min,
-            renorm_type: str, with_trajectory: bool):
+    def run(
+        params,
+        batch,
+        query: ImageQuery,
+        keys,
+        init_noise,
+        posterior,
+        ts,
+        dts,
+        inside,
+        scales,
+        renorm_min,
+        renorm_type: str,
+        with_trajectory: bool,
+    ):
         variables = {"params": params}
         n = keys.shape[0]
         branches = batch.kind.shape[0] // n
@@ -75,7 +89,8 @@ def _build_sampler(model: Bagel):
                 v_all = velocity(cache, query, jnp.tile(x, (branches, 1, 1)), t).reshape(branches, *x.shape)
                 v_img = v_all[2] if branches == 3 else None
                 return jax.vmap(lambda v, vt, vi: guide(v, vt, vi, scales[0], scales[1], renorm_type, renorm_min))(
-                    v_all[0], v_all[1], v_img)
+                    v_all[0], v_all[1], v_img
+                )
 
             v = plain(x) if branches == 1 else jax.lax.cond(inside_t, guided, plain, x)
             x = x - v * dt
@@ -108,18 +123,37 @@ class CachedSampleResult:
 class CachedImageSampler:
     """Batched, KV-cached Euler sampling for one model; programs are shared across instances (``programs.py``)."""
 
-    def __init__(self, model: Bagel, params, tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS):
+    def __init__(
+        self,
+        model: Bagel,
+        params,
+        tokenizer,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+    ):
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.max_batch, self.max_context_tokens = max_batch, max_context_tokens
         self._run = shared_program(model, "cached_image_sampler", _build_sampler)
         self._velocity = None
 
-    def sample(self, contexts: Sequence, image_hw: tuple[int, int], rngs: Sequence, *, num_timesteps: int = 50,
-               timestep_shift: float = 3.0, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.5,
-               cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_type: str = "global",
-               cfg_renorm_min: float = 0.0, init_noise=None, posterior_noise=None,
-               with_trajectory: bool = False) -> CachedSampleResult:
+    def sample(
+        self,
+        contexts: Sequence,
+        image_hw: tuple[int, int],
+        rngs: Sequence,
+        *,
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        cfg_text_scale: float = 4.0,
+        cfg_img_scale: float = 1.5,
+        cfg_interval: tuple[float, float] = (0.4, 1.0),
+        cfg_renorm_type: str = "global",
+        cfg_renorm_min: float = 0.0,
+        init_noise=None,
+        posterior_noise=None,
+        with_trajectory: bool = False,
+    ) -> CachedSampleResult:
         """Latents of one image per request.
 
         Args:
@@ -132,10 +166,11 @@ class CachedImageSampler:
         if cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {cfg_renorm_type!r}")
         n = len(contexts)
-        rows, query, keys, pad, grid = self._prepare(contexts, image_hw, rngs,
-                                                     guidance_branches(cfg_text_scale, cfg_img_scale))
+        rows, query, keys, pad, grid = self._prepare(
+            contexts, image_hw, rngs, guidance_branches(cfg_text_scale, cfg_img_scale)
+        )
         cfg = self.model.cfg
-        t_len, feat = grid[0] * grid[1], cfg.latent_patch_size ** 2 * cfg.vae.z_channels
+        t_len, feat = grid[0] * grid[1], cfg.latent_patch_size**2 * cfg.vae.z_channels
         ts, dts = sampling_timesteps(num_timesteps, timestep_shift)
         inside = (cfg_interval[0] < ts) & (ts <= cfg_interval[1])  # as the reference compares (float32 t)
         x_init = None
@@ -145,17 +180,34 @@ class CachedImageSampler:
         if posterior_noise is not None:
             if len(posterior_noise) != n:
                 raise ValueError(f"posterior_noise: expected {n} lists (one per request), got {len(posterior_noise)}")
-            post = np.stack([place_posterior(posterior_noise[i], rows.num_vae_images, rows.canvas_hw,
-                                             cfg.vae.z_channels) for i in pad])
-        x, trajectory = self._run(self.params, rows.batch, query, keys, x_init, post, ts, dts, inside,
-                                  np.array([cfg_text_scale, cfg_img_scale], np.float32), np.float32(cfg_renorm_min),
-                                  renorm_type=cfg_renorm_type, with_trajectory=with_trajectory)
+            post = np.stack(
+                [
+                    place_posterior(posterior_noise[i], rows.num_vae_images, rows.canvas_hw, cfg.vae.z_channels)
+                    for i in pad
+                ]
+            )
+        x, trajectory = self._run(
+            self.params,
+            rows.batch,
+            query,
+            keys,
+            x_init,
+            post,
+            ts,
+            dts,
+            inside,
+            np.array([cfg_text_scale, cfg_img_scale], np.float32),
+            np.float32(cfg_renorm_min),
+            renorm_type=cfg_renorm_type,
+            with_trajectory=with_trajectory,
+        )
         x = np.asarray(x)[:n]
         trajectory = None if trajectory is None else np.asarray(trajectory)[:, :n]
         return CachedSampleResult(x, grid, trajectory)
 
-    def velocities(self, contexts: Sequence, image_hw: tuple[int, int], rngs: Sequence, x, t: float,
-                   branches: int = 3) -> np.ndarray:
+    def velocities(
+        self, contexts: Sequence, image_hw: tuple[int, int], rngs: Sequence, x, t: float, branches: int = 3
+    ) -> np.ndarray:
         """One flow evaluation of every context: float32[branches, n, T, p²C] = f(x, t; gen | cfg_text | cfg_img)
         for x float[n, T, p²C] (the sampler's building block; context images drawn from ``rngs``)."""
         n = len(contexts)
@@ -178,10 +230,14 @@ class CachedImageSampler:
         stride = 8 * cfg.latent_patch_size
         grid = (image_hw[0] // stride, image_hw[1] // stride)
         fields = ("gen", "cfg_text", "cfg_img")[:branches]
-        rows = context_rows([getattr(contexts[i], f) for f in fields for i in pad], cfg, self.tokenizer,
-                            extra_tokens=grid[0] * grid[1] + 2, max_context_tokens=self.max_context_tokens,
-                            what="the generated image")
+        rows = context_rows(
+            [getattr(contexts[i], f) for f in fields for i in pad],
+            cfg,
+            self.tokenizer,
+            extra_tokens=grid[0] * grid[1] + 2,
+            max_context_tokens=self.max_context_tokens,
+            what="the generated image",
+        )
         q = image_query(rows, grid, cfg, self.tokenizer)
-        query = ImageQuery(ids=q["ids"], position=q["position"], meta=MaskMeta(**q["meta"]),
-                           latent_pos=q["latent_pos"])
+        query = ImageQuery(ids=q["ids"], position=q["position"], meta=MaskMeta(**q["meta"]), latent_pos=q["latent_pos"])
         return rows, query, key_data([rngs[i] for i in pad]), pad, grid

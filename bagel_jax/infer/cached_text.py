@@ -10,9 +10,10 @@ every row has stopped. No host round trip per token.
 ``M`` (the cache's generation slots) is ``round_bucket(max_length)``; ``max_length`` and ``temperature`` are
 traced, so one program serves a bucket.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,21 @@ from bagel_jax.model.bagel import Bagel
 def _build_decoder(model: Bagel):
     cfg = model.cfg
 
-    def run(params, batch, num_tokens, next_position, keys, max_length, temperature, *, slots: int, do_sample: bool,
-            with_logits: bool, bos: int, eos: int):
+    def run(
+        params,
+        batch,
+        num_tokens,
+        next_position,
+        keys,
+        max_length,
+        temperature,
+        *,
+        slots: int,
+        do_sample: bool,
+        with_logits: bool,
+        bos: int,
+        eos: int,
+    ):
         variables = {"params": params}
         b = batch.kind.shape[0]
         split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))  # [B, 2]: (posterior, sampling)
@@ -53,8 +67,9 @@ def _build_decoder(model: Bagel):
             meta = MaskMeta(**text_query_meta(num_tokens, step))
             logits, k, v = model.apply(variables, cache, token, next_position + step, meta, method=text_step)
             if do_sample:
-                nxt = jax.vmap(lambda key, lg: jax.random.categorical(jax.random.fold_in(key, step), lg / temperature)
-                               )(split[:, 1], logits).astype(jnp.int32)
+                nxt = jax.vmap(lambda key, lg: jax.random.categorical(jax.random.fold_in(key, step), lg / temperature))(
+                    split[:, 1], logits
+                ).astype(jnp.int32)
             else:
                 nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             stop = (nxt == eos) | (step + 1 >= max_length)
@@ -66,9 +81,15 @@ def _build_decoder(model: Bagel):
             cache = cache.write(start + step, k, v, meta)
             return step + 1, cache, nxt, ids, lengths, done | stop, logits_seen
 
-        state = (jnp.int32(0), cache, jnp.full((b,), bos, jnp.int32), jnp.zeros((b, slots), jnp.int32),
-                 jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool),
-                 jnp.zeros((b, slots, vocab) if with_logits else (0,), jnp.float32))
+        state = (
+            jnp.int32(0),
+            cache,
+            jnp.full((b,), bos, jnp.int32),
+            jnp.zeros((b, slots), jnp.int32),
+            jnp.zeros((b,), jnp.int32),
+            jnp.zeros((b,), bool),
+            jnp.zeros((b, slots, vocab) if with_logits else (0,), jnp.float32),
+        )
         _, _, _, ids, lengths, _, logits_seen = jax.lax.while_loop(cond, body, state)
         return ids, lengths, (logits_seen if with_logits else None)
 
@@ -78,14 +99,29 @@ def _build_decoder(model: Bagel):
 class CachedTextGenerator:
     """Batched, KV-cached decoding for one model; programs are shared across instances (``programs.py``)."""
 
-    def __init__(self, model: Bagel, params, tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS):
+    def __init__(
+        self,
+        model: Bagel,
+        params,
+        tokenizer,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+    ):
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.max_batch, self.max_context_tokens = max_batch, max_context_tokens
         self._run = shared_program(model, "cached_text_decoder", _build_decoder)
 
-    def generate(self, contexts: Sequence[Sequence], *, max_length: int = 512, do_sample: bool = False,
-                 temperature: float = 1.0, rngs: Sequence | None = None, with_logits: bool = False):
+    def generate(
+        self,
+        contexts: Sequence[Sequence],
+        *,
+        max_length: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        rngs: Sequence | None = None,
+        with_logits: bool = False,
+    ):
         """Per context (a list of segments), the generated ids (without ``<|im_start|>`` / ``<|im_end|>``).
 
         ``rngs``: per context a key or int seed (posterior draws of context VAE images, sampling); default seed 0.
@@ -101,17 +137,33 @@ class CachedTextGenerator:
             raise ValueError(f"rngs: expected {n} (one per context), got {len(rngs)}")
         nb = batch_bucket(n, self.max_batch)
         pad = list(range(n)) + [0] * (nb - n)
-        rows = context_rows([contexts[i] for i in pad], self.model.cfg, self.tokenizer, extra_tokens=max_length,
-                            max_context_tokens=self.max_context_tokens, what=f"max_length={max_length} generated")
+        rows = context_rows(
+            [contexts[i] for i in pad],
+            self.model.cfg,
+            self.tokenizer,
+            extra_tokens=max_length,
+            max_context_tokens=self.max_context_tokens,
+            what=f"max_length={max_length} generated",
+        )
         tok = self.tokenizer
-        ids, lengths, logits = self._run(self.params, rows.batch, rows.num_tokens, rows.next_position,
-                                         key_data([rngs[i] for i in pad]), np.int32(max_length),
-                                         np.float32(temperature), slots=round_bucket(max_length),
-                                         do_sample=do_sample, with_logits=with_logits, bos=tok.bos_id, eos=tok.eos_id)
+        ids, lengths, logits = self._run(
+            self.params,
+            rows.batch,
+            rows.num_tokens,
+            rows.next_position,
+            key_data([rngs[i] for i in pad]),
+            np.int32(max_length),
+            np.float32(temperature),
+            slots=round_bucket(max_length),
+            do_sample=do_sample,
+            with_logits=with_logits,
+            bos=tok.bos_id,
+            eos=tok.eos_id,
+        )
         ids, lengths = np.asarray(ids), np.asarray(lengths)
-        out = [ids[i, :lengths[i]].tolist() for i in range(n)]
+        out = [ids[i, : lengths[i]].tolist() for i in range(n)]
         if not with_logits:
             return out
         logits = np.asarray(logits)
         steps = [min(max_length, lengths[i] + 1) for i in range(n)]
-        return out, [logits[i, :steps[i]] for i in range(n)]
+        return out, [logits[i, : steps[i]] for i in range(n)]

@@ -17,6 +17,7 @@ Defaults per mode follow the reference's notebook/app (bagel.md §8.4): t2i cfg_
 understanding greedy, max 512 tokens. Inputs beyond the model's limits (a prompt longer than
 ``--max_context_tokens``, an output size beyond the latent position table) fail with one line naming the limit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own status), no usage block
         from bagel_jax.cli import fail
+
         fail(f"{message} (see --help)")
 
 
@@ -49,8 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", default="", help="input image (understand / edit)")
     p.add_argument("--out", default="", help="output PNG (t2i / edit) or text file (understand)")
     p.add_argument("--tokenizer", default="", help="tokenizer.json / *.model (default: in --checkpoint)")
-    p.add_argument("--config", default="", help="Python config file (path.py[:arg]) for non-checkpoint "
-                   "settings (dtype, attention impl, resize rules); default: bagel_jax.config.base_config()")
+    p.add_argument(
+        "--config",
+        default="",
+        help="Python config file (path.py[:arg]) for non-checkpoint "
+        "settings (dtype, attention impl, resize rules); default: bagel_jax.config.base_config()",
+    )
     p.add_argument("--random_tiny", action="store_true", help="write and use a random tiny checkpoint")
     p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"), help="compute dtype override")
     p.add_argument("--height", type=int, default=0, help="t2i image height (default: data.vae_transform max)")
@@ -66,8 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--do_sample", action="store_true")
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_cache", action="store_true", help="cache-free oracle path (recomputes the context "
-                   "every step; slow, for checking the cached path)")
+    p.add_argument(
+        "--no_cache",
+        action="store_true",
+        help="cache-free oracle path (recomputes the context every step; slow, for checking the cached path)",
+    )
     p.add_argument("--max_context_tokens", type=int, default=16384, help="KV cache limit: context + generated tokens")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.random_tiny:
@@ -97,6 +106,7 @@ def load_config_file(path: str):
     """``get_config()`` of a Python config file; raises ``InputError`` naming ``--config``."""
     from bagel_jax.cli import InputError
     from bagel_jax.launch_utils import LaunchError, load_config
+
     try:
         return load_config(path)
     except LaunchError as e:
@@ -112,8 +122,9 @@ def write_random_tiny(directory: str, config) -> None:
     from bagel_jax.data.tokenizer import train_sentencepiece
 
     write_random_checkpoint(directory, config.model, seed=0)
-    tok = train_sentencepiece(synthetic_shapes.corpus(), os.path.join(directory, "tokenizer.model"),
-                              vocab_size=config.model.vocab_size)
+    tok = train_sentencepiece(
+        synthetic_shapes.corpus(), os.path.join(directory, "tokenizer.model"), vocab_size=config.model.vocab_size
+    )
     if tok.vocab_size > config.model.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids > model.vocab_size {config.model.vocab_size}")
 
@@ -122,9 +133,11 @@ def random_tiny_dir(config) -> str:
     """The cached random checkpoint for ``config.model`` (written on first use, atomically; reused after)."""
     import hashlib
     import shutil
+
     key = hashlib.sha256(config.model.to_json(sort_keys=True).encode()).hexdigest()[:12]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                         "bagel_jax")
+    cache = os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bagel_jax"
+    )
     directory = os.path.join(cache, f"random_tiny_{key}")
     if os.path.isfile(os.path.join(directory, "tokenizer.model")):  # the last file written
         return directory
@@ -144,6 +157,7 @@ def random_tiny_dir(config) -> str:
 def find_tokenizer(checkpoint: str, tokenizer: str = "") -> str:
     """``tokenizer`` if given, else the checkpoint directory's tokenizer.json / tokenizer.model."""
     from bagel_jax.cli import InputError
+
     if tokenizer:
         if not os.path.isfile(tokenizer):
             raise InputError(f"--tokenizer: {tokenizer}: no such file")
@@ -159,25 +173,33 @@ def check_checkpoint_dir(path: str) -> None:
     """``path`` looks like a release-layout directory; raises ``InputError`` naming ``--checkpoint`` otherwise (a
     training workdir is told apart and pointed to the tools that read one)."""
     from bagel_jax.cli import InputError
+
     if not os.path.exists(path):
         raise InputError(f"--checkpoint: {path} does not exist")
     if not os.path.isdir(path):
-        raise InputError(f"--checkpoint: {path} is not a directory (a release layout: {LLM_CONFIG}, "
-                         f"ema.safetensors, ae.safetensors, vit_config.json, tokenizer)")
+        raise InputError(
+            f"--checkpoint: {path} is not a directory (a release layout: {LLM_CONFIG}, "
+            f"ema.safetensors, ae.safetensors, vit_config.json, tokenizer)"
+        )
     if os.path.isfile(os.path.join(path, LLM_CONFIG)):
         return
     if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"--checkpoint: {path} is a training workdir (checkpoints/, config.json), not a release "
-                         f"layout ({LLM_CONFIG}, ema.safetensors, ...); evaluate it with python -m "
-                         f"bagel_jax.eval.runner --workdir={path}")
-    raise InputError(f"--checkpoint: no {LLM_CONFIG} in {path} (a release layout: {LLM_CONFIG}, ema.safetensors, "
-                     f"ae.safetensors, vit_config.json, tokenizer)")
+        raise InputError(
+            f"--checkpoint: {path} is a training workdir (checkpoints/, config.json), not a release "
+            f"layout ({LLM_CONFIG}, ema.safetensors, ...); evaluate it with python -m "
+            f"bagel_jax.eval.runner --workdir={path}"
+        )
+    raise InputError(
+        f"--checkpoint: no {LLM_CONFIG} in {path} (a release layout: {LLM_CONFIG}, ema.safetensors, "
+        f"ae.safetensors, vit_config.json, tokenizer)"
+    )
 
 
 def read_image(path: str, max_input_pixels: int | None = None) -> np.ndarray:
     """The RGB pixels of ``path``; raises ``InputError`` naming ``--image`` for a missing or undecodable file."""
     from bagel_jax.cli import InputError
     from bagel_jax.data import images as img_lib
+
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -216,6 +238,7 @@ def preflight(args):
 
 def main(argv=None) -> int:
     from bagel_jax.cli import user_errors
+
     args = parse_args(argv)
     with user_errors():
         return run(args)
@@ -245,32 +268,53 @@ def run(args) -> int:
         raise InputError(f"--checkpoint: {e}") from None
     tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer))
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise InputError(f"--tokenizer: {tokenizer.path} has {tokenizer.vocab_size} ids > the model's vocab_size "
-                         f"{model_cfg.vocab_size}")
+        raise InputError(
+            f"--tokenizer: {tokenizer.path} has {tokenizer.vocab_size} ids > the model's vocab_size "
+            f"{model_cfg.vocab_size}"
+        )
     params = jax.tree.map(jax.numpy.asarray, params)
-    inferencer = Inferencer(Bagel(model_cfg), params, tokenizer, config.data, cached=not args.no_cache,
-                            max_context_tokens=args.max_context_tokens)
+    inferencer = Inferencer(
+        Bagel(model_cfg),
+        params,
+        tokenizer,
+        config.data,
+        cached=not args.no_cache,
+        max_context_tokens=args.max_context_tokens,
+    )
     rng = jax.random.key(args.seed)
 
     if args.mode == "understand":
-        text = inferencer.answer(image, args.prompt, max_length=args.max_length, do_sample=args.do_sample,
-                                 temperature=args.temperature, rng=rng)
+        text = inferencer.answer(
+            image,
+            args.prompt,
+            max_length=args.max_length,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            rng=rng,
+        )
         print(text)
         if args.out:
             with open(args.out, "w") as fh:
                 fh.write(text + "\n")
         return 0
 
-    sampling = dict(num_timesteps=args.num_timesteps, timestep_shift=args.timestep_shift,
-                    cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale,
-                    cfg_interval=tuple(args.cfg_interval), cfg_renorm_type=args.cfg_renorm_type,
-                    cfg_renorm_min=args.cfg_renorm_min, rng=rng)
+    sampling = dict(
+        num_timesteps=args.num_timesteps,
+        timestep_shift=args.timestep_shift,
+        cfg_text_scale=args.cfg_text_scale,
+        cfg_img_scale=args.cfg_img_scale,
+        cfg_interval=tuple(args.cfg_interval),
+        cfg_renorm_type=args.cfg_renorm_type,
+        cfg_renorm_min=args.cfg_renorm_min,
+        rng=rng,
+    )
     if args.mode == "t2i":
         side = inferencer.vae_rule.max_size
         out = inferencer.generate(args.prompt, (args.height or side, args.width or side), **sampling)
     else:
         out = inferencer.edit(image, args.prompt, **sampling)
     from PIL import Image as PILImage
+
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     PILImage.fromarray(out).save(args.out)
     print(f"wrote {args.out} ({out.shape[1]}x{out.shape[0]})")

@@ -18,10 +18,11 @@ Reference semantics reproduced here:
   context's next RoPE id; generated text is ``<|im_start|> t1 … tk`` (+ an ``<|im_end|>`` that causal
   attention hides from the predicting slot).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from bagel_jax.data import images as img_lib
 from bagel_jax.data.pack import Budgets, assemble, split_extras
 from bagel_jax.data.sample import Document, Image, LayoutConfig, Sample, Text, build_document
 
-Item = Union[str, np.ndarray]  # a text or an RGB uint8 [H, W, 3] image
+Item = str | np.ndarray  # a text or an RGB uint8 [H, W, 3] image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +59,15 @@ class Preprocess:
         """(segment, VAE-resized (H, W)). The ViT input is the VAE-resized image, resized by the ViT rule."""
         vae_px = img_lib.resize(np.asarray(pixels, np.uint8), self.vae_rule, name=name)
         vit_px = img_lib.resize(vae_px, self.vit_rule, name=name) if vit else None
-        seg = Image(vae="clean" if vae else "none", vit=vit, vae_pixels=vae_px if vae else None, vit_pixels=vit_px,
-                    name=name)
+        seg = Image(
+            vae="clean" if vae else "none", vit=vit, vae_pixels=vae_px if vae else None, vit_pixels=vit_px, name=name
+        )
         return seg, vae_px.shape[:2]
 
 
-def interleave_contexts(items: Sequence[Item], pre: Preprocess, *, understanding: bool = False,
-                        system_prompt: str | None = None) -> Contexts:
+def interleave_contexts(
+    items: Sequence[Item], pre: Preprocess, *, understanding: bool = False, system_prompt: str | None = None
+) -> Contexts:
     """The reference's ``interleave_inference`` context building (``think`` → pass its system prompt)."""
     gen, cfg_text, cfg_img = [], [], []
     image_hw = None
@@ -99,11 +102,17 @@ def query_text(generated: Sequence[int]) -> Text:
 def layout_for(model_cfg, tokenizer, vae_pad_hw: tuple[int, int]) -> LayoutConfig:
     """Row layout for inference (no CFG dropout), with the VAE canvas ``vae_pad_hw``."""
     return LayoutConfig(
-        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, vision_start_id=tokenizer.vision_start_id,
-        vision_end_id=tokenizer.vision_end_id, vit_patch_size=model_cfg.vit.patch_size,
-        vit_max_patches_per_side=model_cfg.vit_max_num_patch_per_side, vae_downsample=8 * model_cfg.latent_patch_size,
-        max_latent_size=model_cfg.max_latent_size, vae_pad_hw=tuple(vae_pad_hw),
-        interpolate_pos=model_cfg.interpolate_pos)
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        vision_start_id=tokenizer.vision_start_id,
+        vision_end_id=tokenizer.vision_end_id,
+        vit_patch_size=model_cfg.vit.patch_size,
+        vit_max_patches_per_side=model_cfg.vit_max_num_patch_per_side,
+        vae_downsample=8 * model_cfg.latent_patch_size,
+        max_latent_size=model_cfg.max_latent_size,
+        vae_pad_hw=tuple(vae_pad_hw),
+        interpolate_pos=model_cfg.interpolate_pos,
+    )
 
 
 def vae_canvas(segment_lists: Sequence[Sequence], stride: int = 16) -> tuple[int, int]:
@@ -141,9 +150,16 @@ class Rows:
         return np.nonzero(doc.gen_kind == KIND_NOISED_VAE)[0].astype(np.int32)
 
 
-def pack_rows(segment_lists: Sequence[Sequence], layout: LayoutConfig, *, und_len: int | None = None,
-              gen_len: int | None = None, max_vit_patches: int | None = None, max_vae_images: int | None = None,
-              multiple: int = 16) -> Rows:
+def pack_rows(
+    segment_lists: Sequence[Sequence],
+    layout: LayoutConfig,
+    *,
+    und_len: int | None = None,
+    gen_len: int | None = None,
+    max_vit_patches: int | None = None,
+    max_vae_images: int | None = None,
+    multiple: int = 16,
+) -> Rows:
     """One document per row, all rows with common (rounded-up, or given) static budgets."""
     rng = np.random.default_rng(0)  # only draws noised-image timesteps, which the samplers override
     docs: list[Document] = [build_document(Sample(list(segs)), layout, rng) for segs in segment_lists]
@@ -154,8 +170,15 @@ def pack_rows(segment_lists: Sequence[Sequence], layout: LayoutConfig, *, und_le
     for what, need, have in (("und_len", costs[:, 0].max(), u), ("gen_len", costs[:, 1].max(), g)):
         if need > have:
             raise ValueError(f"context needs {need} {what} slots, the row has {have}")
-    b = Budgets(seq_len=u + g, und_len=u, max_vit_patches=max_vit_patches or _round_up(int(costs[:, 2].max()), 8),
-                max_vae_images=max_vae_images or max(1, int(costs[:, 3].max())), vae_hw=layout.vae_pad_hw,
-                vit_patch_dim=3 * layout.vit_patch_size ** 2, max_docs=1, latent_stride=layout.vae_downsample)
+    b = Budgets(
+        seq_len=u + g,
+        und_len=u,
+        max_vit_patches=max_vit_patches or _round_up(int(costs[:, 2].max()), 8),
+        max_vae_images=max_vae_images or max(1, int(costs[:, 3].max())),
+        vae_hw=layout.vae_pad_hw,
+        vit_patch_dim=3 * layout.vit_patch_size**2,
+        max_docs=1,
+        latent_stride=layout.vae_downsample,
+    )
     fields, _ = split_extras(assemble([[d] for d in docs], b))
     return Rows(PackedBatch(**fields), docs, b)

@@ -8,13 +8,12 @@ model. The eval CLI scores runs through it::
 (``model.vae.init_from``) and pretrained ViT (``model.vit.init_from``) with the other weights freshly initialised
 (``train.seed``), i.e. the model at step 0.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import jax
 
 from bagel_jax.config import ConfigError
-
 from bagel_jax.convert.run_checkpoint import load_run_config  # noqa: F401  (re-exported: the eval CLI uses it)
 
 PARAMS = ("ema", "params", "untrained")

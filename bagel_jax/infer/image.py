@@ -20,10 +20,11 @@ given explicitly.
 
 This is the cache-free oracle; ``infer/cached_image.py`` is the fast path tested against it.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,16 @@ def sampling_timesteps(num_timesteps: int, shift: float) -> tuple[np.ndarray, np
     return ts[:-1], (ts[:-1] - ts[1:]).astype(np.float32)
 
 
-def cfg_combine(v, v_text=None, v_img=None, *, cfg_text_scale: float = 1.0, cfg_img_scale: float = 1.0,
-                renorm_type: str = "global", renorm_min: float = 0.0):
+def cfg_combine(
+    v,
+    v_text=None,
+    v_img=None,
+    *,
+    cfg_text_scale: float = 1.0,
+    cfg_img_scale: float = 1.0,
+    renorm_type: str = "global",
+    renorm_min: float = 0.0,
+):
     """The reference's CFG combination of velocities [T, C] (one image; 'global' norms over all of it).
 
     No text CFG (``cfg_text_scale <= 1``) → ``v`` unchanged, even if ``cfg_img_scale > 1``.
@@ -56,8 +65,9 @@ def cfg_combine(v, v_text=None, v_img=None, *, cfg_text_scale: float = 1.0, cfg_
         raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {renorm_type!r}")
     if cfg_text_scale <= 1.0:
         return v
-    return guide(v, v_text, v_img if cfg_img_scale > 1.0 else None, cfg_text_scale, cfg_img_scale, renorm_type,
-                 renorm_min)
+    return guide(
+        v, v_text, v_img if cfg_img_scale > 1.0 else None, cfg_text_scale, cfg_img_scale, renorm_type, renorm_min
+    )
 
 
 def guide(v, v_text, v_img, text_scale, img_scale, renorm_type: str, renorm_min):
@@ -120,11 +130,24 @@ class ImageSampler:
         layout = layout_for(cfg, self.tokenizer, vae_canvas(segs, 8 * cfg.latent_patch_size))
         return pack_rows(segs, layout)
 
-    def sample(self, gen: Sequence, cfg_text: Sequence, cfg_img: Sequence, image_hw: tuple[int, int], *,
-               num_timesteps: int = 50, timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
-               cfg_img_scale: float = 1.5, cfg_interval: tuple[float, float] = (0.4, 1.0),
-               cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0, rng=None,
-               init_noise: np.ndarray | None = None, posterior_noise=None) -> SampleResult:
+    def sample(
+        self,
+        gen: Sequence,
+        cfg_text: Sequence,
+        cfg_img: Sequence,
+        image_hw: tuple[int, int],
+        *,
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        cfg_text_scale: float = 4.0,
+        cfg_img_scale: float = 1.5,
+        cfg_interval: tuple[float, float] = (0.4, 1.0),
+        cfg_renorm_type: str = "global",
+        cfg_renorm_min: float = 0.0,
+        rng=None,
+        init_noise: np.ndarray | None = None,
+        posterior_noise=None,
+    ) -> SampleResult:
         """Generates the latents of one image after the context ``gen``.
 
         ``init_noise`` float[(H/16)(W/16), p²C] and ``posterior_noise`` (one [h/8, w/8, C] draw per context image
@@ -136,30 +159,40 @@ class ImageSampler:
         rng = jax.random.key(0) if rng is None else rng
         rng_post, rng_noise = jax.random.split(rng)
         ev = self._evaluator([gen, cfg_text, cfg_img] if use_cfg else [gen], image_hw, rng_post, posterior_noise)
-        n_tok, feat = ev.slots.shape[1], self.model.cfg.latent_patch_size ** 2 * self.model.cfg.vae.z_channels
-        x = (np.asarray(flow_noise(rng_noise, n_tok, self.model.cfg)) if init_noise is None
-             else np.asarray(init_noise, np.float32).reshape(n_tok, feat))
+        n_tok, feat = ev.slots.shape[1], self.model.cfg.latent_patch_size**2 * self.model.cfg.vae.z_channels
+        x = (
+            np.asarray(flow_noise(rng_noise, n_tok, self.model.cfg))
+            if init_noise is None
+            else np.asarray(init_noise, np.float32).reshape(n_tok, feat)
+        )
         ts, dts = sampling_timesteps(num_timesteps, timestep_shift)
         trajectory = []
         for t, dt in zip(ts, dts):
             v_all = ev(x, t)
             inside = cfg_interval[0] < t <= cfg_interval[1]
             s_text, s_img = (cfg_text_scale, cfg_img_scale) if inside else (1.0, 1.0)
-            v = cfg_combine(v_all[0], v_all[1] if use_cfg else None, v_all[2] if use_cfg else None,
-                            cfg_text_scale=s_text, cfg_img_scale=s_img, renorm_type=cfg_renorm_type,
-                            renorm_min=cfg_renorm_min)
+            v = cfg_combine(
+                v_all[0],
+                v_all[1] if use_cfg else None,
+                v_all[2] if use_cfg else None,
+                cfg_text_scale=s_text,
+                cfg_img_scale=s_img,
+                renorm_type=cfg_renorm_type,
+                renorm_min=cfg_renorm_min,
+            )
             x = (x - v * dt).astype(np.float32)
             trajectory.append(x)
         return SampleResult(x, ev.grid, trajectory, np.asarray(ev.x0[0]), ev.rows)
 
-    def velocities(self, contexts: Sequence[Sequence], image_hw: tuple[int, int], x, t: float, rng=None,
-                   posterior_noise=None) -> np.ndarray:
+    def velocities(
+        self, contexts: Sequence[Sequence], image_hw: tuple[int, int], x, t: float, rng=None, posterior_noise=None
+    ) -> np.ndarray:
         """One flow evaluation per context: float32[len(contexts), T, p²C] = f(x, t; context) for x float[T, p²C]
         (contexts: gen first; the others share its image draws)."""
         rng_post, _ = jax.random.split(jax.random.key(0) if rng is None else rng)
         return self._evaluator(contexts, image_hw, rng_post, posterior_noise)(np.asarray(x, np.float32), t)
 
-    def _evaluator(self, contexts, image_hw, rng_post, posterior_noise) -> "_Evaluator":
+    def _evaluator(self, contexts, image_hw, rng_post, posterior_noise) -> _Evaluator:
         cfg = self.model.cfg
         stride = 8 * cfg.latent_patch_size
         hgt, wid = image_hw
@@ -170,8 +203,11 @@ class ImageSampler:
         batch = jax.tree.map(jnp.asarray, rows.batch)
         b = batch.kind.shape[0]
         n_img, canvas = rows.budgets.max_vae_images, rows.budgets.vae_hw
-        post = (posterior_canvas(rng_post, n_img, canvas, cfg) if posterior_noise is None
-                else place_posterior(posterior_noise, n_img, canvas, cfg.vae.z_channels))
+        post = (
+            posterior_canvas(rng_post, n_img, canvas, cfg)
+            if posterior_noise is None
+            else place_posterior(posterior_noise, n_img, canvas, cfg.vae.z_channels)
+        )
         x0 = self._encode(self.params, jax.tree.map(lambda a: a[:1], batch), jnp.asarray(post)[None])  # gen row
         x0 = jnp.broadcast_to(x0, (b,) + x0.shape[1:])  # cfg_text's images are gen's first images; cfg_img has none
         slots = np.stack([rows.noised_slots(r) for r in range(b)])  # [B, T]

@@ -10,9 +10,10 @@ A request's key is split into (posterior key, flow key), as ``jax.random.split(r
 So the same key gives the same image alone or in a batch, on the cache-free and the cached path alike. Both
 draws can instead be passed explicitly (``init_noise`` / ``posterior_noise``).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +52,11 @@ def place_posterior(draws: Sequence[np.ndarray], num_images: int, canvas_hw: tup
     for k, d in enumerate(draws):
         d = np.asarray(d, np.float32)
         if d.ndim != 3 or d.shape[0] > out.shape[1] or d.shape[1] > out.shape[2] or d.shape[2] != z_channels:
-            raise ValueError(f"posterior_noise[{k}]: expected [h/8, w/8, {z_channels}] within the canvas "
-                             f"{out.shape[1:]}, got {d.shape}")
-        out[k, :d.shape[0], :d.shape[1]] = d
+            raise ValueError(
+                f"posterior_noise[{k}]: expected [h/8, w/8, {z_channels}] within the canvas "
+                f"{out.shape[1:]}, got {d.shape}"
+            )
+        out[k, : d.shape[0], : d.shape[1]] = d
     return out
 
 

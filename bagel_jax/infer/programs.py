@@ -10,9 +10,10 @@ few tokens (one decoded token, one image) against a single-document cache, where
 nothing to skip but padding and its per-call row limit (``attention/block_map.py``) would cap the batch (CFG
 branches × requests); the contexts' prefill follows the same choice.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from bagel_jax.attention import resolve_impl
 

@@ -5,10 +5,11 @@ A context is one document (``bagel_jax.data.sample`` segments) in its own row, l
 (``buckets.round_bucket``) so that different prompt lengths share a compiled program. What follows a context
 continues its document: natural indices from ``num_tokens`` on, RoPE ids from ``next_position`` on.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,12 +44,21 @@ def check_image_hw(hw: tuple[int, int], model_cfg) -> None:
     if h <= 0 or w <= 0 or h % stride or w % stride:
         raise ValueError(f"image size {h}x{w} must be positive multiples of {stride} pixels")
     if h > largest or w > largest:
-        raise ImageTooLargeError(f"image size {h}x{w} exceeds the latent position table: at most {largest}x{largest} "
-                                 f"pixels (model.max_latent_size={model_cfg.max_latent_size} tokens of {stride} px)")
+        raise ImageTooLargeError(
+            f"image size {h}x{w} exceeds the latent position table: at most {largest}x{largest} "
+            f"pixels (model.max_latent_size={model_cfg.max_latent_size} tokens of {stride} px)"
+        )
 
 
-def context_rows(contexts: Sequence[Sequence], model_cfg, tokenizer, *, extra_tokens: int,
-                 max_context_tokens: int, what: str = "the tokens to generate") -> ContextRows:
+def context_rows(
+    contexts: Sequence[Sequence],
+    model_cfg,
+    tokenizer,
+    *,
+    extra_tokens: int,
+    max_context_tokens: int,
+    what: str = "the tokens to generate",
+) -> ContextRows:
     """One row per context (a list of segments), with bucketed budgets.
 
     ``extra_tokens``: how many tokens will follow each context in the cache (the query image or the generated
@@ -62,12 +72,20 @@ def context_rows(contexts: Sequence[Sequence], model_cfg, tokenizer, *, extra_to
     costs = np.array([d.cost for d in docs], np.int64).reshape(len(docs), 4)
     longest = int(max(d.num_tokens for d in docs))
     if longest + extra_tokens > max_context_tokens:
-        raise CacheOverflowError(f"a context of {longest} tokens + {extra_tokens} for {what} exceeds the KV cache "
-                                 f"limit max_context_tokens={max_context_tokens}")
+        raise CacheOverflowError(
+            f"a context of {longest} tokens + {extra_tokens} for {what} exceeds the KV cache "
+            f"limit max_context_tokens={max_context_tokens}"
+        )
     und = round_bucket(costs[:, 0].max())
     gen = round_bucket(costs[:, 1].max()) if costs[:, 1].max() else 0
-    rows = pack_rows(contexts, layout, und_len=und, gen_len=gen, max_vit_patches=round_bucket(costs[:, 2].max(), 8),
-                     max_vae_images=max(1, int(costs[:, 3].max())))
+    rows = pack_rows(
+        contexts,
+        layout,
+        und_len=und,
+        gen_len=gen,
+        max_vit_patches=round_bucket(costs[:, 2].max(), 8),
+        max_vae_images=max(1, int(costs[:, 3].max())),
+    )
     next_pos = np.array([int(d.positions().max()) + 1 if d.num_tokens else 0 for d in docs], np.int32)
     num_tokens = np.array([d.num_tokens for d in docs], np.int32)
     return ContextRows(rows.batch, num_tokens, next_pos, canvas)
@@ -83,12 +101,18 @@ def image_query(rows: ContextRows, grid_hw: tuple[int, int], model_cfg, tokenize
     start = rows.num_tokens[:, None].astype(np.int64)
     index = start + np.concatenate([[0, t + 1], 1 + np.arange(t)])[None]  # natural order: start, latents, end
     end = start + t + 1
-    meta = dict(doc=np.ones((r, t + 2), np.int32), index=index.astype(np.int32),
-                q_hi=np.broadcast_to(end, (r, t + 2)).astype(np.int32),
-                kv_hi=np.broadcast_to(end, (r, t + 2)).astype(np.int32))
-    return dict(ids=np.tile(np.array([[tokenizer.vision_start_id, tokenizer.vision_end_id]], np.int32), (r, 1)),
-                position=np.repeat(rows.next_position[:, None], t + 2, axis=1).astype(np.int32), meta=meta,
-                latent_pos=np.tile(latent_pos[None], (r, 1)).astype(np.int32))
+    meta = dict(
+        doc=np.ones((r, t + 2), np.int32),
+        index=index.astype(np.int32),
+        q_hi=np.broadcast_to(end, (r, t + 2)).astype(np.int32),
+        kv_hi=np.broadcast_to(end, (r, t + 2)).astype(np.int32),
+    )
+    return dict(
+        ids=np.tile(np.array([[tokenizer.vision_start_id, tokenizer.vision_end_id]], np.int32), (r, 1)),
+        position=np.repeat(rows.next_position[:, None], t + 2, axis=1).astype(np.int32),
+        meta=meta,
+        latent_pos=np.tile(latent_pos[None], (r, 1)).astype(np.int32),
+    )
 
 
 def text_query_meta(num_tokens, step):

@@ -9,9 +9,10 @@ key, token k drawn with ``fold_in(sampling key, k)``), as on the cached path.
 
 This is the cache-free oracle; ``infer/cached_text.py`` is the fast path tested against it.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +43,15 @@ class TextGenerator:
         self._encode = jax.jit(encode)
         self._visual_gen = cfg.visual_gen
 
-    def generate(self, segments: Sequence, *, max_length: int = 512, do_sample: bool = False,
-                 temperature: float = 1.0, rng=None) -> list[int]:
+    def generate(
+        self, segments: Sequence, *, max_length: int = 512, do_sample: bool = False, temperature: float = 1.0, rng=None
+    ) -> list[int]:
         """Token ids generated after the context ``segments`` (without ``<|im_start|>`` / ``<|im_end|>``)."""
-        return self.trace(segments, max_length=max_length, do_sample=do_sample, temperature=temperature,
-                          rng=rng)[0]
+        return self.trace(segments, max_length=max_length, do_sample=do_sample, temperature=temperature, rng=rng)[0]
 
-    def trace(self, segments: Sequence, *, max_length: int = 512, do_sample: bool = False,
-              temperature: float = 1.0, rng=None) -> tuple[list[int], list[np.ndarray]]:
+    def trace(
+        self, segments: Sequence, *, max_length: int = 512, do_sample: bool = False, temperature: float = 1.0, rng=None
+    ) -> tuple[list[int], list[np.ndarray]]:
         """(generated ids, the logits float32[V] of every step)."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -69,8 +71,14 @@ class TextGenerator:
         all_logits: list[np.ndarray] = []
         eos = self.tokenizer.eos_id
         while True:
-            rows = pack_rows([list(segments) + [query_text(generated)]], layout, und_len=b.und_len,
-                             gen_len=b.gen_len, max_vit_patches=b.max_vit_patches, max_vae_images=b.max_vae_images)
+            rows = pack_rows(
+                [list(segments) + [query_text(generated)]],
+                layout,
+                und_len=b.und_len,
+                gen_len=b.gen_len,
+                max_vit_patches=b.max_vit_patches,
+                max_vae_images=b.max_vae_images,
+            )
             doc = rows.docs[0]
             slot = rows.und_slot(0, doc.num_tokens - 2)  # the last fed token (<|im_start|> or t_k)
             logits = self._step(self.params, _device(rows.batch), x0, jnp.asarray([slot], jnp.int32))[0]
@@ -93,4 +101,3 @@ def layout_stride(model_cfg) -> int:
 
 def _device(batch):
     return jax.tree.map(jnp.asarray, batch)
-

@@ -32,6 +32,7 @@ Randomness: ``rng`` is split into (posterior, flow): the VAE posterior draw ε_z
 token, so a sample's noise does not depend on where it is packed). Both can be given explicitly
 (``noise=``) to reproduce a computation exactly.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -96,8 +97,7 @@ def chunked_cross_entropy(h, kernel, labels, chunk: int = 4096, dtype=jnp.float3
         hc, lc = args
         # rows stay on their chips (unconstrained, XLA gathered all rows' hidden states to each chip)
         hc = nn.with_logical_constraint(hc, ("activation_batch", "activation_length", "activation_embed"))
-        logits = jnp.einsum("bcd,dv->bcv", hc.astype(dtype), kernel.astype(dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bcd,dv->bcv", hc.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, lc[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -122,14 +122,23 @@ class Bagel(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.language_model = LanguageModel(cfg)
         if cfg.visual_gen:
-            patch_dim = cfg.latent_patch_size ** 2 * cfg.vae.z_channels
+            patch_dim = cfg.latent_patch_size**2 * cfg.vae.z_channels
             self.time_embedder = TimestepEmbedder(d, dtype=dtype, param_dtype=pdtype)
-            self.vae2llm = nn.Dense(d, dtype=dtype, param_dtype=pdtype, kernel_init=kernel_init("patch", "embed"),
-                                    bias_init=bias_init("embed"))
+            self.vae2llm = nn.Dense(
+                d,
+                dtype=dtype,
+                param_dtype=pdtype,
+                kernel_init=kernel_init("patch", "embed"),
+                bias_init=bias_init("embed"),
+            )
             zeros = nn.initializers.zeros_init()  # the reference zero-initialises llm2vae (weight and bias)
-            self.llm2vae = nn.Dense(patch_dim, dtype=dtype, param_dtype=pdtype,
-                                    kernel_init=nn.with_logical_partitioning(zeros, ("embed", "patch")),
-                                    bias_init=nn.with_logical_partitioning(zeros, ("patch",)))
+            self.llm2vae = nn.Dense(
+                patch_dim,
+                dtype=dtype,
+                param_dtype=pdtype,
+                kernel_init=nn.with_logical_partitioning(zeros, ("embed", "patch")),
+                bias_init=nn.with_logical_partitioning(zeros, ("patch",)),
+            )
             self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, d, dtype=dtype)
             self.vae = FluxVAE(cfg.vae)
         if cfg.visual_und:
@@ -219,8 +228,18 @@ class Bagel(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------------
 
-    def __call__(self, batch: PackedBatch, rng=None, *, noise: dict | None = None, x0=None, xt=None,
-                 deterministic: bool = True, return_logits: bool = False, with_ce: bool = True) -> dict[str, Any]:
+    def __call__(
+        self,
+        batch: PackedBatch,
+        rng=None,
+        *,
+        noise: dict | None = None,
+        x0=None,
+        xt=None,
+        deterministic: bool = True,
+        return_logits: bool = False,
+        with_ce: bool = True,
+    ) -> dict[str, Any]:
         """Forward of packed rows.
 
         Args:
@@ -275,16 +294,18 @@ class Bagel(nn.Module):
         else:
             gen_x = jnp.zeros((und_x.shape[0], g, cfg.hidden_size), und_x.dtype)
 
-        und_h, gen_h = self.language_model(und_x, gen_x, batch.position, MaskMeta.of(batch),
-                                           deterministic=deterministic)
+        und_h, gen_h = self.language_model(
+            und_x, gen_x, batch.position, MaskMeta.of(batch), deterministic=deterministic
+        )
         if self.is_initializing():  # create the LM head and the whole VAE (decoder too) in the param tree
             self.language_model.logits(und_h[:, :1])
             if cfg.visual_gen:
                 self.vae.decode(jnp.zeros((1, 1, 1, cfg.vae.z_channels), jnp.float32))
         out["und_hidden"] = und_h
         if with_ce:
-            out["ce"] = chunked_cross_entropy(und_h, self.lm_head_kernel(), batch.labels, self.ce_chunk,
-                                              jnp.dtype(cfg.dtype))
+            out["ce"] = chunked_cross_entropy(
+                und_h, self.lm_head_kernel(), batch.labels, self.ce_chunk, jnp.dtype(cfg.dtype)
+            )
         if return_logits:
             out["text_logits"] = self.text_logits(und_h)
         if cfg.visual_gen and g > 0:
@@ -305,14 +326,22 @@ def pixels_to_unit(x):
     return x
 
 
-def dummy_batch(model_cfg, batch_size: int = 1, *, seq_len: int = 16, und_len: int = 12, vit_patches: int = 4,
-                vae_images: int = 1, vae_hw: tuple[int, int] = (16, 16)) -> PackedBatch:
+def dummy_batch(
+    model_cfg,
+    batch_size: int = 1,
+    *,
+    seq_len: int = 16,
+    und_len: int = 12,
+    vit_patches: int = 4,
+    vae_images: int = 1,
+    vae_hw: tuple[int, int] = (16, 16),
+) -> PackedBatch:
     """An all-padding ``PackedBatch`` (small by default: parameter shapes do not depend on the budgets)."""
     import numpy as np
 
     from bagel_jax.batch import empty_row
 
-    row = empty_row(seq_len, und_len, vit_patches, model_cfg.vit.patch_size ** 2 * 3, vae_images, tuple(vae_hw))
+    row = empty_row(seq_len, und_len, vit_patches, model_cfg.vit.patch_size**2 * 3, vae_images, tuple(vae_hw))
     return PackedBatch(**{k: jnp.asarray(np.broadcast_to(v, (batch_size,) + v.shape)) for k, v in row.items()})
 
 

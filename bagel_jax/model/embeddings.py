@@ -5,6 +5,7 @@
   ``row * n + col``; kept as a parameter because the checkpoint stores it, never trained.
 * ``Connector``: ViT width → LLM width MLP (fc1, gelu_tanh, fc2).
 """
+
 from __future__ import annotations
 
 import math
@@ -106,9 +107,11 @@ class PositionEmbedding(nn.Module):
         n, dim = self.n, self.dim
         table = self.param(
             "pos_embed",
-            nn.with_logical_partitioning(lambda _key, shape: jnp.asarray(sincos_2d_table(dim, n)),
-                                         ("pos_table", "embed")),
-            (n * n, dim))
+            nn.with_logical_partitioning(
+                lambda _key, shape: jnp.asarray(sincos_2d_table(dim, n)), ("pos_table", "embed")
+            ),
+            (n * n, dim),
+        )
         table = jax.lax.stop_gradient(table)
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 

@@ -1,6 +1,7 @@
 """The split of a run's seed key that every stage (BAGEL, VAE, ViT) uses, so a run's step-0 params can be remade
 anywhere (the untrained baseline of the evals, a restart check): ``init_fn(split_init_key(PRNGKey(train.seed))[0])``.
 """
+
 from __future__ import annotations
 
 import jax

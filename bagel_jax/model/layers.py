@@ -11,6 +11,7 @@ Each matches its ``transformers`` Qwen2 counterpart numerically (tests/test_qwen
   ``apply_rotary_pos_emb``: ``inv_freq = 1/θ^(2k/hd)`` in f32, ``freqs = position · inv_freq`` in f32,
   ``cos/sin(cat(freqs, freqs))`` cast to the activation dtype, non-interleaved halves (``rotate_half``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,9 +39,14 @@ def bias_init(*logical_axes: str):
 
 def dense(features: int, names: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
     """A biased Dense layer: lecun-normal kernel [in, out] with logical axes ``names``, zero bias [out]."""
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-                    bias_init=bias_init(names[1]))
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+        bias_init=bias_init(names[1]),
+    )
 
 
 class RMSNorm(nn.Module):
@@ -55,8 +61,12 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
         x32 = x.astype(jnp.float32)
         normed = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return scale.astype(x.dtype) * normed.astype(x.dtype)
@@ -75,8 +85,15 @@ class SwiGLU(nn.Module):
         def dense(feats, axes, name):
             if self.lora:
                 return LoraLinear(feats, axes, *self.lora, kernel_init(*axes), self.dtype, self.param_dtype, name=name)
-            return nn.Dense(feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=kernel_init(*axes), name=name)
+            return nn.Dense(
+                feats,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=kernel_init(*axes),
+                name=name,
+            )
+
         gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
         h = nn.silu(gate) * up
@@ -101,16 +118,29 @@ class HeadsProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", kernel_init("embed", self.head_axis, "head_dim"),
-                            (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            kernel_init("embed", self.head_axis, "head_dim"),
+            (x.shape[-1], self.num_heads, self.head_dim),
+            self.param_dtype,
+        )
         y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", bias_init(self.head_axis, "head_dim"), (self.num_heads, self.head_dim),
-                              self.param_dtype)
+            bias = self.param(
+                "bias", bias_init(self.head_axis, "head_dim"), (self.num_heads, self.head_dim), self.param_dtype
+            )
             y = y + bias.astype(self.dtype)
         if self.lora:
-            y = y + adapter(self, x, ("embed",), (self.num_heads, self.head_dim), (self.head_axis, "head_dim"),
-                            *self.lora, self.dtype, self.param_dtype)
+            y = y + adapter(
+                self,
+                x,
+                ("embed",),
+                (self.num_heads, self.head_dim),
+                (self.head_axis, "head_dim"),
+                *self.lora,
+                self.dtype,
+                self.param_dtype,
+            )
         return y
 
 
@@ -124,12 +154,14 @@ class MergeHeadsProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", kernel_init("heads", "head_dim", "embed"), (*x.shape[-2:], self.features),
-                            self.param_dtype)
+        kernel = self.param(
+            "kernel", kernel_init("heads", "head_dim", "embed"), (*x.shape[-2:], self.features), self.param_dtype
+        )
         y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
         if self.lora:
-            y = y + adapter(self, x, ("heads", "head_dim"), (self.features,), ("embed",), *self.lora, self.dtype,
-                            self.param_dtype)
+            y = y + adapter(
+                self, x, ("heads", "head_dim"), (self.features,), ("embed",), *self.lora, self.dtype, self.param_dtype
+            )
         return y
 
 

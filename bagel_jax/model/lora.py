@@ -8,6 +8,7 @@ the base's). ``lora_rank`` is replicated (parallel/rules.py), so A and B shard l
 (``und``: suffix "", ``gen``: ``_moe_gen``). With adapters in the tree only ``lora_a``/``lora_b`` train
 (train/optim.py); ``merge_kernel`` folds them into W for export.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,8 +22,15 @@ Dtype = Any
 LORA_PARAM = re.compile(r"(^|/)lora_[ab]$")
 GEN_SUFFIX = "_moe_gen"
 # release module name -> (LoRA kind, number of input dims of its kernel)
-MODULE_KIND = {"q_proj": ("q", 1), "k_proj": ("k", 1), "v_proj": ("v", 1), "o_proj": ("o", 2),
-               "gate_proj": ("mlp", 1), "up_proj": ("mlp", 1), "down_proj": ("mlp", 1)}
+MODULE_KIND = {
+    "q_proj": ("q", 1),
+    "k_proj": ("k", 1),
+    "v_proj": ("v", 1),
+    "o_proj": ("o", 2),
+    "gate_proj": ("mlp", 1),
+    "up_proj": ("mlp", 1),
+    "down_proj": ("mlp", 1),
+}
 
 
 def enabled(cfg) -> bool:
@@ -41,19 +49,33 @@ def lora_for(cfg, suffix: str, kind: str) -> tuple[int, float] | None:
     return int(cfg.lora.rank), float(cfg.lora.alpha)
 
 
-def adapter(module: nn.Module, x, in_axes: tuple[str, ...], out_shape: tuple[int, ...], out_axes: tuple[str, ...],
-            rank: int, alpha: float, dtype: Dtype, param_dtype: Dtype):
+def adapter(
+    module: nn.Module,
+    x,
+    in_axes: tuple[str, ...],
+    out_shape: tuple[int, ...],
+    out_axes: tuple[str, ...],
+    rank: int,
+    alpha: float,
+    dtype: Dtype,
+    param_dtype: Dtype,
+):
     """(alpha/rank)·(x·A)·B: x [..., *in] → [..., *out], creating ``lora_a``/``lora_b`` in ``module`` (compact)."""
     n_in = len(in_axes)
-    in_shape = tuple(x.shape[x.ndim - n_in:])
+    in_shape = tuple(x.shape[x.ndim - n_in :])
     a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
-    a = module.param("lora_a", nn.with_logical_partitioning(a_init, (*in_axes, "lora_rank")), (*in_shape, rank),
-                     param_dtype)
-    b = module.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("lora_rank", *out_axes)),
-                     (rank, *out_shape), param_dtype)
+    a = module.param(
+        "lora_a", nn.with_logical_partitioning(a_init, (*in_axes, "lora_rank")), (*in_shape, rank), param_dtype
+    )
+    b = module.param(
+        "lora_b",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("lora_rank", *out_axes)),
+        (rank, *out_shape),
+        param_dtype,
+    )
     in_sub = "abcdefg"[:n_in]
     h = jnp.einsum(f"...{in_sub},{in_sub}r->...r", x.astype(dtype), a.astype(dtype))
-    out_sub = "stuvw"[:len(out_shape)]
+    out_sub = "stuvw"[: len(out_shape)]
     y = jnp.einsum(f"...r,r{out_sub}->...{out_sub}", h, b.astype(dtype))
     return (alpha / rank) * y
 
@@ -74,8 +96,9 @@ class LoraLinear(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
-        return y + adapter(self, x, self.axes[:1], (self.features,), self.axes[1:], self.rank, self.alpha,
-                           self.dtype, self.param_dtype)
+        return y + adapter(
+            self, x, self.axes[:1], (self.features,), self.axes[1:], self.rank, self.alpha, self.dtype, self.param_dtype
+        )
 
 
 def is_lora_path(path: str) -> bool:
@@ -87,22 +110,23 @@ def delta(a, b, n_in: int, scale: float) -> np.ndarray:
     """scale·A·B in the kernel's layout: A [*lead, *in, r], B [*lead, r, *out] → [*lead, *in, *out] (f32 numpy;
     ``lead`` = a scan-stacked layers axis or nothing)."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    lead = a.shape[:a.ndim - 1 - n_in]
-    in_shape, out_shape = a.shape[len(lead):-1], b.shape[len(lead) + 1:]
+    lead = a.shape[: a.ndim - 1 - n_in]
+    in_shape, out_shape = a.shape[len(lead) : -1], b.shape[len(lead) + 1 :]
     r = a.shape[-1]
     m = np.matmul(a.reshape(*lead, -1, r), b.reshape(*lead, r, -1))
     return scale * m.reshape(*lead, *in_shape, *out_shape)
 
 
-def merge_kernel(module_name: str, module_node: dict, kernel, cfg, layer: int | None = None,
-                 to_host=np.asarray) -> np.ndarray:
+def merge_kernel(
+    module_name: str, module_node: dict, kernel, cfg, layer: int | None = None, to_host=np.asarray
+) -> np.ndarray:
     """The kernel of ``module_node`` (a param dict holding ``kernel`` and maybe ``lora_a``/``lora_b``) with its
     adapter merged: W + (alpha/rank)·A·B (f32 numpy). ``kernel`` is the host copy of W (one layer of a scan stack
     when ``layer`` is given, in which case A and B are indexed the same way); ``to_host`` gathers A and B."""
     kernel = np.asarray(kernel)
     if "lora_a" not in module_node:
         return kernel
-    base_name = module_name[:-len(GEN_SUFFIX)] if module_name.endswith(GEN_SUFFIX) else module_name
+    base_name = module_name[: -len(GEN_SUFFIX)] if module_name.endswith(GEN_SUFFIX) else module_name
     _, n_in = MODULE_KIND[base_name]
     a, b = module_node["lora_a"], module_node["lora_b"]
     if layer is not None:

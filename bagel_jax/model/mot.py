@@ -41,6 +41,7 @@ metadata ``past_meta`` [B, C]) and returns the new tokens' own K/V [layers, B, T
 The new tokens attend to ``concat(past, own)`` under the same split-wise rule, so a context prefilled once and
 extended step by step gives the same hidden states as the whole row at once.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -50,8 +51,15 @@ import ml_collections
 
 from bagel_jax.attention import MaskMeta, attention, resolve_impl
 from bagel_jax.config import head_dim
-from bagel_jax.model.layers import (HeadsProjection, MergeHeadsProjection, RMSNorm, SwiGLU, apply_rope, kernel_init,
-                                    rope_cos_sin)
+from bagel_jax.model.layers import (
+    HeadsProjection,
+    MergeHeadsProjection,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    kernel_init,
+    rope_cos_sin,
+)
 from bagel_jax.model.lora import lora_for
 from bagel_jax.model.remat import remat
 
@@ -85,8 +93,16 @@ class SelfAttention(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
         def proj(heads, head_axis, kind, suffix):
-            return HeadsProjection(heads, hd, head_axis, cfg.qkv_bias, dtype, pdtype, lora_for(cfg, suffix, kind),
-                                   name=f"{kind}_proj{suffix}")
+            return HeadsProjection(
+                heads,
+                hd,
+                head_axis,
+                cfg.qkv_bias,
+                dtype,
+                pdtype,
+                lora_for(cfg, suffix, kind),
+                name=f"{kind}_proj{suffix}",
+            )
 
         qs, ks, vs = [], [], []
         for suffix, x in segments:
@@ -99,8 +115,9 @@ class SelfAttention(nn.Module):
             qs.append(q), ks.append(k), vs.append(v)
         cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)  # noqa: E731
         q, k, v = apply_rope(cat(qs), cos, sin), apply_rope(cat(ks), cos, sin), cat(vs)
-        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
-                                           "activation_head_dim"))
+        q = nn.with_logical_constraint(
+            q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+        )
         kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
         k, v = nn.with_logical_constraint(k, kv_axes), nn.with_logical_constraint(v, kv_axes)
         impl = resolve_impl(cfg.attention_impl)
@@ -110,16 +127,26 @@ class SelfAttention(nn.Module):
         else:
             past_k, past_v, past_meta = past
             kv_meta = jax.tree.map(lambda p, m: jnp.concatenate([p, m], axis=-1), past_meta, meta)
-            a = attention(q, jnp.concatenate([past_k.astype(k.dtype), k], axis=1),
-                          jnp.concatenate([past_v.astype(v.dtype), v], axis=1), meta, kv_meta, impl=impl, **kwargs)
+            a = attention(
+                q,
+                jnp.concatenate([past_k.astype(k.dtype), k], axis=1),
+                jnp.concatenate([past_v.astype(v.dtype), v], axis=1),
+                meta,
+                kv_meta,
+                impl=impl,
+                **kwargs,
+            )
             kv = (k, v)
 
         outs, start = [], 0
         for suffix, x in segments:
-            a_e = a[:, start:start + x.shape[1]]
+            a_e = a[:, start : start + x.shape[1]]
             start += x.shape[1]
-            outs.append(MergeHeadsProjection(x.shape[-1], dtype, pdtype, lora_for(cfg, suffix, "o"),
-                                             name="o_proj" + suffix)(a_e))
+            outs.append(
+                MergeHeadsProjection(x.shape[-1], dtype, pdtype, lora_for(cfg, suffix, "o"), name="o_proj" + suffix)(
+                    a_e
+                )
+            )
         return outs, kv
 
 
@@ -166,22 +193,36 @@ class LanguageModel(nn.Module):
         cfg = self.cfg
         _suffixes(cfg)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
-                                     embedding_init=kernel_init("vocab", "embed"))
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=pdtype,
+            embedding_init=kernel_init("vocab", "embed"),
+        )
         layer_cls = remat(DecoderLayer, cfg.remat, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            self.layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                                  length=cfg.num_layers,
-                                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+            self.layers = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg)
         else:
             self.layers = [layer_cls(cfg) for _ in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, pdtype)
         if cfg.layer_module == "mot":
             self.norm_moe_gen = RMSNorm(cfg.rms_norm_eps, pdtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                                    kernel_init=kernel_init("embed", "vocab"))
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=pdtype,
+                kernel_init=kernel_init("embed", "vocab"),
+            )
 
     def embed(self, ids):
         """int32[B, T] → [B, T, D] in cfg.dtype."""
@@ -221,12 +262,15 @@ class LanguageModel(nn.Module):
         if gen_x.shape[0] != b or gen_x.shape[2] != d:
             raise ValueError(f"gen_x shape {gen_x.shape} does not match und_x {und_x.shape}")
         if position.shape != (b, u + gen_x.shape[1]) or meta.doc.shape != position.shape:
-            raise ValueError(f"position {position.shape} / meta {meta.doc.shape} must be [B, U+G] = "
-                             f"{(b, u + gen_x.shape[1])}")
+            raise ValueError(
+                f"position {position.shape} / meta {meta.doc.shape} must be [B, U+G] = {(b, u + gen_x.shape[1])}"
+            )
         dtype = jnp.dtype(cfg.dtype)
         cos, sin = rope_cos_sin(position, head_dim(cfg), cfg.rope_theta, dtype)
-        carry = (nn.with_logical_constraint(und_x.astype(dtype), HIDDEN_AXES),
-                 nn.with_logical_constraint(gen_x.astype(dtype), HIDDEN_AXES))
+        carry = (
+            nn.with_logical_constraint(und_x.astype(dtype), HIDDEN_AXES),
+            nn.with_logical_constraint(gen_x.astype(dtype), HIDDEN_AXES),
+        )
         kv = None
         if cfg.scan_layers:
             carry, kv = self.layers(carry, cos, sin, meta, past_kv, past_meta)

@@ -4,6 +4,7 @@
 backward pass; ``dots`` saves matmul outputs without batch dims (projections, MLP) and recomputes attention.
 The mode → policy table is ``bagel_jax.config.REMAT_POLICIES``, which config validation also reads.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn

@@ -6,6 +6,7 @@ id. Attention stays within each image (all-``full`` splits through ``bagel_jax.a
 kernel serves it). Layer selection as the reference: ``cfg.vit.num_layers`` layers are run (the
 release's 27-layer SigLIP minus its last), then ``post_layernorm``. No pooling head.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,9 +25,14 @@ TOKENS = ("activation_batch", "activation_patches", "activation_embed")
 
 def _layer_norm(eps: float, name: str, param_dtype) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name, use_fast_variance=False,
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        name=name,
+        use_fast_variance=False,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+    )
 
 
 def image_mask_meta(image_ids: jnp.ndarray) -> MaskMeta:
@@ -55,7 +61,8 @@ class SiglipAttention(nn.Module):
             y = dense(self.hidden, ("vit_embed", "heads"), name, self.dtype, self.param_dtype)(x)
             y = y.reshape(b, p, self.num_heads, head_dim)
             return nn.with_logical_constraint(
-                y, ("activation_batch", "activation_patches", "activation_heads", "activation_head_dim"))
+                y, ("activation_batch", "activation_patches", "activation_heads", "activation_head_dim")
+            )
 
         out = attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), meta, meta, impl=self.attention_impl)
         out = out.reshape(b, p, self.hidden)
@@ -74,8 +81,9 @@ class SiglipMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = dense(self.intermediate, ("vit_embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
-        x = nn.with_logical_constraint(activation(self.act)(x),
-                                       ("activation_batch", "activation_patches", "activation_mlp"))
+        x = nn.with_logical_constraint(
+            activation(self.act)(x), ("activation_batch", "activation_patches", "activation_mlp")
+        )
         return dense(self.hidden, ("mlp", "vit_embed"), "fc2", self.dtype, self.param_dtype)(x)
 
 
@@ -91,11 +99,11 @@ class SiglipEncoderLayer(nn.Module):
     def __call__(self, x, meta: MaskMeta):
         v = self.vit
         h = _layer_norm(v.layer_norm_eps, "layer_norm1", self.param_dtype)(x).astype(self.dtype)
-        x = x + SiglipAttention(v.hidden_size, v.num_heads, self.attention_impl, self.dtype, self.param_dtype,
-                                name="self_attn")(h, meta)
+        x = x + SiglipAttention(
+            v.hidden_size, v.num_heads, self.attention_impl, self.dtype, self.param_dtype, name="self_attn"
+        )(h, meta)
         h = _layer_norm(v.layer_norm_eps, "layer_norm2", self.param_dtype)(x).astype(self.dtype)
-        x = x + SiglipMLP(v.hidden_size, v.intermediate_size, v.hidden_act, self.dtype, self.param_dtype,
-                          name="mlp")(h)
+        x = x + SiglipMLP(v.hidden_size, v.intermediate_size, v.hidden_act, self.dtype, self.param_dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, TOKENS)
 
 
@@ -119,22 +127,27 @@ class SiglipNaViT(nn.Module):
         param_dtype = jnp.dtype(cfg.get("param_dtype", "float32"))
         feat = v.patch_size * v.patch_size * 3
         if patches.ndim != 3 or patches.shape[-1] != feat:
-            raise ValueError(f"SiglipNaViT: patches must be [B, P, {feat}] (patch_size {v.patch_size}, RGB), "
-                             f"got {patches.shape}")
+            raise ValueError(
+                f"SiglipNaViT: patches must be [B, P, {feat}] (patch_size {v.patch_size}, RGB), got {patches.shape}"
+            )
         if pos_ids.shape != patches.shape[:2] or image_ids.shape != patches.shape[:2]:
-            raise ValueError(f"SiglipNaViT: pos_ids {pos_ids.shape} and image_ids {image_ids.shape} must be "
-                             f"{patches.shape[:2]} (= patches' [B, P])")
+            raise ValueError(
+                f"SiglipNaViT: pos_ids {pos_ids.shape} and image_ids {image_ids.shape} must be "
+                f"{patches.shape[:2]} (= patches' [B, P])"
+            )
         s = cfg.vit_max_num_patch_per_side
         if v.num_positions < s * s:
             raise ValueError(f"SiglipNaViT: vit.num_positions {v.num_positions} < vit_max_num_patch_per_side² {s * s}")
 
-        x = dense(v.hidden_size, ("patch", "vit_embed"), "patch_embedding", dtype, param_dtype)(
-            patches.astype(dtype))
+        x = dense(v.hidden_size, ("patch", "vit_embed"), "patch_embedding", dtype, param_dtype)(patches.astype(dtype))
         table = self.param(
             "position_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=v.hidden_size ** -0.5),
-                                         ("pos_table", "vit_embed")),
-            (v.num_positions, v.hidden_size), param_dtype)
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=v.hidden_size**-0.5), ("pos_table", "vit_embed")
+            ),
+            (v.num_positions, v.hidden_size),
+            param_dtype,
+        )
         x = x + jnp.take(table, pos_ids, axis=0, mode="clip").astype(dtype)
         x = nn.with_logical_constraint(x, TOKENS)
 

@@ -10,10 +10,11 @@ alone at its own size. Used by tests to check ``Bagel`` on packed rows (and the 
 The sample comes as a ``bagel_jax.data.sample.Document`` (its natural-order token layout); images are
 taken from it at their own sizes.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def _layer_norm(x, w, b, eps):
 
 
 def _gelu_tanh(x):
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def _silu(x):
@@ -131,7 +132,7 @@ def rope(x, pos, theta):
     inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
     freqs = pos.astype(np.float64)[:, None] * inv
     emb = np.concatenate([freqs, freqs], -1)[:, None, :]
-    rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+    rot = np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
     return x * np.cos(emb) + rot * np.sin(emb)
 
 
@@ -170,13 +171,22 @@ def language_model(sd, cfg, x, pos, is_gen, allowed) -> np.ndarray:
             g = _linear(sd, f"{k}{nm}.gate_proj", h, False)
             u = _linear(sd, f"{k}{nm}.up_proj", h, False)
             return _linear(sd, f"{k}{nm}.down_proj", _silu(g) * u, False)
+
         x = x + both(mlp, "mlp")
     return both(lambda nm: _rms(x, sd[f"{lm}{nm}.weight"], eps), "norm")
 
 
-def unpacked_forward(sd: Mapping[str, np.ndarray], cfg, doc, *, vae_encode: Callable | None = None,
-                     posterior_noise: Sequence[np.ndarray] = (), flow_noise: Sequence[np.ndarray] = (),
-                     x0: Sequence[np.ndarray] | None = None, xt: Sequence[tuple[np.ndarray, float]] | None = None):
+def unpacked_forward(
+    sd: Mapping[str, np.ndarray],
+    cfg,
+    doc,
+    *,
+    vae_encode: Callable | None = None,
+    posterior_noise: Sequence[np.ndarray] = (),
+    flow_noise: Sequence[np.ndarray] = (),
+    x0: Sequence[np.ndarray] | None = None,
+    xt: Sequence[tuple[np.ndarray, float]] | None = None,
+):
     """One sample, natural order.
 
     Args:
@@ -262,8 +272,13 @@ def unpacked_forward(sd: Mapping[str, np.ndarray], cfg, doc, *, vae_encode: Call
     logits = und_h @ head.T
     m = logits.max(-1, keepdims=True)
     lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[:, 0]
-    out.update(hidden=hidden, logits=logits, ce=lse - logits[np.arange(len(logits)), doc.und_label],
-               labels=doc.und_label, ce_weight=doc.und_ce)
+    out.update(
+        hidden=hidden,
+        logits=logits,
+        ce=lse - logits[np.arange(len(logits)), doc.und_label],
+        labels=doc.und_label,
+        ce_weight=doc.und_ce,
+    )
     if n_gen:
         out["velocity"] = _linear(sd, "llm2vae", hidden[doc.gen_nat])
     return out

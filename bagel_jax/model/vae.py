@@ -17,6 +17,7 @@ Latent helpers: ``normalize_latent`` / ``denormalize_latent`` (FLUX scale/shift)
 ``sample_posterior`` (mean + σ·ε, as the reference always samples), ``patchify_latent`` /
 ``unpatchify_latent`` (2×2 latent patches → tokens, feature index ``(pi*p + qi)*C + c``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,6 +37,7 @@ _MASKED_LOGIT = -1e30  # finite, so a fully padded image (hw = 0) still gives fi
 
 
 # --- masks ---------------------------------------------------------------------------------------
+
 
 def valid_mask(hw: jnp.ndarray | None, height: int, width: int) -> jnp.ndarray | None:
     """float32[N, height, width, 1]: 1 inside each image's valid (h, w) top-left region, else 0."""
@@ -70,13 +72,21 @@ def _check_hw(hw, height: int, width: int, multiple: int, what: str):
 
 # --- layers --------------------------------------------------------------------------------------
 
+
 def _conv(features: int, kernel: int, name: str, dtype, stride: int = 1, padding="SAME") -> nn.Conv:
     return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
-        param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                 ("conv_h", "conv_w", "conv_in", "conv_out")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("conv_h", "conv_w", "conv_in", "conv_out")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+    )
 
 
 def _pointwise(features: int, name: str, dtype) -> nn.Dense:
@@ -138,7 +148,7 @@ def masked_spatial_attention(q, k, v, key_valid=None, block: int = 1024):
     """
     n, length, c = q.shape
     k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
-    scale = c ** -0.5
+    scale = c**-0.5
 
     def attend(qb):  # [N, Lb, C]
         logits = jnp.einsum("nqc,nkc->nqk", qb.astype(jnp.float32) * scale, k32)
@@ -291,6 +301,7 @@ class FluxVAE(nn.Module):
 
 
 # --- latent helpers ------------------------------------------------------------------------------
+
 
 def normalize_latent(z, cfg):
     """Raw VAE latent → the normalised latent the LLM sees: ``scale_factor * (z - shift_factor)``."""

@@ -13,16 +13,19 @@ Typical use::
         ...
     global_batch = shard_batch(host_batch, mesh, rules)   # per-host numpy -> global jax.Array
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bagel_jax.config import ConfigError, check_devices
 from bagel_jax.parallel.rules import MESH_AXES, axis_rules
@@ -58,8 +61,9 @@ def make_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
     if num_slices > 1:
         found = len({getattr(d, "slice_index", 0) for d in devices})
         if found != num_slices:
-            raise ConfigError(f"parallel.dcn_data: dcn_data×dcn_fsdp = {num_slices} slices, "
-                              f"but the devices span {found}")
+            raise ConfigError(
+                f"parallel.dcn_data: dcn_data×dcn_fsdp = {num_slices} slices, but the devices span {found}"
+            )
         ici = tuple(s // k for s, k in zip(shape, dcn))
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
     else:

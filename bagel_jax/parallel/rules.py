@@ -3,30 +3,31 @@
 Parameters use the plain names; activations the ``activation_*`` names. Changing parallelism is a
 config change (mesh shape); overrides of single rules go through ``config.parallel.rules_override``.
 """
+
 from __future__ import annotations
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     # --- parameters ---
-    ("embed", "fsdp"),            # model width (LLM hidden)
-    ("mlp", "tensor"),            # SwiGLU / ViT MLP inner dim
-    ("heads", "tensor"),          # q heads (in the fused [embed, heads, head_dim] kernels)
-    ("kv_heads", "tensor"),       # kv heads
+    ("embed", "fsdp"),  # model width (LLM hidden)
+    ("mlp", "tensor"),  # SwiGLU / ViT MLP inner dim
+    ("heads", "tensor"),  # q heads (in the fused [embed, heads, head_dim] kernels)
+    ("kv_heads", "tensor"),  # kv heads
     ("head_dim", None),
     ("vocab", "tensor"),
-    ("norm", None),               # RMSNorm / LayerNorm scales, biases of norms
-    ("layers", None),             # scan-over-layers stacking axis
-    ("vit_embed", "fsdp"),        # SigLIP width
-    ("patch", None),              # flattened patch features (p·p·3) / latent patch features (p·p·C)
-    ("pos_table", None),          # rows of fixed position tables
-    ("time_freq", None),          # sinusoidal timestep features
-    ("conv_in", None),            # VAE conv input channels (VAE is small and frozen: replicated)
+    ("norm", None),  # RMSNorm / LayerNorm scales, biases of norms
+    ("layers", None),  # scan-over-layers stacking axis
+    ("vit_embed", "fsdp"),  # SigLIP width
+    ("patch", None),  # flattened patch features (p·p·3) / latent patch features (p·p·C)
+    ("pos_table", None),  # rows of fixed position tables
+    ("time_freq", None),  # sinusoidal timestep features
+    ("conv_in", None),  # VAE conv input channels (VAE is small and frozen: replicated)
     ("conv_out", None),
     ("conv_h", None),
     ("conv_w", None),
-    ("classes", None),
-    ("lora_rank", None),          # LoRA adapters' rank dim (model/lora.py): A and B shard like their kernel's dims            # outputs of the pretraining stages' classifier heads (vit_train.py)
+    ("classes", None),  # outputs of the pretraining stages' classifier heads (vit_train.py)
+    ("lora_rank", None),  # LoRA adapters' rank dim (model/lora.py): A and B shard like their kernel's dims
     # --- activations ---
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", "sequence"),

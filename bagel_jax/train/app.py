@@ -7,6 +7,7 @@ A run with nothing to do (``train.steps=0``, or a workdir already trained to ``t
 and exits 0. A run that stops itself (non-finite steps, a failed checkpoint write) prints one line and exits 1; a
 workdir held by another trainer is a user error (exit 2).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,17 @@ DONE_FILES = {"bagel": None, "vae": os.path.join("export", "vae.json"), "vit": o
 def nothing_to_do(config, workdir: str, stage: str = "bagel") -> str | None:
     """Why a run of ``config`` in ``workdir`` would train nothing (one line), or None."""
     from bagel_jax.config import latest_checkpoint
+
     steps = config.train.steps
     if steps == 0:
         return "train.steps=0: nothing to train"
     latest = latest_checkpoint(workdir)
     done = DONE_FILES[stage]
     if latest is not None and latest >= steps and (done is None or os.path.isfile(os.path.join(workdir, done))):
-        return (f"{workdir}: already trained to step {latest} (train.steps={steps}); nothing to do "
-                f"(raise --config.train.steps to train on)")
+        return (
+            f"{workdir}: already trained to step {latest} (train.steps={steps}); nothing to do "
+            f"(raise --config.train.steps to train on)"
+        )
     return None
 
 
@@ -49,6 +53,7 @@ def preflight(config, workdir: str, stage: str = "bagel") -> None:
     check_paths(config, workdir, stage)
     if stage == "bagel" and config.train.init_from and latest_checkpoint(workdir) is None:
         from bagel_jax.train.checkpoint import check_init_from
+
         check_init_from(config)  # a release folder against the model config: json and headers only
 
 
@@ -56,6 +61,7 @@ def _resolve(train_fn: Callable | str) -> Callable:
     if callable(train_fn):
         return train_fn
     import importlib
+
     module, _, name = train_fn.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -76,8 +82,9 @@ def run(train_fn: Callable | str, *, example_config: str, workdir_help: str, sta
     from bagel_jax import distributed  # defines --coordinator_address/--num_processes/--process_id
     from bagel_jax.config import validate
 
-    config_flags.DEFINE_config_file("config", None, f"Python config file (get_config()), e.g. {example_config}",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, f"Python config file (get_config()), e.g. {example_config}", lock_config=True
+    )
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.mark_flags_as_required(["config", "workdir"])
 
@@ -85,6 +92,7 @@ def run(train_fn: Callable | str, *, example_config: str, workdir_help: str, sta
         if len(argv) > 1:
             cli.fail(f"unexpected arguments {argv[1:]}")
         import jax
+
         config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
         with cli.user_errors():
             validate(config)  # the config alone, before waiting for other hosts
@@ -99,6 +107,7 @@ def run(train_fn: Callable | str, *, example_config: str, workdir_help: str, sta
             from bagel_jax.train.checkpoint import CheckpointWriteError
             from bagel_jax.train.nonfinite import NonFiniteError
             from bagel_jax.train.workdir import WorkdirLocked
+
             try:
                 result = train(config, workdir)
             except WorkdirLocked as e:

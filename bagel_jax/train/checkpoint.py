@@ -10,6 +10,7 @@ Restores take abstract arrays that carry the *current* shardings, so a checkpoin
 device count restores resharded onto another. ``init_from`` loads params only (a converted official
 checkpoint saved as a params pytree, or another run's checkpoint directory).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ from bagel_jax.convert.run_checkpoint import DATA, STATE, load_params  # noqa: F
 from bagel_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
 
 # --- the per-host data-iterator state item ---------------------------------------------------------
+
 
 class _DataState:
     """A host's JSON-able data-iterator state, in the iterator form grain's orbax handler saves and restores.
@@ -54,6 +56,7 @@ class _DataState:
 
 # --- manager ---------------------------------------------------------------------------------------
 
+
 class Checkpointer:
     """``CheckpointManager`` over ``<workdir>/checkpoints`` with items ``state`` and ``data``.
 
@@ -66,8 +69,9 @@ class Checkpointer:
         self.directory = epath.Path(workdir) / "checkpoints"
         # keep: the newest N steps (0 = all). Orbax deletes only after a save has committed, so the newest complete
         # checkpoint is never removed.
-        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep) if keep else None, create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=int(keep) if keep else None, create=True, enable_async_checkpointing=async_save
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
         self._sigterm = False
         if handle_sigterm:
@@ -107,8 +111,10 @@ class Checkpointer:
         try:
             return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointWriteError(f"{self.directory}: writing checkpoint {step} failed ({type(e).__name__}: "
-                                       f"{_first_line(e)}); the run stops, the previous checkpoint is intact") from e
+            raise CheckpointWriteError(
+                f"{self.directory}: writing checkpoint {step} failed ({type(e).__name__}: "
+                f"{_first_line(e)}); the run stops, the previous checkpoint is intact"
+            ) from e
 
     def restore(self, abstract: TrainState, step: int | None = None, *, data: bool = True) -> tuple[TrainState, Any]:
         """(state, data_state or None) of ``step`` (default latest), resharded onto ``abstract``'s shardings."""
@@ -121,9 +127,11 @@ class Checkpointer:
         if has_data:
             host_file = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's naming
             if not host_file.exists():
-                raise FileNotFoundError(f"{host_file}: no data-iterator state for this host (found "
-                                        f"{sorted(p.name for p in data_dir.iterdir())}); the host count changed "
-                                        "since the save, restore with data=False to restart the stream")
+                raise FileNotFoundError(
+                    f"{host_file}: no data-iterator state for this host (found "
+                    f"{sorted(p.name for p in data_dir.iterdir())}); the host count changed "
+                    "since the save, restore with data=False to restart the stream"
+                )
             items[DATA] = grain_checkpoint.CheckpointRestore(_DataState())
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out[STATE], (out[DATA].state if has_data else None)
@@ -142,10 +150,12 @@ class Checkpointer:
         if newer:
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
+
                 multihost_utils.sync_global_devices("bagel_jax:checkpoints_set_aside")
             self.manager.reload()
-            logging.warning("checkpoints %s set aside (renamed *.set_aside): training continues from step %d",
-                            newer, step)
+            logging.warning(
+                "checkpoints %s set aside (renamed *.set_aside): training continues from step %d", newer, step
+            )
         return newer
 
     def check_for_errors(self):
@@ -153,8 +163,10 @@ class Checkpointer:
         try:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001  (orbax re-raises whatever the writer thread hit)
-            raise CheckpointWriteError(f"{self.directory}: writing a checkpoint failed ({type(e).__name__}: "
-                                       f"{_first_line(e)}); the run stops, the previous checkpoint is intact") from e
+            raise CheckpointWriteError(
+                f"{self.directory}: writing a checkpoint failed ({type(e).__name__}: "
+                f"{_first_line(e)}); the run stops, the previous checkpoint is intact"
+            ) from e
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -178,10 +190,12 @@ def _first_line(e: BaseException) -> str:
 
 # --- params only (init_from) -----------------------------------------------------------------------
 
+
 def check_init_from(config) -> None:
     """If ``train.init_from`` is a release folder: its files are readable and its shapes those of ``config.model``
     (json and safetensors headers only). Raises ``ConfigError`` naming ``train.init_from`` and the file or key."""
     from bagel_jax.convert.release_sharded import CheckpointError, check_release, is_release
+
     path = config.train.init_from
     if path and is_release(path):
         try:
@@ -194,6 +208,7 @@ def load_init_params(config, shardings, like) -> Any:
     """The params of ``train.init_from`` on ``shardings`` with ``like``'s dtypes: a release folder (each tensor read
     straight into its shards), a params pytree the converter saved, or another run's workdir / checkpoint."""
     from bagel_jax.convert.release_sharded import CheckpointError, is_release, load_release_sharded
+
     path = config.train.init_from
     if is_release(path):
         try:
@@ -204,8 +219,9 @@ def load_init_params(config, shardings, like) -> Any:
     return load_params(path, abstract)
 
 
-def restore_or_init(ckpt: Checkpointer, init_fn, optimizer, mesh, rules, rng: jax.Array, config, *,
-                    step: int | None = None) -> tuple[TrainState, TrainState, Any]:
+def restore_or_init(
+    ckpt: Checkpointer, init_fn, optimizer, mesh, rules, rng: jax.Array, config, *, step: int | None = None
+) -> tuple[TrainState, TrainState, Any]:
     """(state, shardings, data_state): resumes checkpoint ``step`` (default: the latest) if the workdir has one,
     else creates a fresh sharded state and, if ``train.init_from`` is set, loads its params (EMA = params).
 

@@ -10,12 +10,14 @@ The checkpoint of a step is written before that step's evals: a failing eval los
 still finishes the asynchronous checkpoint writes (``finally``). SIGTERM (preemption) saves and exits; the next
 start resumes. Every host runs this same program; only process 0 writes logs and exports.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
@@ -64,8 +66,9 @@ def every(n: int) -> Callable[[int, bool], bool]:
     return lambda step, final: final or (n > 0 and step % n == 0)
 
 
-def train(config, workdir: str, make_stage: Callable[[Any, str], Stage], devices=None, *,
-          build_data: bool = True) -> Scores:
+def train(
+    config, workdir: str, make_stage: Callable[[Any, str], Stage], devices=None, *, build_data: bool = True
+) -> Scores:
     """A stage's whole run: holds the workdir's lock, prepares it (``build_data``: build the synthetic data the
     config asks for), builds the stage with ``make_stage(config, workdir)`` and ``run``s it. ``config`` validated."""
     with claim(workdir):  # one trainer per workdir
@@ -90,14 +93,22 @@ def run(config, workdir: str, stage: Stage, devices=None) -> Scores:
     try:  # an exception (a failing eval, a halt on NaN, a failed write) still finishes the asynchronous writes
         kept = ckpt.all_steps()
         resume_at = usable_step(kept, set(load_record(workdir)["bad_checkpoints"]), "resume") if kept else None
-        state, shardings, data_state = restore_or_init(ckpt, stage.init_fn, optimizer, mesh, rules,
-                                                       jax.random.PRNGKey(config.train.seed), config, step=resume_at)
+        state, shardings, data_state = restore_or_init(
+            ckpt, stage.init_fn, optimizer, mesh, rules, jax.random.PRNGKey(config.train.seed), config, step=resume_at
+        )
         if not kept and stage.fresh_state is not None:
             state = stage.fresh_state(state, shardings)
-        train_step = make_train_step(stage.loss_fn, optimizer, schedule, config, mesh=mesh, rules=rules,
-                                     state_shardings=shardings,
-                                     trainable=trainable_mask(abstract_params, tuple(config.train.freeze)),
-                                     batch_metrics_fn=stage.batch_metrics_fn)
+        train_step = make_train_step(
+            stage.loss_fn,
+            optimizer,
+            schedule,
+            config,
+            mesh=mesh,
+            rules=rules,
+            state_shardings=shardings,
+            trainable=trainable_mask(abstract_params, tuple(config.train.freeze)),
+            batch_metrics_fn=stage.batch_metrics_fn,
+        )
         data = stage.make_data(jax.process_index(), jax.process_count())
         if data_state is not None:
             data.set_state(data_state)
@@ -111,8 +122,12 @@ def run(config, workdir: str, stage: Stage, devices=None) -> Scores:
             return stage.evaluate(step, state, logger, final) if stage.evaluate is not None else {}
 
         if start >= steps:
-            logging.warning("%s: already trained to step %d of train.steps=%d; nothing to train (raise train.steps "
-                            "to continue)", workdir, start, steps)
+            logging.warning(
+                "%s: already trained to step %d of train.steps=%d; nothing to train (raise train.steps to continue)",
+                workdir,
+                start,
+                steps,
+            )
             result = {"step": start}
             if stage.exported is not None and not stage.exported() and jax.process_index() == 0:
                 result.update(evaluate(start, True))  # the run stopped between its last checkpoint and its export
@@ -157,8 +172,9 @@ def run(config, workdir: str, stage: Stage, devices=None) -> Scores:
                 logger.close()
 
 
-def _roll_back(stage: Stage, data, ckpt: Checkpointer, guard: NonFiniteGuard, logger: MetricsLogger, mesh, rules,
-               optimizer):
+def _roll_back(
+    stage: Stage, data, ckpt: Checkpointer, guard: NonFiniteGuard, logger: MetricsLogger, mesh, rules, optimizer
+):
     """(state, step) restored from the newest usable checkpoint, ``data`` set to its position and then
     ``train.rollback_skip_batches`` batches further; metrics rows after it are dropped (those steps train again)."""
     ckpt.wait()

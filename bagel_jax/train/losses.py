@@ -12,9 +12,11 @@ Reference (bagel.md §1.4 steps 8–9, §1.5):
 
 Everything here takes and returns plain arrays; ``bagel_loss_fn`` ties it to ``Bagel``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +80,17 @@ def loss_terms(out: dict, batch: PackedBatch, *, ce_loss_reweighting: bool = Fal
     return sums, counts
 
 
-def bagel_loss_fn(model, params, batch: PackedBatch, rng, *, ce_weight: float = 1.0, mse_weight: float = 1.0,
-                  ce_loss_reweighting: bool = False, **apply_kwargs) -> tuple[jnp.ndarray, dict]:
+def bagel_loss_fn(
+    model,
+    params,
+    batch: PackedBatch,
+    rng,
+    *,
+    ce_weight: float = 1.0,
+    mse_weight: float = 1.0,
+    ce_loss_reweighting: bool = False,
+    **apply_kwargs,
+) -> tuple[jnp.ndarray, dict]:
     """The training objective of one (micro-)batch.
 
     Args:
@@ -109,8 +120,16 @@ def bagel_loss_fn(model, params, batch: PackedBatch, rng, *, ce_weight: float = 
 
 def make_loss_fn(model, config) -> Callable[[Any, PackedBatch, Any], tuple[jnp.ndarray, dict]]:
     """``loss_fn(params, batch, rng) -> (loss, aux)`` for the trainer, weights taken from the full config."""
+
     def loss_fn(params, batch, rng):
-        return bagel_loss_fn(model, params, batch, rng, ce_weight=config.train.ce_weight,
-                             mse_weight=config.train.mse_weight,
-                             ce_loss_reweighting=config.data.ce_loss_reweighting)
+        return bagel_loss_fn(
+            model,
+            params,
+            batch,
+            rng,
+            ce_weight=config.train.ce_weight,
+            mse_weight=config.train.mse_weight,
+            ce_loss_reweighting=config.data.ce_loss_reweighting,
+        )
+
     return loss_fn

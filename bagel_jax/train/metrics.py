@@ -9,13 +9,15 @@ expert (= the active params of a token), attention as dense ``len²`` per sample
 ``causal=True`` halves the attention term (a causal mask computes about half the score matrix); MFU is
 reported both ways. clu (which imports TensorFlow, ~2 s) is imported only when a writer is created.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import time
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +29,38 @@ from bagel_jax.config import head_dim
 # key first. TPU v4/v5p run as megacore (one device per chip); TPU7x exposes each of its 2 TensorCores as a
 # device (2307 TFLOP/s per chip). GPU values are the reference's ``detect_peak_tflops`` table.
 PEAK_TFLOPS: dict[str, float] = {
-    "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
-    "tpu v6 lite": 918.0, "tpu v6e": 918.0, "tpu7x": 1153.5,
-    "mi300x": 1336.0, "h100": 989.0, "h800": 989.0, "h200": 989.0, "h20": 148.0, "a100": 312.0, "a800": 312.0,
-    "l40": 181.05, "l20": 119.5, "910b": 354.0,
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v5": 459.0,
+    "tpu v6 lite": 918.0,
+    "tpu v6e": 918.0,
+    "tpu7x": 1153.5,
+    "mi300x": 1336.0,
+    "h100": 989.0,
+    "h800": 989.0,
+    "h200": 989.0,
+    "h20": 148.0,
+    "a100": 312.0,
+    "a800": 312.0,
+    "l40": 181.05,
+    "l20": 119.5,
+    "910b": 354.0,
 }
 # HBM per JAX device, GiB (same device convention as above).
 HBM_GIB: dict[str, float] = {
-    "tpu v4": 32.0, "tpu v5 lite": 16.0, "tpu v5e": 16.0, "tpu v5p": 95.0, "tpu v5": 95.0,
-    "tpu v6 lite": 32.0, "tpu v6e": 32.0, "tpu7x": 96.0, "h100": 80.0, "h200": 141.0, "a100": 80.0,
+    "tpu v4": 32.0,
+    "tpu v5 lite": 16.0,
+    "tpu v5e": 16.0,
+    "tpu v5p": 95.0,
+    "tpu v5": 95.0,
+    "tpu v6 lite": 32.0,
+    "tpu v6e": 32.0,
+    "tpu7x": 96.0,
+    "h100": 80.0,
+    "h200": 141.0,
+    "a100": 80.0,
 }
 
 
@@ -56,7 +81,7 @@ def peak_tflops(device_kind: str | None = None, override: float = 0.0) -> float 
 
 def hbm_bytes(device_kind: str) -> float | None:
     gib = _lookup(HBM_GIB, device_kind)
-    return None if gib is None else gib * 2 ** 30
+    return None if gib is None else gib * 2**30
 
 
 def flop_coefficients(model_cfg) -> tuple[float, float]:
@@ -111,11 +136,11 @@ def aggregate(window: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def throughput(model_cfg, tokens: float, sum_len_sq: float, seconds: float, steps: int, num_devices: int,
-               peak: float | None) -> dict[str, float]:
+def throughput(
+    model_cfg, tokens: float, sum_len_sq: float, seconds: float, steps: int, num_devices: int, peak: float | None
+) -> dict[str, float]:
     """tokens/s/device, TFLOP/s/device, MFU (and the causal-halved variants) over a window of ``steps``."""
-    out = dict(step_time=seconds / max(steps, 1),
-               tokens_per_sec_per_device=tokens / seconds / num_devices)
+    out = dict(step_time=seconds / max(steps, 1), tokens_per_sec_per_device=tokens / seconds / num_devices)
     for suffix, causal in (("", False), ("_causal", True)):
         tflops = train_flops(model_cfg, tokens, sum_len_sq, causal=causal) / seconds / num_devices / 1e12
         out["tflops_per_device" + suffix] = tflops
@@ -140,6 +165,7 @@ def progress_line(step: int, total: int, scalars: Mapping[str, float], seconds: 
 
 
 # --- writers ---------------------------------------------------------------------------------------
+
 
 class JsonlWriter:
     """Appends ``{"step": s, name: value, ...}`` lines to a file (scalars and texts)."""
@@ -199,8 +225,15 @@ class MetricsLogger:
     Extra host-side scalars (e.g. the pipeline's skipped-sample count) go in ``step(..., extra={...})``.
     """
 
-    def __init__(self, workdir: str, config, *, num_devices: int | None = None, total_steps: int | None = None,
-                 start_step: int = 0):
+    def __init__(
+        self,
+        workdir: str,
+        config,
+        *,
+        num_devices: int | None = None,
+        total_steps: int | None = None,
+        start_step: int = 0,
+    ):
         """``start_step``: the step the run (re)starts from; metrics.jsonl rows of later steps are dropped, so a
         resumed run continues without duplicate steps (TensorBoard discards the orphaned later events itself)."""
         from clu import metric_writers  # imports TensorFlow: keep it lazy
@@ -211,7 +244,8 @@ class MetricsLogger:
         self.peak = peak_tflops(override=config.train.peak_tflops)
         lead = jax.process_index() == 0
         self.writer = metric_writers.create_default_writer(
-            os.path.join(workdir, "tensorboard"), just_logging=not lead, asynchronous=False)
+            os.path.join(workdir, "tensorboard"), just_logging=not lead, asynchronous=False
+        )
         self.jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), keep_through=start_step) if lead else None
         self.total_steps = int(total_steps or config.train.steps)
         self._window: list[Mapping[str, Any]] = []
@@ -232,8 +266,17 @@ class MetricsLogger:
         scalars = aggregate(self._window)
         seconds = time.perf_counter() - self._t0
         if "tokens" in scalars:
-            scalars.update(throughput(self.config.model, scalars["tokens"], scalars.get("sum_len_sq", 0.0),
-                                      seconds, len(self._window), self.num_devices, self.peak))
+            scalars.update(
+                throughput(
+                    self.config.model,
+                    scalars["tokens"],
+                    scalars.get("sum_len_sq", 0.0),
+                    seconds,
+                    len(self._window),
+                    self.num_devices,
+                    self.peak,
+                )
+            )
         scalars.update(extra or {})
         self.write_scalars(step, scalars)
         logging.info("%s", progress_line(step, self.total_steps, scalars, seconds, len(self._window)))

@@ -14,6 +14,7 @@ exploded-but-finite params): later rollbacks and restarts (``halt`` too) resume 
 never halts forever on the same bad state. The record lives in ``<workdir>/nonfinite.json`` (written by process 0;
 read by every process at start).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,23 +64,29 @@ class NonFiniteGuard:
         self.consecutive = self.consecutive + new if new == interval else new
         where = f"{new} non-finite step(s) (NaN/inf loss or gradients) in steps {step - interval + 1}..{step}"
         if self.mode == "skip":
-            logging.warning("%s: updates skipped (train.nonfinite=skip; %d in a row, %d in all)", where,
-                            self.consecutive, count)
+            logging.warning(
+                "%s: updates skipped (train.nonfinite=skip; %d in a row, %d in all)", where, self.consecutive, count
+            )
             if self.max_consecutive and self.consecutive >= self.max_consecutive:
-                raise NonFiniteError(f"train.nonfinite=skip: {self.consecutive} non-finite steps in a row up to step "
-                                     f"{step} (train.max_consecutive_nonfinite={self.max_consecutive})")
+                raise NonFiniteError(
+                    f"train.nonfinite=skip: {self.consecutive} non-finite steps in a row up to step "
+                    f"{step} (train.max_consecutive_nonfinite={self.max_consecutive})"
+                )
             return False
         self._mark_start_bad()
         if self.mode == "rollback" and self.rollbacks < self.max_rollbacks:
             self.record["rollbacks"] += 1
             self._write()
-            logging.warning("%s: rolling back (%d of train.max_rollbacks=%d)", where, self.rollbacks,
-                            self.max_rollbacks)
+            logging.warning(
+                "%s: rolling back (%d of train.max_rollbacks=%d)", where, self.rollbacks, self.max_rollbacks
+            )
             return True
         self._write()
         if self.mode == "rollback":
-            raise NonFiniteError(f"train.nonfinite=rollback: {where}, after {self.rollbacks} rollbacks "
-                                 f"(train.max_rollbacks={self.max_rollbacks})")
+            raise NonFiniteError(
+                f"train.nonfinite=rollback: {where}, after {self.rollbacks} rollbacks "
+                f"(train.max_rollbacks={self.max_rollbacks})"
+            )
         raise NonFiniteError(f"train.nonfinite=halt: {where}; a restart resumes from a checkpoint before them")
 
     def saved(self, step: int) -> None:
@@ -125,6 +132,8 @@ def usable_step(steps: list[int], bad: set[int], source: str) -> int:
     """The newest of ``steps`` not in ``bad``; ``NonFiniteError`` naming ``source`` when there is none."""
     good = [s for s in steps if s not in bad]
     if not good:
-        raise NonFiniteError(f"{source}: every kept checkpoint {sorted(steps)} went non-finite when resumed "
-                             f"(train.keep_checkpoints keeps too few, or the run diverges from its start)")
+        raise NonFiniteError(
+            f"{source}: every kept checkpoint {sorted(steps)} went non-finite when resumed "
+            f"(train.keep_checkpoints keeps too few, or the run diverges from its start)"
+        )
     return max(good)

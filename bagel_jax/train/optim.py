@@ -20,6 +20,7 @@ LoRA (``config.model.lora``, model/lora.py): when the param tree holds adapters 
 only the adapters train; every other leaf is frozen (no optimizer state, no EMA update, zero updates), so the
 base stays bitwise as loaded.
 """
+
 from __future__ import annotations
 
 import math
@@ -121,8 +122,9 @@ def lr_factors(train_cfg) -> dict[str, float]:
         if name not in FREEZE_PATTERNS:
             raise ConfigError(f"train.lr_scale.{name}: unknown module (modules: {', '.join(FREEZE_PATTERNS)})")
         if not factor > 0:
-            raise ConfigError(f"train.lr_scale.{name}: must be > 0 (to stop a module training use train.freeze), "
-                              f"got {factor}")
+            raise ConfigError(
+                f"train.lr_scale.{name}: must be > 0 (to stop a module training use train.freeze), got {factor}"
+            )
     return {name: float(f) for name, f in scale.items() if float(f) != 1.0}
 
 
@@ -137,10 +139,12 @@ def module_lr_factor(path: str, factors: dict[str, float]) -> float:
 
 def scale_by_module(factors: dict[str, float]) -> optax.GradientTransformation:
     """Stateless: multiplies each update by ``module_lr_factor`` of its param path."""
+
     def update(updates, state, params=None):
         del params
         scaled = jax.tree_util.tree_map_with_path(
-            lambda path, u: u * jnp.asarray(module_lr_factor(param_path(path), factors), u.dtype), updates)
+            lambda path, u: u * jnp.asarray(module_lr_factor(param_path(path), factors), u.dtype), updates
+        )
         return scaled, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -155,15 +159,19 @@ def make_optimizer(train_cfg, params: Any) -> tuple[optax.GradientTransformation
     inner = []
     if train_cfg.max_grad_norm > 0:
         inner.append(optax.clip_by_global_norm(train_cfg.max_grad_norm))
-    inner.append(optax.adamw(schedule, b1=train_cfg.beta1, b2=train_cfg.beta2, eps=train_cfg.eps,
-                             weight_decay=train_cfg.weight_decay))
+    inner.append(
+        optax.adamw(
+            schedule, b1=train_cfg.beta1, b2=train_cfg.beta2, eps=train_cfg.eps, weight_decay=train_cfg.weight_decay
+        )
+    )
     factors = lr_factors(train_cfg)
     if factors:
         inner.append(scale_by_module(factors))
     freeze = tuple(train_cfg.freeze)
     param_labels(params, freeze)  # validate now (one-line ConfigError), before anything compiles
-    tx = optax.multi_transform({TRAIN: optax.chain(*inner), FROZEN: optax.set_to_zero()},
-                               lambda p: param_labels(p, freeze))
+    tx = optax.multi_transform(
+        {TRAIN: optax.chain(*inner), FROZEN: optax.set_to_zero()}, lambda p: param_labels(p, freeze)
+    )
     return tx, schedule
 
 

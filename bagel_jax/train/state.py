@@ -9,9 +9,11 @@ Init runs *outside* ``jax.set_mesh``: the out_shardings alone place the params, 
 ``DenseGeneral`` cannot initialise a logically partitioned multi-dim kernel under a mesh (it constrains
 the flat kernel with the N-d names). Activation constraints inside ``init`` are therefore no-ops.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bagel_jax.config import ConfigError
 from bagel_jax.model.init_key import split_init_key
@@ -33,6 +36,7 @@ class TrainState:
     """step: int32[] steps taken (= batches consumed); params / ema_params: f32 param trees;
     opt_state: optax state; rng: uint32[2] base key (the step's key is ``fold_in(rng, step)``);
     nonfinite_steps: int32[] steps whose update was dropped for NaN/inf gradients or loss."""
+
     step: jax.Array
     params: Any
     opt_state: Any
@@ -52,8 +56,14 @@ def _init_state(init_fn: InitFn, optimizer: optax.GradientTransformation, rng: j
     opt_state = optimizer.init(params)
     if not boxed:
         params, opt_state = nn.meta.unbox(params), nn.meta.unbox(opt_state)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, ema_params=params,
-                      rng=state_rng, nonfinite_steps=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        ema_params=params,
+        rng=state_rng,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+    )
 
 
 def state_shardings(init_fn: InitFn, optimizer: optax.GradientTransformation, mesh: Mesh, rules) -> Any:
@@ -71,14 +81,16 @@ def abstract_state(init_fn: InitFn, optimizer: optax.GradientTransformation, mes
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def make_init(init_fn: InitFn, optimizer: optax.GradientTransformation, shardings: TrainState
-              ) -> Callable[[jax.Array], TrainState]:
+def make_init(
+    init_fn: InitFn, optimizer: optax.GradientTransformation, shardings: TrainState
+) -> Callable[[jax.Array], TrainState]:
     """Jitted ``rng -> TrainState`` writing every array straight into ``shardings`` (compile once, call many)."""
     return jax.jit(lambda r: _init_state(init_fn, optimizer, r, boxed=False), out_shardings=shardings)
 
 
-def create_train_state(init_fn: InitFn, optimizer: optax.GradientTransformation, mesh: Mesh, rules,
-                       rng: jax.Array) -> tuple[TrainState, TrainState]:
+def create_train_state(
+    init_fn: InitFn, optimizer: optax.GradientTransformation, mesh: Mesh, rules, rng: jax.Array
+) -> tuple[TrainState, TrainState]:
     """(state, shardings): a fresh state with every array created on its own shards.
 
     ``rng``: a ``jax.random.PRNGKey`` (uint32[2]); split into the init key and the state's base key.
@@ -103,11 +115,14 @@ def with_pretrained(state: TrainState, shardings: TrainState, name: str, loaded:
         raise ConfigError(f"{source}: its {name} param tree differs from the model's")
     for (kp, a), b in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(current)):
         if tuple(a.shape) != tuple(b.shape):
-            raise ConfigError(f"{source}: {name}{jax.tree_util.keystr(kp)} has shape {tuple(a.shape)}, "
-                              f"the model has {tuple(b.shape)}")
+            raise ConfigError(
+                f"{source}: {name}{jax.tree_util.keystr(kp)} has shape {tuple(a.shape)}, the model has {tuple(b.shape)}"
+            )
 
     def put(like, where):
         return jax.tree.map(lambda a, x, s: jax.device_put(np.asarray(a, x.dtype), s), loaded, like, where)
 
-    return state.replace(params={**state.params, name: put(current, shardings.params[name])},
-                         ema_params={**state.ema_params, name: put(state.ema_params[name], shardings.ema_params[name])})
+    return state.replace(
+        params={**state.params, name: put(current, shardings.params[name])},
+        ema_params={**state.ema_params, name: put(state.ema_params[name], shardings.ema_params[name])},
+    )

@@ -14,14 +14,17 @@ A step whose gradient norm or loss is NaN/inf is not applied: params, optimizer 
 step counter advances (the batch is consumed), ``nonfinite_steps`` counts it, metrics carry
 ``nonfinite=1``. What the run then does (skip, halt, roll back) is the loop's ``train/nonfinite.py``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bagel_jax.config import ConfigError
 from bagel_jax.parallel.mesh import batch_shards, batch_spec, use_mesh
@@ -35,8 +38,9 @@ def check_accumulation(config, mesh: Mesh, rules) -> int:
     """Validates ``train.grad_accum_steps`` against the batch and mesh; returns k."""
     k, shards, rows = config.train.grad_accum_steps, batch_shards(mesh, rules), config.data.batch_size
     if k < 1 or rows % (shards * k):
-        raise ConfigError(f"train.grad_accum_steps: {k} microbatches × {shards} batch shards do not divide "
-                          f"data.batch_size={rows}")
+        raise ConfigError(
+            f"train.grad_accum_steps: {k} microbatches × {shards} batch shards do not divide data.batch_size={rows}"
+        )
     return k
 
 
@@ -62,8 +66,9 @@ def _microbatches(batch: Any, k: int, mesh: Mesh, rules) -> Any:
     return jax.tree.map(split, batch)
 
 
-def _accumulated_grads(loss_fn: LossFn, params, batch, rng, k: int, mesh: Mesh, rules, param_shardings,
-                       mask_leaves: list[bool]):
+def _accumulated_grads(
+    loss_fn: LossFn, params, batch, rng, k: int, mesh: Mesh, rules, param_shardings, mask_leaves: list[bool]
+):
     """(loss, aux, grads): gradients are taken w.r.t. the trainable leaves only (``mask_leaves``, in
     ``jax.tree.leaves(params)`` order), so frozen params (a LoRA base, ``train.freeze``) get no gradient
     computation and no accumulation buffer; their entries in ``grads`` are zeros the optimizer never reads."""
@@ -91,8 +96,11 @@ def _accumulated_grads(loss_fn: LossFn, params, batch, rng, k: int, mesh: Mesh, 
     first = jax.tree.map(lambda x: x[0], micro)
     _, aux_shape = jax.eval_shape(loss_fn, params, first, rng)
     shardings = jax.tree.leaves(param_shardings)
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape),
-             [jax.lax.with_sharding_constraint(jnp.zeros_like(leaves[i]), shardings[i]) for i in idx])
+    zeros = (
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape),
+        [jax.lax.with_sharding_constraint(jnp.zeros_like(leaves[i]), shardings[i]) for i in idx],
+    )
 
     def body(carry, xs):
         mb, i = xs
@@ -103,10 +111,19 @@ def _accumulated_grads(loss_fn: LossFn, params, batch, rng, k: int, mesh: Mesh, 
     return loss / k, aux, full_grads([g / k for g in grads])
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule, config,
-                    *, mesh: Mesh, rules, state_shardings: TrainState, trainable: Any,
-                    batch_metrics_fn: Callable[[Any], dict[str, jax.Array]] | None = None,
-                    donate: bool = True) -> "TrainStep":
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config,
+    *,
+    mesh: Mesh,
+    rules,
+    state_shardings: TrainState,
+    trainable: Any,
+    batch_metrics_fn: Callable[[Any], dict[str, jax.Array]] | None = None,
+    donate: bool = True,
+) -> TrainStep:
     """A ``TrainStep``: ``(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
     trainable: bool tree (``optim.trainable_mask``); grad norm and EMA cover trainable leaves only.
@@ -120,27 +137,42 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
 
     def step_fn(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, aux, grads = _accumulated_grads(loss_fn, state.params, batch, rng, k, mesh, rules,
-                                              state_shardings.params, mask_leaves)
+        loss, aux, grads = _accumulated_grads(
+            loss_fn, state.params, batch, rng, k, mesh, rules, state_shardings.params, mask_leaves
+        )
         grad_norm = trainable_global_norm(grads, trainable)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         treedef = jax.tree.structure(state.params)
-        ema = jax.tree.unflatten(treedef, [
-            ema_update(e, p, decay) if keep else e
-            for e, p, keep in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(params), mask_leaves)])
+        ema = jax.tree.unflatten(
+            treedef,
+            [
+                ema_update(e, p, decay) if keep else e
+                for e, p, keep in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(params), mask_leaves)
+            ],
+        )
 
         def where_ok(new, old):
             return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
         bad = (~ok).astype(jnp.int32)
-        new_state = state.replace(step=state.step + 1, params=where_ok(params, state.params),
-                                  opt_state=where_ok(opt_state, state.opt_state),
-                                  ema_params=where_ok(ema, state.ema_params),
-                                  nonfinite_steps=state.nonfinite_steps + bad)
-        metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step - state.nonfinite_steps),
-                       nonfinite=bad, nonfinite_steps=new_state.nonfinite_steps, **aux, **loss_means(aux))
+        new_state = state.replace(
+            step=state.step + 1,
+            params=where_ok(params, state.params),
+            opt_state=where_ok(opt_state, state.opt_state),
+            ema_params=where_ok(ema, state.ema_params),
+            nonfinite_steps=state.nonfinite_steps + bad,
+        )
+        metrics = dict(
+            loss=loss,
+            grad_norm=grad_norm,
+            lr=schedule(state.step - state.nonfinite_steps),
+            nonfinite=bad,
+            nonfinite_steps=new_state.nonfinite_steps,
+            **aux,
+            **loss_means(aux),
+        )
         if batch_metrics_fn is not None:
             metrics.update(batch_metrics_fn(batch))
         return new_state, metrics
@@ -154,9 +186,12 @@ class TrainStep:
     def __init__(self, step_fn, mesh: Mesh, rules, state_shardings: TrainState, donate: bool):
         self.mesh, self.rules = mesh, rules
         batch_sharding = NamedSharding(mesh, batch_spec(rules))
-        self.jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                              out_shardings=(state_shardings, NamedSharding(mesh, P())),
-                              donate_argnums=(0,) if donate else ())
+        self.jitted = jax.jit(
+            step_fn,
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, NamedSharding(mesh, P())),
+            donate_argnums=(0,) if donate else (),
+        )
 
     def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         with use_mesh(self.mesh, self.rules):

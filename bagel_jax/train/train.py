@@ -1,9 +1,10 @@
 """BAGEL training (absl app): ``python -m bagel_jax.train --config=configs/x.py[:arg] --workdir=DIR``.
 
-    config → validate (one-line errors, before anything compiles) → the BAGEL stage: the model, its losses, the
-    packed grain pipeline, the frozen VAE / pretrained ViT of a fresh start, samples and ``config.evals``
-    → the one training loop (``loop.py``: sharded state, resume, metrics, checkpoints before evals, SIGTERM).
+config → validate (one-line errors, before anything compiles) → the BAGEL stage: the model, its losses, the
+packed grain pipeline, the frozen VAE / pretrained ViT of a fresh start, samples and ``config.evals``
+→ the one training loop (``loop.py``: sharded state, resume, metrics, checkpoints before evals, SIGTERM).
 """
+
 from __future__ import annotations
 
 import jax
@@ -39,6 +40,7 @@ class Sampler:
 
     def __call__(self, step: int, params, logger: MetricsLogger) -> None:
         from bagel_jax.infer.api import Inferencer
+
         t = self.config.train
         inf = Inferencer(self.model, jax.device_get(params), self.tokenizer, self.config.data)
         prompts = list(t.sample_prompts)
@@ -58,6 +60,7 @@ class Evals:
         from bagel_jax.eval import runner
         from bagel_jax.eval.inferencer_fns import inferencer_fns
         from bagel_jax.infer.api import Inferencer
+
         self._fns, self._run, self._inferencer = inferencer_fns, runner.run_evals, Inferencer
         self.model, self.config = model, config
         self.evaluators = runner.build_evaluators(config.evals) if len(config.evals) else {}
@@ -94,9 +97,15 @@ def bagel_stage(config, workdir: str) -> loop.Stage:
             sampler(step, state.ema_params, logger)
         return evals(step, state.ema_params, logger)
 
-    return loop.Stage(name="BAGEL", init_fn=init_fn, loss_fn=make_loss_fn(model, config),
-                 make_data=lambda index, count: make_train_iterator(config, index, count),
-                 evaluate=evaluate, fresh_state=fresh_state, batch_metrics_fn=batch_metrics)
+    return loop.Stage(
+        name="BAGEL",
+        init_fn=init_fn,
+        loss_fn=make_loss_fn(model, config),
+        make_data=lambda index, count: make_train_iterator(config, index, count),
+        evaluate=evaluate,
+        fresh_state=fresh_state,
+        batch_metrics_fn=batch_metrics,
+    )
 
 
 def train(config, workdir: str, devices=None) -> dict[str, float]:
@@ -113,8 +122,12 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
 
 def main():
     from bagel_jax.train.app import run as run_app
-    run_app(train, example_config="configs/tiny_shapes.py",
-            workdir_help="output directory: checkpoints, metrics, TensorBoard, config.json")
+
+    run_app(
+        train,
+        example_config="configs/tiny_shapes.py",
+        workdir_help="output directory: checkpoints, metrics, TensorBoard, config.json",
+    )
 
 
 if __name__ == "__main__":

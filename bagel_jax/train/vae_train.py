@@ -38,6 +38,7 @@ BAGEL picks it up with ``--config.model.vae.init_from=DIR`` (``bagel_jax.convert
 vae.json, the weights into ``params['vae']`` on a fresh start). The stage also prints the equivalent ``--config``
 overrides.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,10 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bagel_jax.config import ConfigError, validate
+from bagel_jax.convert.vae_export import EXPORT_DIR, STATS_FILE, export_vae, load_latent_stats
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import common
 from bagel_jax.model.vae import FluxVAE, valid_mask
-from bagel_jax.convert.vae_export import EXPORT_DIR, STATS_FILE, export_vae, load_latent_stats
 from bagel_jax.train import loop
 
 SHUFFLE_STREAM = 7  # seeds the shuffle with (data.seed, 7): a stream the BAGEL pipeline does not use
@@ -65,9 +66,11 @@ def validate_vae_config(config, num_devices: int | None = None):
     one-line ``ConfigError`` naming the key."""
     validate(config, num_devices)
     s = config.vae_stage
-    checks = [("loss", s.loss in ("l1", "l2"), f"must be 'l1' or 'l2', got {s.loss!r}"),
-              ("kl_weight", s.kl_weight >= 0, f"must be >= 0, got {s.kl_weight}"),
-              ("export", s.export in ("ema", "params"), f"must be 'ema' or 'params', got {s.export!r}")]
+    checks = [
+        ("loss", s.loss in ("l1", "l2"), f"must be 'l1' or 'l2', got {s.loss!r}"),
+        ("kl_weight", s.kl_weight >= 0, f"must be >= 0, got {s.kl_weight}"),
+        ("export", s.export in ("ema", "params"), f"must be 'ema' or 'params', got {s.export!r}"),
+    ]
     checks += [(k, s[k] >= 0, f"must be >= 0, got {s[k]}") for k in ("eval_every", "eval_images", "stats_images")]
     checks += [("eval_batch", s.eval_batch > 0, f"must be > 0, got {s.eval_batch}")]
     for key, ok, msg in checks:
@@ -80,13 +83,18 @@ def validate_vae_config(config, num_devices: int | None = None):
 
 # --- data --------------------------------------------------------------------------------------------------------
 
+
 class VaeImage:
     """Encoded image bytes → ``{"images": uint8[H, W, 3] canvas, "hw": int32[2]}``: BAGEL's VAE resize
     (``rule``), placed top-left on the ``canvas`` (H, W). An undecodable / too large image gives an all-zero
     canvas with hw = (0, 0) (it then contributes nothing to losses or metrics). Picklable (grain workers)."""
 
-    def __init__(self, rule: img_lib.ResizeRule, canvas: tuple[int, int],
-                 max_input_pixels: int = img_lib.DEFAULT_MAX_INPUT_PIXELS):
+    def __init__(
+        self,
+        rule: img_lib.ResizeRule,
+        canvas: tuple[int, int],
+        max_input_pixels: int = img_lib.DEFAULT_MAX_INPUT_PIXELS,
+    ):
         self.rule, self.canvas, self.max_input_pixels = rule, tuple(canvas), max_input_pixels
 
     def __call__(self, data: bytes, name: str = "image") -> dict[str, np.ndarray]:
@@ -128,6 +136,7 @@ def _image_transform(config) -> VaeImage:
 
 def _t2i_source(config):
     from bagel_jax.data.pipeline import source_spec
+
     return common.open_source(config.data.data_dir, source_spec(config, "t2i"))
 
 
@@ -148,6 +157,7 @@ def make_image_dataset(config, process_index: int = 0, process_count: int = 1) -
     ds = ds.batch(rows, drop_remainder=True).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if d.num_workers > 0:
         from absl import flags
+
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers, per_worker_buffer_size=d.prefetch))
@@ -166,6 +176,7 @@ def held_out_images(config) -> dict[str, np.ndarray]:
     """``vae_stage.eval_images`` t2i images from the synthetic shapes generator with ``vae_stage.eval_seed``
     (a seed the training data does not use), prepared like training images."""
     from bagel_jax.data.builders.synthetic_shapes import Generator
+
     s = config.vae_stage
     if s.eval_seed == config.data.seed:
         raise ConfigError(f"vae_stage.eval_seed: {s.eval_seed} equals data.seed (held-out images must differ)")
@@ -175,6 +186,7 @@ def held_out_images(config) -> dict[str, np.ndarray]:
 
 
 # --- model, loss, metrics ----------------------------------------------------------------------------------------
+
 
 def to_unit(pixels):
     """uint8 [0, 255] → float32 [-1, 1] (float input is taken as already in [-1, 1])."""
@@ -227,13 +239,19 @@ def make_vae_loss_fn(model: FluxVAE, config):
         err = recon - x
         rec = jnp.square(err) if square else jnp.abs(err)
         kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-        aux = dict(rec_sum=(rec * pix).sum(), rec_count=pix.sum() * x.shape[-1],
-                   kl_sum=(kl * lat).sum(), kl_count=lat.sum() * mean.shape[-1])
+        aux = dict(
+            rec_sum=(rec * pix).sum(),
+            rec_count=pix.sum() * x.shape[-1],
+            kl_sum=(kl * lat).sum(),
+            kl_count=lat.sum() * mean.shape[-1],
+        )
         has_pixels = (hw[:, 0] * hw[:, 1] > 0).astype(jnp.float32)
-        aux.update(psnr_sum=(psnr(jax.lax.stop_gradient(recon), x, pix) * has_pixels).sum(),
-                   psnr_count=has_pixels.sum())
-        loss = (aux["rec_sum"] / jnp.maximum(aux["rec_count"], 1.0)
-                + kl_weight * aux["kl_sum"] / jnp.maximum(aux["kl_count"], 1.0))
+        aux.update(
+            psnr_sum=(psnr(jax.lax.stop_gradient(recon), x, pix) * has_pixels).sum(), psnr_count=has_pixels.sum()
+        )
+        loss = aux["rec_sum"] / jnp.maximum(aux["rec_count"], 1.0) + kl_weight * aux["kl_sum"] / jnp.maximum(
+            aux["kl_count"], 1.0
+        )
         return loss, aux
 
     return loss_fn
@@ -277,8 +295,9 @@ class ReconEval:
         return {k: float(np.mean(np.concatenate(v))) if v else float("nan") for k, v in scores.items()}, grid
 
 
-def latent_stats(model: FluxVAE, params, data: dict[str, np.ndarray], batch: int = 16, seed: int = 0
-                 ) -> dict[str, float]:
+def latent_stats(
+    model: FluxVAE, params, data: dict[str, np.ndarray], batch: int = 16, seed: int = 0
+) -> dict[str, float]:
     """Mean and std of posterior *samples* (what BAGEL encodes) over the valid latent positions and all
     channels of ``data`` images; float64 accumulation."""
     params = jax.device_get(params)
@@ -293,8 +312,11 @@ def latent_stats(model: FluxVAE, params, data: dict[str, np.ndarray], batch: int
 
     total = total_sq = count = 0.0
     for start in range(0, len(data["images"]), batch):
-        s, sq, n = moments(data["images"][start:start + batch], data["hw"][start:start + batch],
-                           jax.random.fold_in(jax.random.PRNGKey(seed), start))
+        s, sq, n = moments(
+            data["images"][start : start + batch],
+            data["hw"][start : start + batch],
+            jax.random.fold_in(jax.random.PRNGKey(seed), start),
+        )
         total, total_sq, count = total + float(s), total_sq + float(sq), count + float(n)
     if count == 0:
         raise ValueError("latent_stats: no valid images")
@@ -304,6 +326,7 @@ def latent_stats(model: FluxVAE, params, data: dict[str, np.ndarray], batch: int
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
+
 
 def train_vae(config, workdir: str, devices=None) -> dict[str, Any]:
     """Trains to ``train.steps`` (or SIGTERM), evaluates, exports to ``workdir/export``; returns the final
@@ -335,32 +358,53 @@ def vae_stage(config, workdir: str) -> loop.Stage:
     def export(state, result, run_seconds: float, logger) -> dict[str, Any]:
         step, stage = int(state.step), config.vae_stage
         params = state.ema_params if stage.export == "ema" else state.params
-        stats = latent_stats(model, params, training_images(config, stage.stats_images), batch=stage.eval_batch,
-                             seed=config.train.seed)
+        stats = latent_stats(
+            model, params, training_images(config, stage.stats_images), batch=stage.eval_batch, seed=config.train.seed
+        )
         suffix = "_ema" if stage.export == "ema" else ""
-        info = dict(step=step, weights=stage.export, loss=stage.loss, kl_weight=float(stage.kl_weight),
-                    run_wall_seconds=run_seconds, psnr_eval=result.get(f"eval/psnr{suffix}"),
-                    psnr_eval_sample=result.get(f"eval/psnr_sample{suffix}"), eval_images=int(stage.eval_images),
-                    eval_seed=int(stage.eval_seed))
+        info = dict(
+            step=step,
+            weights=stage.export,
+            loss=stage.loss,
+            kl_weight=float(stage.kl_weight),
+            run_wall_seconds=run_seconds,
+            psnr_eval=result.get(f"eval/psnr{suffix}"),
+            psnr_eval_sample=result.get(f"eval/psnr_sample{suffix}"),
+            eval_images=int(stage.eval_images),
+            eval_seed=int(stage.eval_seed),
+        )
         directory = export_vae(os.path.join(workdir, EXPORT_DIR), params, config.model.vae, stats, info)
         meta = load_latent_stats(directory)
-        print(f"VAE exported to {directory}; use it in BAGEL with\n"
-              f"  --config.model.vae.init_from={workdir}\n"
-              f"(sets --config.model.vae.scale_factor={meta['scale_factor']:.6g} "
-              f"--config.model.vae.shift_factor={meta['shift_factor']:.6g} from {STATS_FILE})", flush=True)
+        print(
+            f"VAE exported to {directory}; use it in BAGEL with\n"
+            f"  --config.model.vae.init_from={workdir}\n"
+            f"(sets --config.model.vae.scale_factor={meta['scale_factor']:.6g} "
+            f"--config.model.vae.shift_factor={meta['shift_factor']:.6g} from {STATS_FILE})",
+            flush=True,
+        )
         logger.write_scalars(step, {k: meta[k] for k in ("scale_factor", "shift_factor")})
         return dict(scale_factor=meta["scale_factor"], shift_factor=meta["shift_factor"], run_wall_seconds=run_seconds)
 
-    return loop.Stage(name="VAE stage", init_fn=init_fn, loss_fn=make_vae_loss_fn(model, config),
-                      make_data=lambda index, count: iter(make_image_dataset(config, index, count)),
-                      evaluate=evaluate, export=export,
-                      exported=lambda: os.path.isfile(os.path.join(workdir, EXPORT_DIR, STATS_FILE)))
+    return loop.Stage(
+        name="VAE stage",
+        init_fn=init_fn,
+        loss_fn=make_vae_loss_fn(model, config),
+        make_data=lambda index, count: iter(make_image_dataset(config, index, count)),
+        evaluate=evaluate,
+        export=export,
+        exported=lambda: os.path.isfile(os.path.join(workdir, EXPORT_DIR, STATS_FILE)),
+    )
 
 
 def main():
     from bagel_jax.train.app import run as run_app
-    run_app(train_vae, example_config="configs/tiny_vae.py",
-            workdir_help="output directory: checkpoints, metrics, TensorBoard, export/", stage="vae")
+
+    run_app(
+        train_vae,
+        example_config="configs/tiny_vae.py",
+        workdir_help="output directory: checkpoints, metrics, TensorBoard, export/",
+        stage="vae",
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ Export (end of training; DIR/export/), a transformers ``SiglipVisionModel`` chec
 BAGEL loads it with ``--config.model.vit.init_from=DIR`` (on a fresh start ``params['vit_model']`` and its EMA
 copy are replaced, sharded like the originals); the same key loads any HF SigLIP vision checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,11 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bagel_jax.config import ConfigError, validate
+from bagel_jax.convert.vit_export import EXPORT_DIR, INFO_FILE, export_vit
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.builders import synthetic_shapes as shapes
 from bagel_jax.model.bagel import pixels_to_unit
 from bagel_jax.model.siglip import SiglipNaViT
-from bagel_jax.convert.vit_export import EXPORT_DIR, INFO_FILE, export_vit
 from bagel_jax.train import loop
 
 NUM_CELLS = 9
@@ -59,18 +60,28 @@ def validate_vit_config(config, num_devices: int | None = None):
     """``config.validate`` plus the ViT stage's own rules; one-line ``ConfigError`` naming the key."""
     validate(config, num_devices)
     s, d = config.vit_stage, config.data
-    checks = [("vit_stage.export", s.export in ("ema", "params"), f"must be 'ema' or 'params', got {s.export!r}"),
-              ("vit_stage.eval_every", s.eval_every >= 0, f"must be >= 0, got {s.eval_every}"),
-              ("vit_stage.eval_images", s.eval_images >= 0, f"must be >= 0, got {s.eval_images}"),
-              ("vit_stage.eval_batch", s.eval_batch > 0, f"must be > 0, got {s.eval_batch}"),
-              ("vit_stage.eval_seed", s.eval_seed != d.seed, f"{s.eval_seed} equals data.seed (held-out scenes "
-                                                              f"must differ)"),
-              ("data.builder", d.builder == "synthetic_shapes", f"the ViT stage trains on synthetic_shapes scenes, "
-                                                                 f"got {d.builder!r}"),
-              ("data.synthetic_examples", d.synthetic_examples > 0, f"must be > 0 (scenes to train on), got "
-                                                                    f"{d.synthetic_examples}"),
-              ("train.freeze", not tuple(config.train.freeze), f"must be empty for the ViT stage, got "
-                                                               f"{tuple(config.train.freeze)}")]
+    checks = [
+        ("vit_stage.export", s.export in ("ema", "params"), f"must be 'ema' or 'params', got {s.export!r}"),
+        ("vit_stage.eval_every", s.eval_every >= 0, f"must be >= 0, got {s.eval_every}"),
+        ("vit_stage.eval_images", s.eval_images >= 0, f"must be >= 0, got {s.eval_images}"),
+        ("vit_stage.eval_batch", s.eval_batch > 0, f"must be > 0, got {s.eval_batch}"),
+        ("vit_stage.eval_seed", s.eval_seed != d.seed, f"{s.eval_seed} equals data.seed (held-out scenes must differ)"),
+        (
+            "data.builder",
+            d.builder == "synthetic_shapes",
+            f"the ViT stage trains on synthetic_shapes scenes, got {d.builder!r}",
+        ),
+        (
+            "data.synthetic_examples",
+            d.synthetic_examples > 0,
+            f"must be > 0 (scenes to train on), got {d.synthetic_examples}",
+        ),
+        (
+            "train.freeze",
+            not tuple(config.train.freeze),
+            f"must be empty for the ViT stage, got {tuple(config.train.freeze)}",
+        ),
+    ]
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
@@ -79,14 +90,22 @@ def validate_vit_config(config, num_devices: int | None = None):
 
 # --- data --------------------------------------------------------------------------------------------------------
 
+
 class ScenePatches:
     """Scene index → one ViT row: ``patches`` uint8 [P, p·p·3], ``pos`` / ``image`` / ``cell`` int32 [P] (image 1,
     0 = padding; cell = the 3×3 grid cell holding the patch centre), ``shape`` / ``color`` int32 [9] labels.
     Renders ``t2i`` scene i of ``Generator(seed)`` and prepares it as the BAGEL pipeline prepares ViT images.
     Picklable (grain workers)."""
 
-    def __init__(self, seed: int, rule: img_lib.ResizeRule, patch_size: int, max_patches_per_side: int,
-                 square: bool = False, interpolate_pos: bool = False):
+    def __init__(
+        self,
+        seed: int,
+        rule: img_lib.ResizeRule,
+        patch_size: int,
+        max_patches_per_side: int,
+        square: bool = False,
+        interpolate_pos: bool = False,
+    ):
         self.generator = shapes.Generator(seed, square=square)
         self.rule, self.patch, self.side = rule, patch_size, max_patches_per_side
         self.interpolate_pos = interpolate_pos
@@ -105,17 +124,27 @@ class ScenePatches:
             return np.concatenate([x, np.zeros((total - n,) + x.shape[1:], x.dtype)])
 
         shape_ids, color_ids = shapes.cell_labels(objs)
-        return dict(patches=pad(img_lib.patchify(pixels, p)),
-                    pos=pad(img_lib.flattened_position_ids(pixels.shape[0], pixels.shape[1], p, self.side,
-                                                           self.interpolate_pos)),
-                    image=pad(np.ones(n, np.int32)), cell=pad(cell.astype(np.int32)), shape=shape_ids,
-                    color=color_ids)
+        return dict(
+            patches=pad(img_lib.patchify(pixels, p)),
+            pos=pad(
+                img_lib.flattened_position_ids(pixels.shape[0], pixels.shape[1], p, self.side, self.interpolate_pos)
+            ),
+            image=pad(np.ones(n, np.int32)),
+            cell=pad(cell.astype(np.int32)),
+            shape=shape_ids,
+            color=color_ids,
+        )
 
 
 def _scenes(config, seed: int) -> ScenePatches:
-    return ScenePatches(seed, img_lib.ResizeRule.from_tuple(config.data.vit_transform), config.model.vit.patch_size,
-                        config.model.vit_max_num_patch_per_side, config.data.synthetic_square,
-                        config.model.interpolate_pos)
+    return ScenePatches(
+        seed,
+        img_lib.ResizeRule.from_tuple(config.data.vit_transform),
+        config.model.vit.patch_size,
+        config.model.vit_max_num_patch_per_side,
+        config.data.synthetic_square,
+        config.model.interpolate_pos,
+    )
 
 
 def make_scene_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -131,6 +160,7 @@ def make_scene_dataset(config, process_index: int = 0, process_count: int = 1) -
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if d.num_workers > 0:
         from absl import flags
+
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers, per_worker_buffer_size=d.prefetch))
@@ -145,6 +175,7 @@ def held_out_scenes(config) -> dict[str, np.ndarray]:
 
 
 # --- model, loss -------------------------------------------------------------------------------------------------
+
 
 class CellProbe(nn.Module):
     """``SiglipNaViT`` (params under ``vit_model``, the name BAGEL uses) + per-cell mean pooling + two linear heads.
@@ -161,8 +192,12 @@ class CellProbe(nn.Module):
 
         def head(n, name):
             init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("vit_embed", "classes"))
-            return nn.Dense(n, kernel_init=init, bias_init=nn.with_logical_partitioning(
-                nn.initializers.zeros_init(), ("classes",)), name=name)(pooled)
+            return nn.Dense(
+                n,
+                kernel_init=init,
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)),
+                name=name,
+            )(pooled)
 
         return head(NUM_SHAPES, "shape_head"), head(NUM_COLORS, "color_head")
 
@@ -170,7 +205,7 @@ class CellProbe(nn.Module):
 def make_vit_init_fn(config):
     """``(model, init_fn)``: ``CellProbe(config.model)`` and ``rng -> params`` (boxed, logical names)."""
     model = CellProbe(config.model)
-    feat = config.model.vit.patch_size ** 2 * 3
+    feat = config.model.vit.patch_size**2 * 3
 
     def init_fn(rng):
         one = jnp.ones((1, 1), jnp.int32)
@@ -180,8 +215,9 @@ def make_vit_init_fn(config):
 
 
 def _outputs(model, params, batch):
-    shape_logits, color_logits = model.apply({"params": params}, batch["patches"], batch["pos"], batch["image"],
-                                             batch["cell"])
+    shape_logits, color_logits = model.apply(
+        {"params": params}, batch["patches"], batch["pos"], batch["image"], batch["cell"]
+    )
     ce = (_ce(shape_logits, batch["shape"]) + _ce(color_logits, batch["color"])).sum(-1) / NUM_CELLS  # [B]
     right = (shape_logits.argmax(-1) == batch["shape"]) & (color_logits.argmax(-1) == batch["color"])  # [B, 9]
     return ce, right
@@ -194,12 +230,18 @@ def _ce(logits, labels):
 def make_vit_loss_fn(model: CellProbe):
     """``loss_fn(params, batch, rng) -> (loss, aux)`` for ``make_train_step``; aux: ``cls`` (the classification
     loss) and ``cell_acc`` as sums and counts (per image / per cell)."""
+
     def loss_fn(params, batch, rng):
         del rng
         ce, right = _outputs(model, params, batch)
-        aux = dict(cls_sum=ce.sum(), cls_count=jnp.asarray(ce.shape[0], jnp.float32),
-                   cell_acc_sum=right.sum().astype(jnp.float32), cell_acc_count=jnp.asarray(right.size, jnp.float32))
+        aux = dict(
+            cls_sum=ce.sum(),
+            cls_count=jnp.asarray(ce.shape[0], jnp.float32),
+            cell_acc_sum=right.sum().astype(jnp.float32),
+            cell_acc_count=jnp.asarray(right.size, jnp.float32),
+        )
         return ce.mean(), aux
+
     return loss_fn
 
 
@@ -215,14 +257,22 @@ class CellEval:
     def __call__(self, params) -> dict[str, float]:
         params = jax.device_get(params)
         n = len(self.data["shape"])
-        right = np.concatenate([np.asarray(self._right(params, {k: v[s:s + self.batch] for k, v in self.data.items()}))
-                                for s in range(0, n, self.batch)])
+        right = np.concatenate(
+            [
+                np.asarray(self._right(params, {k: v[s : s + self.batch] for k, v in self.data.items()}))
+                for s in range(0, n, self.batch)
+            ]
+        )
         occupied = self.data["shape"] > 0
-        return {"cell_acc": float(right.mean()), "object_acc": float(right[occupied].mean()),
-                "scene_acc": float(right.all(-1).mean())}
+        return {
+            "cell_acc": float(right.mean()),
+            "object_acc": float(right[occupied].mean()),
+            "scene_acc": float(right.all(-1).mean()),
+        }
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
+
 
 def train_vit(config, workdir: str, devices=None) -> dict[str, Any]:
     """Trains to ``train.steps`` (or SIGTERM), evaluates, exports to ``workdir/export``; returns the final scalars
@@ -242,8 +292,11 @@ def vit_stage(config, workdir: str) -> loop.Stage:
     def evaluate(step: int, state, logger, final: bool) -> dict[str, float]:
         if evaluator is None or not due(step, final):
             return {}
-        out = {f"eval/{k}{name}": v for name, params in (("", state.params), ("_ema", state.ema_params))
-               for k, v in evaluator(params).items()}
+        out = {
+            f"eval/{k}{name}": v
+            for name, params in (("", state.params), ("_ema", state.ema_params))
+            for k, v in evaluator(params).items()
+        }
         logger.write_scalars(step, out)
         logging.info("step %d: %s", step, out)
         return out
@@ -253,24 +306,40 @@ def vit_stage(config, workdir: str) -> loop.Stage:
         stage, step = config.vit_stage, int(state.step)
         params = state.ema_params if stage.export == "ema" else state.params
         suffix = "_ema" if stage.export == "ema" else ""
-        info = dict(step=step, weights=stage.export, run_wall_seconds=run_seconds, eval_images=int(stage.eval_images),
-                    eval_seed=int(stage.eval_seed), **{k: result.get(f"eval/{k}{suffix}")
-                                                       for k in ("cell_acc", "object_acc", "scene_acc")})
+        info = dict(
+            step=step,
+            weights=stage.export,
+            run_wall_seconds=run_seconds,
+            eval_images=int(stage.eval_images),
+            eval_seed=int(stage.eval_seed),
+            **{k: result.get(f"eval/{k}{suffix}") for k in ("cell_acc", "object_acc", "scene_acc")},
+        )
         directory = export_vit(os.path.join(workdir, EXPORT_DIR), params["vit_model"], config.model, info)
-        print(f"ViT exported to {directory}; use it in BAGEL with\n  --config.model.vit.init_from={workdir}",
-              flush=True)
+        print(
+            f"ViT exported to {directory}; use it in BAGEL with\n  --config.model.vit.init_from={workdir}", flush=True
+        )
         return dict(run_wall_seconds=run_seconds)
 
-    return loop.Stage(name="ViT stage", init_fn=init_fn, loss_fn=make_vit_loss_fn(model),
-                      make_data=lambda index, count: iter(make_scene_dataset(config, index, count)),
-                      evaluate=evaluate, export=export,
-                      exported=lambda: os.path.isfile(os.path.join(workdir, EXPORT_DIR, INFO_FILE)))
+    return loop.Stage(
+        name="ViT stage",
+        init_fn=init_fn,
+        loss_fn=make_vit_loss_fn(model),
+        make_data=lambda index, count: iter(make_scene_dataset(config, index, count)),
+        evaluate=evaluate,
+        export=export,
+        exported=lambda: os.path.isfile(os.path.join(workdir, EXPORT_DIR, INFO_FILE)),
+    )
 
 
 def main():
     from bagel_jax.train.app import run as run_app
-    run_app(train_vit, example_config="configs/tiny_vit.py",
-            workdir_help="output directory: checkpoints, metrics, TensorBoard, export/", stage="vit")
+
+    run_app(
+        train_vit,
+        example_config="configs/tiny_vit.py",
+        workdir_help="output directory: checkpoints, metrics, TensorBoard, export/",
+        stage="vit",
+    )
 
 
 if __name__ == "__main__":

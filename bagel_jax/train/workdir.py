@@ -1,5 +1,6 @@
 """A run's workdir before training starts: the directory, the synthetic data built into it when the config asks,
 and the resolved ``config.json`` (what ``bagel_jax.infer.from_workdir`` reads back)."""
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,18 @@ def prepare_data(config, workdir: str) -> None:
         config.data.data_dir = os.path.join(workdir, "data")
     if config.data.builder == "synthetic_shapes" and config.data.synthetic_examples > 0:
         from bagel_jax.data.builders import synthetic_shapes
+
         if jax.process_index() == 0:  # the workdir is shared by all hosts: one builds, the others wait
-            synthetic_shapes.build(config.data.data_dir, num_examples=config.data.synthetic_examples,
-                                   seed=config.data.seed, vocab_size=config.model.vocab_size,
-                                   square=config.data.synthetic_square)
+            synthetic_shapes.build(
+                config.data.data_dir,
+                num_examples=config.data.synthetic_examples,
+                seed=config.data.seed,
+                vocab_size=config.model.vocab_size,
+                square=config.data.synthetic_square,
+            )
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices("bagel_jax:synthetic_data_built")
 
 
@@ -53,10 +60,11 @@ class WorkdirLock:
         self.path = os.path.join(workdir, "lock")
         self._fh = None
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         import fcntl
         import socket
         import time
+
         fh = open(self.path, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -64,10 +72,13 @@ class WorkdirLock:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
-            raise WorkdirLocked(f"{os.path.dirname(self.path)}: in use by a running trainer ({holder}); "
-                                f"stop it or choose another --workdir") from None
+            raise WorkdirLocked(
+                f"{os.path.dirname(self.path)}: in use by a running trainer ({holder}); "
+                f"stop it or choose another --workdir"
+            ) from None
         except OSError as e:  # no flock on this filesystem
             import logging
+
             logging.warning("%s: cannot lock (%s); make sure no other trainer uses this workdir", self.path, e)
             fh.close()
             return self
@@ -81,11 +92,12 @@ class WorkdirLock:
     def release(self) -> None:
         if self._fh is not None:
             import fcntl
+
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -95,5 +107,6 @@ class WorkdirLock:
 def claim(workdir: str):
     """Creates ``workdir`` and, on process 0, holds its ``WorkdirLock`` for the ``with`` block."""
     import contextlib
+
     os.makedirs(workdir, exist_ok=True)
     return WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()

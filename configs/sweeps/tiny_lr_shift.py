@@ -5,6 +5,7 @@ Command:  python -m bagel_jax.sweep --config=configs/tiny_shapes.py --sweep=conf
 Expected: one workdir per point under /tmp/sweep_tiny and a table of the final step's ce / mse per point.
 ``arg`` (optional) is a step count for short smoke sweeps: ``--sweep=configs/sweeps/tiny_lr_shift.py:5``.
 """
+
 from bagel_jax.launch_utils import grid
 
 LEARNING_RATES = (1e-3, 3e-3)

@@ -20,6 +20,7 @@ or row the builder cannot turn into a record (a field missing or of the wrong ty
 ``record_schema.check_meta`` as training will). Each skip is reported with its ``file:line`` (the first few per
 reason, ``skips.BUILD_SKIP_REASONS``), and a per-reason summary is logged when the build ends.
 """
+
 from __future__ import annotations
 
 import glob
@@ -27,7 +28,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -40,13 +42,15 @@ FEATURES_DOC = "kind, meta (JSON), images (encoded bytes), image_names, source"
 
 
 def features() -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict({
-        "kind": tfds.features.Text(),
-        "meta": tfds.features.Text(),
-        "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-        "image_names": tfds.features.Sequence(tfds.features.Text()),
-        "source": tfds.features.Text(),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "kind": tfds.features.Text(),
+            "meta": tfds.features.Text(),
+            "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+            "image_names": tfds.features.Sequence(tfds.features.Text()),
+            "source": tfds.features.Text(),
+        }
+    )
 
 
 def record(kind: str, meta: dict, images: list[bytes], image_names: list[str], source: str = "") -> dict[str, Any]:
@@ -57,8 +61,13 @@ def record(kind: str, meta: dict, images: list[bytes], image_names: list[str], s
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = json.dumps(meta, ensure_ascii=True, sort_keys=True)
-    return {"kind": kind, "meta": text, "images": [bytes(b) for b in images],
-            "image_names": [utf8(n) for n in image_names], "source": utf8(source)}
+    return {
+        "kind": kind,
+        "meta": text,
+        "images": [bytes(b) for b in images],
+        "image_names": [utf8(n) for n in image_names],
+        "source": utf8(source),
+    }
 
 
 def utf8(s: str) -> str:
@@ -89,8 +98,14 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         # Built directly (not dataset_info_from_configs): no CITATIONS.bib / TAGS.txt next to the module.
-        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=features(),
-                                     homepage="", citation="", metadata=self._metadata())
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=features(),
+            homepage="",
+            citation="",
+            metadata=self._metadata(),
+        )
 
     def _metadata(self):
         return None
@@ -121,6 +136,7 @@ def cli(builder_cls, doc: str, argv=None) -> str:
     """``python -m bagel_jax.data.builders.<name> --manual_dir=... --data_dir=... [--max_frames=N]``."""
     import argparse
     import inspect
+
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--manual_dir", required=True, help="folder with your files")
     p.add_argument("--data_dir", required=True, help="TFDS data dir to write to")
@@ -133,7 +149,7 @@ def cli(builder_cls, doc: str, argv=None) -> str:
     return out
 
 
-def read_file(path: str, report: "BuildReport | None" = None, where: str = "") -> bytes:
+def read_file(path: str, report: BuildReport | None = None, where: str = "") -> bytes:
     """File bytes, or ``b""`` if it cannot be read (missing, a folder, no permission): the record is kept and
     skipped at training time as ``missing_file``; ``report`` counts it (else it is logged)."""
     try:
@@ -190,8 +206,10 @@ class BuildReport:
             out = fn(*args)
         except (RowError, RecordError) as e:
             text = str(e)
-            self.skip("not_json" if isinstance(e, NotJsonError) else "bad_row",
-                      text if text.startswith(where) else f"{where}: {text}")
+            self.skip(
+                "not_json" if isinstance(e, NotJsonError) else "bad_row",
+                text if text.startswith(where) else f"{where}: {text}",
+            )
             return None
         except Exception as e:  # noqa: BLE001  (any surprise in one row must not abort the whole build)
             self.skip("bad_row", f"{where}: {type(e).__name__}: {e}")
@@ -201,8 +219,10 @@ class BuildReport:
 
     def summary(self) -> str:
         skipped = ", ".join(f"{r} {n}" for r, n in self.skipped.items() if n) or "none"
-        return (f"{self.name}: wrote {self.written} records; skipped {sum(self.skipped.values())} ({skipped}); "
-                f"{self.missing_images} missing images kept (training skips their records as missing_file)")
+        return (
+            f"{self.name}: wrote {self.written} records; skipped {sum(self.skipped.values())} ({skipped}); "
+            f"{self.missing_images} missing images kept (training skips their records as missing_file)"
+        )
 
     def finish(self, manual_dir: str) -> None:
         """Logs the summary; raises when nothing usable was found (one line, with the summary)."""
@@ -246,12 +266,14 @@ def converted(rows: Iterator[tuple], report: BuildReport, record_fn) -> Iterator
             yield key, rec
 
 
-def parquet_rows(manual_dir: str, report: BuildReport, required: tuple[str, ...],
-                 optional: tuple[str, ...] = ()) -> Iterator[tuple[str, str, dict]]:
+def parquet_rows(
+    manual_dir: str, report: BuildReport, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> Iterator[tuple[str, str, dict]]:
     """``(key, where, row)`` per row of every ``*.parquet`` under ``manual_dir`` (``where`` = ``file:row ROW``,
     0-based), reading ``required`` + present ``optional`` columns; skips and reports a file that cannot be read or
     lacks a required column (from the row where reading failed on)."""
     import pyarrow.parquet as pq
+
     for path in files(manual_dir, "*.parquet"):
         rel = os.path.relpath(path, manual_dir)
         i = 0
@@ -319,18 +341,23 @@ def sample_uniform(items: list, max_count: int) -> list:
 
 # --- reading built data -----------------------------------------------------------------------------------------
 
+
 def dataset_dir(data_dir: str, name: str) -> str:
     """``{data_dir}/{name}`` (``name`` may include a config: ``name/config``) → its newest built version dir."""
     root = os.path.join(os.fspath(data_dir), name)
-    found = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "dataset_info.json"),
-                                                          recursive=True)})
+    found = sorted(
+        {os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "dataset_info.json"), recursive=True)}
+    )
     if not found:
-        raise FileNotFoundError(f"no built dataset {name!r} under data_dir {data_dir} (build it first, e.g. "
-                                f"python -m bagel_jax.data.builders.synthetic_shapes --data_dir={data_dir})")
+        raise FileNotFoundError(
+            f"no built dataset {name!r} under data_dir {data_dir} (build it first, e.g. "
+            f"python -m bagel_jax.data.builders.synthetic_shapes --data_dir={data_dir})"
+        )
     configs = {os.path.relpath(os.path.dirname(p), root) for p in found}
     if len(configs) > 1:
-        raise ValueError(f"{name!r} under {data_dir} has several configs {sorted(configs)}; name one as "
-                         f"'{name}/<config>'")
+        raise ValueError(
+            f"{name!r} under {data_dir} has several configs {sorted(configs)}; name one as '{name}/<config>'"
+        )
     return max(found, key=lambda p: tfds.core.Version(os.path.basename(p)))
 
 

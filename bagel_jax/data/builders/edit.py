@@ -9,6 +9,7 @@ At training time a random sub-sequence of at most two steps is drawn, as in the 
 
     python -m bagel_jax.data.builders.edit --manual_dir=/data/edit_parquet --data_dir=/data/tfds
 """
+
 from __future__ import annotations
 
 from bagel_jax.data.builders import common
@@ -41,7 +42,9 @@ class Edit(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        yield from common.converted(common.parquet_rows(manual_dir, report, ("image_list", "instruction_list")), report, _record)
+        yield from common.converted(
+            common.parquet_rows(manual_dir, report, ("image_list", "instruction_list")), report, _record
+        )
         report.finish(manual_dir)
 
 

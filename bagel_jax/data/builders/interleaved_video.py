@@ -11,6 +11,7 @@ changes are joined.
 
     python -m bagel_jax.data.builders.interleaved_video --manual_dir=/data/video --data_dir=/data/tfds
 """
+
 from __future__ import annotations
 
 import os
@@ -32,14 +33,19 @@ class InterleavedVideo(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        rows = ((key, where, item, base, manual_dir) for key, where, base, item in common.jsonl_rows(manual_dir, report))
+        rows = (
+            (key, where, item, base, manual_dir) for key, where, base, item in common.jsonl_rows(manual_dir, report)
+        )
         yield from common.converted(rows, report, self._record)
         report.finish(manual_dir)
 
     def _record(self, item: dict, base: str, manual_dir: str, where: str, report: common.BuildReport) -> dict:
         frames = item.get("frames")
-        paths = (common.frame_files(common.resolve(base, frames)) if isinstance(frames, str)
-                 else [common.resolve(base, f) for f in common.path_list(frames, "frames")])
+        paths = (
+            common.frame_files(common.resolve(base, frames))
+            if isinstance(frames, str)
+            else [common.resolve(base, f) for f in common.path_list(frames, "frames")]
+        )
         captions = check_meta("video", {"captions": item.get("captions")}, len(paths), where)["captions"]
         if len(paths) > self.max_frames:
             keep = sorted(set(np.linspace(0, len(paths) - 1, self.max_frames).round().astype(int).tolist()))

@@ -12,6 +12,7 @@ Image paths are relative to the jsonl's folder (or its ``images/`` subfolder).
 
     python -m bagel_jax.data.builders.interleaved_web --manual_dir=/data/web --data_dir=/data/tfds
 """
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,9 @@ class InterleavedWeb(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        rows = ((key, where, item, base, manual_dir) for key, where, base, item in common.jsonl_rows(manual_dir, report))
+        rows = (
+            (key, where, item, base, manual_dir) for key, where, base, item in common.jsonl_rows(manual_dir, report)
+        )
         yield from common.converted(rows, report, _record)
         report.finish(manual_dir)
 

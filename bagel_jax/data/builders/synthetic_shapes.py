@@ -20,6 +20,7 @@ tokens, which fits ``configs/tiny.py``.
 
     python -m bagel_jax.data.builders.synthetic_shapes --data_dir=/tmp/shapes --num_examples=256 [--seed=0] [--square]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,14 @@ from bagel_jax.data.builders import common
 
 NAME = "synthetic_shapes"
 SPLITS = ("t2i", "vlm", "edit", "video", "web")
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
-          "purple": (140, 60, 180), "orange": (240, 140, 30)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (240, 140, 30),
+}
 SHAPES = ("circle", "square", "triangle")
 PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("no", "one", "two", "three")
@@ -169,17 +176,17 @@ class Generator:
         o = objs[k]
         if op == "recolor":
             color = [c for c in COLORS if c != o.color][rng.integers(len(COLORS) - 1)]
-            new = objs[:k] + [Obj(o.shape, color, o.cell)] + objs[k + 1:]
+            new = objs[:k] + [Obj(o.shape, color, o.cell)] + objs[k + 1 :]
             return new, [f"make the {o.shape} {color}", f"change the colour of the {o.color} {o.shape} to {color}"]
         if op == "move" and free:
             cell = int(free[rng.integers(len(free))])
-            new = objs[:k] + [Obj(o.shape, o.color, cell)] + objs[k + 1:]
+            new = objs[:k] + [Obj(o.shape, o.color, cell)] + objs[k + 1 :]
             return new, [f"move the {o.color} {o.shape} to the {PLACES[cell]}", f"put the {o.shape} {_where(cell)}"]
         if op == "add" and free:
             shape, color = SHAPES[rng.integers(3)], list(COLORS)[rng.integers(len(COLORS))]
             add = Obj(shape, color, int(free[rng.integers(len(free))]))
             return objs + [add], [f"add a {color} {shape} {_where(add.cell)}", f"draw a {color} {shape}"]
-        new = objs[:k] + objs[k + 1:]
+        new = objs[:k] + objs[k + 1 :]
         return new, [f"remove the {o.color} {o.shape}", f"delete the {o.shape} {_where(o.cell)}"]
 
     def _edit(self, rng, i):
@@ -202,15 +209,18 @@ class Generator:
             o = objs[k]
             r, c = divmod(o.cell, 3)
             taken = {x.cell for x in objs}
-            options = [(name, (r + dr) * 3 + c + dc) for name, (dr, dc) in MOVES.items()
-                       if 0 <= r + dr < 3 and 0 <= c + dc < 3 and (r + dr) * 3 + c + dc not in taken]
+            options = [
+                (name, (r + dr) * 3 + c + dc)
+                for name, (dr, dc) in MOVES.items()
+                if 0 <= r + dr < 3 and 0 <= c + dc < 3 and (r + dr) * 3 + c + dc not in taken
+            ]
             if not options:
                 color = [x for x in COLORS if x != o.color][rng.integers(len(COLORS) - 1)]
-                objs = objs[:k] + [Obj(o.shape, color, o.cell)] + objs[k + 1:]
+                objs = objs[:k] + [Obj(o.shape, color, o.cell)] + objs[k + 1 :]
                 captions.append(f"the {o.color} {o.shape} turns {color}")
             else:
                 name, cell = options[rng.integers(len(options))]
-                objs = objs[:k] + [Obj(o.shape, o.color, cell)] + objs[k + 1:]
+                objs = objs[:k] + [Obj(o.shape, o.color, cell)] + objs[k + 1 :]
                 captions.append(f"the {o.color} {o.shape} moves {name}")
             frames.append(png(render(objs, w, h)))
         names = [f"video/{i}_{f}.png" for f in range(len(frames))]
@@ -235,15 +245,26 @@ def corpus() -> list[str]:
     out = ["Here is a picture of some shapes.", "That is all for today.", DESCRIBE]
     for color, shape, cell in itertools.product(COLORS, SHAPES, range(9)):
         o = Obj(shape, color, cell)
-        out += describe([o]) + [f"What colour is the {shape} {_where(cell)}?", f"It is {color}.",
-                                f"Where is the {color} {shape}?", f"It is {_where(cell)}.",
-                                f"move the {color} {shape} to the {PLACES[cell]}", f"put the {shape} {_where(cell)}",
-                                f"add a {color} {shape} {_where(cell)}", f"draw a {color} {shape}",
-                                f"remove the {color} {shape}", f"delete the {shape} {_where(cell)}",
-                                f"the {color} {shape} moves {list(MOVES)[cell % 4]}"]
+        out += describe([o]) + [
+            f"What colour is the {shape} {_where(cell)}?",
+            f"It is {color}.",
+            f"Where is the {color} {shape}?",
+            f"It is {_where(cell)}.",
+            f"move the {color} {shape} to the {PLACES[cell]}",
+            f"put the {shape} {_where(cell)}",
+            f"add a {color} {shape} {_where(cell)}",
+            f"draw a {color} {shape}",
+            f"remove the {color} {shape}",
+            f"delete the {shape} {_where(cell)}",
+            f"the {color} {shape} moves {list(MOVES)[cell % 4]}",
+        ]
         for other in COLORS:
-            out += [f"make the {shape} {other}", f"change the colour of the {color} {shape} to {other}",
-                    f"the {color} {shape} turns {other}", f"Then we make the {shape} {other}."]
+            out += [
+                f"make the {shape} {other}",
+                f"change the colour of the {color} {shape} to {other}",
+                f"the {color} {shape} turns {other}",
+                f"Then we make the {shape} {other}.",
+            ]
     for shape, n in itertools.product(SHAPES, range(4)):
         out += [f"How many {shape}s are there?", f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {_plural(shape, n)}."]
     for a, b in itertools.combinations(list(itertools.product(COLORS, SHAPES)), 2):
@@ -256,8 +277,16 @@ class SyntheticShapes(common.RecordBuilder):
 
     DESCRIPTION = __doc__
 
-    def __init__(self, *, seed: int = 0, num_examples: int = 256, min_px: int = 64, max_px: int = 96,
-                 square: bool = False, **kwargs):
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        num_examples: int = 256,
+        min_px: int = 64,
+        max_px: int = 96,
+        square: bool = False,
+        **kwargs,
+    ):
         self.params = dict(seed=seed, num_examples=num_examples, min_px=min_px, max_px=max_px, square=square)
         super().__init__(**kwargs)
 
@@ -278,13 +307,21 @@ def tokenizer_path(data_dir: str) -> str:
     return os.path.join(os.fspath(data_dir), NAME, "tokenizer.model")
 
 
-def build(data_dir: str, num_examples: int = 256, seed: int = 0, min_px: int = 64, max_px: int = 96,
-          vocab_size: int = 512, square: bool = False) -> str:
+def build(
+    data_dir: str,
+    num_examples: int = 256,
+    seed: int = 0,
+    min_px: int = 64,
+    max_px: int = 96,
+    vocab_size: int = 512,
+    square: bool = False,
+) -> str:
     """Builds the shapes dataset into ``data_dir`` (ArrayRecord, offline) and its tokenizer; returns data_dir.
 
     Rebuilding into a ``data_dir`` that already holds shapes made with other parameters raises.
     """
     from bagel_jax.data.tokenizer import train_sentencepiece
+
     params = dict(seed=seed, num_examples=num_examples, min_px=min_px, max_px=max_px, square=square)
     try:
         existing = common.dataset_dir(data_dir, NAME)

@@ -11,6 +11,7 @@ or has no ``image`` column is skipped whole; a row without image bytes is kept a
 
     python -m bagel_jax.data.builders.t2i --manual_dir=/data/t2i_parquet --data_dir=/data/tfds
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,7 @@ def _captions(row: dict, where: str) -> list[str]:
 
 def _record(row: dict, where: str, report: common.BuildReport) -> dict:
     captions = _captions(row, where)
-    return common.record("t2i", {"captions": captions}, [_image_bytes(row.get("image"), report, where)], [""],
-                         where)
+    return common.record("t2i", {"captions": captions}, [_image_bytes(row.get("image"), report, where)], [""], where)
 
 
 class T2i(common.LocalFilesBuilder):
@@ -64,7 +64,9 @@ class T2i(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        yield from common.converted(common.parquet_rows(manual_dir, report, ("image",), ("captions", "caption")), report, _record)
+        yield from common.converted(
+            common.parquet_rows(manual_dir, report, ("image",), ("captions", "caption")), report, _record
+        )
         report.finish(manual_dir)
 
 

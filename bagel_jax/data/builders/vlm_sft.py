@@ -12,6 +12,7 @@ A missing image is stored empty and the sample is skipped (and counted) at train
 
     python -m bagel_jax.data.builders.vlm_sft --manual_dir=/data/llava --data_dir=/data/tfds
 """
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,9 @@ class VlmSft(common.LocalFilesBuilder):
 
     def _generate_examples(self, manual_dir):
         report = common.BuildReport(self.name)
-        rows = ((key, where, item, base, manual_dir) for key, where, base, item in common.jsonl_rows(manual_dir, report))
+        rows = (
+            (key, where, item, base, manual_dir) for key, where, base, item in common.jsonl_rows(manual_dir, report)
+        )
         yield from common.converted(rows, report, self._record)
         report.finish(manual_dir)
 
