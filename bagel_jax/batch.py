@@ -27,7 +27,7 @@ N max_vae_images, (H, W) VAE image pad size (multiples of 16), T = (H/16)·(W/16
 | vae_images     | float32[B, N, H, W, 3] | images for the VAE in [-1, 1], zero-padded bottom/right |
 | vae_hw         | int32[B, N, 2]    | valid pixel (h, w) of each image (multiples of 16; 0 = no image) |
 | vae_timestep   | float32[B, N]     | raw logit z of the flow time (t = shift(sigmoid(z))); -inf for clean/no image |
-| vae_src        | int32[B, G]       | each gen slot's flat source n·T + r·(W/16) + c in the row's [N, T] latent tokens |
+| vae_src        | int32[B, G]       | a gen slot's source n·T + r·(W/16) + c in the row's [N, T] latent tokens |
 | vae_pos        | int32[B, G]       | latent position id r·max_latent_size + c of each gen slot |
 
 Gen slot g holds a noised latent iff ``kind[U + g] == KIND_NOISED_VAE``.

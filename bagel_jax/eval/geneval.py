@@ -24,8 +24,8 @@ checks ignore colour. Unlike GenEval, every prompt here is the caption of a whol
 wrong when it holds more objects than the prompt describes (``GenExample.no_extras``): without this rule an
 untrained model, whose images are colour blobs the detector reads as many shapes, passed the "≥ 1 circle"
 checks by chance (it scored 1.0 on single and two objects). Position is absolute (the captions name grid cells),
-where GenEval's prompts are relative. Prompts are drawn from a random stream separate from the builder's (a different salt), and
-``exclude`` (e.g. every training caption) removes prompts outright.
+where GenEval's prompts are relative. Prompts are drawn from a random stream separate from the builder's (a
+different salt), and ``exclude`` (e.g. every training caption) removes prompts outright.
 
 Like GenEval (4 images per prompt), ``samples_per_prompt`` images are generated per prompt, each from its own
 sampling seed (``canvas.noise_seed``), and a category's accuracy is the mean over all of its images.
