@@ -6,13 +6,13 @@ SentencePiece tokenizer trained on the shapes corpus (vocab 512). 50 Euler steps
 
 Columns:
 * ``today``: the cache-free oracle as it ran before the cache (``infer/image.py`` ``ImageSampler`` /
-  ``infer/text.py`` ``TextGenerator``): one request at a time, every Euler step recomputes the whole context for
+  ``infer/text.py`` ``TextGenerator``, with the config's attention: block-sparse on CPU): one request at a time, every Euler step recomputes the whole context for
   all three CFG rows (the cfg_img row too when its scale is 1, and outside ``cfg_interval``), one host round trip
   per step and per token, and the VAE decode built as a new ``jax.jit`` per image (as ``decode_latents`` was). It
   is slow, so it runs on the first ``--baseline_images`` / ``--baseline_edits`` requests only; its rate is per
   request, so it extrapolates.
 * ``cached``: ``Inferencer(cached=True)``: every request of the set in ``max_batch`` (64) pieces, prefill once,
-  Euler steps on the query tokens only in a ``lax.scan``, CFG branches as a batch axis (skipping scale-1 branches
+  Euler steps on the query tokens only in a ``lax.scan`` (dense attention against the cache), CFG branches as a batch axis (skipping scale-1 branches
   and steps outside the interval), greedy decoding in a ``lax.while_loop``, VAE decode compiled once per bucket.
   ``cold`` includes compiling; ``warm`` is a second identical call (programs compiled).
 
@@ -29,14 +29,14 @@ images agree within 1/255 and the greedy ids are identical — the script checks
 
 | task | today | cached cold | cached warm | ratio cold | ratio warm | compiles today / cold / warm | unit |
 |---|---|---|---|---|---|---|---|
-| GenEval-style t2i, 64 prompts × 4 images | 0.56 | 18.2 | 36.9 | 32.5× | 65.9× | 37 / 2 / 0 | images/s |
-| edit, 64 edits | 0.384 | 6.8 | 20.1 | 17.7× | 52.2× | 27 / 1 / 0 | images/s |
-| edit, 1 edit alone (latency) | 0.384 | 0.109 | 12.9 | 0.3× | 33.5× | 27 / 2 / 0 | images/s |
-| greedy text, 512-token context, 64 tokens | 12.7 | 21.9 | 739 | 1.7× | 58.3× | 9 / 1 / 0 | tokens/s |
+| GenEval-style t2i, 64 prompts × 4 images | 0.467 | 17.6 | 35.1 | 37.6× | 75.1× | 36 / 2 / 0 | images/s |
+| edit, 64 edits | 0.342 | 7.27 | 26.5 | 21.3× | 77.4× | 27 / 1 / 0 | images/s |
+| edit, 1 edit alone (latency) | 0.342 | 0.165 | 13.7 | 0.5× | 40.0× | 27 / 2 / 0 | images/s |
+| greedy text, 512-token context, 64 tokens | 14.0 | 33.0 | 840 | 2.4× | 59.9× | 9 / 1 / 0 | tokens/s |
 
 Cold = the first call of a process (compiling the bucket's program, ~2–9 s here); a second call of the same bucket
 (another prompt set, another Inferencer on the same model, the trainer's next eval) runs warm. Today's compiles
-grow with the number of images (a new VAE decode jit per image: 37 for 8 images); the cached path compiles one
+grow with the number of images (a new VAE decode jit per image: 36 for 8 images); the cached path compiles one
 sampler and one decode program per bucket (the edit row's decode reused the t2i row's: same size and batch bucket).
 """
 

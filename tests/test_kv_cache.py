@@ -98,10 +98,11 @@ def test_extend_equals_whole_row():
     assert kv2[0].shape[2] == 3
 
 
-def test_velocities_equal_oracle(setup):
-    """f(x, t; context) of the gen, cfg_text and cfg_img contexts of an edit (source image, instruction): prefill +
-    query = the whole row recomputed."""
-    ctx, key = setup["contexts"]["edit"], jax.random.key(3)
+@pytest.mark.parametrize("kind", ["t2i", "edit"])
+def test_velocities_equal_oracle(setup, kind):
+    """f(x, t; context) of the gen, cfg_text and cfg_img contexts (t2i: the prompt / nothing / the prompt; edit:
+    source image + instruction / source image / instruction): prefill + query = the whole row recomputed."""
+    ctx, key = setup["contexts"][kind], jax.random.key(3)
     x = np.random.default_rng(1).standard_normal((HW[0] // 16 * HW[1] // 16, 64)).astype(np.float32)
     want = setup["oracle"].velocities([ctx.gen, ctx.cfg_text, ctx.cfg_img], HW, x, 0.7, rng=key)
     got = setup["cached"].velocities([ctx], HW, [key], x[None], 0.7)[:, 0]
