@@ -6,15 +6,16 @@ SentencePiece tokenizer trained on the shapes corpus (vocab 512). 50 Euler steps
 
 Columns:
 * ``today``: the cache-free oracle as it ran before the cache (``infer/image.py`` ``ImageSampler`` /
-  ``infer/text.py`` ``TextGenerator``, with the config's attention: block-sparse on CPU): one request at a time, every Euler step recomputes the whole context for
-  all three CFG rows (the cfg_img row too when its scale is 1, and outside ``cfg_interval``), one host round trip
-  per step and per token, and the VAE decode built as a new ``jax.jit`` per image (as ``decode_latents`` was). It
-  is slow, so it runs on the first ``--baseline_images`` / ``--baseline_edits`` requests only; its rate is per
-  request, so it extrapolates.
+  ``infer/text.py`` ``TextGenerator``, with the config's attention: block-sparse on CPU): one request at a time,
+  every Euler step recomputes the whole context for all three CFG rows (the cfg_img row too when its scale is 1,
+  and outside ``cfg_interval``), one host round trip per step and per token, and the VAE decode built as a new
+  ``jax.jit`` per image (as ``decode_latents`` was). It is slow, so it runs on the first ``--baseline_images`` /
+  ``--baseline_edits`` requests only; its rate is per request, so it extrapolates.
 * ``cached``: ``Inferencer(cached=True)``: every request of the set in ``max_batch`` (64) pieces, prefill once,
-  Euler steps on the query tokens only in a ``lax.scan`` (dense attention against the cache), CFG branches as a batch axis (skipping scale-1 branches
-  and steps outside the interval), greedy decoding in a ``lax.while_loop``, VAE decode compiled once per bucket.
-  ``cold`` includes compiling; ``warm`` is a second identical call (programs compiled).
+  Euler steps on the query tokens only in a ``lax.scan`` (dense attention against the cache), CFG branches as a
+  batch axis (skipping scale-1 branches and steps outside the interval), greedy decoding in a ``lax.while_loop``,
+  VAE decode compiled once per bucket. ``cold`` includes compiling; ``warm`` is a second identical call (programs
+  compiled).
 
 ``compiles``: XLA backend compilations during that measurement (jax's ``backend_compile_duration`` events).
 Rows: shapes-GenEval-style prompts × 4 images (seeds per image) at 48 px; shapes-edit-style edits of a 48 px
