@@ -193,6 +193,36 @@ def gpu_may_be_present() -> bool:
     return any(os.path.exists(p) for p in GPU_DEVICE_FILES)
 
 
+NOISY_LIBRARIES = (
+    "/orbax/",
+    "/etils/",
+    "/grain/",
+    "/clu/",
+    "/jax/",
+    "/jaxlib/",
+    "/flax/",
+    "/tensorflow/",
+    "/tensorflow_datasets/",
+)
+
+
+class _LibraryInfo:
+    """A logging filter that lets a library's records through only from WARNING up (ours keep INFO)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or not any(part in record.pathname for part in NOISY_LIBRARIES)
+
+
+def quiet_libraries() -> None:
+    """Orbax, grain, clu, jax and TensorFlow log at WARNING and above on the console; this project's own INFO lines
+    (one progress line per ``train.log_every``) stay. Call once the absl handler is installed (inside ``app.run``)."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _LibraryInfo) for f in handler.filters):
+            handler.addFilter(_LibraryInfo())
+
+
 def quiet_platforms() -> None:
     """On a machine with neither TPU chips nor GPUs, and ``JAX_PLATFORMS`` unset: run on ``cpu`` without trying
     libtpu (whose start-up prints warnings and writes log files). Call before jax initialises its backends."""

@@ -91,6 +91,7 @@ def run(train_fn: Callable | str, *, example_config: str, workdir_help: str, sta
     def main(argv):
         if len(argv) > 1:
             cli.fail(f"unexpected arguments {argv[1:]}")
+        cli.quiet_libraries()
         import jax
 
         config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
