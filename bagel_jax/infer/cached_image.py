@@ -29,7 +29,7 @@ from bagel_jax.infer.buckets import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKEN
 from bagel_jax.infer.cache import ImageQuery, image_velocity, prefill
 from bagel_jax.infer.image import RENORM_TYPES, guidance_branches, guide, sampling_timesteps
 from bagel_jax.infer.noise import flow_noise, key_data, place_posterior, posterior_canvas
-from bagel_jax.infer.programs import shared_program
+from bagel_jax.infer.programs import ProgramRunner, shared_program
 from bagel_jax.infer.requests import check_image_hw, context_rows, image_query
 from bagel_jax.model.bagel import Bagel
 
@@ -120,8 +120,10 @@ class CachedSampleResult:
     trajectory: np.ndarray | None  # float32 [steps, n, T, p²C] x after each step (with_trajectory)
 
 
-class CachedImageSampler:
+class CachedImageSampler(ProgramRunner):
     """Batched, KV-cached Euler sampling for one model; programs are shared across instances (``programs.py``)."""
+
+    PROGRAM, build = "cached_image_sampler", staticmethod(_build_sampler)
 
     def __init__(
         self,
@@ -132,9 +134,7 @@ class CachedImageSampler:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
     ):
-        self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.max_batch, self.max_context_tokens = max_batch, max_context_tokens
-        self._run = shared_program(model, "cached_image_sampler", _build_sampler)
+        super().__init__(model, params, tokenizer, max_batch=max_batch, max_context_tokens=max_context_tokens)
         self._velocity = None
 
     def sample(

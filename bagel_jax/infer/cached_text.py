@@ -23,7 +23,7 @@ from bagel_jax.attention.mask import MaskMeta
 from bagel_jax.infer.buckets import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS, batch_bucket, round_bucket
 from bagel_jax.infer.cache import prefill, text_step
 from bagel_jax.infer.noise import key_data, posterior_canvas
-from bagel_jax.infer.programs import shared_program
+from bagel_jax.infer.programs import ProgramRunner
 from bagel_jax.infer.requests import context_rows, text_query_meta
 from bagel_jax.model.bagel import Bagel
 
@@ -96,8 +96,10 @@ def _build_decoder(model: Bagel):
     return jax.jit(run, static_argnames=("slots", "do_sample", "with_logits", "bos", "eos"))
 
 
-class CachedTextGenerator:
+class CachedTextGenerator(ProgramRunner):
     """Batched, KV-cached decoding for one model; programs are shared across instances (``programs.py``)."""
+
+    PROGRAM, build = "cached_text_decoder", staticmethod(_build_decoder)
 
     def __init__(
         self,
@@ -108,9 +110,7 @@ class CachedTextGenerator:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
     ):
-        self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.max_batch, self.max_context_tokens = max_batch, max_context_tokens
-        self._run = shared_program(model, "cached_text_decoder", _build_decoder)
+        super().__init__(model, params, tokenizer, max_batch=max_batch, max_context_tokens=max_context_tokens)
 
     def generate(
         self,

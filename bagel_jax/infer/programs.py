@@ -35,3 +35,17 @@ def shared_program(model, name: str, build: Callable) -> Callable:
     if key not in _PROGRAMS:
         _PROGRAMS[key] = build(inference_model(model))
     return _PROGRAMS[key]
+
+
+class ProgramRunner:
+    """Base of the cached samplers: the model, its params and tokenizer, the batch and context limits, and the
+    jitted program ``PROGRAM`` built by ``build`` (shared by every instance on the same model config)."""
+
+    PROGRAM: str = ""
+
+    def __init__(self, model, params, tokenizer, *, max_batch: int, max_context_tokens: int):
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.max_batch, self.max_context_tokens = max_batch, max_context_tokens
+        self._run = shared_program(model, self.PROGRAM, self.build)
+
+    build: Callable  # a subclass's ``staticmethod(model -> jitted program)``
