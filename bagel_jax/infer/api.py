@@ -9,8 +9,9 @@ Two paths, one interface (``cached=``):
 * ``cached=False``: the cache-free oracle (``image.py``, ``text.py``): recomputes the whole context every step,
   one request at a time; the reference the cached path is tested against.
 
-Both draw a request's noise from its own key (``noise.py``), so a seed gives the same image on either path,
-alone or in a batch. Defaults follow the reference's notebook/app (bagel.md §8.4).
+Think mode and interleaved text/image generation (``think``, ``interleave``) run on either path
+(``interleave.py``). Both draw a request's noise from its own key (``noise.py``), so a seed gives the same image on
+either path, alone or in a batch. Defaults follow the reference's notebook/app (bagel.md §8.4).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Inferencer:
         cfg = model.cfg
         params = jax.device_put(params)
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.cached, self.max_batch = cached, max_batch
+        self.cached, self.max_batch, self.max_context_tokens = cached, max_batch, max_context_tokens
         self.vae_rule = fit_rule(
             ResizeRule.from_tuple(data_cfg.vae_transform), cfg.max_latent_size * 8 * cfg.latent_patch_size
         )
@@ -123,16 +124,38 @@ class Inferencer:
     ) -> list[list[int]]:
         """``answer_ids`` of many contexts (``rngs``: per context a key or int seed; default key 0 each)."""
         contexts = [interleave_contexts(items, self.pre, understanding=True).gen for items in items_list]
+        kw = dict(max_length=max_length, do_sample=do_sample, temperature=temperature)
+        return self.text_ids_batch(contexts, rngs=rngs, **kw)[0]
+
+    def text_ids_batch(
+        self,
+        contexts: Sequence[Sequence],
+        *,
+        max_length: int = 512,
+        do_sample: bool = False,
+        temperature: float = 0.3,
+        rngs: Sequence | None = None,
+        stop_ids: Sequence[int] | None = None,
+    ) -> tuple[list[list[int]], list[int | None]]:
+        """Text decoded after each context (a list of ``data.sample`` segments): (ids per context, the stop token
+        that ended each, None at the length limit). ``stop_ids`` default: ``<|im_end|>`` alone."""
         rngs = [jax.random.key(0)] * len(contexts) if rngs is None else list(rngs)
         if len(rngs) != len(contexts):
             raise ValueError(f"rngs: expected {len(contexts)} (one per context), got {len(rngs)}")
+        stop_ids = (self.tokenizer.eos_id,) if stop_ids is None else tuple(stop_ids)
         kw = dict(max_length=max_length, do_sample=do_sample, temperature=temperature)
         if not self.cached:
-            return [self._text.generate(c, rng=_key(r), **kw) for c, r in zip(contexts, rngs)]
-        out = []
+            res = [self._text.generate_until(c, stop_ids, rng=_key(r), **kw) for c, r in zip(contexts, rngs)]
+            return [r[0] for r in res], [r[1] for r in res]
+        ids: list = []
+        stops: list = []
         for part in chunks(len(contexts), self.max_batch):
-            out += self._text.generate([contexts[i] for i in part], rngs=[rngs[i] for i in part], **kw)
-        return out
+            got, stopped, _ = self._text.generate_until(
+                [contexts[i] for i in part], stop_ids, rngs=[rngs[i] for i in part], **kw
+            )
+            ids += got
+            stops += stopped
+        return ids, stops
 
     def answer(self, image, question: str, *, rng=None, **kw) -> str:
         """Understanding: the text answer to ``question`` about ``image`` (``answer_fn`` of shapes-VQA); ``kw``:
@@ -273,21 +296,52 @@ class Inferencer:
         """
         if self._image is None:
             raise ValueError("this model has no generation weights (model.visual_gen=False)")
-        n = len(items_list)
-        for what, v in (("rngs", rngs), ("hws", hws), ("init_noise", init_noise), ("posterior_noise", posterior_noise)):
+        if hws is not None and len(hws) != len(items_list):
+            raise ValueError(f"hws: expected {len(items_list)} (one per request), got {len(hws)}")
+        contexts = [interleave_contexts(items, self.pre) for items in items_list]
+        sizes = [(hws[i] if hws is not None else None) or ctx.image_hw for i, ctx in enumerate(contexts)]
+        return self.sample_contexts(
+            contexts,
+            rngs,
+            sizes,
+            num_timesteps=num_timesteps,
+            timestep_shift=timestep_shift,
+            init_noise=init_noise,
+            posterior_noise=posterior_noise,
+            **cfg_kw,
+        )[0]
+
+    def sample_contexts(
+        self,
+        contexts: Sequence,
+        rngs: Sequence,
+        sizes: Sequence,
+        *,
+        num_timesteps: int = 50,
+        timestep_shift: float = 3.0,
+        init_noise=None,
+        posterior_noise=None,
+        **cfg_kw,
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``sample_batch`` from built ``context.Contexts`` (gen, cfg_text, cfg_img) and output sizes (H, W):
+        (uint8 [H, W, 3] images, float32 [T, p²C] final latents)."""
+        if self._image is None:
+            raise ValueError("this model has no generation weights (model.visual_gen=False)")
+        n = len(contexts)
+        for what, v in (("rngs", rngs), ("init_noise", init_noise), ("posterior_noise", posterior_noise)):
             if v is not None and len(v) != n:
                 raise ValueError(f"{what}: expected {n} (one per request), got {len(v)}")
-        contexts = [interleave_contexts(items, self.pre) for items in items_list]
-        sizes = []
-        for i, ctx in enumerate(contexts):
-            hw = (hws[i] if hws is not None else None) or ctx.image_hw
+        checked = []
+        for i, hw in enumerate(sizes):
             if hw is None:
                 raise ValueError(f"request {i}: no output size (give hw, or an input image to take it from)")
             hw = (int(hw[0]), int(hw[1]))
             check_image_hw(hw, self.model.cfg)
-            sizes.append(hw)
+            checked.append(hw)
+        sizes = checked
         kw = dict(num_timesteps=num_timesteps, timestep_shift=timestep_shift, **cfg_kw)
         out: list = [None] * n
+        latents: list = [None] * n
         if not self.cached:
             for i, ctx in enumerate(contexts):
                 res = self._image.sample(
@@ -301,7 +355,8 @@ class Inferencer:
                     **kw,
                 )
                 out[i] = self._decode(res.latents[None], res.grid_hw)[0]
-            return out
+                latents[i] = res.latents
+            return out, latents
         for hw in dict.fromkeys(sizes):  # one group per output size, max_batch requests per call
             group = [i for i in range(n) if sizes[i] == hw]
             for part in chunks(len(group), self.max_batch):
@@ -314,9 +369,36 @@ class Inferencer:
                     posterior_noise=None if posterior_noise is None else [posterior_noise[i] for i in idx],
                     **kw,
                 )
-                for i, img in zip(idx, self._decode(res.latents, res.grid_hw)):
+                for j, (i, img) in enumerate(zip(idx, self._decode(res.latents, res.grid_hw))):
                     out[i] = img
-        return out
+                    latents[i] = res.latents[j]
+        return out, latents
+
+    # --- think mode and interleaved generation (infer/interleave.py) ------------------------------------
+
+    def think(self, items, *, understanding: bool = False, rng=None, **kw):
+        """Think mode on one request (texts and uint8 images): ``interleave.ThinkOutput`` with the thinking text and
+        the answer (``understanding``) or the image. ``kw``: hw, max_think_tokens, do_sample, temperature, and the
+        image sampling arguments of ``sample_batch``."""
+        return self.think_batch([items], None if rng is None else [rng], understanding=understanding, **kw)[0]
+
+    def think_batch(self, items_list: Sequence, rngs: Sequence | None = None, **kw):
+        """``think`` of many requests (``interleave.think_batch``)."""
+        from bagel_jax.infer.interleave import think_batch
+
+        return think_batch(self, items_list, rngs, **kw)
+
+    def interleave(self, items, *, rng=None, **kw):
+        """Interleaved text-and-image generation after one request's items: ``interleave.InterleaveOutput``
+        (outputs in order, why it ended). ``kw``: hw, max_length, max_images, think, do_sample, temperature, and
+        the image sampling arguments of ``sample_batch``."""
+        return self.interleave_batch([items], None if rng is None else [rng], **kw)[0]
+
+    def interleave_batch(self, items_list: Sequence, rngs: Sequence | None = None, **kw):
+        """``interleave`` of many requests (``interleave.interleave_batch``)."""
+        from bagel_jax.infer.interleave import interleave_batch
+
+        return interleave_batch(self, items_list, rngs, **kw)
 
     def _decode(self, latents: np.ndarray, grid_hw) -> np.ndarray:
         """Latents [n, T, p²C] → uint8 [n, H, W, 3], decoded in a batch bucket (one compile per bucket and size)."""

@@ -4,8 +4,8 @@ One jitted program prefills the context rows (``cache.prefill``), appends ``M`` 
 decodes in a ``lax.while_loop``: step k feeds one token per row (``<|im_start|>`` first, then the last prediction)
 at RoPE id ``next_position + k`` and natural index ``num_tokens + k``, writes its K/V into slot ``C + k``, and
 picks the next token (greedy argmax, or ``categorical(fold_in(sampling key, k), logits / temperature)``). A row
-stops at ``<|im_end|>`` (not returned) or after ``max_length`` fed tokens, as the reference; the loop ends when
-every row has stopped. No host round trip per token.
+stops at ``<|im_end|>`` (or any of the given stop tokens; not returned) or after ``max_length`` fed tokens, as the
+reference; the loop ends when every row has stopped. No host round trip per token.
 
 ``M`` (the cache's generation slots) is ``round_bucket(max_length)``; ``max_length`` and ``temperature`` are
 traced, so one program serves a bucket.
@@ -44,7 +44,7 @@ def _build_decoder(model: Bagel):
         do_sample: bool,
         with_logits: bool,
         bos: int,
-        eos: int,
+        stop_ids: tuple[int, ...],
     ):
         variables = {"params": params}
         b = batch.kind.shape[0]
@@ -59,11 +59,11 @@ def _build_decoder(model: Bagel):
         vocab = cfg.vocab_size
 
         def cond(state):
-            step, _, _, _, _, done, _ = state
+            step, _, _, _, _, done, _, _ = state
             return (step < max_length) & ~jnp.all(done)
 
         def body(state):
-            step, cache, token, ids, lengths, done, logits_seen = state
+            step, cache, token, ids, lengths, done, logits_seen, stopped_by = state
             meta = MaskMeta(**text_query_meta(num_tokens, step))
             logits, k, v = model.apply(variables, cache, token, next_position + step, meta, method=text_step)
             if do_sample:
@@ -72,14 +72,16 @@ def _build_decoder(model: Bagel):
                 ).astype(jnp.int32)
             else:
                 nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            stop = (nxt == eos) | (step + 1 >= max_length)
+            hit = jnp.isin(nxt, jnp.asarray(stop_ids, jnp.int32))
+            stop = hit | (step + 1 >= max_length)
             keep = ~done & ~stop
+            stopped_by = jnp.where(~done & stop, jnp.where(hit, nxt, -1), stopped_by)
             ids = jax.lax.dynamic_update_slice(ids, jnp.where(keep, nxt, 0)[:, None], (0, step))
             lengths = jnp.where(keep, step + 1, lengths)
             if with_logits:
                 logits_seen = jax.lax.dynamic_update_slice(logits_seen, logits[:, None], (0, step, 0))
             cache = cache.write(start + step, k, v, meta)
-            return step + 1, cache, nxt, ids, lengths, done | stop, logits_seen
+            return step + 1, cache, nxt, ids, lengths, done | stop, logits_seen, stopped_by
 
         state = (
             jnp.int32(0),
@@ -89,11 +91,12 @@ def _build_decoder(model: Bagel):
             jnp.zeros((b,), jnp.int32),
             jnp.zeros((b,), bool),
             jnp.zeros((b, slots, vocab) if with_logits else (0,), jnp.float32),
+            jnp.full((b,), -1, jnp.int32),
         )
-        _, _, _, ids, lengths, _, logits_seen = jax.lax.while_loop(cond, body, state)
-        return ids, lengths, (logits_seen if with_logits else None)
+        _, _, _, ids, lengths, _, logits_seen, stopped_by = jax.lax.while_loop(cond, body, state)
+        return ids, lengths, (logits_seen if with_logits else None), stopped_by
 
-    return jax.jit(run, static_argnames=("slots", "do_sample", "with_logits", "bos", "eos"))
+    return jax.jit(run, static_argnames=("slots", "do_sample", "with_logits", "bos", "stop_ids"))
 
 
 class CachedTextGenerator(ProgramRunner):
@@ -127,6 +130,30 @@ class CachedTextGenerator(ProgramRunner):
         ``rngs``: per context a key or int seed (posterior draws of context VAE images, sampling); default seed 0.
         With ``with_logits`` returns (ids, per context float32[steps, V] logits of every step).
         """
+        ids, _, logits = self.generate_until(
+            contexts,
+            (self.tokenizer.eos_id,),
+            max_length=max_length,
+            do_sample=do_sample,
+            temperature=temperature,
+            rngs=rngs,
+            with_logits=with_logits,
+        )
+        return (ids, logits) if with_logits else ids
+
+    def generate_until(
+        self,
+        contexts: Sequence[Sequence],
+        stop_ids: Sequence[int],
+        *,
+        max_length: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        rngs: Sequence | None = None,
+        with_logits: bool = False,
+    ):
+        """``generate`` stopping at any token of ``stop_ids``: (ids, per context the stop token that ended it or None
+        at the length limit, per context its logits or None)."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if do_sample and rngs is None:
@@ -146,7 +173,7 @@ class CachedTextGenerator(ProgramRunner):
             what=f"max_length={max_length} generated",
         )
         tok = self.tokenizer
-        ids, lengths, logits = self._run(
+        ids, lengths, logits, stopped_by = self._run(
             self.params,
             rows.batch,
             rows.num_tokens,
@@ -158,12 +185,13 @@ class CachedTextGenerator(ProgramRunner):
             do_sample=do_sample,
             with_logits=with_logits,
             bos=tok.bos_id,
-            eos=tok.eos_id,
+            stop_ids=tuple(sorted({int(t) for t in stop_ids})),
         )
-        ids, lengths = np.asarray(ids), np.asarray(lengths)
+        ids, lengths, stopped_by = np.asarray(ids), np.asarray(lengths), np.asarray(stopped_by)
         out = [ids[i, : lengths[i]].tolist() for i in range(n)]
+        stops = [None if stopped_by[i] < 0 else int(stopped_by[i]) for i in range(n)]
         if not with_logits:
-            return out
+            return out, stops, None
         logits = np.asarray(logits)
         steps = [min(max_length, lengths[i] + 1) for i in range(n)]
-        return out, [logits[i, : steps[i]] for i in range(n)]
+        return out, stops, [logits[i, : steps[i]] for i in range(n)]

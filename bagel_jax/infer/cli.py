@@ -4,6 +4,13 @@
     python -m bagel_jax.infer.cli --checkpoint=DIR --mode=understand --image=cat.jpg --prompt="What is this?"
     python -m bagel_jax.infer.cli --checkpoint=DIR --mode=edit --image=cat.jpg --prompt="make it blue" --out=x.png
     python -m bagel_jax.infer.cli --random_tiny --mode=t2i --prompt="a red square" --out=/tmp/x.png   # smoke run
+    python -m bagel_jax.infer.cli --checkpoint=DIR --mode=t2i --think --prompt="a fox" --out=fox.png  # plan first
+    python -m bagel_jax.infer.cli --checkpoint=DIR --mode=interleave --prompt="a story in pictures" --out=story/
+
+``--think`` (every mode): the model first writes its plan / reasoning after the reference's think system prompt,
+printed as ``thinking: ...``; then the image or the answer. ``--mode=interleave``: text and images alternate until
+the model ends (``<|im_end|>``), ``--max_images`` or the cache limit; each output is printed (texts) or written
+(images) into the directory ``--out`` as NN.txt / NN.png in order (``infer/interleave.py``).
 
 ``--checkpoint`` is a release-layout directory (``ema.safetensors``, ``ae.safetensors``, ``llm_config.json``,
 ``vit_config.json``, tokenizer files). ``--random_tiny`` first writes a random checkpoint at configs/tiny.py
@@ -27,7 +34,7 @@ import tempfile
 
 import numpy as np
 
-MODES = ("understand", "t2i", "edit")
+MODES = ("understand", "t2i", "edit", "interleave")
 MODE_DEFAULTS = {
     "t2i": dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval="0.4,1.0", cfg_renorm_type="global"),
     "edit": dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval="0.0,1.0", cfg_renorm_type="text_channel"),
@@ -49,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--prompt", default="", help="the text input")
     p.add_argument("--image", default="", help="input image (understand / edit)")
-    p.add_argument("--out", default="", help="output PNG (t2i / edit) or text file (understand)")
+    p.add_argument(
+        "--out", default="", help="output PNG (t2i / edit), text file (understand) or directory (interleave)"
+    )
     p.add_argument("--tokenizer", default="", help="tokenizer.json / *.model (default: in --checkpoint)")
     p.add_argument(
         "--config",
@@ -68,10 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg_interval", default=None, help="'lo,hi': CFG applies when lo < t <= hi")
     p.add_argument("--cfg_renorm_type", default=None, choices=("global", "channel", "text_channel"))
     p.add_argument("--cfg_renorm_min", type=float, default=0.0)
-    p.add_argument("--max_length", type=int, default=512, help="understanding: max fed tokens")
+    p.add_argument("--max_length", type=int, default=512, help="understanding / each interleaved text: max fed tokens")
     p.add_argument("--do_sample", action="store_true")
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--think", action="store_true", help="think first (the reference's think system prompt)")
+    p.add_argument("--max_think_tokens", type=int, default=1000, help="--think: max fed tokens of the thinking")
+    p.add_argument("--max_images", type=int, default=4, help="interleave: at most this many generated images")
     p.add_argument(
         "--no_cache",
         action="store_true",
@@ -84,15 +96,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mode in ("understand", "edit") and not args.image:
         p.error(f"--mode={args.mode} needs --image")
     if args.mode != "understand" and not args.out:
-        p.error(f"--mode={args.mode} needs --out (a PNG path)")
+        p.error(f"--mode={args.mode} needs --out ({'a directory' if args.mode == 'interleave' else 'a PNG path'})")
     if not args.image and not args.prompt:
         p.error("--prompt and/or --image: nothing to condition on")
-    for k, v in MODE_DEFAULTS.get(args.mode, {}).items():
+    image_mode = "edit" if args.mode == "edit" or (args.mode == "interleave" and args.image) else "t2i"
+    for k, v in MODE_DEFAULTS[image_mode].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for name in ("height", "width", "num_timesteps", "max_length"):
-        if getattr(args, name) < (0 if name in ("height", "width") else 1):
-            p.error(f"--{name}: must be >= {0 if name in ('height', 'width') else 1}, got {getattr(args, name)}")
+    for name in ("height", "width", "num_timesteps", "max_length", "max_think_tokens", "max_images"):
+        least = 0 if name in ("height", "width", "max_images") else 1
+        if getattr(args, name) < least:
+            p.error(f"--{name}: must be >= {least}, got {getattr(args, name)}")
     if args.cfg_interval is not None:
         try:
             lo, hi = (float(v) for v in args.cfg_interval.split(","))
@@ -282,6 +296,52 @@ def run(args) -> int:
         max_context_tokens=args.max_context_tokens,
     )
     rng = jax.random.key(args.seed)
+    text_kw = dict(do_sample=args.do_sample, temperature=args.temperature)
+    image_kw = dict(
+        num_timesteps=args.num_timesteps,
+        timestep_shift=args.timestep_shift,
+        cfg_text_scale=args.cfg_text_scale,
+        cfg_img_scale=args.cfg_img_scale,
+        cfg_interval=tuple(args.cfg_interval),
+        cfg_renorm_type=args.cfg_renorm_type,
+        cfg_renorm_min=args.cfg_renorm_min,
+    )
+    items = ([image] if image is not None else []) + ([args.prompt] if args.prompt else [])
+    side = inferencer.vae_rule.max_size
+    t2i_hw = (args.height or side, args.width or side)
+
+    if args.mode == "interleave":
+        res = inferencer.interleave(
+            items,
+            rng=rng,
+            hw=None if image is not None and not (args.height or args.width) else t2i_hw,
+            max_length=args.max_length,
+            max_images=args.max_images,
+            think=args.think,
+            **text_kw,
+            **image_kw,
+        )
+        _write_interleaved(res, args.out)
+        return 0
+    if args.think:
+        out = inferencer.think(
+            items,
+            understanding=args.mode == "understand",
+            rng=rng,
+            hw=t2i_hw if args.mode == "t2i" else None,
+            max_think_tokens=args.max_think_tokens,
+            **text_kw,
+            **({} if args.mode == "understand" else image_kw),
+        )
+        print(f"thinking: {out.thinking}")
+        if args.mode == "understand":
+            print(out.answer)
+            if args.out:
+                with open(args.out, "w") as fh:
+                    fh.write(out.answer + "\n")
+            return 0
+        _write_png(out.image, args.out)
+        return 0
 
     if args.mode == "understand":
         text = inferencer.answer(
@@ -298,27 +358,35 @@ def run(args) -> int:
                 fh.write(text + "\n")
         return 0
 
-    sampling = dict(
-        num_timesteps=args.num_timesteps,
-        timestep_shift=args.timestep_shift,
-        cfg_text_scale=args.cfg_text_scale,
-        cfg_img_scale=args.cfg_img_scale,
-        cfg_interval=tuple(args.cfg_interval),
-        cfg_renorm_type=args.cfg_renorm_type,
-        cfg_renorm_min=args.cfg_renorm_min,
-        rng=rng,
-    )
+    sampling = dict(image_kw, rng=rng)
     if args.mode == "t2i":
-        side = inferencer.vae_rule.max_size
-        out = inferencer.generate(args.prompt, (args.height or side, args.width or side), **sampling)
+        out = inferencer.generate(args.prompt, t2i_hw, **sampling)
     else:
         out = inferencer.edit(image, args.prompt, **sampling)
+    _write_png(out, args.out)
+    return 0
+
+
+def _write_png(pixels: np.ndarray, path: str) -> None:
     from PIL import Image as PILImage
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    PILImage.fromarray(out).save(args.out)
-    print(f"wrote {args.out} ({out.shape[1]}x{out.shape[0]})")
-    return 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    PILImage.fromarray(pixels).save(path)
+    print(f"wrote {path} ({pixels.shape[1]}x{pixels.shape[0]})")
+
+
+def _write_interleaved(res, directory: str) -> None:
+    """Each output in order: a text printed and written to NN.txt, an image written to NN.png."""
+    os.makedirs(directory, exist_ok=True)
+    for k, item in enumerate(res.outputs):
+        path = os.path.join(directory, f"{k:02d}")
+        if isinstance(item, str):
+            print(item)
+            with open(path + ".txt", "w") as fh:
+                fh.write(item + "\n")
+        else:
+            _write_png(item, path + ".png")
+    print(f"stopped: {res.stopped} ({len(res.outputs)} outputs in {directory})")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Starts from ``<|im_start|>`` at the context's next RoPE id and appends one token per step, greedy
 (argmax) or sampled from ``softmax(logits / temperature)``; stops when the next token is
-``<|im_end|>`` (not returned) or after ``max_length`` fed tokens (``<|im_start|>`` included), as the
-reference. Every step re-runs the whole row (context + tokens so far) at fixed static shapes, so it
+``<|im_end|>`` (or another stop token; not returned) or after ``max_length`` fed tokens (``<|im_start|>``
+included), as the reference. Every step re-runs the whole row (context + tokens so far) at fixed static shapes, so it
 compiles once. Randomness: ``rng`` splits into (posterior key of context VAE images, ``infer/noise.py``; sampling
 key, token k drawn with ``fold_in(sampling key, k)``), as on the cached path.
 
@@ -53,6 +53,22 @@ class TextGenerator:
         self, segments: Sequence, *, max_length: int = 512, do_sample: bool = False, temperature: float = 1.0, rng=None
     ) -> tuple[list[int], list[np.ndarray]]:
         """(generated ids, the logits float32[V] of every step)."""
+        kw = dict(max_length=max_length, do_sample=do_sample, temperature=temperature, rng=rng)
+        ids, _, logits = self.generate_until(segments, (self.tokenizer.eos_id,), **kw)
+        return ids, logits
+
+    def generate_until(
+        self,
+        segments: Sequence,
+        stop_ids: Sequence[int],
+        *,
+        max_length: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        rng=None,
+    ) -> tuple[list[int], int | None, list[np.ndarray]]:
+        """Decodes until a token of ``stop_ids`` (not returned) or the length limit: (generated ids, the stop token
+        or None at the length limit, the logits float32[V] of every step)."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if do_sample and rng is None:
@@ -69,7 +85,7 @@ class TextGenerator:
             x0 = self._encode(self.params, _device(longest.batch), post)
         generated: list[int] = []
         all_logits: list[np.ndarray] = []
-        eos = self.tokenizer.eos_id
+        stops = {int(t) for t in stop_ids}
         while True:
             rows = pack_rows(
                 [list(segments) + [query_text(generated)]],
@@ -89,10 +105,11 @@ class TextGenerator:
             else:
                 nxt = int(jnp.argmax(logits))
             # reference: stop at <|im_end|>; after max_length fed tokens the last prediction is dropped
-            if nxt == eos or 1 + len(generated) >= max_length:
-                break
+            if nxt in stops:
+                return generated, nxt, all_logits
+            if 1 + len(generated) >= max_length:
+                return generated, None, all_logits
             generated.append(nxt)
-        return generated, all_logits
 
 
 def layout_stride(model_cfg) -> int:

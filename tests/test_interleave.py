@@ -1,0 +1,126 @@
+"""Think mode and interleaved generation (``infer/interleave.py``) on the KV-cached path = on the cache-free oracle
+(f32): identical greedy ids, logits and image latents within 1e-5; the contexts follow the reference's rules; the
+interleaved loop's control flow (text → image → text → end) on a model steered to emit ``<|vision_start|>``; prompts
+longer than the cache are one clear error."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bagel_testlib as lib
+from bagel_jax.infer.api import Inferencer
+from bagel_jax.infer.buckets import CacheOverflowError
+from bagel_jax.infer.context import Contexts
+from bagel_jax.infer.interleave import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, split_thinking
+
+TOL = 1e-5
+HW = (32, 32)
+IMAGE = dict(num_timesteps=3)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config, cfg, params, model = lib.tiny_setup()
+    tok = lib.CharTokenizer()
+    tok.vocab_size = 512
+    return dict(config=config, cfg=cfg, params=params, model=model, tok=tok)
+
+
+def _inferencers(setup, params=None, **kw):
+    params = setup["params"] if params is None else params
+    return {
+        cached: Inferencer(setup["model"], params, setup["tok"], setup["config"].data, cached=cached, max_batch=2, **kw)
+        for cached in (True, False)
+    }
+
+
+def _steered(params, pairs):
+    """``params`` whose lm_head column ``dst`` is 1.5× column ``src`` for each pair: ``dst`` is emitted exactly where
+    ``src`` would have won (with a positive logit), so the random model's choices are steered, not faked."""
+    params = jax.tree.map(lambda a: a, params)
+    kernel = np.array(params["language_model"]["lm_head"]["kernel"])
+    for dst, src in pairs:
+        kernel[:, dst] = 1.5 * kernel[:, src]
+    params["language_model"]["lm_head"]["kernel"] = jnp.asarray(kernel)
+    return params
+
+
+def test_split_thinking():
+    assert split_thinking("<think> plan a fox </think> a red fox") == ("plan a fox", "a red fox")
+    assert split_thinking("<think> still planning") == ("still planning", "")
+    assert split_thinking("just an answer ") == ("", "just an answer")
+    assert split_thinking("a</think>b</think>c") == ("a", "b</think>c")
+
+
+def test_think_understanding_cached_equals_oracle(setup):
+    """Understanding in think mode: the VLM think prompt, then the image (ViT only) and the question; the whole
+    decoded text is returned and split. Cached = oracle: ids identical, every step's logits within 1e-5."""
+    inf = _inferencers(setup)
+    items = [lib.pixels(np.random.default_rng(2), 40, 60), "what is it"]
+    got = {c: i.think(items, understanding=True, max_think_tokens=5) for c, i in inf.items()}
+    assert got[True].text_ids == got[False].text_ids and len(got[True].text_ids) == 4
+    assert got[True].text == got[False].text and got[True].answer == split_thinking(got[True].text)[1]
+    pre = inf[True].pre
+    gen = [pre.text(VLM_THINK_SYSTEM_PROMPT), pre.image(items[0], vae=False, vit=True)[0], pre.text(items[1])]
+    ids, logits = inf[True]._text.generate([gen], max_length=5, with_logits=True)
+    want_ids, want_logits = inf[False]._text.trace(gen, max_length=5)
+    assert ids[0] == want_ids == got[True].text_ids
+    assert np.abs(want_logits[0]).max() > 0.1
+    np.testing.assert_allclose(logits[0], np.stack(want_logits), atol=TOL)
+
+
+def test_overflow_is_one_clear_error(setup):
+    """A prompt (with the think system prompt) longer than the cache: one error naming the limit, on both paths,
+    before anything runs."""
+    for inf in _inferencers(setup, max_context_tokens=200).values():
+        with pytest.raises(CacheOverflowError, match="max_context_tokens=200"):
+            inf.think(["a red square"], hw=HW, max_think_tokens=4)
+        with pytest.raises(CacheOverflowError, match="max_context_tokens=200"):
+            inf.interleave(["a long prompt " * 20], hw=HW, max_length=4)
+
+
+@pytest.mark.slow
+def test_think_t2i_cached_equals_oracle(setup):
+    """T2I in think mode: the plan is decoded after [think prompt, prompt], joins the gen context only, and the image
+    is sampled with gen = [think prompt, prompt, plan], cfg_text = [think prompt], cfg_img = [think prompt, prompt]
+    (the reference's contexts, built here by hand). Cached = oracle: plan ids identical, latents within 1e-5."""
+    inf = _inferencers(setup)
+    got = {c: i.think(["a red square"], rng=7, hw=HW, max_think_tokens=5, **IMAGE) for c, i in inf.items()}
+    assert got[True].text_ids == got[False].text_ids and len(got[True].text_ids) == 4
+    assert got[True].thinking == got[True].text
+    np.testing.assert_allclose(got[True].latents, got[False].latents, atol=TOL)
+    assert np.abs(got[True].image.astype(int) - got[False].image.astype(int)).max() <= 1
+    pre = inf[False].pre
+    system, prompt = pre.text(GEN_THINK_SYSTEM_PROMPT), pre.text("a red square")
+    ctx = Contexts([system, prompt, pre.text(got[True].text)], [system], [system, prompt], None)
+    _, want = inf[False].sample_contexts([ctx], [7], [HW], cfg_text_scale=4.0, cfg_img_scale=1.0, **IMAGE)
+    np.testing.assert_allclose(got[False].latents, want[0], atol=TOL)
+
+
+@pytest.mark.slow
+def test_interleaved_cached_equals_oracle(setup):
+    """The loop on a model steered to emit <|vision_start|> where token 407 would win and <|im_end|> where 214 would:
+    text, then an image (it joins the context as VAE + ViT), then text until <|im_end|>. Cached = oracle: every
+    round's ids identical, the image's latents within 1e-5, the logits of the round after the image within 1e-5;
+    max_images=0 stops at the wanted image."""
+    params = _steered(setup["params"], [(lib.VS, 407), (lib.EOS, 214)])
+    inf = _inferencers(setup, params)
+    kw = dict(hw=HW, max_length=6, max_images=2, **IMAGE)
+    got = {c: i.interleave(["a red square"], rng=3, **kw) for c, i in inf.items()}
+    a, b = got[True], got[False]
+    assert [type(o).__name__ for o in a.outputs] == ["str", "ndarray", "str"] and a.stopped == "end"
+    assert a.text_ids == b.text_ids and a.stopped == b.stopped and a.outputs[0] == b.outputs[0]
+    assert [len(t) for t in a.text_ids] == [2, 3]  # each round ended by a steered token, before max_length
+    np.testing.assert_allclose(a.latents[0], b.latents[0], atol=TOL)
+    assert np.abs(a.outputs[1].astype(int) - b.outputs[1].astype(int)).max() <= 1
+    pre = inf[True].pre
+    gen = [pre.text("a red square"), pre.text(a.outputs[0]), pre.image(a.outputs[1], vae=True, vit=True)[0]]
+    ids, logits = inf[True]._text.generate([gen], max_length=6, with_logits=True, rngs=[3])
+    want_ids, want_logits = inf[False]._text.trace(gen, max_length=6, rng=jax.random.key(3))
+    assert ids[0] == want_ids == a.text_ids[1]
+    np.testing.assert_allclose(logits[0], np.stack(want_logits), atol=TOL)
+    capped = inf[True].interleave(["a red square"], rng=3, **{**kw, "max_images": 0})
+    assert capped.stopped == "max_images" and capped.outputs == a.outputs[:1]
