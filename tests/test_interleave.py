@@ -5,6 +5,10 @@ longer than the cache are one clear error."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +128,48 @@ def test_interleaved_cached_equals_oracle(setup):
     np.testing.assert_allclose(logits[0], np.stack(want_logits), atol=TOL)
     capped = inf[True].interleave(["a red square"], rng=3, **{**kw, "max_images": 0})
     assert capped.stopped == "max_images" and capped.outputs == a.outputs[:1]
+
+
+def test_cli_flags_are_checked(capsys):
+    """--mode=interleave needs an output directory; counts must be in range: exit 2, one line."""
+    from bagel_jax.infer.cli import parse_args
+
+    for argv, message in (
+        (["--random_tiny", "--mode=interleave", "--prompt=x"], "needs --out (a directory)"),
+        (["--random_tiny", "--mode=interleave", "--prompt=x", "--out=d", "--max_images=-1"], "--max_images: must be"),
+        (
+            ["--random_tiny", "--mode=t2i", "--think", "--prompt=x", "--out=x.png", "--max_think_tokens=0"],
+            "must be >= 1",
+        ),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    args = parse_args(["--random_tiny", "--mode=interleave", "--prompt=x", "--out=d", "--image=y.png"])
+    assert args.cfg_img_scale == 2.0 and args.cfg_interval == (0.0, 1.0)  # an input image: edit defaults
+    assert parse_args(["--random_tiny", "--mode=interleave", "--prompt=x", "--out=d"]).cfg_img_scale == 1.0
+
+
+@pytest.mark.slow
+def test_cli_think_and_interleave(tmp_path, monkeypatch):
+    """As a user runs it: t2i with --think prints the plan and writes the image; --mode=interleave writes its outputs
+    in order; a think prompt longer than --max_context_tokens is one line naming the limit."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def run(*args):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+        cmd = [sys.executable, "-m", "bagel_jax.infer.cli", "--random_tiny", "--prompt=a red square", *args]
+        return subprocess.run(cmd, cwd=lib.ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    png, story = tmp_path / "x.png", tmp_path / "story"
+    r = run("--mode=t2i", "--think", "--max_think_tokens=4", "--num_timesteps=2", f"--out={png}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("thinking: ") and png.exists()
+    r = run("--mode=interleave", "--max_length=4", "--num_timesteps=2", f"--out={story}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("stopped: ")
+    assert sorted(p.name for p in story.iterdir())[0] in ("00.txt", "00.png")
+    r = run("--mode=t2i", "--think", "--max_context_tokens=100", f"--out={png}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "max_context_tokens=100" in r.stderr.strip().splitlines()[-1]
