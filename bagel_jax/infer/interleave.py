@@ -191,6 +191,8 @@ def interleave_batch(
     ``image_kw`` as ``sample_batch`` (CFG defaults: t2i without an input image, edit with one)."""
     if max_images < 0:
         raise ValueError(f"max_images must be >= 0, got {max_images}")
+    if max_images and not inf.model.cfg.visual_gen:
+        raise ValueError("this model has no generation weights (model.visual_gen=False): pass max_images=0")
     n = len(items_list)
     keys = [request_key(r) for r in (rngs if rngs is not None else [None] * n)]
     if len(keys) != n:
