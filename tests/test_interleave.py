@@ -18,7 +18,12 @@ import bagel_testlib as lib
 from bagel_jax.infer.api import Inferencer
 from bagel_jax.infer.buckets import CacheOverflowError
 from bagel_jax.infer.context import Contexts
-from bagel_jax.infer.interleave import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, split_thinking
+from bagel_jax.infer.interleave import (
+    GEN_THINK_SYSTEM_PROMPT,
+    VLM_THINK_SYSTEM_PROMPT,
+    posterior_draws,
+    split_thinking,
+)
 
 TOL = 1e-5
 HW = (32, 32)
@@ -126,6 +131,16 @@ def test_interleaved_cached_equals_oracle(setup):
     want_ids, want_logits = inf[False]._text.trace(gen, max_length=6, rng=jax.random.key(3))
     assert ids[0] == want_ids == a.text_ids[1]
     np.testing.assert_allclose(logits[0], np.stack(want_logits), atol=TOL)
+    # the loop passes the generated image's posterior draw explicitly (rounds sample with their own keys): it is
+    # the draw the request key gives implicitly, and it matters
+    stop = (lib.EOS, lib.VS)
+    draws = {s: posterior_draws(jax.random.key(s), gen, setup["cfg"]) for s in (3, 4)}
+    _, _, explicit = inf[True]._text.generate_until(
+        [gen], stop, max_length=6, with_logits=True, rngs=[5], posterior_noise=[draws[3]]
+    )
+    np.testing.assert_allclose(explicit[0], logits[0], atol=TOL)
+    other = inf[False]._text.generate_until(gen, stop, max_length=6, rng=jax.random.key(5), posterior_noise=draws[4])
+    assert np.abs(other[2][0] - want_logits[0]).max() > 1e-4
     capped = inf[True].interleave(["a red square"], rng=3, **{**kw, "max_images": 0})
     assert capped.stopped == "max_images" and capped.outputs == a.outputs[:1]
 

@@ -136,22 +136,34 @@ class Inferencer:
         temperature: float = 0.3,
         rngs: Sequence | None = None,
         stop_ids: Sequence[int] | None = None,
+        posterior_noise: Sequence | None = None,
     ) -> tuple[list[list[int]], list[int | None]]:
         """Text decoded after each context (a list of ``data.sample`` segments): (ids per context, the stop token
-        that ended each, None at the length limit). ``stop_ids`` default: ``<|im_end|>`` alone."""
+        that ended each, None at the length limit). ``stop_ids`` default: ``<|im_end|>`` alone. ``posterior_noise``:
+        optional, per context a list of [h/8, w/8, C] draws of its VAE images (default: from its key)."""
         rngs = [jax.random.key(0)] * len(contexts) if rngs is None else list(rngs)
         if len(rngs) != len(contexts):
             raise ValueError(f"rngs: expected {len(contexts)} (one per context), got {len(rngs)}")
         stop_ids = (self.tokenizer.eos_id,) if stop_ids is None else tuple(stop_ids)
         kw = dict(max_length=max_length, do_sample=do_sample, temperature=temperature)
+        if posterior_noise is not None and len(posterior_noise) != len(contexts):
+            raise ValueError(f"posterior_noise: expected {len(contexts)} (one per context), got {len(posterior_noise)}")
+        post = [None] * len(contexts) if posterior_noise is None else list(posterior_noise)
         if not self.cached:
-            res = [self._text.generate_until(c, stop_ids, rng=_key(r), **kw) for c, r in zip(contexts, rngs)]
+            res = [
+                self._text.generate_until(c, stop_ids, rng=_key(r), posterior_noise=p, **kw)
+                for c, r, p in zip(contexts, rngs, post)
+            ]
             return [r[0] for r in res], [r[1] for r in res]
         ids: list = []
         stops: list = []
         for part in chunks(len(contexts), self.max_batch):
             got, stopped, _ = self._text.generate_until(
-                [contexts[i] for i in part], stop_ids, rngs=[rngs[i] for i in part], **kw
+                [contexts[i] for i in part],
+                stop_ids,
+                rngs=[rngs[i] for i in part],
+                posterior_noise=None if posterior_noise is None else [post[i] for i in part],
+                **kw,
             )
             ids += got
             stops += stopped

@@ -22,7 +22,7 @@ import numpy as np
 from bagel_jax.attention.mask import MaskMeta
 from bagel_jax.infer.buckets import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS, batch_bucket, round_bucket
 from bagel_jax.infer.cache import prefill, text_step
-from bagel_jax.infer.noise import key_data, posterior_canvas
+from bagel_jax.infer.noise import key_data, place_posterior, posterior_canvas
 from bagel_jax.infer.programs import ProgramRunner
 from bagel_jax.infer.requests import context_rows, text_query_meta
 from bagel_jax.model.bagel import Bagel
@@ -37,6 +37,7 @@ def _build_decoder(model: Bagel):
         num_tokens,
         next_position,
         keys,
+        posterior,
         max_length,
         temperature,
         *,
@@ -52,8 +53,9 @@ def _build_decoder(model: Bagel):
         x0 = None
         if cfg.visual_gen and batch.gen_len > 0:
             n_img, canvas = batch.vae_images.shape[1], batch.vae_images.shape[2:4]
-            post = jax.vmap(lambda k: posterior_canvas(k, n_img, canvas, cfg))(split[:, 0])
-            x0 = model.apply(variables, batch, posterior_noise=post, method=Bagel.encode_latents)
+            if posterior is None:
+                posterior = jax.vmap(lambda k: posterior_canvas(k, n_img, canvas, cfg))(split[:, 0])
+            x0 = model.apply(variables, batch, posterior_noise=posterior, method=Bagel.encode_latents)
         cache = model.apply(variables, batch, x0, method=prefill).with_empty_slots(slots)
         start = batch.kind.shape[1]
         vocab = cfg.vocab_size
@@ -151,9 +153,11 @@ class CachedTextGenerator(ProgramRunner):
         temperature: float = 1.0,
         rngs: Sequence | None = None,
         with_logits: bool = False,
+        posterior_noise: Sequence | None = None,
     ):
         """``generate`` stopping at any token of ``stop_ids``: (ids, per context the stop token that ended it or None
-        at the length limit, per context its logits or None)."""
+        at the length limit, per context its logits or None). ``posterior_noise``: optional, per context a list of
+        [h/8, w/8, C] posterior draws of its VAE images (default: drawn from its key)."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if do_sample and rngs is None:
@@ -173,12 +177,19 @@ class CachedTextGenerator(ProgramRunner):
             what=f"max_length={max_length} generated",
         )
         tok = self.tokenizer
+        post = None
+        if posterior_noise is not None:
+            if len(posterior_noise) != n:
+                raise ValueError(f"posterior_noise: expected {n} lists (one per context), got {len(posterior_noise)}")
+            z = self.model.cfg.vae.z_channels
+            post = np.stack([place_posterior(posterior_noise[i], rows.num_vae_images, rows.canvas_hw, z) for i in pad])
         ids, lengths, logits, stopped_by = self._run(
             self.params,
             rows.batch,
             rows.num_tokens,
             rows.next_position,
             key_data([rngs[i] for i in pad]),
+            post,
             np.int32(max_length),
             np.float32(temperature),
             slots=round_bucket(max_length),

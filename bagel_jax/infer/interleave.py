@@ -17,9 +17,10 @@ would (VAE + ViT from its pixels, the reference's ``update_context_image``; cfg_
 follows. The loop ends at ``<|im_end|>`` ("end"), the text length limit ("max_length"), a wanted image beyond
 ``max_images`` ("max_images"), or a round that would not fit the KV cache ("max_context_tokens").
 
-Randomness: every call of a request uses the request's key, so each context image has one posterior draw for every
-call (the reference encodes it once); generated image j starts from ``flow_noise(fold_in(flow key, j))`` (think:
-the plain t2i draw). Text rounds reuse the key's sampling stream (token k: ``fold_in(sampling key, k)``).
+Randomness, from each request's key: context image k has one posterior draw for every call (the reference encodes
+it once), the one ``noise.py`` draws from the key; generated image j starts from ``flow_noise(fold_in(flow key,
+j))`` (think: the plain t2i draw); text round r samples with the key (r = 0) or ``fold_in(key, r)``, its context
+images' posterior draws passed explicitly.
 Context + tokens to generate beyond ``max_context_tokens`` before the first round → ``CacheOverflowError`` on both
 paths.
 """
@@ -32,11 +33,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from bagel_jax.data.sample import Sample, build_document
+from bagel_jax.data.sample import Image, Sample, build_document
 from bagel_jax.infer.api import EDIT_DEFAULTS, T2I_DEFAULTS, safe_decode
 from bagel_jax.infer.buckets import CacheOverflowError
 from bagel_jax.infer.context import Contexts, interleave_contexts, layout_for, vae_canvas
-from bagel_jax.infer.noise import flow_noise
+from bagel_jax.infer.noise import flow_noise, noise_tables, posterior_canvas
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
@@ -90,6 +91,17 @@ def request_key(rng):
     if rng is None:
         return jax.random.key(0)
     return jax.random.key(int(rng)) if isinstance(rng, (int, np.integer)) else rng
+
+
+def posterior_draws(key, segments: Sequence, model_cfg) -> list[np.ndarray]:
+    """The posterior draws [h/8, w/8, C] of the VAE images of ``segments`` (in order) that ``noise.py`` takes from
+    the request key ``key``: what a call with this key draws for them implicitly."""
+    sizes = [s.vae_pixels.shape[:2] for s in segments if isinstance(s, Image) and s.vae != "none"]
+    if not sizes:
+        return []
+    side = noise_tables(model_cfg)[1] * 8
+    full = np.asarray(posterior_canvas(jax.random.split(key)[0], len(sizes), (side, side), model_cfg))
+    return [full[k, : h // 8, : w // 8] for k, (h, w) in enumerate(sizes)]
 
 
 def context_tokens(inf, segments: Sequence) -> int:
@@ -216,13 +228,15 @@ def interleave_batch(
         active = [i for i in active if not results[i].stopped]
         if not active:
             return results
+        rounds = [len(results[i].text_ids) for i in active]
         ids, stops = inf.text_ids_batch(
             [ctxs[i].gen for i in active],
             max_length=max_length,
             do_sample=do_sample,
             temperature=temperature,
-            rngs=[keys[i] for i in active],
+            rngs=[keys[i] if r == 0 else jax.random.fold_in(keys[i], r) for i, r in zip(active, rounds)],
             stop_ids=(tok.eos_id, tok.vision_start_id),
+            posterior_noise=[posterior_draws(keys[i], ctxs[i].gen, inf.model.cfg) for i in active],
         )
         want = []
         for i, got, stop in zip(active, ids, stops, strict=True):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bagel_jax.infer.context import layout_for, pack_rows, query_text, vae_canvas
-from bagel_jax.infer.noise import posterior_canvas
+from bagel_jax.infer.noise import place_posterior, posterior_canvas
 from bagel_jax.model.bagel import Bagel
 
 
@@ -66,9 +66,11 @@ class TextGenerator:
         do_sample: bool = False,
         temperature: float = 1.0,
         rng=None,
+        posterior_noise: Sequence | None = None,
     ) -> tuple[list[int], int | None, list[np.ndarray]]:
         """Decodes until a token of ``stop_ids`` (not returned) or the length limit: (generated ids, the stop token
-        or None at the length limit, the logits float32[V] of every step)."""
+        or None at the length limit, the logits float32[V] of every step). ``posterior_noise``: optional [h/8, w/8,
+        C] draws of the context's VAE images (default: drawn from ``rng``)."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if do_sample and rng is None:
@@ -81,7 +83,10 @@ class TextGenerator:
         rng_post, rng_sample = jax.random.split(jax.random.key(0) if rng is None else rng)
         x0 = None
         if self._visual_gen and b.gen_len > 0:
-            post = posterior_canvas(rng_post, b.max_vae_images, b.vae_hw, model_cfg)[None]
+            if posterior_noise is None:
+                post = posterior_canvas(rng_post, b.max_vae_images, b.vae_hw, model_cfg)[None]
+            else:
+                post = place_posterior(posterior_noise, b.max_vae_images, b.vae_hw, model_cfg.vae.z_channels)[None]
             x0 = self._encode(self.params, _device(longest.batch), post)
         generated: list[int] = []
         all_logits: list[np.ndarray] = []
