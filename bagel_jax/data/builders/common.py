@@ -37,6 +37,7 @@ from etils import epath
 
 from bagel_jax.data.record_schema import RecordError
 from bagel_jax.data.skips import BUILD_SKIP_REASONS, SkipLog, show
+from bagel_jax.data.video import VideoError
 
 FEATURES_DOC = "kind, meta (JSON), images (encoded bytes), image_names, source"
 
@@ -204,6 +205,10 @@ class BuildReport:
         """``fn(*args)`` (a record), or None when it raises: the line / row ``where`` is skipped as ``bad_row``."""
         try:
             out = fn(*args)
+        except VideoError as e:
+            text = str(e)
+            self.skip(e.reason, text if text.startswith(where) else f"{where}: {text}")
+            return None
         except (RowError, RecordError) as e:
             text = str(e)
             self.skip(
