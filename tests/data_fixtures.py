@@ -158,6 +158,7 @@ def write_video(path, frames, codec: str = "libx264", fps: int = 10, gop: int = 
     import av
 
     h, w = frames[0].shape[:2]
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt, s.gop_size = w, h, "yuv420p", gop

@@ -110,13 +110,15 @@ def probe(src, name: str = "video") -> VideoInfo:
             raise VideoError(
                 f"{name}: truncated or corrupt ({type(e).__name__}: {str(e)[:120]})", "undecodable_video"
             ) from None
-        if not pts:
-            raise VideoError(f"{name}: no frames", "no_frames")
         if stream.frames and len(pts) < stream.frames:
             raise VideoError(
                 f"{name}: truncated: header says {stream.frames} frames, found {len(pts)}", "undecodable_video"
             )
         declared = container.duration / 1e6 if container.duration else 0.0  # seconds, from the header
+        if not pts and declared > 0:
+            raise VideoError(f"{name}: truncated: the header says {declared:.2f} s, no frame found", "undecodable_video")
+        if not pts:
+            raise VideoError(f"{name}: no frames", "no_frames")
         rate = stream.average_rate or stream.guessed_rate
         tb = float(stream.time_base) if stream.time_base else 0.0
         if declared and rate and tb:
