@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from configs_util import shipped_config
-from data_fixtures import bad_videos, moving_square_frames, shapes_dir, write_video
 
 from bagel_jax.data.builders import common, interleaved_video, synthetic_shapes, vlm_sft
+from configs_util import shipped_config
+from data_fixtures import bad_videos, moving_square_frames, shapes_dir, write_video
 
 
 def write_manual(root):

@@ -116,7 +116,7 @@ def probe(src, name: str = "video") -> VideoInfo:
             )
         declared = container.duration / 1e6 if container.duration else 0.0  # seconds, from the header
         if not pts and declared > 0:
-            raise VideoError(f"{name}: truncated: the header says {declared:.2f} s, no frame found", "undecodable_video")
+            raise VideoError(f"{name}: truncated: the header says {declared:.2f} s, no frames", "undecodable_video")
         if not pts:
             raise VideoError(f"{name}: no frames", "no_frames")
         rate = stream.average_rate or stream.guessed_rate
