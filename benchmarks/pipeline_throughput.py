@@ -17,7 +17,8 @@ processes (mp_prefetch):
 ``--mix image,video`` (default) measures the image mix above and a video mix side by side in one run: VLM video SFT
 (``video`` files in the vlm_sft jsonl: H.264 mp4, 640x360, 8 s at 24 fps, a pan over a photo, 8–12 frames sampled,
 ``img_num`` resize) and interleaved video (the same kind of files cut into shots, clips of up to 8 frames, future-frame
-samples with ``frame_delta`` splits), half each; it also reports video frames per second (VAE + ViT frames delivered).
+samples with ``frame_delta`` splits), half each; it also reports images per second (VAE + ViT images delivered: video
+frames in the video mix).
 There is no column for the official pipeline: it is not run here (its ≈200K real tokens/s with 2 workers,
 quoted in docs/EXPERIMENTS.md, was measured elsewhere).
 
@@ -275,7 +276,8 @@ def main(argv=None):
             f"{mix:5s} mix, {a.pixel_dtype} pixels, {a.workers} workers, {a.batches} rows of 32768: "
             f"{r['tokens'] / r['wall'] / 1e3:.0f}K real tokens/s wall, {r['frames'] / r['wall']:.0f} images/s "
             f"(load avg {r['load']:.1f} on {os.cpu_count()} cores); {r['tokens'] / r['cpu'] / 1e3:.0f}K tokens per "
-            f"CPU-second -> {ncpu * r['tokens'] / r['cpu'] / 1e3:.0f}K tokens/s on {ncpu} dedicated cores; "
+            f"CPU-second -> {ncpu * r['tokens'] / r['cpu'] / 1e3:.0f}K tokens/s and "
+            f"{ncpu * r['frames'] / r['cpu']:.0f} images/s on {ncpu} dedicated cores; "
             f"last-row fill {100 * r['fill']:.1f}%; CPU s: main {r['main_cpu']:.1f}, workers {r['worker_cpu']:.1f}, "
             f"wall {r['wall']:.1f}"
         )
