@@ -216,3 +216,38 @@ def test_future_frame_sample_follows_add_video(idx, captions, k):
     later = sum(ref_lens[:-1])
     assert not ref[:later, later:].any()  # nothing before the targets sees them
     np.testing.assert_array_equal(batch["vae_timestep"][0][: len(idx)], ts)
+
+
+# --- VLM video SFT ---------------------------------------------------------------------------------------------------
+
+
+def test_vlm_sft_video_files_expand_video_and_share_the_pixel_budget(tmp_path):
+    from bagel_jax.data.builders import common, vlm_sft
+
+    write_video(tmp_path / "m" / "a.mp4", moving_square_frames(40))
+    write_video(tmp_path / "m" / "b.webm", moving_square_frames(30), "libvpx-vp9")
+    turns = [{"from": "human", "value": "<video>\nwhat moves"}, {"from": "gpt", "value": "a square"}]
+    lines = [
+        {"video": "a.mp4", "conversations": turns},
+        {"video": "b.webm", "conversations": turns},
+        {"video": "a.mp4", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+    ]
+    (tmp_path / "m" / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    common.build(vlm_sft.VlmSft, tmp_path / "d", tmp_path / "m")  # the reference's 8-12 frames, rand
+    src = common.open_source(str(tmp_path / "d"), "vlm_sft")
+    assert len(src) == 2  # the line without <video> is skipped (bad_row), like the reference
+    rule = ResizeRule(980, 378, 14, 400_000)
+    dec = RecordDecoder("vlm", WordTokenizer(), ResizeRule(64, 32, 16), rule)
+    for i in range(2):
+        rec = src[i]
+        n = len(rec["images"])
+        assert 8 <= n <= 12
+        assert json.loads(rec["meta"])["conversations"][0]["value"] == "<image>" * n + "\nwhat moves"
+        frames = [int(name.decode().rsplit("#frame", 1)[1]) for name in rec["image_names"]]
+        total = 40 if rec["image_names"][0].startswith(b"a.mp4") else 30
+        edges = np.linspace(0, total, n + 1).astype(int)
+        assert all(a <= f < b for f, a, b in zip(frames, edges[:-1], edges[1:])), frames  # one per interval
+        vit = [s.vit_pixels for s in dec(rec, np.random.default_rng(0)).segments if not hasattr(s, "ids")]
+        assert len(vit) == n and len({v.shape for v in vit}) == 1
+        h, w = vit[0].shape[:2]
+        assert (w, h) == rule.target_size(64, 48, img_num=n) and w * h <= 400_000 / n < 504 * 378

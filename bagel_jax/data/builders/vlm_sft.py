@@ -50,11 +50,11 @@ class VlmSft(common.LocalFilesBuilder):
             paths = [common.resolve(base, p) for p in common.path_list(item["image"], "image")]
         elif item.get("video") is not None:
             path = common.resolve(base, common.path_list(item["video"], "video")[0])
+            turn = next((c for c in conversations if "<video>" in c["value"]), None)
+            if turn is None:  # the reference skips such a line ("Cannot find <video> in the conversation!")
+                raise common.RowError("a 'video' line needs <video> in a turn, found none")
             images, names = self._video(path, manual_dir, where, report)
-            for c in conversations:
-                if "<video>" in c["value"]:
-                    c["value"] = c["value"].replace("<video>", "<image>" * len(images))
-                    break
+            turn["value"] = turn["value"].replace("<video>", "<image>" * len(images))
             return common.record("vlm", {"conversations": conversations}, images, names, where)
         else:
             paths = []
