@@ -66,3 +66,21 @@ def test_scorer_gives_one_to_the_truth_and_zero_to_copies_and_blanks():
     two = next(c for c in ev.examples if len(c.moves) == 2)
     half = future_frame.judge(two, [two.frames[2][0], two.frames[1][1]])
     assert half == (False, 1)
+
+
+@pytest.mark.slow
+def test_inferencer_future_fn_runs_on_a_random_tiny_model():
+    """Smoke: the next frame is generated after a clip context laid out like training (a random model scores ~0)."""
+    import bagel_testlib as lib
+    from bagel_jax.infer.api import Inferencer
+
+    config, _, params, model = lib.tiny_setup()
+    tok = lib.CharTokenizer()
+    tok.vocab_size = 512
+    inf = Inferencer(model, params, tok, config.data, cached=False)
+    fn = future_frame.inferencer_future_fn(inf, num_timesteps=2)
+    ev = future_frame.ShapesFutureFrame(num_examples=2, min_px=32, max_px=32)
+    frame = fn([c.render(0) for c in ev.examples[:1]] * 2, [0, 1], ev.examples[0].caption, 0)
+    assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8
+    scores = ev.run(fn)
+    assert set(scores) == {"next_frame", "objects", "copy_baseline"} and 0 <= scores["objects"] <= 1

@@ -9,6 +9,11 @@ generated frame is reduced by ``detector.detect_objects`` to (shape, colour, cel
 * ``objects``: the fraction of the clips' shapes found at their next cell with the right shape and colour;
 * ``copy_baseline``: ``next_frame`` of returning the last context frame (0 by construction: every shape moves), a
   property of the examples that shows the metric cannot be passed by copying.
+
+``inferencer_future_fn(inf)`` generates the next frame the way training lays the clip out (records.py): the context
+frames as one clean ``Video`` split (``frame_delta`` RoPE steps) + their ViT images, the caption, then the noised
+frame; CFG contexts as the reference builds them (``cfg_text``: without the caption; ``cfg_img``: the caption only).
+It runs the cache-free sampler (the KV-cached programs take image contexts only).
 """
 
 from __future__ import annotations
@@ -40,6 +45,33 @@ def judge(clip: moving_shapes.Clip, detected) -> tuple[bool, int]:
     truth = clip.frames[CONTEXT_FRAMES]
     found = collections.Counter(detected)
     return found == collections.Counter(truth), sum(min(found[o], 1) for o in truth)
+
+
+def inferencer_future_fn(inf, **sample_kw) -> Callable:
+    """``future_fn`` from an ``Inferencer``; ``sample_kw``: num_timesteps, timestep_shift, cfg_* (the edit defaults
+    apply otherwise)."""
+    import jax
+
+    from bagel_jax.data import images as img_lib
+    from bagel_jax.data.sample import Video
+    from bagel_jax.infer.api import EDIT_DEFAULTS
+    from bagel_jax.infer.image import ImageSampler, decode_latents_batch
+
+    sampler = ImageSampler(inf.model, inf.params, inf.tokenizer)
+    kw = {**EDIT_DEFAULTS, **sample_kw}
+
+    def future_fn(frames, frame_indexes, caption, seed):
+        vae = [img_lib.resize(np.asarray(f, np.uint8), inf.vae_rule, name="context frame") for f in frames]
+        vit = [img_lib.resize(v, inf.vit_rule, name="context frame") for v in vae]
+        clip = Video(vae, list(frame_indexes), vae="clean", vit=True, vit_pixels=vit, name="context clip")
+        text = inf.pre.text(caption)
+        res = sampler.sample([clip, text], [clip], [text], vae[-1].shape[:2], rng=jax.random.key(seed), **kw)
+        cfg = inf.model.cfg
+        return decode_latents_batch(cfg.vae, inf.params["vae"], res.latents[None], res.grid_hw, cfg.latent_patch_size)[
+            0
+        ]
+
+    return future_fn
 
 
 class ShapesFutureFrame:
