@@ -61,7 +61,7 @@ class InterleavedVideo(common.LocalFilesBuilder):
         """Records of one video file: the clip at ``times``, or one per shot (module doc)."""
         path = common.resolve(base, common.text_field(item, "video"))
         name = os.path.relpath(path, manual_dir)
-        data, info = video_files.load(path, name, item.get("duration"))
+        src, info = video_files.load(path, name, item.get("duration"))
         if item.get("times") is not None:
             times = item["times"]
             if not isinstance(times, list) or not all(
@@ -76,7 +76,7 @@ class InterleavedVideo(common.LocalFilesBuilder):
         else:
             if item.get("captions") is not None:
                 raise common.RowError("'captions' need 'times' (the frames they describe)")
-            starts = video_lib.shot_starts(video_lib.shot_scores(data, name)) + [info.num_frames]
+            starts = video_lib.shot_starts(video_lib.shot_scores(src, name)) + [info.num_frames]
             rng = video_files.rng_for(where)
             clips = []
             for a, b in zip(starts[:-1], starts[1:]):
@@ -86,7 +86,7 @@ class InterleavedVideo(common.LocalFilesBuilder):
                     clips.append((idx, []))
         out = []
         for idx, captions in clips:
-            images = video_files.frames_as_jpeg(data, idx, info, name)
+            images = video_files.frames_as_jpeg(src, idx, info, name)
             meta = {"captions": captions, "frame_indexes": idx}
             out.append(common.record("video", meta, images, video_files.frame_names(name, idx), where))
         if not out:

@@ -33,18 +33,16 @@ def rng_for(where: str) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(where.encode("utf-8", "backslashreplace")))
 
 
-def load(path: str, name: str, duration=None, max_bytes: int = MAX_VIDEO_BYTES) -> tuple[bytes, VideoInfo]:
-    """The file's bytes and ``VideoInfo``; ``duration`` (seconds, from the jsonl) must match the file within
-    max(0.5 s, 5 %). Raises ``VideoError`` naming ``name``."""
+def load(path: str, name: str, duration=None, max_bytes: int = MAX_VIDEO_BYTES) -> tuple[str, VideoInfo]:
+    """``(path, VideoInfo)`` of a usable video file (the file is streamed, never read whole); ``duration`` (seconds,
+    from the jsonl) must match the file within max(0.5 s, 5 %). Raises ``VideoError`` naming ``name``."""
     try:
         size = os.path.getsize(path)
     except OSError as e:
         raise VideoError(f"{name}: {e.strerror or e}", "undecodable_video") from None
     if size > max_bytes:
         raise VideoError(f"{name}: {size} bytes, more than {max_bytes}", "video_too_large")
-    with open(path, "rb") as f:
-        data = f.read()
-    info = video_lib.probe(data, name)
+    info = video_lib.probe(path, name)
     if duration is not None:
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0:
             raise VideoError(f"{name}: 'duration' is {duration!r}, expected seconds > 0", "wrong_duration")
@@ -54,7 +52,7 @@ def load(path: str, name: str, duration=None, max_bytes: int = MAX_VIDEO_BYTES) 
                 f"({info.num_frames} frames at {info.fps:g} fps)",
                 "wrong_duration",
             )
-    return data, info
+    return path, info
 
 
 def scaled_size(info: VideoInfo, max_side: int = MAX_FRAME_SIDE) -> tuple[int, int] | None:
@@ -66,10 +64,10 @@ def scaled_size(info: VideoInfo, max_side: int = MAX_FRAME_SIDE) -> tuple[int, i
     return max(2, round(info.width * s)), max(2, round(info.height * s))
 
 
-def frames_as_jpeg(data: bytes, indices, info: VideoInfo, name: str, max_side: int = MAX_FRAME_SIDE) -> list[bytes]:
-    """Frames ``indices`` of the video, each encoded as JPEG."""
+def frames_as_jpeg(src, indices, info: VideoInfo, name: str, max_side: int = MAX_FRAME_SIDE) -> list[bytes]:
+    """Frames ``indices`` of the video ``src`` (a path or the file's bytes), each encoded as JPEG."""
     out = []
-    for frame in video_lib.read_frames(data, indices, info, name, size=scaled_size(info, max_side)):
+    for frame in video_lib.read_frames(src, indices, info, name, size=scaled_size(info, max_side)):
         b = io.BytesIO()
         Image.fromarray(frame).save(b, format="JPEG", quality=JPEG_QUALITY)
         out.append(b.getvalue())

@@ -67,9 +67,9 @@ class VlmSft(common.LocalFilesBuilder):
         rng = video_files.rng_for(where)
         name = os.path.relpath(path, manual_dir)
         if video_files.is_video_file(path):
-            data, info = video_files.load(path, name)
+            src, info = video_files.load(path, name)
             idx = self.sampler(info.num_frames, rng, info.fps)
-            return video_files.frames_as_jpeg(data, idx, info, name), video_files.frame_names(name, idx)
+            return video_files.frames_as_jpeg(src, idx, info, name), video_files.frame_names(name, idx)
         paths = common.frame_files(path)
         idx = self.sampler(len(paths), rng) if paths else []
         paths = [paths[i] for i in sorted(set(idx))] if len(paths) > len(idx) else paths or [path]
