@@ -251,3 +251,18 @@ def test_vlm_sft_video_files_expand_video_and_share_the_pixel_budget(tmp_path):
         assert len(vit) == n and len({v.shape for v in vit}) == 1
         h, w = vit[0].shape[:2]
         assert (w, h) == rule.target_size(64, 48, img_num=n) and w * h <= 400_000 / n < 504 * 378
+
+
+def test_vlm_sft_fps_sampling_and_a_clip_too_short_for_it(tmp_path, caplog):
+    from bagel_jax.data.builders import common, vlm_sft
+
+    write_video(tmp_path / "m" / "a.mp4", moving_square_frames(40))  # 4 s at 10 fps
+    write_video(tmp_path / "m" / "short.mp4", moving_square_frames(3))  # 0.3 s
+    turns = [{"from": "human", "value": "<video>what"}, {"from": "gpt", "value": "a square"}]
+    lines = [{"video": v, "conversations": turns} for v in ("a.mp4", "short.mp4")]
+    (tmp_path / "m" / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    common.build(vlm_sft.VlmSft, tmp_path / "d", tmp_path / "m", frame_sample="fps0.5", max_frames=12)
+    (rec,) = [r for r in common.open_source(str(tmp_path / "d"), "vlm_sft")]
+    # one frame per 2 s at the slot centres 1 s and 3 s
+    assert [n.decode() for n in rec["image_names"]] == ["a.mp4#frame10", "a.mp4#frame30"]
+    assert any("(no_frames): q.jsonl:2: short.mp4: no frame at fps0.5" in r.getMessage() for r in caplog.records)

@@ -23,7 +23,7 @@ import os
 
 from bagel_jax.data.builders import common, video_files
 from bagel_jax.data.record_schema import check_meta
-from bagel_jax.data.video import FrameSampler
+from bagel_jax.data.video import FrameSampler, VideoError
 
 
 class VlmSft(common.LocalFilesBuilder):
@@ -69,6 +69,8 @@ class VlmSft(common.LocalFilesBuilder):
         if video_files.is_video_file(path):
             src, info = video_files.load(path, name)
             idx = self.sampler(info.num_frames, rng, info.fps)
+            if not idx:  # fps<x> sampling of a clip shorter than one slot
+                raise VideoError(f"{name}: no frame at {self.sampler.sample} ({info.duration_s:.2f} s)", "no_frames")
             return video_files.frames_as_jpeg(src, idx, info, name), video_files.frame_names(name, idx)
         paths = common.frame_files(path)
         idx = self.sampler(len(paths), rng) if paths else []
