@@ -27,6 +27,9 @@ INSTALL_REQUIRES = [
     "etils==1.15.0",
     "protobuf==7.36.2",
     "tokenizers==0.23.3",
+    # video files (data/video.py): the wheel bundles FFmpeg (H.264, VP9, ...), ~100 MB installed. Shot cuts use our
+    # own rule (PySceneDetect's content rule), not scenedetect + opencv-python (~290 MB installed).
+    "av==18.1.0",
 ]
 # XManager launcher. xmanager>=0.8.3 needs protobuf<7; 0.8.1 is the newest that installs beside protobuf 7.
 # kubernetes>=37 needs python-dateutil>=3, which google-cloud-bigquery (via aiplatform) rejects: without

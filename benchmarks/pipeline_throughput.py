@@ -14,7 +14,12 @@ processes (mp_prefetch):
 * tokens per CPU-second: the same tokens ÷ CPU seconds used by the main process and its workers, and that × the
   number of workers ("tokens/s on N dedicated cores"): the throughput if each worker had a core to itself;
 * last-row fill, and the CPU seconds of the main process and of the workers.
-There is no second column: the official pipeline is not run here (its ≈200K real tokens/s with 2 workers,
+``--mix image,video`` (default) measures the image mix above and a video mix side by side in one run: VLM video SFT
+(``video`` files in the vlm_sft jsonl: H.264 mp4, 640x360, 8 s at 24 fps, a pan over a photo, 8–12 frames sampled,
+``img_num`` resize) and interleaved video (the same kind of files cut into shots, clips of up to 8 frames, future-frame
+samples with ``frame_delta`` splits), half each; it also reports images per second (VAE + ViT images delivered: video
+frames in the video mix).
+There is no column for the official pipeline: it is not run here (its ≈200K real tokens/s with 2 workers,
 quoted in docs/EXPERIMENTS.md, was measured elsewhere).
 
     python benchmarks/pipeline_throughput.py [--workers 2] [--batches 40] [--workdir /tmp/bagel_pipeline_bench]
@@ -88,6 +93,56 @@ def make_files(root: str, n: int, seed: int = 0) -> None:
     pq.write_table(pa.table({"image_list": lists, "instruction_list": instr}), f"{root}/edit/edit.parquet")
 
 
+def pan_video(rng, path: str, w: int = 640, h: int = 360, seconds: int = 8, fps: int = 24) -> None:
+    """An H.264 mp4: the camera pans across a photo (camera-like content for the codec)."""
+    import av
+
+    big = np.asarray(Image.open(io.BytesIO(photo(rng, 2 * w + 4 * seconds * fps, 2 * h))))
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt, s.gop_size = w, h, "yuv420p", 2 * fps
+        s.options = {"crf": "23", "preset": "veryfast"}
+        for i in range(seconds * fps):
+            frame = np.ascontiguousarray(big[:, 4 * i : 4 * i + 2 * w][::2, ::2])
+            for packet in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+def make_video_files(root: str, n: int, seed: int = 2) -> None:
+    """n video files for each of root/{vlm_video, video} with their jsonl."""
+    rng = np.random.default_rng(seed)
+    for sub in ("vlm_video", "video"):
+        os.makedirs(f"{root}/{sub}", exist_ok=True)
+        with open(f"{root}/{sub}/data.jsonl", "w") as f:
+            for i in range(n):
+                pan_video(rng, f"{root}/{sub}/{i}.mp4")
+                if sub == "video":
+                    f.write(json.dumps({"video": f"{i}.mp4", "duration": 8}) + "\n")
+                    continue
+                conv = [
+                    {"from": "human", "value": "<video>\n" + words(rng, int(rng.integers(10, 41)))},
+                    {"from": "gpt", "value": words(rng, int(rng.integers(20, 201)))},
+                ]
+                f.write(json.dumps({"video": f"{i}.mp4", "conversations": conv}) + "\n")
+
+
+def prepare_video(workdir: str, n: int) -> str:
+    """Video files → vlm_sft (video) and interleaved_video records; cached in workdir."""
+    from bagel_jax.data.builders import common, interleaved_video, vlm_sft
+
+    data_dir = f"{workdir}/tfds_video"
+    if not os.path.exists(f"{workdir}/done_video_{n}"):
+        t = time.time()
+        make_video_files(f"{workdir}/files", n)
+        common.build(vlm_sft.VlmSft, data_dir, f"{workdir}/files/vlm_video")
+        common.build(interleaved_video.InterleavedVideo, data_dir, f"{workdir}/files/video")
+        open(f"{workdir}/done_video_{n}", "w").close()
+        print(f"built {2 * n} video samples in {time.time() - t:.0f}s")
+    return data_dir
+
+
 def prepare(workdir: str, n: int) -> tuple[str, str]:
     """Files → TFDS (ArrayRecord) with our builders, and a SentencePiece tokenizer; cached in workdir."""
     from bagel_jax.data.builders import common, edit, t2i, vlm_sft
@@ -106,7 +161,7 @@ def prepare(workdir: str, n: int) -> tuple[str, str]:
     return data_dir, tok
 
 
-def config(data_dir: str, tok: str, workers: int, pixel_dtype: str = "float32"):
+def config(data_dir: str, tok: str, workers: int, pixel_dtype: str = "float32", mix: str = "image"):
     from bagel_jax.config import base_config, validate
 
     c = base_config()
@@ -131,6 +186,10 @@ def config(data_dir: str, tok: str, workers: int, pixel_dtype: str = "float32"):
     d.sources.update(t2i="t2i", vlm="vlm_sft", edit="edit")
     d.vit_transform_by_kind.update(vlm=(980, 378, 14, 2_007_040), edit=(518, 224, 14))
     d.mixture.update(t2i=1.0, vlm=1.0, edit=1.0, video=0.0, web=0.0)
+    if mix == "video":
+        d.sources.update(vlm="vlm_sft", video="interleaved_video")
+        d.mixture.update(t2i=0.0, vlm=1.0, edit=0.0, video=1.0)
+        d.vit_transform_by_kind.update(video=(518, 224, 14))
     c.model.vocab_size = 4096
     return validate(c)
 
@@ -169,8 +228,11 @@ def run(cfg, batches: int, warmup: int) -> dict:
             next(it)
         kids = _children()
         cpu0, own0, tok0, t0 = _cpu_seconds(kids), time.process_time(), it.real_tokens.sum(), time.perf_counter()
+        frames = 0
         for _ in range(batches):
-            next(it)
+            b = next(it)
+            vit = np.asarray(b.vit_image)
+            frames += int((np.asarray(b.vae_hw)[..., 0] > 0).sum()) + sum(len(np.unique(r[r > 0])) for r in vit)
         wall = time.perf_counter() - t0
         main_cpu, worker_cpu = time.process_time() - own0, _cpu_seconds(kids) - cpu0
         cpu = main_cpu + worker_cpu
@@ -180,6 +242,7 @@ def run(cfg, batches: int, warmup: int) -> dict:
         it.close()
     return dict(
         tokens=tokens,
+        frames=frames,
         wall=wall,
         cpu=cpu,
         main_cpu=main_cpu,
@@ -197,18 +260,27 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=120, help="samples per kind in the generated data")
     p.add_argument("--workdir", default="/tmp/bagel_pipeline_bench")
     p.add_argument("--pixel_dtype", default="float32", choices=("float32", "uint8"))
+    p.add_argument("--mix", default="image,video", help="comma-separated: image, video (each measured in turn)")
     a = p.parse_args(argv)
     data_dir, tok = prepare(a.workdir, a.samples)
-    r = run(config(data_dir, tok, a.workers, a.pixel_dtype), a.batches, a.warmup)
-    ncpu = max(a.workers, 1)
-    print(
-        f"{a.pixel_dtype} pixels, {a.workers} workers, {a.batches} rows of 32768: "
-        f"{r['tokens'] / r['wall'] / 1e3:.0f}K real tokens/s wall "
-        f"(load avg {r['load']:.1f} on {os.cpu_count()} cores); {r['tokens'] / r['cpu'] / 1e3:.0f}K tokens per "
-        f"CPU-second -> {ncpu * r['tokens'] / r['cpu'] / 1e3:.0f}K tokens/s on {ncpu} dedicated cores; "
-        f"last-row fill {100 * r['fill']:.1f}%; CPU s: main {r['main_cpu']:.1f}, workers {r['worker_cpu']:.1f}, "
-        f"wall {r['wall']:.1f}"
-    )
+    for mix in a.mix.split(","):
+        if mix == "video":
+            d = prepare_video(a.workdir, max(8, a.samples // 4))
+        elif mix == "image":
+            d = data_dir
+        else:
+            raise SystemExit(f"--mix: unknown mix {mix!r} (image, video)")
+        r = run(config(d, tok, a.workers, a.pixel_dtype, mix), a.batches, a.warmup)
+        ncpu = max(a.workers, 1)
+        print(
+            f"{mix:5s} mix, {a.pixel_dtype} pixels, {a.workers} workers, {a.batches} rows of 32768: "
+            f"{r['tokens'] / r['wall'] / 1e3:.0f}K real tokens/s wall, {r['frames'] / r['wall']:.0f} images/s "
+            f"(load avg {r['load']:.1f} on {os.cpu_count()} cores); {r['tokens'] / r['cpu'] / 1e3:.0f}K tokens per "
+            f"CPU-second -> {ncpu * r['tokens'] / r['cpu'] / 1e3:.0f}K tokens/s and "
+            f"{ncpu * r['frames'] / r['cpu']:.0f} images/s on {ncpu} dedicated cores; "
+            f"last-row fill {100 * r['fill']:.1f}%; CPU s: main {r['main_cpu']:.1f}, workers {r['worker_cpu']:.1f}, "
+            f"wall {r['wall']:.1f}"
+        )
 
 
 if __name__ == "__main__":

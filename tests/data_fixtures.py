@@ -137,3 +137,59 @@ def reference_dense_mask(split_lens, attn_modes):
             m[s0 : s0 + s, s0 : s0 + s] = True
         s0 += s
     return m
+
+
+def moving_square_frames(n: int, w: int = 64, h: int = 48, shots: int = 1) -> list:
+    """``n`` uint8 RGB frames [h, w, 3]: a white square moving right on a background whose colour changes with each
+    of ``shots`` equal shots (a hard cut between them)."""
+    colours = [(200, 40, 40), (30, 160, 60), (40, 60, 200), (200, 200, 40)]
+    out = []
+    for i in range(n):
+        a = np.zeros((h, w, 3), np.uint8)
+        a[:] = colours[(i * shots // n) % len(colours)]
+        x = (2 * i) % (w - 16)
+        a[h // 4 : h // 4 + 16, x : x + 16] = 255
+        out.append(a)
+    return out
+
+
+def write_video(path, frames, codec: str = "libx264", fps: int = 10, gop: int = 12) -> None:
+    """Encodes uint8 RGB ``frames`` into ``path`` (container from the extension) with PyAV."""
+    import av
+
+    h, w = frames[0].shape[:2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt, s.gop_size = w, h, "yuv420p", gop
+        if codec == "libx264":
+            s.options = {"crf": "12", "preset": "ultrafast"}
+        for a in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def bad_videos(folder, good) -> dict[str, str]:
+    """Writes one bad video per build skip reason into ``folder`` (from the bytes of a ``good`` mkv file);
+    returns ``{file name: reason}``."""
+    import av
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = good.read_bytes()
+    (folder / "truncated.mkv").write_bytes(data[: len(data) // 2])
+    (folder / "not_a_video.mp4").write_bytes(b"\x00\x01 this is not a video " * 50)
+    (folder / "unknown_codec.mkv").write_bytes(data.replace(b"V_MPEG4/ISO/AVC", b"V_QQQQQ/ISO/AVC"))
+    with av.open(str(folder / "no_frames.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        c.start_encoding()
+    write_video(folder / "huge.mkv", [np.zeros((16, 9000, 3), np.uint8)] * 2)
+    return {
+        "truncated.mkv": "undecodable_video",
+        "not_a_video.mp4": "undecodable_video",
+        "unknown_codec.mkv": "unsupported_codec",
+        "no_frames.mp4": "no_frames",
+        "huge.mkv": "video_too_large",
+    }

@@ -56,8 +56,12 @@ def _valid_meta(kind: str, n: int):
         return st.lists(st.lists(WORDS, min_size=1, max_size=2), min_size=n - 1, max_size=n - 1).map(
             lambda steps: {"instructions": steps}
         )
-    if kind == "video":
-        return texts(n - 1).map(lambda caps: {"captions": caps})
+    if kind == "video":  # frames of a folder (captions), or of a video file (frame_indexes, captions optional)
+        clip = st.tuples(st.lists(st.integers(1, 30), min_size=n, max_size=n), texts(n - 1), st.booleans())
+        return st.one_of(
+            texts(n - 1).map(lambda caps: {"captions": caps}),
+            clip.map(lambda c: {"frame_indexes": np.cumsum(c[0]).tolist(), **({"captions": c[1]} if c[2] else {})}),
+        )
     return texts(n).map(lambda ts: {"items": [x for i, t in enumerate(ts) for x in ({"text": t}, {"image": i})]})
 
 

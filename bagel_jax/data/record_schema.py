@@ -11,7 +11,8 @@ unusable ``image_names`` / ``source`` only make messages less precise. ``meta`` 
 | t2i   | ``captions``: list of str, dict of str (the reference's parquet), or str | 1 (more are ignored)     |
 | vlm   | ``conversations``: list of ``{"from": "human" or "gpt", "value": str}`` | any number, used by ``<image>`` |
 | edit  | ``instructions``: list (one per step, >= images - 1) of str or non-empty list of str | >= 2      |
-| video | ``captions``: list of str, exactly images - 1                          | >= 2                      |
+| video | ``captions``: list of str, exactly images - 1 (``[]`` / absent: none, needs ``frame_indexes``) | >= 2 |
+|       | ``frame_indexes`` (optional): increasing ints, the frames' numbers in the video |                           |
 | web   | ``items``: list of ``{"text": str}`` or ``{"image": int index into images}`` | any number          |
 
 Text with lone surrogates (valid JSON ``"\\ud800"``, not valid UTF-8) has them replaced by U+FFFD. Booleans
@@ -43,7 +44,8 @@ class RecordError(ValueError):
 
 @dataclasses.dataclass
 class Record:
-    """A checked record. ``fields`` per kind: t2i / video ``captions`` list[str]; vlm ``turns`` list of
+    """A checked record. ``fields`` per kind: t2i ``captions`` list[str]; video ``captions`` list[str] (maybe
+    empty) and ``frame_indexes`` list[int] | None; vlm ``turns`` list of
     (role, text); edit ``instructions`` list[list[str]]; web ``items`` list of ("text", str) | ("image", int)."""
 
     kind: str
@@ -166,13 +168,25 @@ def check_meta(kind: str, meta, num_images: int, source: str) -> dict[str, Any]:
     if kind == "video":
         if num_images < 2:
             raise RecordError(f"{source}: a video record needs >= 2 frames, has {num_images}", "bad_record")
-        captions = [f.text(v, f"captions[{i}]") for i, v in enumerate(f.list("captions"))]
-        if len(captions) != num_images - 1:
+        raw = meta.get("captions", [])
+        captions = [f.text(v, f"captions[{i}]") for i, v in enumerate(f.list("captions"))] if raw != [] else []
+        if captions and len(captions) != num_images - 1:
             raise RecordError(
                 f"{source}: 'captions' has {len(captions)} entries for {num_images} frames (needs {num_images - 1})",
                 "bad_field",
             )
-        return {"captions": captions}
+        indexes = None
+        if meta.get("frame_indexes") is not None:
+            indexes = f.list("frame_indexes")
+            if (
+                len(indexes) != num_images
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indexes)
+                or any(b <= a for a, b in zip(indexes[:-1], indexes[1:]))
+            ):
+                raise f._bad("frame_indexes", indexes, f"{num_images} increasing frame numbers")
+        elif not captions:
+            raise RecordError(f"{source}: a video record needs 'captions' or 'frame_indexes', has neither", "bad_field")
+        return {"captions": captions, "frame_indexes": indexes}
     if kind == "web":
         return {"items": f.items("items", num_images)}
     raise RecordError(f"{source}: unknown kind {kind!r} (known: {', '.join(KINDS)})", "bad_record")

@@ -13,8 +13,13 @@ then per kind, ``meta`` → segments:
 * ``edit``: ``{"instructions": [[str, ...] per step]}`` → source ``Image(clean, vit, cfg)``; random start/end at
   most 2 steps apart; either one joined instruction + ``Image(noised)``, or per step ``Text(cfg)`` +
   ``Image(noised+clean, vit, cfg)`` and the last ``Image(noised)`` (``edit_dataset.py``).
-* ``video``: ``{"captions": [str] * (frames - 1)}`` → frames as an edit chain: frame 0 ``Image(clean, vit, cfg)``;
-  per change ``Text(caption, cfg)`` + ``Image(noised+clean, vit, cfg)``, the last frame ``Image(noised)``.
+* ``video``: ``{"captions": [str] * (frames - 1)}`` (frames without timing, e.g. a folder) → frames as an edit
+  chain: frame 0 ``Image(clean, vit, cfg)``; per change ``Text(caption, cfg)`` + ``Image(noised+clean, vit, cfg)``,
+  the last frame ``Image(noised)``.
+  With ``"frame_indexes"`` (frames sampled from a video file; captions optional) → future-frame prediction with the
+  reference's ``_add_video`` splits: k ~ U{1..frames-1} context frames as one clean ``Video`` (+ ViT per frame,
+  ``cfg``), the captions of the changes from frame k-1 on joined as ``Text(cfg)``, the remaining frames as one
+  noised ``Video`` (one shared timestep); RoPE steps by ``frame_delta`` inside each clip split.
 * ``web``: ``{"items": [{"text": str} | {"image": i}]}`` → ``Text(loss=1, cfg)``; an image with text before it
   is generated (``noised``) and, unless last, kept as a condition (``clean`` + ``vit``); a leading image is a
   condition only.
@@ -31,7 +36,7 @@ import numpy as np
 
 from bagel_jax.data import images as img_lib
 from bagel_jax.data.record_schema import KINDS, Record, RecordError, parse_record
-from bagel_jax.data.sample import Image, Sample, Text
+from bagel_jax.data.sample import Image, Sample, Text, Video
 from bagel_jax.data.skips import SKIP_REASONS
 
 __all__ = ["KINDS", "SKIP_REASONS", "RecordDecoder", "RecordError"]
@@ -143,12 +148,36 @@ class RecordDecoder:
         return out
 
     def _video(self, fields, ctx, rng):
+        if fields.get("frame_indexes") is not None:
+            return self._future_frames(fields, ctx, rng)
         n = ctx.num_images
         captions = fields["captions"]
         out = [ctx.image(0, vae="clean", vit=True, cfg=True)]
         for i in range(1, n):
             out.append(Text(self._encode_nonempty(captions[i - 1], ctx), loss=False, cfg=True))
             out.append(ctx.image(i, vae="noised+clean" if i < n - 1 else "noised", vit=i < n - 1, cfg=True))
+        return out
+
+    def _future_frames(self, fields, ctx, rng):
+        n, idx, captions = ctx.num_images, fields["frame_indexes"], fields["captions"]
+        k = int(rng.integers(1, n))
+        context = [ctx.image(i, vae="clean", vit=True) for i in range(k)]
+        out = [
+            Video(
+                [im.vae_pixels for im in context],
+                idx[:k],
+                vae="clean",
+                vit=True,
+                cfg=True,
+                vit_pixels=[im.vit_pixels for im in context],
+                name=f"{ctx.source}: frames 0-{k - 1}",
+            )
+        ]
+        ids = self.tokenizer.encode(" ".join(captions[k - 1 :])) if captions else []
+        if ids:
+            out.append(Text(ids, loss=False, cfg=True))
+        targets = [ctx.image(i, vae="noised").vae_pixels for i in range(k, n)]
+        out.append(Video(targets, idx[k:], vae="noised", name=f"{ctx.source}: frames {k}-{n - 1}"))
         return out
 
     def _web(self, fields, ctx, rng):

@@ -9,6 +9,16 @@ A ``Sample`` is a list of segments in reading order:
   ViT (``full`` split, a condition). ``vae`` is ``"none" | "clean" | "noised" | "noised+clean"``.
   Every image split is ``<|vision_start|> tokens <|vision_end|>`` with one RoPE id for all of them.
 
+* ``Video(vae_frames, frame_indexes, vae=..., vit=..., cfg=...)``: the reference's ``_add_video``: all VAE frames
+  in ONE split (``<|vision_start|> tokens <|vision_end|>`` per frame), frame k at RoPE id ``rope + Σ frame_delta``
+  (``frame_delta`` = the gap between the frames' indices in the video); after the last frame the id advances by one
+  (clean) or not at all (noised). A noised split draws ONE timestep, shared by all its frames, and is a ``noise``
+  split (the reference marks multi-frame noised splits ``full`` as a side effect of its ``frame_delta`` check, which
+  would let later tokens see noised latents; we keep §5's rule: nothing outside sees them). ``vit``: then each frame
+  as its own ViT split, one RoPE step each (the reference ignores ``frame_delta`` there). A dropped clean video
+  (``cfg``) drops the whole split and still advances the id by ``Σ frame_delta + 1`` (the reference drops frame by
+  frame and leaves a broken split, its ``FIXME``); ViT frames drop one by one like images.
+
 ``cfg`` marks a droppable condition (the reference's ``enable_cfg``): with the configured probabilities a text is
 dropped (no position advance), a clean VAE or ViT image is dropped but still advances the position by one.
 Noised images never drop. RoPE: texts advance by their length; clean VAE / ViT images by one; noised VAE by zero.
@@ -64,7 +74,37 @@ class Image:
             raise ValueError(f"{self.name}: vit=True needs vit_pixels")
 
 
-Segment = Text | Image
+@dataclasses.dataclass
+class Video:
+    """Frames of one clip in one split (module doc). ``vae_pixels``: uint8 [H, W, 3] per frame (multiples of 16);
+    ``frame_indexes``: strictly increasing frame numbers in the video; ``vit_pixels`` per frame when ``vit``."""
+
+    vae_pixels: list
+    frame_indexes: Sequence[int]
+    vae: str = "clean"  # "clean" | "noised"
+    vit: bool = False
+    cfg: bool = False
+    vit_pixels: list | None = None
+    name: str = "video"
+
+    def __post_init__(self):
+        if self.vae not in ("clean", "noised"):
+            raise ValueError(f"{self.name}: Video.vae must be 'clean' or 'noised', got {self.vae!r}")
+        if not self.vae_pixels or len(self.frame_indexes) != len(self.vae_pixels):
+            raise ValueError(f"{self.name}: Video needs >= 1 frame and one frame index per frame")
+        if np.any(np.diff(np.asarray(self.frame_indexes)) <= 0):
+            raise ValueError(f"{self.name}: frame indexes must increase, got {list(self.frame_indexes)}")
+        if self.vit and (self.vit_pixels is None or len(self.vit_pixels) != len(self.vae_pixels)):
+            raise ValueError(f"{self.name}: vit=True needs vit_pixels for every frame")
+
+    @property
+    def deltas(self) -> list[int]:
+        """RoPE step after each frame but the last (the reference's ``frame_delta``)."""
+        f = [int(i) for i in self.frame_indexes]
+        return [b - a for a, b in zip(f[:-1], f[1:])]
+
+
+Segment = Text | Image | Video
 
 
 @dataclasses.dataclass
@@ -211,7 +251,8 @@ class _Builder:
             [self.curr, self.curr + 1 + inner], KIND_TEXT, [self.rope, self.rope], [c.vision_start_id, c.vision_end_id]
         )
 
-    def vae(self, pixels: np.ndarray, noised: bool, name: str, rng: np.random.Generator):
+    def _vae_tokens(self, pixels: np.ndarray, noised: bool, name: str, timestep: float) -> int:
+        """Markers + latent tokens of one VAE image at ``self.curr`` / ``self.rope``; advances ``curr`` only."""
         c = self.cfg
         h, w = pixels.shape[:2]
         d = c.vae_downsample
@@ -237,10 +278,27 @@ class _Builder:
         self._g["src"].append((k * c.latent_tokens_per_image + r * (pw // d) + col).astype(np.int32))
         self._g["lpos"].append(img_lib.flattened_position_ids(h, w, d, c.max_latent_size, c.interpolate_pos))
         self.vae_pixels.append(pixels)
-        self.timesteps.append(float(rng.standard_normal()) if noised else -np.inf)
-        self._split(NOISE if noised else FULL, n + 2)
+        self.timesteps.append(timestep if noised else -np.inf)
+        self.curr += n + 2
+        return n + 2
+
+    def vae(self, pixels: np.ndarray, noised: bool, name: str, rng: np.random.Generator):
+        timestep = float(rng.standard_normal()) if noised else -np.inf
+        n = self._vae_tokens(pixels, noised, name, timestep)
+        self._close_split(NOISE if noised else FULL, n)
         if not noised:
             self.rope += 1
+
+    def video(self, seg: Video, rng: np.random.Generator):
+        """One split holding every frame (module doc: ``Video``)."""
+        noised = seg.vae == "noised"
+        timestep = float(rng.standard_normal()) if noised else -np.inf
+        deltas = seg.deltas + [0 if noised else 1]
+        total = 0
+        for k, (pixels, delta) in enumerate(zip(seg.vae_pixels, deltas)):
+            total += self._vae_tokens(pixels, noised, f"{seg.name} frame {k}", timestep)
+            self.rope += delta
+        self._close_split(NOISE if noised else FULL, total)
 
     def vit(self, pixels: np.ndarray, name: str):
         c = self.cfg
@@ -266,9 +324,13 @@ class _Builder:
         self.rope += 1
 
     def _split(self, mode: str, n: int):
+        self._close_split(mode, n)
+        self.curr += n
+
+    def _close_split(self, mode: str, n: int):
+        """Records a split of the last ``n`` tokens (already counted in ``curr``)."""
         self.split_lens.append(n)
         self.split_modes.append(mode)
-        self.curr += n
 
     def finish(self, key: int, source: str = "") -> Document:
         def cat(chunks, dtype, shape=(0,)):
@@ -328,6 +390,16 @@ def build_document(sample: Sample, cfg: LayoutConfig, rng: np.random.Generator) 
                     b.rope += 1
                 else:
                     b.vit(seg.vit_pixels, seg.name)
+        elif isinstance(seg, Video):
+            if seg.vae == "clean" and seg.cfg and rng.random() < cfg.vae_cond_dropout_prob:
+                b.rope += sum(seg.deltas) + 1
+            else:
+                b.video(seg, rng)
+            for k, px in enumerate(seg.vit_pixels if seg.vit else ()):
+                if seg.cfg and rng.random() < cfg.vit_cond_dropout_prob:
+                    b.rope += 1
+                else:
+                    b.vit(px, f"{seg.name} frame {k}")
         else:
             raise TypeError(f"sample {sample.key}: unknown segment type {type(seg).__name__}")
     return b.finish(sample.key, sample.source)

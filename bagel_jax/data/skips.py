@@ -26,7 +26,10 @@ Builders skip a line or row of the user's files (the build goes on) for one of `
 
 * ``unreadable_file``: the file cannot be opened or parsed (or lacks a required column): all of it is skipped;
 * ``not_json``: the line is not UTF-8 JSON, or a JSON-text column (``captions``) is not JSON;
-* ``bad_row``: the line / row has the wrong shape: not an object, a field missing or of the wrong type.
+* ``bad_row``: the line / row has the wrong shape: not an object, a field missing or of the wrong type;
+* ``undecodable_video``, ``no_frames``, ``unsupported_codec``, ``video_too_large``, ``wrong_duration``: the line's
+  video file is not a video or is truncated, has no frames, needs a decoder this FFmpeg lacks, is absurdly large
+  (bytes, frame size or frame count), or is not as long as the line's ``duration`` says (``VIDEO_SKIP_REASONS``).
 
 Records kept with a missing image are counted in the build summary (training skips them as ``missing_file``).
 
@@ -66,7 +69,11 @@ LEGACY_SKIP_REASONS = (
     "bad_image",
     "bad_record",
 )
-BUILD_SKIP_REASONS = ("unreadable_file", "not_json", "bad_row")
+# A video file that cannot be used (``data/video.py``): not a video or truncated, no frames, a codec this FFmpeg
+# cannot decode, absurd size (file bytes, frame size or frame count), a duration in the index that the file does not
+# have.
+VIDEO_SKIP_REASONS = ("undecodable_video", "no_frames", "unsupported_codec", "video_too_large", "wrong_duration")
+BUILD_SKIP_REASONS = ("unreadable_file", "not_json", "bad_row") + VIDEO_SKIP_REASONS
 
 _repr = reprlib.Repr()
 _repr.maxstring, _repr.maxother, _repr.maxlevel, _repr.maxlist, _repr.maxdict = 40, 40, 2, 4, 4

@@ -37,6 +37,7 @@ from etils import epath
 
 from bagel_jax.data.record_schema import RecordError
 from bagel_jax.data.skips import BUILD_SKIP_REASONS, SkipLog, show
+from bagel_jax.data.video import VideoError
 
 FEATURES_DOC = "kind, meta (JSON), images (encoded bytes), image_names, source"
 
@@ -140,10 +141,18 @@ def cli(builder_cls, doc: str, argv=None) -> str:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--manual_dir", required=True, help="folder with your files")
     p.add_argument("--data_dir", required=True, help="TFDS data dir to write to")
-    if "max_frames" in inspect.signature(builder_cls.__init__).parameters:
-        p.add_argument("--max_frames", type=int, default=8)
+    params = inspect.signature(builder_cls.__init__).parameters
+    options = {  # builder keyword → help (the default is the builder's own)
+        "max_frames": "most frames per video / clip",
+        "min_frames": "fewest frames drawn per video (the reference's FrameSampler)",
+        "frame_sample": "video frame sampling: rand, middle or fps<x> (e.g. fps1: one frame per second)",
+    }
+    for key, text in options.items():
+        if key in params:
+            default = params[key].default
+            p.add_argument(f"--{key}", type=type(default), default=default, help=f"{text} (default {default})")
     a = p.parse_args(argv)
-    kwargs = {"max_frames": a.max_frames} if hasattr(a, "max_frames") else {}
+    kwargs = {k: getattr(a, k) for k in options if hasattr(a, k)}
     out = build(builder_cls, a.data_dir, a.manual_dir, **kwargs)
     print(f"built {builder_cls.name} into {out}")
     return out
@@ -204,6 +213,10 @@ class BuildReport:
         """``fn(*args)`` (a record), or None when it raises: the line / row ``where`` is skipped as ``bad_row``."""
         try:
             out = fn(*args)
+        except VideoError as e:
+            text = str(e)
+            self.skip(e.reason, text if text.startswith(where) else f"{where}: {text}")
+            return None
         except (RowError, RecordError) as e:
             text = str(e)
             self.skip(

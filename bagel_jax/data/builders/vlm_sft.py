@@ -4,11 +4,15 @@
 
     {"image": "a.jpg" | ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "<image>\\nWhat ..."},
                                                           {"from": "gpt", "value": "..."}]}
-    {"video": "clip_frames/", "conversations": [{"from": "human", "value": "<video>\\nDescribe it."}, ...]}
+    {"video": "clip.mp4" | "clip_frames/", "conversations": [{"from": "human", "value": "<video>\\nDescribe it."}, ...]}
 
-Image paths are relative to the jsonl's folder (or its ``images/`` subfolder). A video is a folder of frames;
-at most ``--max_frames`` (default 8) are kept, evenly spread, and ``<video>`` becomes one ``<image>`` per frame.
-A missing image is stored empty and the sample is skipped (and counted) at training time.
+Image paths are relative to the jsonl's folder (or its ``images/`` subfolder). A video is a file (mp4, webm, mkv,
+mov, avi; decoded with PyAV, only the sampled frames) or a folder of frames. Frames are sampled like the
+reference's ``FrameSampler`` (vlm_sft yaml: ``rand``, ``--min_frames`` 8 to ``--max_frames`` 12 frames; a folder
+with no more frames than drawn keeps them all), seeded by the line, and stored as JPEG; ``<video>`` becomes one
+``<image>`` per frame, and training resizes them with ``img_num`` = the frame count (the pixel budget is shared).
+A missing image is stored empty and the sample is skipped (and counted) at training time; an unusable video file
+skips the line, counted by reason (``skips.VIDEO_SKIP_REASONS``).
 
     python -m bagel_jax.data.builders.vlm_sft --manual_dir=/data/llava --data_dir=/data/tfds
 """
@@ -17,8 +21,9 @@ from __future__ import annotations
 
 import os
 
-from bagel_jax.data.builders import common
+from bagel_jax.data.builders import common, video_files
 from bagel_jax.data.record_schema import check_meta
+from bagel_jax.data.video import FrameSampler, VideoError
 
 
 class VlmSft(common.LocalFilesBuilder):
@@ -26,8 +31,8 @@ class VlmSft(common.LocalFilesBuilder):
 
     DESCRIPTION = __doc__
 
-    def __init__(self, *, max_frames: int = 8, **kwargs):
-        self.max_frames = max_frames
+    def __init__(self, *, max_frames: int = 12, min_frames: int = 8, frame_sample: str = "rand", **kwargs):
+        self.sampler = FrameSampler(max_frames, min(min_frames, max_frames), frame_sample)
         super().__init__(**kwargs)
 
     def _generate_examples(self, manual_dir):
@@ -44,17 +49,33 @@ class VlmSft(common.LocalFilesBuilder):
         if item.get("image") is not None:
             paths = [common.resolve(base, p) for p in common.path_list(item["image"], "image")]
         elif item.get("video") is not None:
-            folder = common.resolve(base, common.path_list(item["video"], "video")[0])
-            paths = common.sample_uniform(common.frame_files(folder), self.max_frames) or [folder]
-            for c in conversations:
-                if "<video>" in c["value"]:
-                    c["value"] = c["value"].replace("<video>", "<image>" * len(paths))
-                    break
+            path = common.resolve(base, common.path_list(item["video"], "video")[0])
+            turn = next((c for c in conversations if "<video>" in c["value"]), None)
+            if turn is None:  # the reference skips such a line ("Cannot find <video> in the conversation!")
+                raise common.RowError("a 'video' line needs <video> in a turn, found none")
+            images, names = self._video(path, manual_dir, where, report)
+            turn["value"] = turn["value"].replace("<video>", "<image>" * len(images))
+            return common.record("vlm", {"conversations": conversations}, images, names, where)
         else:
             paths = []
         images = [common.read_file(p, report, where) for p in paths]
         names = [os.path.relpath(p, manual_dir) for p in paths]
         return common.record("vlm", {"conversations": conversations}, images, names, where)
+
+    def _video(self, path: str, manual_dir: str, where: str, report: common.BuildReport) -> tuple[list, list]:
+        """Sampled frames (encoded) and their names, from a video file or a frames folder."""
+        rng = video_files.rng_for(where)
+        name = os.path.relpath(path, manual_dir)
+        if video_files.is_video_file(path):
+            src, info = video_files.load(path, name)
+            idx = self.sampler(info.num_frames, rng, info.fps)
+            if not idx:  # fps<x> sampling of a clip shorter than one slot
+                raise VideoError(f"{name}: no frame at {self.sampler.sample} ({info.duration_s:.2f} s)", "no_frames")
+            return video_files.frames_as_jpeg(src, idx, info, name), video_files.frame_names(name, idx)
+        paths = common.frame_files(path)
+        idx = self.sampler(len(paths), rng) if paths else []
+        paths = [paths[i] for i in sorted(set(idx))] if len(paths) > len(idx) else paths or [path]
+        return [common.read_file(p, report, where) for p in paths], [os.path.relpath(p, manual_dir) for p in paths]
 
 
 def main(argv=None):
