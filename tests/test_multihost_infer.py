@@ -21,11 +21,12 @@ from bagel_jax.launch_utils import load_config
 
 def get_config(arg=None):
     c = load_config(os.path.join({configs!r}, "tiny_shapes.py"))
-    c.train.update(steps=2, checkpoint_every=1000, sample_every=2, sample_steps=3)
+    # sized so that the samples and the evals share their programs (2 images of 50 steps, 1 answer of 32 tokens)
+    c.train.update(steps=2, checkpoint_every=1000, sample_every=2, sample_steps=50)
     c.data.update(batch_size=4, synthetic_examples=40)
     c.evals = dict(
         geneval=dict(type="shapes_geneval", num_examples=1, categories=("single_object", "colors"), every=2),
-        vqa=dict(type="shapes_vqa", num_examples=3, every=2),
+        vqa=dict(type="shapes_vqa", num_examples=1, every=2),
     )
     return c
 """
