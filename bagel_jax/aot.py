@@ -9,6 +9,13 @@ HBM (arguments, outputs, temporaries, peak) against the chip's capacity, compile
 FLOPs, and the MFU a given ``--step_time`` would mean. A step that does not fit reports XLA's
 out-of-memory numbers instead. Use it to choose mesh, remat and batch before paying for a pod.
 
+``--infer`` compiles the KV-cached inference call instead (``infer/step_shapes.py``): prefill ``--requests`` ×
+``--cfg_rows`` contexts of ``--context_tokens`` tokens, then one Euler step of an ``--image_size``² image per row,
+with params in ``model.param_dtype`` sharded by the training rules on the ``config.parallel`` mesh::
+
+    python -m bagel_jax.aot --infer --config=configs/bagel_7b_mot.py --config.model.param_dtype=bfloat16 \
+        --topology=v5e:2x4 --context_tokens=4096 --image_size=1024 --requests=8
+
 The model + loss come from ``LOSSES`` (``register_loss``) or ``--loss=module:builder``: ``bagel`` (the full
 model and its losses on a ``PackedBatch`` of the config's budgets; the default) and ``mot_lm`` (the MoT
 LanguageModel alone on text and gen token slots: CE + a stand-in squared loss on gen states).
@@ -274,6 +281,112 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     return info
 
 
+def _memory(compiled) -> dict[str, Any]:
+    mem = compiled.memory_analysis()
+    return dict(
+        argument_bytes=mem.argument_size_in_bytes,
+        output_bytes=mem.output_size_in_bytes,
+        temp_bytes=mem.temp_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes,
+        peak_bytes=mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes,
+    )
+
+
+def plan_inference(
+    config, devices: list, *, context_tokens: int, image_size: int, requests: int, cfg_rows: int = 3
+) -> dict[str, Any]:
+    """Compiles the KV-cached prefill + one Euler step (``cached_image``'s velocity program) for ``devices``;
+    returns sizes and per-chip memory (or ``oom``)."""
+    from bagel_jax.infer.cached_image import _build_velocity
+    from bagel_jax.infer.programs import inference_model
+    from bagel_jax.infer.step_shapes import image_step_inputs
+    from bagel_jax.model.bagel import make_init_fn
+    from bagel_jax.parallel.mesh import logical_shardings, use_mesh
+
+    for name, v in (("context_tokens", context_tokens), ("image_size", image_size), ("requests", requests)):
+        if v < 1:
+            raise InputError(f"--{name}: must be >= 1, got {v}")
+    if cfg_rows not in (1, 2, 3):
+        raise InputError(f"--cfg_rows: 1, 2 or 3 (gen, + cfg_text, + cfg_img), got {cfg_rows}")
+    config.data.batch_size = len(devices)  # training's rows-per-mesh check; the inference rows are set below
+    validate(config, num_devices=len(devices), platform=devices[0].platform)
+    mesh, rules = make_mesh(config, devices), logical_rules(config)
+    model, init_fn = make_init_fn(config)
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    dtype = jnp.dtype(config.model.param_dtype)
+    params = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, dtype, sharding=sh),
+        nn_unbox(boxed),
+        logical_shardings(boxed, mesh, rules),
+    )
+    side = image_size // (8 * config.model.latent_patch_size) * 8 * config.model.latent_patch_size
+    inputs = image_step_inputs(
+        config.model, mesh, context_tokens=context_tokens, image_hw=(side, side), requests=requests, branches=cfg_rows
+    )
+    kind = devices[0].device_kind
+    info = dict(
+        mode="infer",
+        device_kind=kind,
+        num_devices=len(devices),
+        mesh=dict(mesh.shape),
+        attention=config.model.attention_impl,
+        params=num_params(params),
+        param_dtype=str(dtype),
+        hbm_bytes=metrics_lib.hbm_bytes(kind),
+        context_tokens=context_tokens,
+        image_size=side,
+        requests=requests,
+        cfg_rows=cfg_rows,
+    )
+    program = _build_velocity(inference_model(model))
+    t0 = time.perf_counter()
+    with use_mesh(mesh, rules):
+        lowered = program.lower(params, *inputs)
+    info["lower_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        info.update(oom=str(e).strip().splitlines()[0], compile_seconds=time.perf_counter() - t0)
+        return info
+    info["compile_seconds"] = time.perf_counter() - t0
+    info.update(_memory(compiled), compiled=compiled)
+    return info
+
+
+def nn_unbox(tree):
+    from flax.core import meta
+
+    return meta.unbox(tree)
+
+
+def report_inference(p: dict[str, Any]) -> str:
+    """Human-readable lines of a ``plan_inference``."""
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    lines = [
+        f"inference       prefill {p['requests']} × {p['cfg_rows']} rows of {p['context_tokens']} tokens, then one "
+        f"Euler step of a {p['image_size']}² image per row; attention={p['attention']}",
+        f"devices         {p['num_devices']} × {p['device_kind']}   mesh {p['mesh']}",
+        f"params          {p['params'] / 1e9:.3f} B in {p['param_dtype']}",
+    ]
+    if "oom" in p:
+        return "\n".join(lines + [f"per-chip HBM    DOES NOT FIT: {p['oom']}"])
+    hbm = p["hbm_bytes"]
+    fits = "unknown chip" if not hbm else ("FITS" if p["peak_bytes"] <= hbm else "DOES NOT FIT")
+    lines += [
+        f"per-chip HBM    arguments {gib(p['argument_bytes'])} | outputs {gib(p['output_bytes'])} | "
+        f"temporaries {gib(p['temp_bytes'])}",
+        f"                peak ≈ {gib(p['peak_bytes'])} of {gib(hbm) if hbm else '?'} per chip → {fits}",
+        f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
 def report(p: dict[str, Any], step_time: float = 0.0) -> str:
     """Human-readable table of a ``plan``."""
 
@@ -339,6 +452,10 @@ def main(argv):
         resolve_attention(cfg)
         validate(cfg, platform="tpu")  # the config alone, before libtpu builds the topology
         devices = topology_devices(FLAGS.topology, FLAGS.num_slices)
+        if FLAGS.infer:
+            kw = dict(context_tokens=FLAGS.context_tokens, image_size=FLAGS.image_size, requests=FLAGS.requests)
+            print(report_inference(plan_inference(cfg, devices, cfg_rows=FLAGS.cfg_rows, **kw)))
+            return
         p = plan(cfg, devices, FLAGS.loss or None)
     print(report(p, FLAGS.step_time))
 
@@ -352,6 +469,11 @@ def _define_flags():
     flags.DEFINE_integer("num_slices", 1, "number of slices (multi-slice, with parallel.dcn_*)")
     flags.DEFINE_float("step_time", 0.0, "seconds per step to turn FLOPs into MFU")
     flags.DEFINE_string("loss", "", f"registered model/loss name or module:builder (default {default_loss()!r})")
+    flags.DEFINE_bool("infer", False, "compile the KV-cached inference call (prefill + one Euler step) instead")
+    flags.DEFINE_integer("context_tokens", 4096, "--infer: tokens of each context row")
+    flags.DEFINE_integer("image_size", 1024, "--infer: side of the generated square image (pixels)")
+    flags.DEFINE_integer("requests", 8, "--infer: requests per call (each with --cfg_rows context rows)")
+    flags.DEFINE_integer("cfg_rows", 3, "--infer: CFG branches per request (gen, cfg_text, cfg_img)")
     flags.mark_flags_as_required(["config"])
 
 

@@ -160,3 +160,19 @@ def test_vae_encode_scan_cuts_encoder_memory(v5e_devices):
         assert "oom" not in p, p.get("oom")
         temps[scan] = p["temp_bytes"]
     assert temps[True] < 0.6 * temps[False], temps
+
+
+def test_cached_inference_step_compiles_for_v5e(v5e_devices):
+    """``--infer``: prefill 2 requests × 3 CFG rows of 128 tokens, then one Euler step of a 64² image, tiny model with
+    its params fsdp-sharded over 4 chips: it fits, per-chip memory is reported; bad CFG rows are one InputError."""
+    config = _tiny_config()
+    config.model.attention_impl = "reference"
+    config.parallel.update(data=1, fsdp=-1)
+    small = aot.plan_inference(config, v5e_devices, context_tokens=128, image_size=64, requests=2)
+    assert small["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "sequence": 1} and "oom" not in small
+    assert small["argument_bytes"] > 0 and small["temp_bytes"] > 0 and small["peak_bytes"] < small["hbm_bytes"]
+    assert small["image_size"] == 64 and small["params"] > 0
+    text = aot.report_inference(small)
+    assert "per-chip HBM" in text and "FITS" in text
+    with pytest.raises(aot.InputError, match="--cfg_rows"):
+        aot.plan_inference(config, v5e_devices, context_tokens=128, image_size=64, requests=2, cfg_rows=4)

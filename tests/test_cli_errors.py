@@ -203,6 +203,13 @@ CASES = [
     ("infer/bad_choice", INFER, ["--random_tiny", "--mode=paint"], r"argument --mode: invalid choice"),
     ("infer/missing_config", INFER, ["--random_tiny"] + T2I + ["--config={missing}.py"], r"--config: "),
     (
+        "infer/unknown_config_key",
+        INFER,
+        ["--random_tiny"] + T2I + ["--config.parallel.fsdq=2"],
+        r"--config\.parallel\.fsdq: unknown config key \(did you mean parallel\.fsdp\?\)",
+    ),
+    ("infer/stray_argument", INFER, ["--random_tiny"] + T2I + ["--fsdp=2"], r"unrecognized arguments: --fsdp=2"),
+    (
         "infer/bad_config_value",
         INFER,
         ["--random_tiny"] + T2I + ["--config=configs/tiny_repro.py:big"],
@@ -233,6 +240,7 @@ FAST = {
     "infer/unreadable_image",
     "infer/workdir_as_checkpoint",
     "infer/unwritable_out",
+    "infer/unknown_config_key",
 }
 
 

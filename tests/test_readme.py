@@ -151,7 +151,7 @@ def check_command(argv: list[str]) -> list[str]:
     flags = dict(a[2:].partition("=")[::2] for a in args if a.startswith("--"))
     overrides = {k[len("config.") :]: _parse_value(v) for k, v in flags.items() if k.startswith("config.")}
     for name in flags:
-        if name.startswith("config.") and "config" in config_files:
+        if name.startswith("config.") and ("config" in config_files or entry in ARGPARSE_OVERRIDES):
             continue
         if name not in names and not (name.startswith("no") and name[2:] in names):
             errors.append(f"--{name}: not a flag of {entry.relative_to(ROOT)}")
@@ -169,6 +169,9 @@ def check_command(argv: list[str]) -> list[str]:
             errors.append(f"--config={config}: {e}")
     return errors
 
+
+# argparse entry points that take ``--config.KEY=VALUE`` overrides of their ``--config`` file themselves
+ARGPARSE_OVERRIDES = {ROOT / "bagel_jax" / "infer" / "cli.py"}
 
 COMMANDS = bash_commands(README.read_text())
 

@@ -29,6 +29,7 @@ from bagel_jax.infer.cached_image import CachedImageSampler
 from bagel_jax.infer.cached_text import CachedTextGenerator
 from bagel_jax.infer.context import Preprocess, interleave_contexts
 from bagel_jax.infer.image import ImageSampler, decode_latents_batch
+from bagel_jax.infer.placement import placement_for
 from bagel_jax.infer.requests import check_image_hw
 from bagel_jax.infer.text import TextGenerator
 
@@ -62,8 +63,13 @@ def safe_decode(tokenizer, ids) -> str:
 
 
 class Inferencer:
-    """Model + params + tokenizer + resize rules. ``params`` is the full Bagel param tree (incl. ``vae``); it is put
-    on the device once here.
+    """Model + params + tokenizer + resize rules. ``params`` is the full Bagel param tree (incl. ``vae``): host
+    arrays (put on the device once here) or arrays already on a mesh (the train state's EMA, ``place_params``),
+    used where they are.
+
+    ``mesh`` / ``rules``: where the programs run (``infer/placement.py``; default the params' own mesh, else one
+    device) and the logical-axis rules (default the project's table). In a multi-process job every process makes
+    the same calls with the same inputs and gets the same outputs.
 
     ``cached``: the KV-cached batched path (default) or the cache-free oracle. ``max_batch``: requests per compiled
     call (larger batches run in pieces); ``max_context_tokens``: the KV cache's limit (context + generated tokens).
@@ -79,9 +85,14 @@ class Inferencer:
         cached: bool = True,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+        mesh=None,
+        rules=None,
     ):
         cfg = model.cfg
-        params = jax.device_put(params)
+        self.placement = placement_for(params, mesh, rules)
+        if not cached and jax.process_count() > 1:
+            raise ValueError("the cache-free oracle (cached=False) runs in one process only")
+        params = self.placement.put(params)
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.cached, self.max_batch, self.max_context_tokens = cached, max_batch, max_context_tokens
         self.vae_rule = fit_rule(
@@ -91,7 +102,7 @@ class Inferencer:
             ResizeRule.from_tuple(data_cfg.vit_transform), cfg.vit_max_num_patch_per_side * cfg.vit.patch_size
         )
         self.pre = Preprocess(tokenizer, self.vae_rule, self.vit_rule)
-        limits = dict(max_batch=max_batch, max_context_tokens=max_context_tokens)
+        limits = dict(max_batch=max_batch, max_context_tokens=max_context_tokens, placement=self.placement)
         if cached:
             self._text = CachedTextGenerator(model, params, tokenizer, **limits)
             self._image = CachedImageSampler(model, params, tokenizer, **limits) if cfg.visual_gen else None
@@ -418,7 +429,9 @@ class Inferencer:
         n = len(latents)
         nb = batch_bucket(n, max(n, self.max_batch))
         padded = np.concatenate([latents, np.zeros((nb - n,) + latents.shape[1:], latents.dtype)])
-        return decode_latents_batch(cfg.vae, self.params["vae"], padded, grid_hw, cfg.latent_patch_size)[:n]
+        return decode_latents_batch(
+            cfg.vae, self.params["vae"], padded, grid_hw, cfg.latent_patch_size, placement=self.placement
+        )[:n]
 
 
 def _key(rng):

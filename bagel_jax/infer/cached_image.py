@@ -133,8 +133,11 @@ class CachedImageSampler(ProgramRunner):
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+        placement=None,
     ):
-        super().__init__(model, params, tokenizer, max_batch=max_batch, max_context_tokens=max_context_tokens)
+        super().__init__(
+            model, params, tokenizer, max_batch=max_batch, max_context_tokens=max_context_tokens, placement=placement
+        )
         self._velocity = None
 
     def sample(
@@ -213,9 +216,9 @@ class CachedImageSampler(ProgramRunner):
         n = len(contexts)
         rows, query, keys, pad, grid = self._prepare(contexts, image_hw, rngs, branches)
         if self._velocity is None:
-            self._velocity = shared_program(self.model, "cached_image_velocity", _build_velocity)
+            self._velocity = shared_program(self.model, "cached_image_velocity", _build_velocity, self.placement.key)
         x = np.asarray(x, np.float32).reshape(n, grid[0] * grid[1], -1)[pad]
-        v = np.asarray(self._velocity(self.params, rows.batch, query, keys, x, np.float32(t)))
+        v = self.call(self._velocity, self.params, rows.batch, query, keys, x, np.float32(t))
         return v.reshape(branches, len(pad), *v.shape[1:])[:, :n]
 
     def _prepare(self, contexts, image_hw, rngs, branches: int):

@@ -114,8 +114,11 @@ class CachedTextGenerator(ProgramRunner):
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+        placement=None,
     ):
-        super().__init__(model, params, tokenizer, max_batch=max_batch, max_context_tokens=max_context_tokens)
+        super().__init__(
+            model, params, tokenizer, max_batch=max_batch, max_context_tokens=max_context_tokens, placement=placement
+        )
 
     def generate(
         self,

@@ -12,6 +12,11 @@ printed as ``thinking: ...``; then the image or the answer. ``--mode=interleave`
 the model ends (``<|im_end|>``), ``--max_images`` or the cache limit; each output is printed (texts) or written
 (images) into the directory ``--out`` as NN.txt / NN.png in order (``infer/interleave.py``).
 
+Params are placed sharded on a mesh built from ``config.parallel`` (``--config.parallel.fsdp=8`` etc.; the same
+logical-axis rules as training; default: data parallel over all devices), read tensor slice by tensor slice
+straight onto their shards. ``--dtype`` sets compute and param dtypes end to end, the VAE included.
+Any ``--config.KEY=VALUE`` overrides a key of the config.
+
 ``--checkpoint`` is a release-layout directory (``ema.safetensors``, ``ae.safetensors``, ``llm_config.json``,
 ``vit_config.json``, tokenizer files). ``--random_tiny`` first writes a random checkpoint at configs/tiny.py
 shapes plus a small SentencePiece tokenizer into ``--checkpoint`` (default: one cached directory per model shape
@@ -67,7 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "settings (dtype, attention impl, resize rules); default: bagel_jax.config.base_config()",
     )
     p.add_argument("--random_tiny", action="store_true", help="write and use a random tiny checkpoint")
-    p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"), help="compute dtype override")
+    p.add_argument(
+        "--dtype",
+        default="",
+        choices=("", "float32", "bfloat16"),
+        help="compute and param dtype of the whole model, VAE included (default: the config's)",
+    )
     p.add_argument("--height", type=int, default=0, help="t2i image height (default: data.vae_transform max)")
     p.add_argument("--width", type=int, default=0)
     p.add_argument("--num_timesteps", type=int, default=50)
@@ -90,7 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cache-free oracle path (recomputes the context every step; slow, for checking the cached path)",
     )
     p.add_argument("--max_context_tokens", type=int, default=16384, help="KV cache limit: context + generated tokens")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    args.overrides = {}
+    for item in rest:
+        key, eq, value = item.partition("=")
+        if not key.startswith("--config.") or not eq:
+            p.error(f"unrecognized arguments: {item}")
+        args.overrides[key[len("--config.") :]] = _literal(value)
     if not args.checkpoint and not args.random_tiny:
         p.error("--checkpoint is required (or --random_tiny)")
     if args.mode in ("understand", "edit") and not args.image:
@@ -114,6 +130,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--cfg_interval: expected 'lo,hi' (two numbers), got {args.cfg_interval!r}")
         args.cfg_interval = (lo, hi)
     return args
+
+
+def _literal(text: str):
+    """A ``--config.KEY=VALUE`` value: a Python literal (number, bool, tuple, ...) or else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def load_config_file(path: str):
@@ -233,8 +259,16 @@ def preflight(args):
 
     config_path = args.config or (os.path.join(REPO_ROOT, "configs", "tiny.py") if args.random_tiny else "")
     config = load_config_file(config_path) if config_path else base_config()
-    if args.dtype:
-        config.model.dtype = args.dtype
+    if getattr(args, "overrides", None):
+        from bagel_jax.cli import InputError
+        from bagel_jax.launch_utils import LaunchError, apply_overrides
+
+        try:
+            config = apply_overrides(config, args.overrides)
+        except LaunchError as e:
+            raise InputError(f"--config.{str(e).removeprefix('override: ')}") from None
+    if args.dtype:  # end to end: compute and params, the VAE included
+        config.model.dtype = config.model.param_dtype = config.model.vae.dtype = args.dtype
     validate(config)
     image = read_image(args.image, config.data.max_input_pixels) if args.image else None
     if not args.random_tiny:
@@ -248,6 +282,37 @@ def preflight(args):
     if args.out:
         check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     return config, image
+
+
+def load_sharded(checkpoint: str, config):
+    """``(model, params, placement)``: the release at ``checkpoint`` (its model config over ``config.model``), every
+    param read slice by slice onto its shards of the mesh of ``config.parallel``, in ``model.param_dtype``."""
+    import jax
+    import numpy as np
+
+    from bagel_jax.convert.bagel_ckpt import config_from_checkpoint
+    from bagel_jax.convert.release_sharded import check_release, load_release_sharded
+    from bagel_jax.infer.placement import Placement
+    from bagel_jax.model.bagel import make_init_fn
+    from bagel_jax.parallel.mesh import logical_rules, logical_shardings, make_mesh
+
+    config = config.copy_and_resolve_references()
+    config.model = config_from_checkpoint(checkpoint, config.model)
+    check_release(checkpoint, config.model)
+    config.data.batch_size = jax.device_count()  # training's rows-per-mesh check; inference buckets its own batches
+    placement = Placement(make_mesh(config), logical_rules(config))
+    model, init_fn = make_init_fn(config)
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    shardings = logical_shardings(abstract, placement.mesh, placement.rules)
+    dtype = np.dtype(config.model.param_dtype)
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), _unbox(abstract))
+    return model, load_release_sharded(checkpoint, config.model, shardings, like), placement
+
+
+def _unbox(tree):
+    from flax.core import meta
+
+    return meta.unbox(tree)
 
 
 def main(argv=None) -> int:
@@ -265,10 +330,9 @@ def run(args) -> int:
     quiet_platforms()
     import jax
 
-    from bagel_jax.convert.bagel_ckpt import CheckpointError, load_checkpoint
+    from bagel_jax.convert.bagel_ckpt import CheckpointError
     from bagel_jax.data.tokenizer import load_tokenizer
     from bagel_jax.infer.api import Inferencer
-    from bagel_jax.model.bagel import Bagel
 
     if args.random_tiny:
         if args.checkpoint:
@@ -276,24 +340,25 @@ def run(args) -> int:
         else:
             args.checkpoint = random_tiny_dir(config)
         print(f"random tiny checkpoint: {args.checkpoint}", file=sys.stderr)
+    tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer))
     try:
-        model_cfg, params = load_checkpoint(args.checkpoint, config.model)
+        model, params, placement = load_sharded(args.checkpoint, config)
     except CheckpointError as e:
         raise InputError(f"--checkpoint: {e}") from None
-    tokenizer = load_tokenizer(find_tokenizer(args.checkpoint, args.tokenizer))
-    if tokenizer.vocab_size > model_cfg.vocab_size:
+    if tokenizer.vocab_size > model.cfg.vocab_size:
         raise InputError(
             f"--tokenizer: {tokenizer.path} has {tokenizer.vocab_size} ids > the model's vocab_size "
-            f"{model_cfg.vocab_size}"
+            f"{model.cfg.vocab_size}"
         )
-    params = jax.tree.map(jax.numpy.asarray, params)
     inferencer = Inferencer(
-        Bagel(model_cfg),
+        model,
         params,
         tokenizer,
         config.data,
         cached=not args.no_cache,
         max_context_tokens=args.max_context_tokens,
+        mesh=placement.mesh,
+        rules=placement.rules,
     )
     rng = jax.random.key(args.seed)
     text_kw = dict(do_sample=args.do_sample, temperature=args.temperature)

@@ -240,9 +240,10 @@ class _Evaluator:
 _DECODERS: dict = {}
 
 
-def _decoder(vae_cfg, patch: int):
-    """The jitted VAE decode for one VAE config, shared by every caller (compiled once per batch shape)."""
-    key = (vae_cfg.to_json_best_effort(sort_keys=True), patch)
+def _decoder(vae_cfg, patch: int, placement_key: tuple = ()):
+    """The jitted VAE decode for one VAE config (and placement), shared by every caller (compiled once per batch
+    shape)."""
+    key = (vae_cfg.to_json_best_effort(sort_keys=True), patch, placement_key)
     if key not in _DECODERS:
         vae = FluxVAE(vae_cfg)
 
@@ -254,11 +255,20 @@ def _decoder(vae_cfg, patch: int):
     return _DECODERS[key]
 
 
-def decode_latents_batch(vae_cfg, vae_params, latents, grid_hw: tuple[int, int], patch: int = 2) -> np.ndarray:
+def decode_latents_batch(
+    vae_cfg, vae_params, latents, grid_hw: tuple[int, int], patch: int = 2, placement=None
+) -> np.ndarray:
     """Latent tokens [B, h·w, p²C] → RGB uint8 [B, 16h, 16w, 3] (reference ``decode_image``: VAE decode of the
-    de-normalised latent, ``(img·0.5 + 0.5).clamp(0, 1)·255`` truncated to uint8)."""
-    run = _decoder(vae_cfg, patch)
-    img = np.asarray(run(vae_params, jnp.asarray(latents, jnp.float32), tuple(int(v) for v in grid_hw)), np.float32)
+    de-normalised latent, ``(img·0.5 + 0.5).clamp(0, 1)·255`` truncated to uint8). ``placement``: run on its mesh
+    (``infer/placement.py``; ``vae_params`` placed there), every process alike."""
+    run = _decoder(vae_cfg, patch, () if placement is None else placement.key)
+    hw = tuple(int(v) for v in grid_hw)
+    if placement is None:
+        img = np.asarray(run(vae_params, jnp.asarray(latents, jnp.float32), hw), np.float32)
+    else:
+        with placement.context():
+            out = run(*placement.put((vae_params, np.asarray(latents, np.float32))), hw)
+            img = placement.fetch(out).astype(np.float32)
     return (np.clip(img * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 

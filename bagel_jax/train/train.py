@@ -7,6 +7,8 @@ packed grain pipeline, the frozen VAE / pretrained ViT of a fresh start, samples
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -15,10 +17,20 @@ from bagel_jax.convert.vae_export import apply_vae_init_config, load_vae_params
 from bagel_jax.convert.vit_export import check_vit_init, load_vit_params
 from bagel_jax.data.pipeline import make_train_iterator, tokenizer_from_config
 from bagel_jax.model.bagel import make_init_fn
+from bagel_jax.parallel.mesh import logical_rules
 from bagel_jax.train import loop
 from bagel_jax.train.losses import make_loss_fn
 from bagel_jax.train.metrics import MetricsLogger, packing_stats
 from bagel_jax.train.state import with_pretrained
+
+
+def write_pngs(directory: str, images) -> None:
+    """uint8 [H, W, 3] images → ``directory/<i>.png``."""
+    from PIL import Image
+
+    os.makedirs(directory, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(np.asarray(img, np.uint8)).save(os.path.join(directory, f"{i}.png"))
 
 
 def batch_metrics(batch) -> dict:
@@ -26,12 +38,18 @@ def batch_metrics(batch) -> dict:
     return packing_stats(batch.doc)
 
 
+def inference_params(state):
+    """The full param tree the in-run samples and evals use: the EMA, sharded on the training mesh as it is."""
+    return state.ema_params
+
+
 class Sampler:
     """Every ``train.sample_every`` steps: EMA-model images for ``train.sample_prompts`` and an answer to
-    ``train.sample_question`` about the first one, written as TensorBoard images / text."""
+    ``train.sample_question`` about the first one, written as TensorBoard images / text and (process 0) as
+    ``<workdir>/samples/<step>/<i>.png``. Runs on the params' mesh: every process makes the same calls."""
 
-    def __init__(self, model, config):
-        self.model, self.config = model, config
+    def __init__(self, model, config, workdir: str = ""):
+        self.model, self.config, self.workdir = model, config, workdir
         self.tokenizer = tokenizer_from_config(config) if config.train.sample_every else None
 
     def due(self, step: int) -> bool:
@@ -42,10 +60,12 @@ class Sampler:
         from bagel_jax.infer.api import Inferencer
 
         t = self.config.train
-        inf = Inferencer(self.model, jax.device_get(params), self.tokenizer, self.config.data)
+        inf = Inferencer(self.model, params, self.tokenizer, self.config.data, rules=logical_rules(self.config))
         prompts = list(t.sample_prompts)
         images = inf.generate_batch(prompts, [jax.random.key(step)] * len(prompts), num_timesteps=t.sample_steps)
         logger.write_images(step, {"samples": np.stack(images)})
+        if self.workdir and jax.process_index() == 0:
+            write_pngs(os.path.join(self.workdir, "samples", str(step)), images)
         texts = {"sample_prompts": " | ".join(t.sample_prompts)}
         if t.sample_question:
             texts["sample_answer"] = inf.answer(images[0], t.sample_question, max_length=32)
@@ -70,7 +90,7 @@ class Evals:
         due = {k: e for k, e in self.evaluators.items() if e.due(step)}
         if not due:
             return {}
-        inf = self._inferencer(self.model, jax.device_get(params), self.tokenizer, self.config.data)
+        inf = self._inferencer(self.model, params, self.tokenizer, self.config.data, rules=logical_rules(self.config))
         scores = {f"eval/{k}": float(v) for k, v in self._run(due, step=step, **self._fns(inf)).items()}
         logger.write_scalars(step, scores)
         return scores
@@ -78,9 +98,8 @@ class Evals:
 
 def bagel_stage(config, workdir: str) -> loop.Stage:
     """The BAGEL stage of the loop (``config`` validated, ``data.data_dir`` resolved in ``workdir``)."""
-    del workdir
     model, init_fn = make_init_fn(config)
-    sampler, evals = Sampler(model, config), Evals(model, config)
+    sampler, evals = Sampler(model, config, workdir), Evals(model, config)
 
     def fresh_state(state, shardings):
         if config.model.vae.init_from:  # the frozen VAE from the VAE stage (no optimizer state to touch)
@@ -94,8 +113,8 @@ def bagel_stage(config, workdir: str) -> loop.Stage:
     def evaluate(step: int, state, logger: MetricsLogger, final: bool) -> dict[str, float]:
         del final  # samples and evals follow their own schedules
         if sampler.due(step):
-            sampler(step, state.ema_params, logger)
-        return evals(step, state.ema_params, logger)
+            sampler(step, inference_params(state), logger)
+        return evals(step, inference_params(state), logger)
 
     return loop.Stage(
         name="BAGEL",
