@@ -90,6 +90,8 @@ def bench_config(data_dir: str, seq_len: int, hidden: int, layers: int, impl: st
         num_kv_heads=2,
         attention_impl=impl,
     )
+    # the dense oracle's step encodes every VAE slot's full masked canvas; auto encodes the real images by size
+    c.model.vae.encode = "masked" if impl == "reference" else "auto"
     c.evals = {}
     c.train.update(sample_every=0, warmup_steps=1)
     return validate(c)
