@@ -32,8 +32,13 @@ process used the cores, so its 61.7 s, and that speed-up, are inflated: 256×4 /
 | 96×3 | 4096 (3072) | 61.698 | 50 | 1.353 | 2270 | 45.6× |
 | 256×4 | 4096 (3072) | 35.980 | 85 | 4.295 | 715 | 8.4× |
 
-With ``auto`` the step is no longer dominated by attention: at 96×3 / 1024 the frozen VAE encode of the row's 16
-image slots (12 real 48 px images) is ~0.1 s of the 0.26 s; at 256×4 the MoT matmuls (MLP 4·H) dominate.
+With the VAE encode by size too (``reference`` then encoding the masked canvas; a CPU loaded by other jobs, load
+average 10–24): 96×3 / 1024: 12.546 → 0.734 s/step (17.1×, same run); 96×3 / 4096: 136.9 → 5.11 s/step, 27.76 →
+0.994 CPU s/step (27.9×, two runs). docs/EXPERIMENTS.md has the details.
+
+Before the VAE change, with ``auto`` the step was no longer dominated by attention: at 96×3 / 1024 the frozen VAE
+encode of the row's 16 image slots (12 real 48 px images) was ~0.1 s of the 0.26 s; at 256×4 the MoT matmuls (MLP
+4·H) dominate.
 """
 
 from __future__ import annotations
