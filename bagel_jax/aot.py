@@ -211,6 +211,8 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     loss = loss or default_loss()
     builder = get_builder(loss)
     validate(config, num_devices=len(devices), platform=devices[0].platform)
+    if config.model.vae.get("encode", "masked") == "auto":  # the target's choice, not this host's (CPU: by_size)
+        config.model.vae.encode = "by_size" if devices[0].platform == "cpu" else "masked"
     mesh = make_mesh(config, devices)
     rules = logical_rules(config)
     spec = builder(config)

@@ -93,6 +93,16 @@ def _model() -> ml_collections.ConfigDict:
                     # encode a row's image slots one after another (scan): per-chip VAE activations of one image per row
                     # instead of max_vae_images (what lets 12 × 1024² images per row fit; slower for tiny images)
                     encode_scan=False,
+                    # how a row's image slots are encoded (model/vae_batch.py): "masked" = every slot's full
+                    # canvas (the oracle), "by_size" = real images only, chunk by chunk at size buckets, "auto" =
+                    # by_size on CPU
+                    encode="auto",
+                    encode_levels=1,  # by_size: bucket sizes per canvas side (canvas·k/levels); each is one compile
+                    encode_chunk=4,  # by_size: images per encode call
+                    # the official trainer's encode: each image zero-padded to its row's largest (h, w), so a small
+                    # image's latent depends on the padding (reproduces an official run step for step); off = each
+                    # image alone, as inference sees it
+                    reference_padding=False,
                 )
             ),
         )
@@ -255,6 +265,7 @@ CHOICES = {
     "model.attention_impl": ("reference", "tpu", "gpu", "auto"),
     "model.remat": ("none", *REMAT_POLICIES),
     "model.vae.dtype": ("float32", "bfloat16"),
+    "model.vae.encode": ("auto", "masked", "by_size"),
     "model.connector_act": ("gelu_pytorch_tanh", "gelu", "silu"),
     "model.vit.hidden_act": ("gelu_pytorch_tanh", "gelu"),
     "train.schedule": ("constant", "cosine"),
@@ -329,6 +340,8 @@ def _model_shapes(c):
         f"{v.num_positions} < vit_max_num_patch_per_side² = {m.vit_max_num_patch_per_side**2}",
     )
     _check(m.vae.ch % 32 == 0, "model.vae.ch", f"must be a multiple of 32 (GroupNorm groups), got {m.vae.ch}")
+    for key in ("encode_levels", "encode_chunk"):
+        _check(m.vae[key] >= 1, f"model.vae.{key}", f"must be >= 1, got {m.vae[key]}")
     _check(m.timestep_shift > 0, "model.timestep_shift", f"must be > 0, got {m.timestep_shift}")
 
 

@@ -49,6 +49,7 @@ from bagel_jax.model.layers import bias_init, kernel_init
 from bagel_jax.model.mot import HIDDEN_AXES, LanguageModel
 from bagel_jax.model.siglip import SiglipNaViT
 from bagel_jax.model.vae import FluxVAE, normalize_latent, patchify_latent
+from bagel_jax.model.vae_batch import encode_by_size, reference_hw, reference_padded, resolve_encode, zero_beyond
 
 
 def shift_timestep(t, shift: float):
@@ -161,38 +162,59 @@ class Bagel(nn.Module):
             x = _scatter_rows(x, batch.vit_slot, vit)
         return nn.with_logical_constraint(x, HIDDEN_AXES)
 
-    def _encode_slot_by_slot(self, batch: PackedBatch):
+    def _encode_slot_by_slot(self, images, hw, reference_padding: bool):
         """``model.vae.encode_scan``: a ``scan`` over the N image slots, each step encoding slot i of every row
         (sharded over the batch), so a chip holds the encoder activations of one image per local row instead of
         N. Same (mean, logvar) [B·N, h, w, C] as the one-call encode."""
-        b, n, hh, ww, c = batch.vae_images.shape
-        images = jnp.swapaxes(batch.vae_images, 0, 1)  # [N, B, H, W, C]: slot-major
-        hw = jnp.swapaxes(batch.vae_hw, 0, 1)
+        b, n = images.shape[:2]
+        enc_hw = reference_hw(hw) if reference_padding else hw
+        slot_major = tuple(jnp.swapaxes(t, 0, 1) for t in (images, hw, enc_hw))  # [N, B, ...]
 
         def one_slot(vae, carry, xs):
-            x, x_hw = xs
-            x = nn.with_logical_constraint(pixels_to_unit(x), VAE_IMAGE_AXES)
+            x, own_hw, x_hw = xs
+            x = pixels_to_unit(x)
+            if reference_padding:
+                x = zero_beyond(x, own_hw)
+            x = nn.with_logical_constraint(x, VAE_IMAGE_AXES)
             moments = vae.encode(x, x_hw)
             return carry, tuple(nn.with_logical_constraint(t, VAE_IMAGE_AXES) for t in moments)
 
         scan = nn.scan(one_slot, variable_broadcast="params", split_rngs={"params": False}, length=n)
-        _, (mean, logvar) = scan(self.vae, None, (images, hw))  # [N, B, h, w, C]
+        _, (mean, logvar) = scan(self.vae, None, slot_major)  # [N, B, h, w, C]
         return tuple(jnp.swapaxes(t, 0, 1).reshape(b * n, *t.shape[2:]) for t in (mean, logvar))
 
     def encode_latents(self, batch: PackedBatch, rng=None, posterior_noise=None):
         """Clean normalised latent tokens of the row's images: float32[B, N, T, p²C] (frozen VAE).
 
-        ``posterior_noise`` float[B, N, H/8, W/8, C] replaces the posterior draw from ``rng``.
+        ``posterior_noise`` float[B, N, H/8, W/8, C] replaces the posterior draw from ``rng``. How the slots are
+        encoded (masked canvas or by size; the reference's padding or each image alone): ``model/vae_batch.py``.
         """
         cfg = self.cfg
         b, n, hh, ww, c = batch.vae_images.shape
-        if cfg.vae.encode_scan:
-            mean, logvar = self._encode_slot_by_slot(batch)
+        mode = resolve_encode(cfg.vae)
+        ref_pad = bool(cfg.vae.get("reference_padding", False))
+        if cfg.vae.encode_scan and mode == "masked":
+            mean, logvar = self._encode_slot_by_slot(batch.vae_images, batch.vae_hw, ref_pad)
         else:
-            images = pixels_to_unit(batch.vae_images).reshape(b * n, hh, ww, c)
+            images, hw = pixels_to_unit(batch.vae_images), batch.vae_hw
+            if ref_pad:
+                images, hw = reference_padded(images, hw)
+            images = images.reshape(b * n, hh, ww, c)
             # each chip encodes only its own rows' images (unconstrained, XLA replicated the encoder over the batch)
             images = nn.with_logical_constraint(images, VAE_IMAGE_AXES)
-            mean, logvar = self.vae.encode(images, batch.vae_hw.reshape(b * n, 2))
+            if mode == "by_size" and not self.is_initializing():
+                vae, variables = self.vae.clone(parent=None), {"params": self.vae.variables["params"]}
+                mean, logvar = encode_by_size(
+                    lambda x, x_hw: vae.apply(variables, x, x_hw, method=FluxVAE.encode),
+                    images,
+                    hw.reshape(b * n, 2),
+                    downsample=self.vae.downsample,
+                    z_channels=cfg.vae.z_channels,
+                    levels=cfg.vae.get("encode_levels", 1),
+                    chunk=cfg.vae.get("encode_chunk", 4),
+                )
+            else:
+                mean, logvar = self.vae.encode(images, hw.reshape(b * n, 2))
         mean = nn.with_logical_constraint(mean, VAE_IMAGE_AXES)
         logvar = nn.with_logical_constraint(logvar, VAE_IMAGE_AXES)
         mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)

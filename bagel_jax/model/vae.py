@@ -50,7 +50,7 @@ def valid_mask(hw: jnp.ndarray | None, height: int, width: int) -> jnp.ndarray |
 
 
 def _zero_outside(x, mask):
-    return x if mask is None else x * mask.astype(x.dtype)
+    return x if mask is None else jnp.where(mask > 0, x, jnp.zeros((), x.dtype))
 
 
 def _check_hw(hw, height: int, width: int, multiple: int, what: str):
@@ -116,10 +116,11 @@ class MaskedGroupNorm(nn.Module):
             mean = xg.mean(axis=(1, 2, 4), keepdims=True)
             var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
         else:
-            m = mask.astype(jnp.float32)[..., None]  # [N, H, W, 1, 1]
-            count = jnp.maximum(m.sum(axis=(1, 2), keepdims=True) * (c // self.groups), 1.0)
-            mean = (xg * m).sum(axis=(1, 2, 4), keepdims=True) / count
-            var = (jnp.square(xg - mean) * m).sum(axis=(1, 2, 4), keepdims=True) / count
+            # select, not multiply: XLA CPU fuses `where` into the reductions (the product ran ~10x slower)
+            m = (mask > 0)[..., None]  # [N, H, W, 1, 1]
+            count = jnp.maximum(m.sum(axis=(1, 2), keepdims=True, dtype=jnp.float32) * (c // self.groups), 1.0)
+            mean = jnp.where(m, xg, 0.0).sum(axis=(1, 2, 4), keepdims=True) / count
+            var = jnp.where(m, jnp.square(xg - mean), 0.0).sum(axis=(1, 2, 4), keepdims=True) / count
         y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
         return (y * scale + bias).astype(x.dtype)
 
