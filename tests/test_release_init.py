@@ -174,13 +174,31 @@ def test_train_from_release_then_restart_resumes_its_own_checkpoint(tmp_path):
     resumed.close()
 
 
-def test_cli_bad_release_writes_nothing(release, tmp_path):
-    """``python -m bagel_jax.train`` with a release folder missing ae.safetensors: one line naming it, exit 2,
-    no workdir content."""
+@pytest.mark.parametrize(
+    "how,extra,names",
+    [
+        ("no_ae", [], bc.AE_FILE),
+        pytest.param("truncated", [], bc.EMA_FILE, marks=pytest.mark.slow),
+        pytest.param("ok", ["--config.model.num_layers=4"], "model.num_layers", marks=pytest.mark.slow),
+        pytest.param("tokenizer", [], "data.tokenizer", marks=pytest.mark.slow),
+    ],
+)
+def test_cli_bad_release_writes_nothing(release, tmp_path, how, extra, names):
+    """``python -m bagel_jax.train`` from a bad release folder (missing ae.safetensors, a truncated weights file, a
+    config mismatch, a tokenizer other than the release's): one line naming the file or key, exit 2, no workdir
+    content."""
     import subprocess
     import sys
 
-    d = _broken(release, tmp_path, "no_ae")
+    d = _broken(release, tmp_path, how) if how != "ok" else release
+    if how == "tokenizer":  # the release ships one tokenizer, data.tokenizer names another
+        from bagel_jax.data.builders import synthetic_shapes
+        from bagel_jax.data.tokenizer import train_sentencepiece
+
+        corpus = list(synthetic_shapes.corpus())
+        train_sentencepiece(corpus, os.path.join(d, "tokenizer.model"), vocab_size=200)
+        other = train_sentencepiece(corpus[:50], str(tmp_path / "other.model"), vocab_size=120).path
+        extra = [f"--config.data.tokenizer={other}"]
     workdir = tmp_path / "run"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -192,6 +210,7 @@ def test_cli_bad_release_writes_nothing(release, tmp_path):
             "--config=configs/tiny_shapes.py",
             f"--workdir={workdir}",
             f"--config.train.init_from={d}",
+            *extra,
         ],
         cwd=root,
         env=env,
@@ -201,5 +220,5 @@ def test_cli_bad_release_writes_nothing(release, tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: train.init_from: ") and bc.AE_FILE in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], lines
     assert not workdir.exists() or not any(workdir.iterdir())
