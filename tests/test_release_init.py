@@ -144,8 +144,9 @@ def test_bad_release_is_one_line_naming_file_or_key(release, tmp_path, how, conf
 
 @pytest.mark.slow
 def test_train_from_release_then_restart_resumes_its_own_checkpoint(tmp_path):
-    """tiny_shapes from a release folder on fsdp 4 × tensor 2: trains, checkpoints; the restart resumes that
-    checkpoint (the release is gone by then) and trains on."""
+    """tiny_shapes from a release folder (with its tokenizer) on fsdp 4 × tensor 2: trains with the release's tokenizer
+    (copied into the workdir), checkpoints; the restart resumes that checkpoint (the release is gone by then) with the
+    run's copy of the tokenizer and trains on."""
     from bagel_jax.train.train import train
     from configs_util import shipped_config
 
@@ -155,16 +156,25 @@ def test_train_from_release_then_restart_resumes_its_own_checkpoint(tmp_path):
     c.parallel.update(data=1, fsdp=4, tensor=2)
     release_dir = str(tmp_path / "release")
     bc.write_random_checkpoint(release_dir, c.model, seed=7)
+    from bagel_jax.data.builders import synthetic_shapes
+    from bagel_jax.data.tokenizer import train_sentencepiece
+
+    shipped = train_sentencepiece(synthetic_shapes.corpus(), os.path.join(release_dir, "tokenizer.model"), 300).path
     c.train.init_from = release_dir
     workdir = str(tmp_path / "run")
     train(c, workdir, devices=jax.devices())
+    import json
+
+    with open(os.path.join(workdir, "config.json")) as fh:  # the run reads (and keeps) the release's tokenizer
+        own = json.load(fh)["data"]["tokenizer"]
+    assert own == os.path.join(workdir, "tokenizer.model") and open(own, "rb").read() == open(shipped, "rb").read()
     saved = Checkpointer(workdir)
     assert saved.all_steps() == [2]
     saved.close()
     shutil.rmtree(release_dir)  # a restart must not read it
     c.train.steps = 3
+    c.data.tokenizer = ""  # as a user restarts it: the run's own copy is found
     train(c, workdir, devices=jax.devices())
-    import json
 
     with open(os.path.join(workdir, "metrics.jsonl")) as fh:
         rows = [r for r in map(json.loads, fh) if "loss" in r]

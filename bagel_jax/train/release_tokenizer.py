@@ -2,7 +2,8 @@
 
 ``resolve_tokenizer`` (no writes; the CLI's preflight and ``train`` call it before anything is built):
 * ``data.tokenizer`` empty: the run's own copy in the workdir if it has one (a resume: the release may be gone),
-  else the release's ``tokenizer.json`` / ``tokenizer.model``;
+  else the release's ``tokenizer.json`` / ``tokenizer.model`` (a release without one: an error, unless the data is
+  the synthetic shapes, which ship their own);
 * ``data.tokenizer`` set: it must encode as the release's does (same vocabulary size, special-token ids and ids of
   a probe text), else one ``ConfigError`` naming ``data.tokenizer`` and both files.
 ``keep_tokenizer`` then copies the release's file into the workdir and points ``data.tokenizer`` at the copy, so
@@ -38,7 +39,7 @@ def resolve_tokenizer(config, workdir: str) -> str | None:
         if own is not None and (release or not os.path.exists(init)):
             d.tokenizer = own
             return None
-        if release and shipped is None:
+        if release and shipped is None and d.builder != "synthetic_shapes":  # that builder ships its own
             raise ConfigError(
                 f"data.tokenizer: empty, and the release folder {init} holds no {' / '.join(TOKENIZER_FILES)} "
                 f"(copy its tokenizer there or set data.tokenizer)"
