@@ -97,6 +97,18 @@ CASES = [
     ("train/missing_init_from", TRAIN, SHAPES + ["--config.train.init_from={missing}"], r"train\.init_from: "),
     ("train/missing_vae_init", TRAIN, SHAPES + ["--config.model.vae.init_from={tmp}"], r"model\.vae\.init_from: "),
     ("train/missing_vit_init", TRAIN, SHAPES + ["--config.model.vit.init_from={missing}"], r"model\.vit\.init_from: "),
+    (
+        "train/lora_rank",
+        TRAIN,
+        ["--config=configs/finetune_bagel_7b.py:lora", "--workdir={wd}", "--config.model.lora.rank=1000"],
+        r"model\.lora\.rank: 1000 > the smaller dim 512 of the 'k' layers",
+    ),
+    (
+        "train/finetune_variant",
+        TRAIN,
+        ["--config=configs/finetune_bagel_7b.py:qlora", "--workdir={wd}"],
+        r"flag --config=configs/finetune_bagel_7b\.py:qlora: .*unknown variant 'qlora'",
+    ),
     ("train/workdir_is_file", TRAIN, ["--config=configs/tiny.py", "--workdir={file}"], r"workdir: .*not a directory"),
     ("train/workdir_unwritable", TRAIN, ["--config=configs/tiny.py", "--workdir={file}/sub"], r"workdir: "),
     # the tower stages
@@ -227,6 +239,7 @@ FAST = {
     "train/no_data",
     "train/missing_tokenizer",
     "train/missing_init_from",
+    "train/lora_rank",
     "train/workdir_unwritable",
     "train/missing_config",
     "vae/stage_rule",

@@ -144,8 +144,9 @@ def test_bad_release_is_one_line_naming_file_or_key(release, tmp_path, how, conf
 
 @pytest.mark.slow
 def test_train_from_release_then_restart_resumes_its_own_checkpoint(tmp_path):
-    """tiny_shapes from a release folder on fsdp 4 × tensor 2: trains, checkpoints; the restart resumes that
-    checkpoint (the release is gone by then) and trains on."""
+    """tiny_shapes from a release folder (with its tokenizer) on fsdp 4 × tensor 2: trains with the release's tokenizer
+    (copied into the workdir), checkpoints; the restart resumes that checkpoint (the release is gone by then) with the
+    run's copy of the tokenizer and trains on."""
     from bagel_jax.train.train import train
     from configs_util import shipped_config
 
@@ -155,16 +156,25 @@ def test_train_from_release_then_restart_resumes_its_own_checkpoint(tmp_path):
     c.parallel.update(data=1, fsdp=4, tensor=2)
     release_dir = str(tmp_path / "release")
     bc.write_random_checkpoint(release_dir, c.model, seed=7)
+    from bagel_jax.data.builders import synthetic_shapes
+    from bagel_jax.data.tokenizer import train_sentencepiece
+
+    shipped = train_sentencepiece(synthetic_shapes.corpus(), os.path.join(release_dir, "tokenizer.model"), 300).path
     c.train.init_from = release_dir
     workdir = str(tmp_path / "run")
     train(c, workdir, devices=jax.devices())
+    import json
+
+    with open(os.path.join(workdir, "config.json")) as fh:  # the run reads (and keeps) the release's tokenizer
+        own = json.load(fh)["data"]["tokenizer"]
+    assert own == os.path.join(workdir, "tokenizer.model") and open(own, "rb").read() == open(shipped, "rb").read()
     saved = Checkpointer(workdir)
     assert saved.all_steps() == [2]
     saved.close()
     shutil.rmtree(release_dir)  # a restart must not read it
     c.train.steps = 3
+    c.data.tokenizer = ""  # as a user restarts it: the run's own copy is found
     train(c, workdir, devices=jax.devices())
-    import json
 
     with open(os.path.join(workdir, "metrics.jsonl")) as fh:
         rows = [r for r in map(json.loads, fh) if "loss" in r]
@@ -174,13 +184,31 @@ def test_train_from_release_then_restart_resumes_its_own_checkpoint(tmp_path):
     resumed.close()
 
 
-def test_cli_bad_release_writes_nothing(release, tmp_path):
-    """``python -m bagel_jax.train`` with a release folder missing ae.safetensors: one line naming it, exit 2,
-    no workdir content."""
+@pytest.mark.parametrize(
+    "how,extra,names",
+    [
+        ("no_ae", [], bc.AE_FILE),
+        pytest.param("truncated", [], bc.EMA_FILE, marks=pytest.mark.slow),
+        pytest.param("ok", ["--config.model.num_layers=4"], "model.num_layers", marks=pytest.mark.slow),
+        pytest.param("tokenizer", [], "data.tokenizer", marks=pytest.mark.slow),
+    ],
+)
+def test_cli_bad_release_writes_nothing(release, tmp_path, how, extra, names):
+    """``python -m bagel_jax.train`` from a bad release folder (missing ae.safetensors, a truncated weights file, a
+    config mismatch, a tokenizer other than the release's): one line naming the file or key, exit 2, no workdir
+    content."""
     import subprocess
     import sys
 
-    d = _broken(release, tmp_path, "no_ae")
+    d = _broken(release, tmp_path, how) if how != "ok" else release
+    if how == "tokenizer":  # the release ships one tokenizer, data.tokenizer names another
+        from bagel_jax.data.builders import synthetic_shapes
+        from bagel_jax.data.tokenizer import train_sentencepiece
+
+        corpus = list(synthetic_shapes.corpus())
+        train_sentencepiece(corpus, os.path.join(d, "tokenizer.model"), vocab_size=200)
+        other = train_sentencepiece(corpus[:50], str(tmp_path / "other.model"), vocab_size=120).path
+        extra = [f"--config.data.tokenizer={other}"]
     workdir = tmp_path / "run"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -192,6 +220,7 @@ def test_cli_bad_release_writes_nothing(release, tmp_path):
             "--config=configs/tiny_shapes.py",
             f"--workdir={workdir}",
             f"--config.train.init_from={d}",
+            *extra,
         ],
         cwd=root,
         env=env,
@@ -201,5 +230,5 @@ def test_cli_bad_release_writes_nothing(release, tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: train.init_from: ") and bc.AE_FILE in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], lines
     assert not workdir.exists() or not any(workdir.iterdir())

@@ -41,6 +41,7 @@ from bagel_jax.convert.bagel_ckpt import (
 )
 from bagel_jax.model.lora import is_lora_path
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what load_tokenizer reads, in order of preference
 # model config keys a release fixes, with the release file that holds each
 CHECKED_KEYS = (
     ("vocab_size", LLM_CONFIG),
@@ -76,6 +77,15 @@ def is_release(path: str) -> bool:
         return False
     names = (LLM_CONFIG,) + WEIGHT_FILES + tuple(f + ".index.json" for f in WEIGHT_FILES)
     return any(os.path.exists(os.path.join(path, n)) for n in names)
+
+
+def release_tokenizer(path: str) -> str | None:
+    """The tokenizer file a release folder ships (``tokenizer.json``, else a SentencePiece ``tokenizer.model``), or
+    None."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return None
 
 
 def _get(cfg, dotted: str):

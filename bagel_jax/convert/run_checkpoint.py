@@ -45,6 +45,36 @@ def load_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> An
     return out[field]
 
 
+def saved_param_paths(path: str, *, use_ema: bool = False) -> set[str]:
+    """The '/'-joined param paths ``load_params(path, ...)`` can read (from the checkpoint's metadata; no array is
+    read): e.g. whether a run saved LoRA adapters."""
+    root = epath.Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    step_dir = _find_state_dir(root)
+    if step_dir is None:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.metadata(root)
+    else:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            tree = ckptr.metadata(step_dir / STATE)
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    if step_dir is not None:
+        tree = tree["ema_params" if use_ema else "params"]
+    out: set[str] = set()
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            out.add(prefix)
+
+    walk(dict(tree), "")
+    return out
+
+
 def find_state_dir(path: str) -> epath.Path | None:
     """The latest step directory holding a ``state`` item under a workdir / checkpoints dir / step dir, or None."""
     root = epath.Path(path)

@@ -12,6 +12,7 @@ the base's). ``lora_rank`` is replicated (parallel/rules.py), so A and B shard l
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -134,3 +135,20 @@ def merge_kernel(
     a, b = to_host(a), to_host(b)
     scale = float(cfg.lora.alpha) / int(cfg.lora.rank)
     return (kernel.astype(np.float32) + delta(a, b, n_in, scale)).astype(kernel.dtype)
+
+
+ADAPTER_KEYS = ("lora_a", "lora_b")
+
+
+def without_adapters(tree):
+    """A nested param dict (or its abstract / sharding twin) less every ``lora_a``/``lora_b`` leaf: the base model."""
+    if isinstance(tree, Mapping):
+        return {k: without_adapters(v) for k, v in tree.items() if k not in ADAPTER_KEYS}
+    return tree
+
+
+def with_adapters(base, adapted):
+    """``base`` (a ``without_adapters`` tree of values) with the adapter leaves of ``adapted`` put back in place."""
+    if isinstance(adapted, Mapping):
+        return {k: v if k in ADAPTER_KEYS else with_adapters(base[k], v) for k, v in adapted.items()}
+    return base

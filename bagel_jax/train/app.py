@@ -50,6 +50,10 @@ def preflight(config, workdir: str, stage: str = "bagel") -> None:
     reason = nothing_to_do(config, workdir, stage)
     if reason:
         cli.say_and_exit(reason)
+    if stage == "bagel":
+        from bagel_jax.train.release_tokenizer import resolve_tokenizer
+
+        resolve_tokenizer(config, workdir)  # train.init_from = a release folder: data.tokenizer from it
     check_paths(config, workdir, stage)
     if stage == "bagel" and config.train.init_from and latest_checkpoint(workdir) is None:
         from bagel_jax.train.checkpoint import check_init_from

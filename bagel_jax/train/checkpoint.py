@@ -25,7 +25,13 @@ from etils import epath
 from grain import checkpoint as grain_checkpoint
 
 from bagel_jax.config import ConfigError
-from bagel_jax.convert.run_checkpoint import DATA, STATE, load_params  # noqa: F401  (the layout; re-exported)
+from bagel_jax.convert.run_checkpoint import (  # noqa: F401  (DATA, STATE: the layout; re-exported)
+    DATA,
+    STATE,
+    load_params,
+    saved_param_paths,
+)
+from bagel_jax.model import lora
 from bagel_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
 
 # --- the per-host data-iterator state item ---------------------------------------------------------
@@ -216,6 +222,10 @@ def load_init_params(config, shardings, like) -> Any:
         except CheckpointError as e:
             raise ConfigError(f"train.init_from: {e}") from None
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+    if lora.enabled(config.model) and not any(map(lora.is_lora_path, saved_param_paths(path))):
+        # a run (or params tree) without LoRA into a model with it: the base is read, the adapters stay at init (B = 0)
+        logging.info("%s holds no LoRA adapters: base params loaded, adapters at init", path)
+        return lora.with_adapters(load_params(path, lora.without_adapters(abstract)), like)
     return load_params(path, abstract)
 
 

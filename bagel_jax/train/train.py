@@ -19,8 +19,10 @@ from bagel_jax.data.pipeline import make_train_iterator, tokenizer_from_config
 from bagel_jax.model.bagel import make_init_fn
 from bagel_jax.parallel.mesh import logical_rules
 from bagel_jax.train import loop
+from bagel_jax.train.checkpoint import check_init_from
 from bagel_jax.train.losses import make_loss_fn
 from bagel_jax.train.metrics import MetricsLogger, packing_stats
+from bagel_jax.train.release_tokenizer import keep_tokenizer, resolve_tokenizer
 from bagel_jax.train.state import with_pretrained
 
 
@@ -136,6 +138,10 @@ def train(config, workdir: str, devices=None) -> dict[str, float]:
     validate(config, num_devices=len(devices))
     apply_vae_init_config(config)  # model.vae.init_from: scale/shift from the VAE stage's vae.json
     check_vit_init(config)  # model.vit.init_from: the checkpoint exists (loaded on a fresh start)
+    shipped = resolve_tokenizer(config, workdir)  # train.init_from = a release: its tokenizer
+    if shipped is not None:
+        check_init_from(config)  # the release itself, before the workdir gets the tokenizer's copy
+        keep_tokenizer(config, workdir, shipped)
     return loop.train(config, workdir, bagel_stage, devices)
 
 
