@@ -178,6 +178,28 @@ def test_gradient_accumulation_equals_full_batch():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_accumulation_with_loss_counts_equals_full_batch_for_unequal_counts():
+    """Rows with different label counts: with the global counts the accumulated step equals the full batch (the
+    trainer's wiring on a data 2 × fsdp 2 × tensor 2 mesh); averaging microbatch means does not."""
+    from bagel_jax.parallel.mesh import shard_batch
+
+    batch = T.make_batch(8, seed=3)
+    batch["weight"][np.arange(8), np.arange(8) + 2] = 0.0
+    batch["weight"][::3, 4:] = 0.0  # rows 0, 3, 6 hold 4 labels, the others 12-13
+    full = T.toy_run(num_devices=1, data=1, loss=T.deterministic_loss_fn)  # the runs of the test above, and
+    kw = dict(train=(("grad_accum_steps", 2),), data=2, fsdp=2, tensor=2)
+    biased = T.toy_run(loss=T.deterministic_loss_fn, **kw)
+    exact = T.toy_run(loss=T.counted_loss_fn, loss_counts=T.ce_counts, **kw)
+    out = {}
+    for name, run in (("full", full), ("exact", exact), ("biased", biased)):
+        state, metrics = run.step(run.init(), shard_batch(batch, run.mesh, run.rules))
+        out[name] = (float(metrics["loss"]), T.host_tree(state.params))
+    assert abs(out["biased"][0] - out["full"][0]) > 1e-3 * abs(out["full"][0])
+    np.testing.assert_allclose(out["exact"][0], out["full"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out["exact"][1]), jax.tree.leaves(out["full"][1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_accumulation_not_dividing_batch_is_config_error():
     with pytest.raises(ConfigError, match=r"^train.grad_accum_steps: 3 microbatches × 8 batch shards"):
         T.toy_run(train=(("grad_accum_steps", 3),), data=8)

@@ -25,8 +25,17 @@ from etils import epath
 from grain import checkpoint as grain_checkpoint
 
 from bagel_jax.config import ConfigError
-from bagel_jax.convert.run_checkpoint import DATA, STATE, load_params  # noqa: F401  (the layout; re-exported)
-from bagel_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
+from bagel_jax.convert import param_subtree
+from bagel_jax.convert.fixed_params import fixed_params, fixed_part
+from bagel_jax.convert.run_checkpoint import DATA, STATE, load_any_params, load_params  # noqa: F401  (re-exported)
+from bagel_jax.train.state import (
+    TrainState,
+    abstract_state,
+    checkpoint_view,
+    create_train_state,
+    state_shardings,
+    with_fixed,
+)
 
 # --- the per-host data-iterator state item ---------------------------------------------------------
 
@@ -104,7 +113,7 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, data_state: Any = None, *, force: bool = True) -> bool:
         """Starts saving ``state`` (and this host's ``data_state``, JSON-able) as ``step``."""
-        items = {STATE: ocp.args.StandardSave(state)}
+        items = {STATE: ocp.args.StandardSave(checkpoint_view(state))}
         if data_state is not None:
             items[DATA] = grain_checkpoint.CheckpointSave(_DataState(data_state))
         self.check_for_errors()  # an earlier background write that failed stops the run here
@@ -116,12 +125,17 @@ class Checkpointer:
                 f"{_first_line(e)}); the run stops, the previous checkpoint is intact"
             ) from e
 
-    def restore(self, abstract: TrainState, step: int | None = None, *, data: bool = True) -> tuple[TrainState, Any]:
-        """(state, data_state or None) of ``step`` (default latest), resharded onto ``abstract``'s shardings."""
+    def restore(
+        self, abstract: TrainState, step: int | None = None, *, data: bool = True, fixed: Any = None
+    ) -> tuple[TrainState, Any]:
+        """(state, data_state or None) of ``step`` (default latest), resharded onto ``abstract``'s shardings.
+
+        The checkpoint holds no fixed params (``state.checkpoint_view``): ``fixed`` (their part of the params, e.g.
+        ``convert.fixed_params.fixed_params``) completes the state; without it they are absent from ``params``."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        items = {STATE: ocp.args.StandardRestore(abstract)}
+        items = {STATE: ocp.args.StandardRestore(checkpoint_view(abstract))}
         data_dir = self.directory / str(step) / DATA
         has_data = data and data_dir.exists()
         if has_data:
@@ -134,7 +148,8 @@ class Checkpointer:
                 )
             items[DATA] = grain_checkpoint.CheckpointRestore(_DataState())
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out[STATE], (out[DATA].state if has_data else None)
+        state = out[STATE] if fixed is None else with_fixed(out[STATE], fixed)
+        return state, (out[DATA].state if has_data else None)
 
     def set_aside_after(self, step: int) -> list[int]:
         """Renames the checkpoints newer than ``step`` to ``<step>.set_aside[.k]`` (kept for inspection, no longer
@@ -205,39 +220,57 @@ def check_init_from(config) -> None:
 
 
 def load_init_params(config, shardings, like) -> Any:
-    """The params of ``train.init_from`` on ``shardings`` with ``like``'s dtypes: a release folder (each tensor read
-    straight into its shards), a params pytree the converter saved, or another run's workdir / checkpoint."""
-    from bagel_jax.convert.release_sharded import CheckpointError, is_release, load_release_sharded
+    """The params of ``train.init_from`` on ``shardings`` with ``like``'s dtypes (or the part of them ``like``
+    holds): a release folder (each tensor read straight into its shards), a params pytree the converter saved, or
+    another run's workdir / checkpoint."""
+    from bagel_jax.convert.release_sharded import CheckpointError
 
-    path = config.train.init_from
-    if is_release(path):
-        try:
-            return load_release_sharded(path, config.model, shardings, like)
-        except CheckpointError as e:
-            raise ConfigError(f"train.init_from: {e}") from None
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
-    return load_params(path, abstract)
+    try:
+        return load_any_params(config.train.init_from, config.model, shardings, like)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
 
 
 def restore_or_init(
-    ckpt: Checkpointer, init_fn, optimizer, mesh, rules, rng: jax.Array, config, *, step: int | None = None
+    ckpt: Checkpointer,
+    init_fn,
+    optimizer,
+    mesh,
+    rules,
+    rng: jax.Array,
+    config,
+    *,
+    step: int | None = None,
 ) -> tuple[TrainState, TrainState, Any]:
     """(state, shardings, data_state): resumes checkpoint ``step`` (default: the latest) if the workdir has one,
     else creates a fresh sharded state and, if ``train.init_from`` is set, loads its params (EMA = params).
 
-    ``train.init_from`` is read on a fresh start only (a restart resumes its own checkpoint): a release folder
-    (``check_init_from`` runs before the state is created), a converted params pytree or a run's workdir."""
-    shardings = state_shardings(init_fn, optimizer, mesh, rules)
+    ``train.init_from`` is read on a fresh start only (a restart resumes its own checkpoint: a release folder
+    (``check_init_from`` runs before the state is created), a converted params pytree or a run's workdir), except
+    for the fixed params (the frozen VAE, the sin-cos tables), which checkpoints leave out: ``convert.fixed_params``
+    builds them the same way on a fresh start and on a resume (init → ``train.init_from`` → ``model.vae.init_from``)."""
+    freeze = tuple(config.train.freeze)
+    shardings = state_shardings(init_fn, optimizer, mesh, rules, freeze)
     if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(abstract_state(init_fn, optimizer, mesh, rules), step)
+        fixed = _fixed_params(config, init_fn, rng, shardings.params)
+        state, data_state = ckpt.restore(abstract_state(init_fn, optimizer, mesh, rules, freeze), step, fixed=fixed)
         logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
         return state, shardings, data_state
     if config.train.init_from:
         check_init_from(config)
-    state, shardings = create_train_state(init_fn, optimizer, mesh, rules, rng)
+    state, shardings = create_train_state(init_fn, optimizer, mesh, rules, rng, freeze)
     if config.train.init_from:
         params = load_init_params(config, shardings.params, state.params)
-        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
-        state = state.replace(params=params, ema_params=copy(params))
+        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)
+        state = state.replace(params=params, ema_params=copy(param_subtree.like(params, state.ema_params)))
         logging.info("params loaded from %s", config.train.init_from)
-    return state, shardings, None
+    return with_fixed(state, _fixed_params(config, init_fn, rng, shardings.params)), shardings, None
+
+
+def _fixed_params(config, init_fn, rng: jax.Array, param_shardings: Any) -> Any:
+    from bagel_jax.convert.release_sharded import CheckpointError
+
+    try:
+        return fixed_params(config, init_fn, fixed_part(param_shardings), rng)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
