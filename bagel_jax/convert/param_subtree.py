@@ -31,6 +31,21 @@ def like(tree: Any, part: Any) -> dict:
     return {key: like(tree[key], sub) if isinstance(sub, Mapping) else tree[key] for key, sub in part.items()}
 
 
+def within(tree: Any, other: Any) -> dict:
+    """The leaves of ``tree`` at paths ``other`` also has (either may hold leaves the other does not)."""
+    out = {}
+    for key, sub in tree.items():
+        if key not in other:
+            continue
+        if isinstance(sub, Mapping):
+            part = within(sub, other[key]) if isinstance(other[key], Mapping) else {}
+            if part:
+                out[key] = part
+        elif not isinstance(other[key], Mapping):
+            out[key] = sub
+    return out
+
+
 def merge(*parts: Any) -> dict:
     """The union of ``parts`` (later parts win where two hold the same leaf)."""
     out: dict = {}

@@ -48,7 +48,7 @@ def load_params(path: str, abstract_params: Any, *, use_ema: bool = False, base:
     out = param_subtree.merge(*parts)
     lost = param_subtree.missing(abstract_params, out)
     if lost and base is not None:
-        out = param_subtree.merge(param_subtree.like(base, abstract_params), out)
+        out = param_subtree.merge(param_subtree.within(base, abstract_params), out)
         lost = param_subtree.missing(abstract_params, out)
     if lost:
         raise FileNotFoundError(f"{path}: holds no param {lost[0]} (and no base to take it from)")

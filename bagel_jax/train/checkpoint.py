@@ -113,7 +113,7 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, data_state: Any = None, *, force: bool = True) -> bool:
         """Starts saving ``state`` (and this host's ``data_state``, JSON-able) as ``step``."""
-        items = {STATE: ocp.args.StandardSave(checkpoint_view(state))}
+        items = {STATE: ocp.args.StandardSave(_stored(state))}
         if data_state is not None:
             items[DATA] = grain_checkpoint.CheckpointSave(_DataState(data_state))
         self.check_for_errors()  # an earlier background write that failed stops the run here
@@ -135,7 +135,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        items = {STATE: ocp.args.StandardRestore(checkpoint_view(abstract))}
+        items = {STATE: ocp.args.StandardRestore(_stored(abstract))}
         data_dir = self.directory / str(step) / DATA
         has_data = data and data_dir.exists()
         if has_data:
@@ -148,7 +148,7 @@ class Checkpointer:
                 )
             items[DATA] = grain_checkpoint.CheckpointRestore(_DataState())
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        state = out[STATE] if fixed is None else with_fixed(out[STATE], fixed)
+        state = with_fixed(out[STATE], fixed) if fixed is not None else out[STATE]
         return state, (out[DATA].state if has_data else None)
 
     def set_aside_after(self, step: int) -> list[int]:
@@ -192,6 +192,12 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _stored(state: Any) -> Any:
+    """What is written of ``state``: a ``TrainState`` less its fixed params (``state.checkpoint_view``); any other
+    pytree as it is."""
+    return checkpoint_view(state) if isinstance(state, TrainState) else state
 
 
 class CheckpointWriteError(RuntimeError):
