@@ -8,6 +8,7 @@ import pytest
 
 import train_toy as T
 from bagel_jax.config import ConfigError
+from bagel_jax.convert import param_subtree
 from bagel_jax.parallel.mesh import shard_batch
 from bagel_jax.train import optim
 from bagel_jax.train.nonfinite import NonFiniteError, NonFiniteGuard
@@ -113,7 +114,7 @@ def test_frozen_modules_do_not_move_and_hold_no_optimizer_state():
     mask = jax.tree.leaves(run.trainable)
     paths = [optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(end.params)[0]]
     for path, trains, a, b, ema in zip(
-        paths, mask, jax.tree.leaves(start.params), jax.tree.leaves(end.params), jax.tree.leaves(end.ema_params)
+        paths, mask, jax.tree.leaves(start.params), jax.tree.leaves(end.params), jax.tree.leaves(end.ema_full_params())
     ):
         frozen = path.startswith("vit_model/") or "_moe_gen" in path
         assert trains == (not frozen), path
@@ -122,6 +123,8 @@ def test_frozen_modules_do_not_move_and_hold_no_optimizer_state():
             np.testing.assert_array_equal(ema, a, err_msg=path)
         else:
             assert not np.array_equal(a, b), path
+    ema_paths = ["/".join(p) for p in param_subtree.paths(end.ema_params)]  # the EMA holds the trainable leaves only
+    assert ema_paths and not any(p.startswith("vit_model/") or "_moe_gen" in p for p in ema_paths)
     adam = state.opt_state.inner_states["train"].inner_state[1][0]
     assert "vit_model" not in adam.mu or not jax.tree.leaves(adam.mu["vit_model"])
 
