@@ -170,7 +170,7 @@ def export_run(workdir: str, out: str, *, which: str = "ema", dtype: str = "bflo
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), meta.unbox(boxed), shardings
     )
-    fixed = fixed_params(config, init_fn, fixed_part(shardings))  # the frozen VAE and tables: not in checkpoints
+    fixed = lambda: fixed_params(config, init_fn, fixed_part(shardings))  # noqa: E731  (if not in the checkpoint)
     params = load_params(workdir, abstract, use_ema=which == "ema", base=fixed)
 
     tmp = out.rstrip("/") + ".partial"

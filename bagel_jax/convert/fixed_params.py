@@ -2,8 +2,11 @@
 config, so a training state holds them once (in ``params``: no optimizer state, no EMA) and checkpoints leave them
 out; a resume, an eval or an export rebuilds them here exactly as a fresh start made them:
 
-    the init (``train.seed``) → the leaves of ``train.init_from`` (a release folder, a params pytree, a run)
-    → the VAE of ``model.vae.init_from`` (the VAE stage's export, or any FLUX ``ae.safetensors``).
+    the init (``train.seed``) → the VAE of ``model.vae.init_from`` (the VAE stage's export, or any FLUX
+    ``ae.safetensors``).
+
+A run started from ``train.init_from`` (a release folder, a params pytree, a run) took them from that folder: it
+checkpoints them (``Checkpointer(store_fixed=True)``), so a restart never depends on the folder.
 
 Loading weights is conversion: this sits with the converters, below ``infer``, ``eval`` and ``train``.
 """
@@ -54,19 +57,17 @@ def init_fixed(init_fn, rng: jax.Array, shardings: Any = None) -> dict:
     return jax.jit(fixed, out_shardings=shardings)(rng)
 
 
-def fixed_params(config, init_fn, shardings: Any = None, rng: jax.Array | None = None) -> dict:
-    """The fixed leaves of the BAGEL ``config`` (init → ``train.init_from`` → ``model.vae.init_from``), placed with
+def fixed_params(config, init_fn, shardings: Any = None, rng: jax.Array | None = None, start: Any = None) -> dict:
+    """The fixed leaves of the BAGEL ``config`` (``start``, default the init, → ``model.vae.init_from``), placed with
     ``shardings`` (the fixed part of the params' shardings; None: the default device). ``rng``: the trainer's
-    ``PRNGKey(train.seed)`` (the default)."""
-    from bagel_jax.convert.run_checkpoint import load_any_params
+    ``PRNGKey(train.seed)`` (the default). ``start``: the fixed part of params already built (a fresh start from
+    ``train.init_from`` holds that folder's; such a run checkpoints them, as they cannot be rebuilt from the config)."""
     from bagel_jax.convert.vae_export import load_vae_params
 
     rng = jax.random.PRNGKey(config.train.seed) if rng is None else rng
-    fixed = init_fixed(init_fn, rng, shardings)
+    fixed = init_fixed(init_fn, rng, shardings) if start is None else start
     if not fixed:
         return fixed
-    if config.train.get("init_from"):
-        fixed = load_any_params(config.train.init_from, config.model, shardings, fixed)
     if "vae" in fixed and config.model.vae.get("init_from"):
         loaded = load_vae_params(config.model.vae.init_from, config.model.vae)
         where = shardings["vae"] if shardings is not None else jax.tree.map(lambda _: None, fixed["vae"])

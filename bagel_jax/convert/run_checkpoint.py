@@ -31,7 +31,8 @@ def load_params(path: str, abstract_params: Any, *, use_ema: bool = False, base:
     converter writes), or a run's workdir / ``checkpoints`` dir / step dir: its ``state.params``, or with ``use_ema``
     the EMA model (``state.ema_params``, which holds the trainable leaves only, over ``state.params``). A leaf the
     file does not hold (a run's checkpoint leaves out the fixed params: the frozen VAE, the sin-cos tables) is taken
-    from ``base`` (a param tree or a part of one: e.g. the init, ``convert.fixed_params``); without it, a
+    from ``base`` (a param tree or a part of one, or a callable returning it, called only then: e.g.
+    ``convert.fixed_params``); without it, a
     ``FileNotFoundError`` names the first such leaf. ``abstract_params`` may be a part of the params (then only
     its leaves are read).
     """
@@ -48,6 +49,7 @@ def load_params(path: str, abstract_params: Any, *, use_ema: bool = False, base:
     out = param_subtree.merge(*parts)
     lost = param_subtree.missing(abstract_params, out)
     if lost and base is not None:
+        base = base() if callable(base) else base
         out = param_subtree.merge(param_subtree.within(base, abstract_params), out)
         lost = param_subtree.missing(abstract_params, out)
     if lost:

@@ -48,7 +48,7 @@ def load_run_params(config, workdir: str, which: str = "ema"):
             params = {**params, "vit_model": load_vit_params(config.model.vit.init_from, config.model)}
         return model, jax.device_get(params)
     abstract = meta.unbox(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
-    fixed = fixed_params(config, init_fn)  # the frozen VAE and sin-cos tables: not in the checkpoint
+    fixed = lambda: fixed_params(config, init_fn)  # noqa: E731  (the frozen VAE and tables, if not in the checkpoint)
     params = load_params(workdir, abstract, use_ema=which == "ema", base=fixed)
     return model, jax.device_get(params)
 

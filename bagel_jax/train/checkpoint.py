@@ -74,7 +74,18 @@ class Checkpointer:
     ``stop_requested(step)`` is True after SIGTERM (single process) or at a multi-host preemption sync point.
     """
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, handle_sigterm: bool = False):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        handle_sigterm: bool = False,
+        store_fixed: bool = False,
+    ):
+        # store_fixed: write the fixed params too (a run started from train.init_from: its VAE and tables came from
+        # a folder a restart must not depend on); otherwise they are rebuilt from the config on restore
+        self.store_fixed = bool(store_fixed)
         self.directory = epath.Path(workdir) / "checkpoints"
         # keep: the newest N steps (0 = all). Orbax deletes only after a save has committed, so the newest complete
         # checkpoint is never removed.
@@ -88,6 +99,7 @@ class Checkpointer:
 
     @classmethod
     def from_config(cls, workdir: str, config, **kw) -> Checkpointer:
+        kw.setdefault("store_fixed", bool(config.train.get("init_from")))
         return cls(workdir, keep=config.train.keep_checkpoints, **kw)
 
     # preemption
@@ -113,7 +125,7 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, data_state: Any = None, *, force: bool = True) -> bool:
         """Starts saving ``state`` (and this host's ``data_state``, JSON-able) as ``step``."""
-        items = {STATE: ocp.args.StandardSave(_stored(state))}
+        items = {STATE: ocp.args.StandardSave(state if self.store_fixed else _stored(state))}
         if data_state is not None:
             items[DATA] = grain_checkpoint.CheckpointSave(_DataState(data_state))
         self.check_for_errors()  # an earlier background write that failed stops the run here
@@ -130,12 +142,14 @@ class Checkpointer:
     ) -> tuple[TrainState, Any]:
         """(state, data_state or None) of ``step`` (default latest), resharded onto ``abstract``'s shardings.
 
-        The checkpoint holds no fixed params (``state.checkpoint_view``): ``fixed`` (their part of the params, e.g.
-        ``convert.fixed_params.fixed_params``) completes the state; without it they are absent from ``params``."""
+        A checkpoint written without the fixed params (``state.checkpoint_view``) is completed with ``fixed`` (their
+        part of the params, e.g. ``convert.fixed_params.fixed_params``: a callable is called only then); without it
+        they are absent from ``params``. One written with them (``store_fixed``) is restored whole."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        items = {STATE: ocp.args.StandardRestore(_stored(abstract))}
+        whole = not isinstance(abstract, TrainState) or self._holds_fixed(step, abstract)
+        items = {STATE: ocp.args.StandardRestore(abstract if whole else _stored(abstract))}
         data_dir = self.directory / str(step) / DATA
         has_data = data and data_dir.exists()
         if has_data:
@@ -148,8 +162,23 @@ class Checkpointer:
                 )
             items[DATA] = grain_checkpoint.CheckpointRestore(_DataState())
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        state = with_fixed(out[STATE], fixed) if fixed is not None else out[STATE]
+        state = out[STATE]
+        if not whole and fixed is not None:
+            state = with_fixed(state, fixed() if callable(fixed) else fixed)
         return state, (out[DATA].state if has_data else None)
+
+    def _holds_fixed(self, step: int, abstract: TrainState) -> bool:
+        """Whether checkpoint ``step`` holds the fixed params of ``abstract`` (written with ``store_fixed``)."""
+        fixed = param_subtree.paths(fixed_part(abstract.params))
+        if not fixed:
+            return True
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(self.directory / str(step) / STATE)
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+        node = tree.get("params") or {}
+        for key in fixed[0]:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node is not None
 
     def set_aside_after(self, step: int) -> list[int]:
         """Renames the checkpoints newer than ``step`` to ``<step>.set_aside[.k]`` (kept for inspection, no longer
@@ -253,13 +282,15 @@ def restore_or_init(
 
     ``train.init_from`` is read on a fresh start only (a restart resumes its own checkpoint: a release folder
     (``check_init_from`` runs before the state is created), a converted params pytree or a run's workdir), except
-    for the fixed params (the frozen VAE, the sin-cos tables), which checkpoints leave out: ``convert.fixed_params``
-    builds them the same way on a fresh start and on a resume (init → ``train.init_from`` → ``model.vae.init_from``)."""
+    for the fixed params (the frozen VAE, the sin-cos tables). Without ``train.init_from`` checkpoints leave them out
+    and ``convert.fixed_params`` builds them the same way on a fresh start and on a resume (init →
+    ``model.vae.init_from``); with it, they came from that folder and are checkpointed (``store_fixed``)."""
     freeze = tuple(config.train.freeze)
     shardings = state_shardings(init_fn, optimizer, mesh, rules, freeze)
     if ckpt.latest_step() is not None:
-        fixed = _fixed_params(config, init_fn, rng, shardings.params)
-        state, data_state = ckpt.restore(abstract_state(init_fn, optimizer, mesh, rules, freeze), step, fixed=fixed)
+        abstract = abstract_state(init_fn, optimizer, mesh, rules, freeze)
+        fixed = lambda: _fixed_params(config, init_fn, rng, shardings.params)  # noqa: E731  (only if not stored)
+        state, data_state = ckpt.restore(abstract, step, fixed=fixed)
         logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
         return state, shardings, data_state
     if config.train.init_from:
@@ -270,13 +301,9 @@ def restore_or_init(
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)
         state = state.replace(params=params, ema_params=copy(param_subtree.like(params, state.ema_params)))
         logging.info("params loaded from %s", config.train.init_from)
-    return with_fixed(state, _fixed_params(config, init_fn, rng, shardings.params)), shardings, None
+    start = fixed_part(state.params)  # the init's, or train.init_from's
+    return with_fixed(state, _fixed_params(config, init_fn, rng, shardings.params, start)), shardings, None
 
 
-def _fixed_params(config, init_fn, rng: jax.Array, param_shardings: Any) -> Any:
-    from bagel_jax.convert.release_sharded import CheckpointError
-
-    try:
-        return fixed_params(config, init_fn, fixed_part(param_shardings), rng)
-    except CheckpointError as e:
-        raise ConfigError(f"train.init_from: {e}") from None
+def _fixed_params(config, init_fn, rng: jax.Array, param_shardings: Any, start: Any = None) -> Any:
+    return fixed_params(config, init_fn, fixed_part(param_shardings), rng, start=start)
