@@ -58,13 +58,15 @@ class ModelSpec:
 
     init_fn: rng -> params (boxed with logical names); loss_fn: (params, batch, rng) -> (loss, aux);
     batch: pytree of ``jax.ShapeDtypeStruct`` with the *global* batch shapes;
-    batch_metrics_fn: optional batch -> {name: scalar} (e.g. packing stats).
+    batch_metrics_fn: optional batch -> {name: scalar} (e.g. packing stats);
+    loss_counts: optional batch -> {term: count} (the unbiased gradient accumulation of ``train/step.py``).
     """
 
     init_fn: Callable[[jax.Array], Any]
     loss_fn: Callable
     batch: Any
     batch_metrics_fn: Callable | None = None
+    loss_counts: Callable | None = None
 
 
 LOSSES: dict[str, Callable[[Any], ModelSpec]] = {}
@@ -91,12 +93,18 @@ def _bagel(config) -> ModelSpec:
     from bagel_jax.data.pack import field_shapes
     from bagel_jax.data.pipeline import budgets_from_config
     from bagel_jax.model.bagel import make_init_fn
-    from bagel_jax.train.losses import make_loss_fn
+    from bagel_jax.train.losses import make_loss_counts, make_loss_fn
 
     model, init_fn = make_init_fn(config)
     shapes = field_shapes(budgets_from_config(config), config.data.batch_size)
     batch = PackedBatch(**{f: jax.ShapeDtypeStruct(*shapes[f]) for f in FIELDS})
-    return ModelSpec(init_fn, make_loss_fn(model, config), batch, lambda b: metrics_lib.packing_stats(b.doc))
+    return ModelSpec(
+        init_fn,
+        make_loss_fn(model, config),
+        batch,
+        lambda b: metrics_lib.packing_stats(b.doc),
+        loss_counts=make_loss_counts(config),
+    )
 
 
 @register_loss("mot_lm")
@@ -218,7 +226,7 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     spec = builder(config)
     params_shape = jax.eval_shape(spec.init_fn, jax.random.PRNGKey(0))
     tx, schedule = make_optimizer(config.train, params_shape)
-    state = abstract_state(spec.init_fn, tx, mesh, rules)
+    state = abstract_state(spec.init_fn, tx, mesh, rules, tuple(config.train.freeze))
     batch = abstract_batch(spec.batch, mesh, rules)
     trainable = trainable_mask(params_shape, tuple(config.train.freeze))
     step = make_train_step(
@@ -231,6 +239,7 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
         state_shardings=jax.tree.map(lambda x: x.sharding, state),
         trainable=trainable,
         batch_metrics_fn=spec.batch_metrics_fn,
+        loss_counts=spec.loss_counts,
     )
     kind = devices[0].device_kind
     rows, length = config.data.batch_size, config.data.seq_len

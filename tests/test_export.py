@@ -16,7 +16,10 @@ from safetensors import safe_open
 
 import bagel_testlib as lib
 from bagel_jax.convert import bagel_ckpt as bc
+from bagel_jax.convert import param_subtree
 from bagel_jax.convert.export import export_run, main
+from bagel_jax.convert.fixed_params import fixed_mask, fixed_params
+from bagel_jax.model.bagel import make_init_fn
 from bagel_jax.train.checkpoint import Checkpointer
 from bagel_jax.train.state import TrainState
 
@@ -35,6 +38,11 @@ def _fake_run(tmp_path, scan_layers=False):
     params, ema = bc.load_params(str(src), config.model), None
     bc.write_random_checkpoint(str(tmp_path / "src_ema"), config.model, seed=2)
     ema = bc.load_params(str(tmp_path / "src_ema"), config.model)
+    # as the trainer holds them: the fixed params (the frozen VAE, the sin-cos tables) are the config's, the EMA has
+    # the trained leaves only
+    fixed = jax.device_get(fixed_params(config, make_init_fn(config)[1]))
+    params = param_subtree.merge(params, fixed)
+    ema = param_subtree.select(ema, jax.tree.map(lambda f: not f, fixed_mask(ema)))
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps(config.to_dict()))
@@ -49,7 +57,7 @@ def _fake_run(tmp_path, scan_layers=False):
     ckpt = Checkpointer(str(workdir))
     ckpt.save(5, state)
     ckpt.close()
-    return config, str(workdir), params, ema
+    return config, str(workdir), params, param_subtree.merge(params, ema)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -8,6 +8,7 @@ import pytest
 
 import train_toy as T
 from bagel_jax.config import ConfigError
+from bagel_jax.convert import param_subtree
 from bagel_jax.parallel.mesh import shard_batch
 from bagel_jax.train import optim
 from bagel_jax.train.nonfinite import NonFiniteError, NonFiniteGuard
@@ -113,7 +114,7 @@ def test_frozen_modules_do_not_move_and_hold_no_optimizer_state():
     mask = jax.tree.leaves(run.trainable)
     paths = [optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(end.params)[0]]
     for path, trains, a, b, ema in zip(
-        paths, mask, jax.tree.leaves(start.params), jax.tree.leaves(end.params), jax.tree.leaves(end.ema_params)
+        paths, mask, jax.tree.leaves(start.params), jax.tree.leaves(end.params), jax.tree.leaves(end.ema_full_params())
     ):
         frozen = path.startswith("vit_model/") or "_moe_gen" in path
         assert trains == (not frozen), path
@@ -122,6 +123,8 @@ def test_frozen_modules_do_not_move_and_hold_no_optimizer_state():
             np.testing.assert_array_equal(ema, a, err_msg=path)
         else:
             assert not np.array_equal(a, b), path
+    ema_paths = ["/".join(p) for p in param_subtree.paths(end.ema_params)]  # the EMA holds the trainable leaves only
+    assert ema_paths and not any(p.startswith("vit_model/") or "_moe_gen" in p for p in ema_paths)
     adam = state.opt_state.inner_states["train"].inner_state[1][0]
     assert "vit_model" not in adam.mu or not jax.tree.leaves(adam.mu["vit_model"])
 
@@ -176,6 +179,28 @@ def test_gradient_accumulation_equals_full_batch():
     np.testing.assert_allclose([h["ce"] for h in h_acc], [h["ce"] for h in h_full], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(T.host_tree(s_acc.params)), jax.tree.leaves(T.host_tree(s_full.params))):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_accumulation_with_loss_counts_equals_full_batch_for_unequal_counts():
+    """Rows with different label counts: with the global counts the accumulated step equals the full batch (the
+    trainer's wiring on a data 2 × fsdp 2 × tensor 2 mesh); averaging microbatch means does not."""
+    from bagel_jax.parallel.mesh import shard_batch
+
+    batch = T.make_batch(8, seed=3)
+    batch["weight"][np.arange(8), np.arange(8) + 2] = 0.0
+    batch["weight"][::3, 4:] = 0.0  # rows 0, 3, 6 hold 4 labels, the others 12-13
+    full = T.toy_run(num_devices=1, data=1, loss=T.deterministic_loss_fn)  # the runs of the test above, and
+    kw = dict(train=(("grad_accum_steps", 2),), data=2, fsdp=2, tensor=2)
+    biased = T.toy_run(loss=T.deterministic_loss_fn, **kw)
+    exact = T.toy_run(loss=T.counted_loss_fn, loss_counts=T.ce_counts, **kw)
+    out = {}
+    for name, run in (("full", full), ("exact", exact), ("biased", biased)):
+        state, metrics = run.step(run.init(), shard_batch(batch, run.mesh, run.rules))
+        out[name] = (float(metrics["loss"]), T.host_tree(state.params))
+    assert abs(out["biased"][0] - out["full"][0]) > 1e-3 * abs(out["full"][0])
+    np.testing.assert_allclose(out["exact"][0], out["full"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out["exact"][1]), jax.tree.leaves(out["full"][1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_accumulation_not_dividing_batch_is_config_error():

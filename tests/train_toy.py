@@ -127,6 +127,18 @@ def loss_fn(params, batch, rng):
     return _ce(params, batch, batch["weight"] * keep)
 
 
+def counted_loss_fn(params, batch, rng, counts=None):
+    """The deterministic CE divided by ``counts['ce']`` (a whole accumulated batch's label count) when given."""
+    del rng
+    loss, aux = _ce(params, batch, batch["weight"])
+    return (loss if counts is None else aux["ce_sum"] / counts["ce"]), aux
+
+
+def ce_counts(batch):
+    """``loss_counts`` of the toy CE: the batch's label weight."""
+    return {"ce": jnp.sum(batch["weight"])}
+
+
 def deterministic_loss_fn(params, batch, rng):
     """Same CE without the random drop (equal counts per microbatch: accumulation is exact)."""
     del rng
@@ -178,7 +190,7 @@ class ToyRun:
     Use ``toy_run(...)`` to share compiled runs between tests (XLA:CPU compiles for 8 devices are slow).
     """
 
-    def __init__(self, config, devices=None, loss=None):
+    def __init__(self, config, devices=None, loss=None, loss_counts=None):
         from bagel_jax.parallel.mesh import logical_rules, make_mesh
         from bagel_jax.train.optim import make_optimizer, trainable_mask
         from bagel_jax.train.state import make_init, state_shardings
@@ -189,7 +201,8 @@ class ToyRun:
         self.rules = logical_rules(config)
         self.params_shape = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
         self.tx, self.schedule = make_optimizer(config.train, self.params_shape)
-        self.shardings = state_shardings(init_fn, self.tx, self.mesh, self.rules)
+        self.freeze = tuple(config.train.freeze)
+        self.shardings = state_shardings(init_fn, self.tx, self.mesh, self.rules, self.freeze)
         self.trainable = trainable_mask(self.params_shape, tuple(config.train.freeze))
         self.step = make_train_step(
             loss or loss_fn,
@@ -200,8 +213,9 @@ class ToyRun:
             rules=self.rules,
             state_shardings=self.shardings,
             trainable=self.trainable,
+            loss_counts=loss_counts,
         )
-        self._init = make_init(init_fn, self.tx, self.shardings)
+        self._init = make_init(init_fn, self.tx, self.shardings, self.freeze)
 
     def init(self, seed: int = 1):
         return self._init(jax.random.PRNGKey(seed))
@@ -209,7 +223,7 @@ class ToyRun:
     def abstract(self):
         from bagel_jax.train.state import abstract_state
 
-        return abstract_state(init_fn, self.tx, self.mesh, self.rules)
+        return abstract_state(init_fn, self.tx, self.mesh, self.rules, self.freeze)
 
     def run(self, state, data, steps: int):
         """``steps`` train steps on batches from ``data``; returns (state, [host metrics dicts])."""
@@ -225,13 +239,13 @@ class ToyRun:
 _RUNS: dict = {}
 
 
-def toy_run(num_devices: int = 8, loss=None, train=(), **parallel) -> ToyRun:
+def toy_run(num_devices: int = 8, loss=None, train=(), loss_counts=None, **parallel) -> ToyRun:
     """Cached ``ToyRun`` on the first ``num_devices`` devices; ``train``: ((key, value), ...) overrides."""
-    key = (num_devices, loss, tuple(train), tuple(sorted(parallel.items())))
+    key = (num_devices, loss, tuple(train), loss_counts, tuple(sorted(parallel.items())))
     if key not in _RUNS:
         config = toy_config(**parallel)
         config.train.update(dict(train))
-        _RUNS[key] = ToyRun(config, devices=jax.devices()[:num_devices], loss=loss)
+        _RUNS[key] = ToyRun(config, devices=jax.devices()[:num_devices], loss=loss, loss_counts=loss_counts)
     return _RUNS[key]
 
 

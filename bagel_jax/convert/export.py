@@ -139,6 +139,7 @@ def export_run(workdir: str, out: str, *, which: str = "ema", dtype: str = "bflo
         official_shapes,
         vit_config_json,
     )
+    from bagel_jax.convert.fixed_params import fixed_params, fixed_part
     from bagel_jax.convert.hf_vision import params_to_flux_ae
     from bagel_jax.convert.run_checkpoint import find_state_dir, load_params, load_run_config
     from bagel_jax.model.bagel import make_init_fn
@@ -169,7 +170,8 @@ def export_run(workdir: str, out: str, *, which: str = "ema", dtype: str = "bflo
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), meta.unbox(boxed), shardings
     )
-    params = load_params(workdir, abstract, use_ema=which == "ema")
+    fixed = lambda: fixed_params(config, init_fn, fixed_part(shardings))  # noqa: E731  (if not in the checkpoint)
+    params = load_params(workdir, abstract, use_ema=which == "ema", base=fixed)
 
     tmp = out.rstrip("/") + ".partial"
     if jax.process_index() == 0:

@@ -2,47 +2,93 @@
 evals and ``train.init_from`` need, without the trainer.
 
 Layout (written by ``bagel_jax.train.checkpoint.Checkpointer``): ``<workdir>/checkpoints/<step>/{state, data}``;
-``state`` holds the whole ``TrainState`` (``params``, ``ema_params``, ...). Only the asked-for field is read, sharded
-onto the given abstract params' shardings.
+``state`` holds the ``TrainState`` (``params``, ``ema_params``: the trainable leaves' EMA, ...) less the fixed params
+(the frozen VAE, the sin-cos tables; ``convert.fixed_params`` rebuilds them from the config). Only the asked-for
+leaves are read, sharded onto the given abstract params' shardings.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bagel_jax.convert import param_subtree
+
 STATE, DATA = "state", "data"  # the items of one checkpoint step
 
 
-def load_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> Any:
+def load_params(path: str, abstract_params: Any, *, use_ema: bool = False, base: Any = None) -> Any:
     """Params restored sharded onto ``abstract_params``' shardings.
 
     ``path``: a params pytree saved with ``ocp.StandardCheckpointer().save(path, params)`` (what the
-    converter writes), or a run's workdir / ``checkpoints`` dir / step dir (its ``state.params``, or
-    ``state.ema_params`` with ``use_ema``).
+    converter writes), or a run's workdir / ``checkpoints`` dir / step dir: its ``state.params``, or with ``use_ema``
+    the EMA model (``state.ema_params``, which holds the trainable leaves only, over ``state.params``). A leaf the
+    file does not hold (a run's checkpoint leaves out the fixed params: the frozen VAE, the sin-cos tables) is taken
+    from ``base`` (a param tree or a part of one, or a callable returning it, called only then: e.g.
+    ``convert.fixed_params``); without it, a
+    ``FileNotFoundError`` names the first such leaf. ``abstract_params`` may be a part of the params (then only
+    its leaves are read).
     """
     root = epath.Path(path)
     if not root.exists():
         raise FileNotFoundError(f"train.init_from: {path} does not exist")
     step_dir = _find_state_dir(root)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     if step_dir is None:  # a plain params pytree
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(root, abstract_params)
-    field = "ema_params" if use_ema else "params"
+        parts = [_restore_part(root, abstract_params, None)]
+    else:
+        parts = [_restore_part(step_dir / STATE, abstract_params, "params")]
+        if use_ema:
+            parts.append(_restore_part(step_dir / STATE, abstract_params, "ema_params"))
+    out = param_subtree.merge(*parts)
+    lost = param_subtree.missing(abstract_params, out)
+    if lost and base is not None:
+        base = base() if callable(base) else base
+        out = param_subtree.merge(param_subtree.within(base, abstract_params), out)
+        lost = param_subtree.missing(abstract_params, out)
+    if lost:
+        raise FileNotFoundError(f"{path}: holds no param {lost[0]} (and no base to take it from)")
+    return out
+
+
+def _restore_part(directory: epath.Path, abstract: Any, field: str | None) -> dict:
+    """The leaves of ``abstract`` that the pytree at ``directory`` (under ``field``) holds, restored sharded."""
     with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(directory)
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+        stored = tree if field is None else tree.get(field) or {}
+        part = param_subtree.select(abstract, _holds(abstract, stored))
+        if not part:
+            return {}
+        item = part if field is None else {field: part}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         out = ckptr.restore(
-            step_dir / STATE,
-            args=ocp.args.PyTreeRestore(
-                item={field: abstract_params}, restore_args={field: restore_args}, partial_restore=True
-            ),
+            directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
         )
-    return out[field]
+    return out if field is None else out[field]
+
+
+def _holds(abstract: Any, stored: Any) -> Any:
+    """Bool tree over ``abstract``: True where the metadata tree ``stored`` has the leaf."""
+    return {k: (_holds(v, stored.get(k) or {}) if isinstance(v, Mapping) else k in stored) for k, v in abstract.items()}
+
+
+def load_any_params(path: str, model_cfg, shardings: Any, like: Any) -> Any:
+    """The params (or the part ``like`` holds) of ``path`` on ``shardings`` with ``like``'s dtypes: a release folder
+    (each tensor read straight into its shards), a params pytree the converter saved, or a run's workdir /
+    checkpoint (a leaf it leaves out keeps ``like``'s value). Raises ``release_sharded.CheckpointError``."""
+    from bagel_jax.convert.release_sharded import is_release, load_release_sharded
+
+    if is_release(path):
+        return load_release_sharded(path, model_cfg, shardings, like)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+    return load_params(path, abstract, base=like)
 
 
 def saved_param_paths(path: str, *, use_ema: bool = False) -> set[str]:

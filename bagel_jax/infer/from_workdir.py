@@ -20,7 +20,9 @@ PARAMS = ("ema", "params", "untrained")
 
 
 def load_run_params(config, workdir: str, which: str = "ema"):
-    """``(model, params)`` of the run: the latest checkpoint's EMA / raw params, or the untrained init.
+    """``(model, params)`` of the run: the latest checkpoint's EMA / raw params, or the untrained init. The EMA
+    holds the trained leaves only; frozen ones come from the checkpoint's params, fixed ones (the frozen VAE, the
+    sin-cos tables) from the config (``convert.fixed_params``), as the trainer makes them.
 
     The untrained model is the run's step-0 params (same seed and init key as the trainer) with the run's
     frozen VAE and pretrained ViT, so it differs from the trained one only in what training changed. Params are
@@ -28,6 +30,7 @@ def load_run_params(config, workdir: str, which: str = "ema"):
     """
     from flax.core import meta
 
+    from bagel_jax.convert.fixed_params import fixed_params
     from bagel_jax.convert.run_checkpoint import load_params
     from bagel_jax.convert.vae_export import load_vae_params
     from bagel_jax.convert.vit_export import load_vit_params
@@ -45,7 +48,8 @@ def load_run_params(config, workdir: str, which: str = "ema"):
             params = {**params, "vit_model": load_vit_params(config.model.vit.init_from, config.model)}
         return model, jax.device_get(params)
     abstract = meta.unbox(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
-    params = load_params(workdir, abstract, use_ema=which == "ema")
+    fixed = lambda: fixed_params(config, init_fn)  # noqa: E731  (the frozen VAE and tables, if not in the checkpoint)
+    params = load_params(workdir, abstract, use_ema=which == "ema", base=fixed)
     return model, jax.device_get(params)
 
 

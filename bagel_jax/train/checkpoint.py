@@ -25,14 +25,24 @@ from etils import epath
 from grain import checkpoint as grain_checkpoint
 
 from bagel_jax.config import ConfigError
+from bagel_jax.convert import param_subtree
+from bagel_jax.convert.fixed_params import fixed_params, fixed_part
 from bagel_jax.convert.run_checkpoint import (  # noqa: F401  (DATA, STATE: the layout; re-exported)
     DATA,
     STATE,
+    load_any_params,
     load_params,
     saved_param_paths,
 )
 from bagel_jax.model import lora
-from bagel_jax.train.state import TrainState, abstract_state, create_train_state, state_shardings
+from bagel_jax.train.state import (
+    TrainState,
+    abstract_state,
+    checkpoint_view,
+    create_train_state,
+    state_shardings,
+    with_fixed,
+)
 
 # --- the per-host data-iterator state item ---------------------------------------------------------
 
@@ -71,7 +81,18 @@ class Checkpointer:
     ``stop_requested(step)`` is True after SIGTERM (single process) or at a multi-host preemption sync point.
     """
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, handle_sigterm: bool = False):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        handle_sigterm: bool = False,
+        store_fixed: bool = False,
+    ):
+        # store_fixed: write the fixed params too (a run started from train.init_from: its VAE and tables came from
+        # a folder a restart must not depend on); otherwise they are rebuilt from the config on restore
+        self.store_fixed = bool(store_fixed)
         self.directory = epath.Path(workdir) / "checkpoints"
         # keep: the newest N steps (0 = all). Orbax deletes only after a save has committed, so the newest complete
         # checkpoint is never removed.
@@ -85,6 +106,7 @@ class Checkpointer:
 
     @classmethod
     def from_config(cls, workdir: str, config, **kw) -> Checkpointer:
+        kw.setdefault("store_fixed", bool(config.train.get("init_from")))
         return cls(workdir, keep=config.train.keep_checkpoints, **kw)
 
     # preemption
@@ -110,7 +132,7 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, data_state: Any = None, *, force: bool = True) -> bool:
         """Starts saving ``state`` (and this host's ``data_state``, JSON-able) as ``step``."""
-        items = {STATE: ocp.args.StandardSave(state)}
+        items = {STATE: ocp.args.StandardSave(state if self.store_fixed else _stored(state))}
         if data_state is not None:
             items[DATA] = grain_checkpoint.CheckpointSave(_DataState(data_state))
         self.check_for_errors()  # an earlier background write that failed stops the run here
@@ -122,12 +144,19 @@ class Checkpointer:
                 f"{_first_line(e)}); the run stops, the previous checkpoint is intact"
             ) from e
 
-    def restore(self, abstract: TrainState, step: int | None = None, *, data: bool = True) -> tuple[TrainState, Any]:
-        """(state, data_state or None) of ``step`` (default latest), resharded onto ``abstract``'s shardings."""
+    def restore(
+        self, abstract: TrainState, step: int | None = None, *, data: bool = True, fixed: Any = None
+    ) -> tuple[TrainState, Any]:
+        """(state, data_state or None) of ``step`` (default latest), resharded onto ``abstract``'s shardings.
+
+        A checkpoint written without the fixed params (``state.checkpoint_view``) is completed with ``fixed`` (their
+        part of the params, e.g. ``convert.fixed_params.fixed_params``: a callable is called only then); without it
+        they are absent from ``params``. One written with them (``store_fixed``) is restored whole."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        items = {STATE: ocp.args.StandardRestore(abstract)}
+        whole = not isinstance(abstract, TrainState) or self._holds_fixed(step, abstract)
+        items = {STATE: ocp.args.StandardRestore(abstract if whole else _stored(abstract))}
         data_dir = self.directory / str(step) / DATA
         has_data = data and data_dir.exists()
         if has_data:
@@ -140,7 +169,23 @@ class Checkpointer:
                 )
             items[DATA] = grain_checkpoint.CheckpointRestore(_DataState())
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out[STATE], (out[DATA].state if has_data else None)
+        state = out[STATE]
+        if not whole and fixed is not None:
+            state = with_fixed(state, fixed() if callable(fixed) else fixed)
+        return state, (out[DATA].state if has_data else None)
+
+    def _holds_fixed(self, step: int, abstract: TrainState) -> bool:
+        """Whether checkpoint ``step`` holds the fixed params of ``abstract`` (written with ``store_fixed``)."""
+        fixed = param_subtree.paths(fixed_part(abstract.params))
+        if not fixed:
+            return True
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(self.directory / str(step) / STATE)
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+        node = tree.get("params") or {}
+        for key in fixed[0]:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node is not None
 
     def set_aside_after(self, step: int) -> list[int]:
         """Renames the checkpoints newer than ``step`` to ``<step>.set_aside[.k]`` (kept for inspection, no longer
@@ -185,6 +230,12 @@ class Checkpointer:
             self.manager.close()
 
 
+def _stored(state: Any) -> Any:
+    """What is written of ``state``: a ``TrainState`` less its fixed params (``state.checkpoint_view``); any other
+    pytree as it is."""
+    return checkpoint_view(state) if isinstance(state, TrainState) else state
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions, ...)."""
 
@@ -211,43 +262,66 @@ def check_init_from(config) -> None:
 
 
 def load_init_params(config, shardings, like) -> Any:
-    """The params of ``train.init_from`` on ``shardings`` with ``like``'s dtypes: a release folder (each tensor read
-    straight into its shards), a params pytree the converter saved, or another run's workdir / checkpoint."""
-    from bagel_jax.convert.release_sharded import CheckpointError, is_release, load_release_sharded
+    """The params of ``train.init_from`` on ``shardings`` with ``like``'s dtypes (or the part of them ``like``
+    holds): a release folder (each tensor read straight into its shards), a params pytree the converter saved, or
+    another run's workdir / checkpoint."""
+    from bagel_jax.convert.release_sharded import CheckpointError, is_release
 
     path = config.train.init_from
-    if is_release(path):
-        try:
-            return load_release_sharded(path, config.model, shardings, like)
-        except CheckpointError as e:
-            raise ConfigError(f"train.init_from: {e}") from None
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
-    if lora.enabled(config.model) and not any(map(lora.is_lora_path, saved_param_paths(path))):
-        # a run (or params tree) without LoRA into a model with it: the base is read, the adapters stay at init (B = 0)
-        logging.info("%s holds no LoRA adapters: base params loaded, adapters at init", path)
-        return lora.with_adapters(load_params(path, lora.without_adapters(abstract)), like)
-    return load_params(path, abstract)
+    try:
+        if lora.enabled(config.model) and not is_release(path):
+            if not any(map(lora.is_lora_path, saved_param_paths(path))):
+                # a run (or params tree) without LoRA into a model with it: the base is read, the adapters stay at
+                # init (B = 0)
+                logging.info("%s holds no LoRA adapters: base params loaded, adapters at init", path)
+                abstract = jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings
+                )
+                base = lora.without_adapters(like)
+                return lora.with_adapters(load_params(path, lora.without_adapters(abstract), base=base), like)
+        return load_any_params(path, config.model, shardings, like)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
 
 
 def restore_or_init(
-    ckpt: Checkpointer, init_fn, optimizer, mesh, rules, rng: jax.Array, config, *, step: int | None = None
+    ckpt: Checkpointer,
+    init_fn,
+    optimizer,
+    mesh,
+    rules,
+    rng: jax.Array,
+    config,
+    *,
+    step: int | None = None,
 ) -> tuple[TrainState, TrainState, Any]:
     """(state, shardings, data_state): resumes checkpoint ``step`` (default: the latest) if the workdir has one,
     else creates a fresh sharded state and, if ``train.init_from`` is set, loads its params (EMA = params).
 
-    ``train.init_from`` is read on a fresh start only (a restart resumes its own checkpoint): a release folder
-    (``check_init_from`` runs before the state is created), a converted params pytree or a run's workdir."""
-    shardings = state_shardings(init_fn, optimizer, mesh, rules)
+    ``train.init_from`` is read on a fresh start only (a restart resumes its own checkpoint: a release folder
+    (``check_init_from`` runs before the state is created), a converted params pytree or a run's workdir), except
+    for the fixed params (the frozen VAE, the sin-cos tables). Without ``train.init_from`` checkpoints leave them out
+    and ``convert.fixed_params`` builds them the same way on a fresh start and on a resume (init →
+    ``model.vae.init_from``); with it, they came from that folder and are checkpointed (``store_fixed``)."""
+    freeze = tuple(config.train.freeze)
+    shardings = state_shardings(init_fn, optimizer, mesh, rules, freeze)
     if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(abstract_state(init_fn, optimizer, mesh, rules), step)
+        abstract = abstract_state(init_fn, optimizer, mesh, rules, freeze)
+        fixed = lambda: _fixed_params(config, init_fn, rng, shardings.params)  # noqa: E731  (only if not stored)
+        state, data_state = ckpt.restore(abstract, step, fixed=fixed)
         logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
         return state, shardings, data_state
     if config.train.init_from:
         check_init_from(config)
-    state, shardings = create_train_state(init_fn, optimizer, mesh, rules, rng)
+    state, shardings = create_train_state(init_fn, optimizer, mesh, rules, rng, freeze)
     if config.train.init_from:
         params = load_init_params(config, shardings.params, state.params)
-        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
-        state = state.replace(params=params, ema_params=copy(params))
+        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)
+        state = state.replace(params=params, ema_params=copy(param_subtree.like(params, state.ema_params)))
         logging.info("params loaded from %s", config.train.init_from)
-    return state, shardings, None
+    start = fixed_part(state.params)  # the init's, or train.init_from's
+    return with_fixed(state, _fixed_params(config, init_fn, rng, shardings.params, start)), shardings, None
+
+
+def _fixed_params(config, init_fn, rng: jax.Array, param_shardings: Any, start: Any = None) -> Any:
+    return fixed_params(config, init_fn, fixed_part(param_shardings), rng, start=start)

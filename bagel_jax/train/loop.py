@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 
+from bagel_jax.convert.fixed_params import fixed_part
 from bagel_jax.parallel.mesh import logical_rules, make_mesh, shard_batch
 from bagel_jax.train.checkpoint import Checkpointer, restore_or_init
 from bagel_jax.train.metrics import MetricsLogger
@@ -48,6 +49,8 @@ class Stage:
     exported: ``() -> bool``, whether the export is on disk: a finished run started again redoes a lost export.
     fresh_state: ``(state, shardings) -> state`` applied to a fresh (not resumed) state, e.g. pretrained towers.
     batch_metrics_fn: per-step batch statistics inside the jitted step (see ``make_train_step``).
+    loss_counts: ``batch -> {term: count}``, the loss normalisers from the batch alone; with it gradient accumulation
+      equals one step on the whole batch (see ``make_train_step``).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Stage:
     exported: Callable[[], bool] | None = None
     fresh_state: Callable[[TrainState, TrainState], TrainState] | None = None
     batch_metrics_fn: Callable | None = None
+    loss_counts: Callable | None = None
 
 
 def every(n: int) -> Callable[[int, bool], bool]:
@@ -108,6 +112,7 @@ def run(config, workdir: str, stage: Stage, devices=None) -> Scores:
             state_shardings=shardings,
             trainable=trainable_mask(abstract_params, tuple(config.train.freeze)),
             batch_metrics_fn=stage.batch_metrics_fn,
+            loss_counts=stage.loss_counts,
         )
         data = stage.make_data(jax.process_index(), jax.process_count())
         if data_state is not None:
@@ -149,7 +154,7 @@ def run(config, workdir: str, stage: Stage, devices=None) -> Scores:
                 last = scalars if scalars is not None else last
                 count = int(scalars["nonfinite_steps"]) if scalars is not None else int(state.nonfinite_steps)
                 if guard.update(step, count):
-                    state, step = _roll_back(stage, data, ckpt, guard, logger, mesh, rules, optimizer)
+                    state, step = _roll_back(stage, data, ckpt, guard, logger, mesh, rules, optimizer, state, config)
                     continue
             if save:  # before the evals: if one of them fails, no training is lost
                 ckpt.save(step, state, data.get_state())
@@ -173,13 +178,24 @@ def run(config, workdir: str, stage: Stage, devices=None) -> Scores:
 
 
 def _roll_back(
-    stage: Stage, data, ckpt: Checkpointer, guard: NonFiniteGuard, logger: MetricsLogger, mesh, rules, optimizer
+    stage: Stage,
+    data,
+    ckpt: Checkpointer,
+    guard: NonFiniteGuard,
+    logger: MetricsLogger,
+    mesh,
+    rules,
+    optimizer,
+    state: TrainState,
+    config,
 ):
     """(state, step) restored from the newest usable checkpoint, ``data`` set to its position and then
-    ``train.rollback_skip_batches`` batches further; metrics rows after it are dropped (those steps train again)."""
+    ``train.rollback_skip_batches`` batches further; metrics rows after it are dropped (those steps train again).
+    The fixed params (not in checkpoints, never trained) are the current ``state``'s."""
     ckpt.wait()
     target = usable_step(ckpt.all_steps(), guard.bad_checkpoints, "train.nonfinite=rollback")
-    state, data_state = ckpt.restore(abstract_state(stage.init_fn, optimizer, mesh, rules), target)
+    abstract = abstract_state(stage.init_fn, optimizer, mesh, rules, tuple(config.train.freeze))
+    state, data_state = ckpt.restore(abstract, target, fixed=fixed_part(state.params))
     if data_state is None:
         raise RuntimeError(f"train.nonfinite=rollback: checkpoint {target} holds no data-iterator state")
     data.set_state(data_state)

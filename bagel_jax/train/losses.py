@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bagel_jax.batch import PackedBatch
+from bagel_jax.batch import KIND_NOISED_VAE, PackedBatch
 
 
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
@@ -57,7 +57,10 @@ def mse_sum_count(pred: jnp.ndarray, target: jnp.ndarray, mask: jnp.ndarray) -> 
 
 
 def total_loss(sums: dict, counts: dict, ce_weight: float = 1.0, mse_weight: float = 1.0) -> jnp.ndarray:
-    """``ce_weight · sums.ce / counts.ce + mse_weight · sums.mse / counts.mse``; a term with count 0 is 0."""
+    """``ce_weight · sums.ce / counts.ce + mse_weight · sums.mse / counts.mse``; a term with count 0 is 0.
+
+    ``counts`` may be larger than the batch's own (the global counts of a whole accumulated batch): each
+    microbatch's loss is then its share of the whole batch's token mean, and the shares add up to it."""
     loss = jnp.zeros((), jnp.float32)
     if "ce" in sums:
         loss = loss + ce_weight * sums["ce"] / jnp.maximum(counts["ce"], 1e-12)
@@ -80,12 +83,25 @@ def loss_terms(out: dict, batch: PackedBatch, *, ce_loss_reweighting: bool = Fal
     return sums, counts
 
 
+def loss_counts(batch: PackedBatch, *, visual_gen: bool = True, ce_loss_reweighting: bool = False) -> dict:
+    """The normalisers of both terms from the batch alone (no forward pass): {'ce': #label slots (or Σ weights
+    with ``ce_loss_reweighting``), 'mse': #noised latent slots}, f32 scalars summed over every row of ``batch``
+    (under jit over a sharded batch: the sum over all data-parallel shards). Equal to the counts ``loss_terms``
+    returns for the same batch."""
+    _, ce = ce_sum_count(jnp.zeros(batch.ce_weight.shape, jnp.float32), batch.ce_weight, ce_loss_reweighting)
+    counts = {"ce": ce}
+    if visual_gen and batch.gen_len > 0:
+        counts["mse"] = jnp.sum((batch.kind[:, batch.und_len :] == KIND_NOISED_VAE).astype(jnp.float32))
+    return counts
+
+
 def bagel_loss_fn(
     model,
     params,
     batch: PackedBatch,
     rng,
     *,
+    counts: dict | None = None,
     ce_weight: float = 1.0,
     mse_weight: float = 1.0,
     ce_loss_reweighting: bool = False,
@@ -99,6 +115,7 @@ def bagel_loss_fn(
         zero gradient: ``Bagel`` stops gradients into it).
       batch: a ``PackedBatch`` of arrays.
       rng: PRNG key for the VAE posterior sample and the flow noise.
+      counts: the normalisers of a whole accumulated batch (``loss_counts`` of it), or None for this batch's own.
       apply_kwargs: passed to ``Bagel.__call__`` (e.g. ``noise=`` to fix the draws).
 
     Returns:
@@ -109,27 +126,39 @@ def bagel_loss_fn(
     if "vae" in params:  # frozen: no tangents through the encoder, so no residuals are kept for it
         params = {**params, "vae": jax.lax.stop_gradient(params["vae"])}
     out = model.apply({"params": params}, batch, rng, **apply_kwargs)
-    sums, counts = loss_terms(out, batch, ce_loss_reweighting=ce_loss_reweighting)
-    loss = total_loss(sums, counts, ce_weight, mse_weight)
+    sums, own_counts = loss_terms(out, batch, ce_loss_reweighting=ce_loss_reweighting)
+    loss = total_loss(sums, own_counts if counts is None else counts, ce_weight, mse_weight)
     aux = {}
     for name in sums:
         aux[f"{name}_sum"] = sums[name]
-        aux[f"{name}_count"] = counts[name]
+        aux[f"{name}_count"] = own_counts[name]
     return loss, aux
 
 
 def make_loss_fn(model, config) -> Callable[[Any, PackedBatch, Any], tuple[jnp.ndarray, dict]]:
     """``loss_fn(params, batch, rng) -> (loss, aux)`` for the trainer, weights taken from the full config."""
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, counts=None):
         return bagel_loss_fn(
             model,
             params,
             batch,
             rng,
+            counts=counts,
             ce_weight=config.train.ce_weight,
             mse_weight=config.train.mse_weight,
             ce_loss_reweighting=config.data.ce_loss_reweighting,
         )
 
     return loss_fn
+
+
+def make_loss_counts(config) -> Callable[[PackedBatch], dict]:
+    """``batch -> loss_counts(batch)`` for the trainer's unbiased gradient accumulation (``train/step.py``)."""
+
+    def counts(batch):
+        return loss_counts(
+            batch, visual_gen=config.model.visual_gen, ce_loss_reweighting=config.data.ce_loss_reweighting
+        )
+
+    return counts

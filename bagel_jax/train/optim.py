@@ -6,9 +6,11 @@ Matches the reference (bagel.md §7.1/§7.3): ``torch.optim.AdamW(lr, betas=(b1,
 
 Freezing (``config.train.freeze``) selects parameters by their path in the param tree ('/'-joined keys,
 a leading 'params/' ignored) with the regexes in ``FREEZE_PATTERNS``. Frozen leaves get zero updates and
-no optimizer state (``optax.multi_transform`` → ``set_to_zero``); the VAE (``ALWAYS_FROZEN``) is frozen
-whether listed or not. ``und`` freezes the und expert and the token embedding (whose only gradient path
-is und tokens) but not ``lm_head``, mirroring what the reference's ``freeze_und`` detaches (§2.7); unlike
+no optimizer state (``optax.multi_transform`` → ``set_to_zero``); the VAE and the fixed 2-D sin-cos position
+tables (``ALWAYS_FROZEN``, the *fixed* params of ``convert/fixed_params.py``: functions of the config, rebuilt
+from it rather than checkpointed) are frozen whether listed or not: no AdamW update, no weight decay. ``und``
+freezes the und expert and the token embedding (whose only gradient path is und tokens) but not ``lm_head``,
+mirroring what the reference's ``freeze_und`` detaches (§2.7); unlike
 the reference it freezes *parameters* only, so gradients still flow through und activations into the
 ViT/connector when those train.
 
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from bagel_jax.config import FREEZABLE, ConfigError
+from bagel_jax.convert.fixed_params import FIXED
 from bagel_jax.model.lora import is_lora_path
 
 # freeze name -> regex searched in the '/'-joined param path
@@ -43,7 +46,7 @@ FREEZE_PATTERNS: dict[str, str] = {
     "und": r"^language_model/(?!.*_moe_gen)(?!(.*/)?lm_head(/|$))",
     "gen": r"^language_model/.*_moe_gen",
 }
-ALWAYS_FROZEN = r"^vae(_model)?/"
+ALWAYS_FROZEN = FIXED  # the frozen VAE and the fixed sin-cos tables
 TRAIN, FROZEN = "train", "frozen"
 
 assert set(FREEZE_PATTERNS) == set(FREEZABLE), "FREEZE_PATTERNS and config.FREEZABLE must list the same modules"

@@ -6,9 +6,13 @@ counts named ``<name>_sum`` / ``<name>_count`` (e.g. ``ce_sum``, ``ce_count``). 
 mean as ``<name>`` (the exact token mean over the global batch, also under gradient accumulation).
 
 Gradient accumulation (``train.grad_accum_steps`` = k > 1) splits the global batch into k microbatches
-(microbatch i holds rows i, i+k, ...; every device keeps its own rows) and averages their gradients, as
-the reference does (``loss / gradient_accumulation_steps``); this equals the full-batch gradient when
-microbatches carry equal loss counts.
+(microbatch i holds rows i, i+k, ...; every device keeps its own rows). With ``loss_counts`` (``batch -> {name:
+count}``, the normalisers of the loss terms from the batch alone) the step first counts the *whole* global batch
+(under jit a sum over every data-parallel shard), then each microbatch's loss is ``Σ w·sum_mb / count_global``
+(``loss_fn(..., counts=...)``) and the step adds losses and gradients: loss, gradient and update equal one step
+on the whole batch, whatever each microbatch holds (MaxText's normalisation by the global weight; packed
+microbatches always differ in label and noised tokens). Without ``loss_counts`` the microbatch losses are
+averaged (the reference's ``loss / gradient_accumulation_steps``), exact only for equal counts per microbatch.
 
 A step whose gradient norm or loss is NaN/inf is not applied: params, optimizer state and EMA stay, the
 step counter advances (the batch is consumed), ``nonfinite_steps`` counts it, metrics carry
@@ -27,11 +31,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bagel_jax.config import ConfigError
+from bagel_jax.convert import param_subtree
 from bagel_jax.parallel.mesh import batch_shards, batch_spec, use_mesh
 from bagel_jax.train.optim import trainable_global_norm
 from bagel_jax.train.state import TrainState, ema_update
 
-LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]  # (params, batch, rng[, counts=]) -> (loss, aux)
+CountsFn = Callable[[Any], dict[str, jax.Array]]  # batch -> {term: f32 normaliser}, additive over rows
 
 
 def check_accumulation(config, mesh: Mesh, rules) -> int:
@@ -67,19 +73,34 @@ def _microbatches(batch: Any, k: int, mesh: Mesh, rules) -> Any:
 
 
 def _accumulated_grads(
-    loss_fn: LossFn, params, batch, rng, k: int, mesh: Mesh, rules, param_shardings, mask_leaves: list[bool]
+    loss_fn: LossFn,
+    params,
+    batch,
+    rng,
+    k: int,
+    mesh: Mesh,
+    rules,
+    param_shardings,
+    mask_leaves: list[bool],
+    loss_counts: CountsFn | None = None,
 ):
     """(loss, aux, grads): gradients are taken w.r.t. the trainable leaves only (``mask_leaves``, in
     ``jax.tree.leaves(params)`` order), so frozen params (a LoRA base, ``train.freeze``) get no gradient
-    computation and no accumulation buffer; their entries in ``grads`` are zeros the optimizer never reads."""
+    computation and no accumulation buffer; their entries in ``grads`` are zeros the optimizer never reads.
+    With ``loss_counts`` and k > 1 every microbatch is normalised by the whole batch's counts and the
+    microbatch losses and gradients are summed (the module docstring)."""
     leaves, treedef = jax.tree.flatten(params)
     idx = [i for i, keep in enumerate(mask_leaves) if keep]
+
+    counts = loss_counts(batch) if (loss_counts is not None and k > 1) else None
 
     def loss_of_trainable(train_leaves, mb, key):
         full = list(leaves)
         for i, x in zip(idx, train_leaves, strict=True):
             full[i] = x
-        return loss_fn(jax.tree.unflatten(treedef, full), mb, key)
+        if counts is None:
+            return loss_fn(jax.tree.unflatten(treedef, full), mb, key)
+        return loss_fn(jax.tree.unflatten(treedef, full), mb, key, counts=counts)
 
     def full_grads(train_grads):
         full = [jnp.zeros(x.shape, x.dtype) for x in leaves]
@@ -108,6 +129,8 @@ def _accumulated_grads(
         return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
     (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
+    if counts is not None:  # each microbatch already holds its share of the whole batch's mean
+        return loss, aux, full_grads(grads)
     return loss / k, aux, full_grads([g / k for g in grads])
 
 
@@ -122,12 +145,16 @@ def make_train_step(
     state_shardings: TrainState,
     trainable: Any,
     batch_metrics_fn: Callable[[Any], dict[str, jax.Array]] | None = None,
+    loss_counts: CountsFn | None = None,
     donate: bool = True,
 ) -> TrainStep:
     """A ``TrainStep``: ``(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
-    trainable: bool tree (``optim.trainable_mask``); grad norm and EMA cover trainable leaves only.
+    trainable: bool tree (``optim.trainable_mask``); the gradient and its norm cover trainable leaves only; the EMA
+    updates the leaves ``state.ema_params`` holds (the trainable ones, ``state.py``); frozen and fixed leaves pass
+    through the step untouched.
     batch_metrics_fn: optional ``batch -> {name: scalar}`` added to metrics (e.g. ``metrics.packing_stats``).
+    loss_counts: optional ``batch -> {term: count}``; with it, accumulation equals one step on the whole batch.
     metrics: loss, grad_norm (before clipping), lr (used by this update), nonfinite (0/1), nonfinite_steps,
     every aux entry (summed over microbatches) and every ``<name>`` mean.
     """
@@ -138,20 +165,17 @@ def make_train_step(
     def step_fn(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
         loss, aux, grads = _accumulated_grads(
-            loss_fn, state.params, batch, rng, k, mesh, rules, state_shardings.params, mask_leaves
+            loss_fn, state.params, batch, rng, k, mesh, rules, state_shardings.params, mask_leaves, loss_counts
         )
         grad_norm = trainable_global_norm(grads, trainable)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        treedef = jax.tree.structure(state.params)
-        ema = jax.tree.unflatten(
-            treedef,
-            [
-                ema_update(e, p, decay) if keep else e
-                for e, p, keep in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(params), mask_leaves)
-            ],
+        updated = jax.tree.leaves(optax.apply_updates(state.params, updates))
+        params = jax.tree.unflatten(  # frozen leaves are passed through (no add of a zero update, no copy)
+            jax.tree.structure(state.params),
+            [u if keep else p for u, p, keep in zip(updated, jax.tree.leaves(state.params), mask_leaves, strict=True)],
         )
+        ema = ema_update(state.ema_params, param_subtree.like(params, state.ema_params), decay)  # trainable leaves
 
         def where_ok(new, old):
             return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)

@@ -13,14 +13,14 @@ import jax
 import numpy as np
 
 from bagel_jax.config import validate
-from bagel_jax.convert.vae_export import apply_vae_init_config, load_vae_params
+from bagel_jax.convert.vae_export import apply_vae_init_config
 from bagel_jax.convert.vit_export import check_vit_init, load_vit_params
 from bagel_jax.data.pipeline import make_train_iterator, tokenizer_from_config
 from bagel_jax.model.bagel import make_init_fn
 from bagel_jax.parallel.mesh import logical_rules
 from bagel_jax.train import loop
 from bagel_jax.train.checkpoint import check_init_from
-from bagel_jax.train.losses import make_loss_fn
+from bagel_jax.train.losses import make_loss_counts, make_loss_fn
 from bagel_jax.train.metrics import MetricsLogger, packing_stats
 from bagel_jax.train.release_tokenizer import keep_tokenizer, resolve_tokenizer
 from bagel_jax.train.state import with_pretrained
@@ -41,8 +41,9 @@ def batch_metrics(batch) -> dict:
 
 
 def inference_params(state):
-    """The full param tree the in-run samples and evals use: the EMA, sharded on the training mesh as it is."""
-    return state.ema_params
+    """The full param tree the in-run samples and evals use: the EMA (trainable leaves) over the frozen params,
+    sharded on the training mesh as they are."""
+    return state.ema_full_params()
 
 
 class Sampler:
@@ -104,9 +105,7 @@ def bagel_stage(config, workdir: str) -> loop.Stage:
     sampler, evals = Sampler(model, config, workdir), Evals(model, config)
 
     def fresh_state(state, shardings):
-        if config.model.vae.init_from:  # the frozen VAE from the VAE stage (no optimizer state to touch)
-            loaded = load_vae_params(config.model.vae.init_from, config.model.vae)
-            state = with_pretrained(state, shardings, "vae", loaded, "model.vae.init_from")
+        # the frozen VAE (model.vae.init_from) is a fixed param: convert/fixed_params.py puts it in on every start
         if config.model.vit.init_from:  # the pretrained ViT (the ViT stage, or any HF SigLIP checkpoint)
             loaded = load_vit_params(config.model.vit.init_from, config.model)
             state = with_pretrained(state, shardings, "vit_model", loaded, "model.vit.init_from")
@@ -126,6 +125,7 @@ def bagel_stage(config, workdir: str) -> loop.Stage:
         evaluate=evaluate,
         fresh_state=fresh_state,
         batch_metrics_fn=batch_metrics,
+        loss_counts=make_loss_counts(config),
     )
 
 

@@ -347,7 +347,7 @@ def vae_stage(config, workdir: str) -> loop.Stage:
         if evaluator is None or not due(step, final):
             return {}
         out = {}
-        for name, params in (("", state.params), ("_ema", state.ema_params)):
+        for name, params in (("", state.params), ("_ema", state.ema_full_params())):
             scores, grid = evaluator(params)
             out.update({f"eval/{k}{name}": v for k, v in scores.items()})
             logger.write_images(step, {f"eval/reconstruction{name}": grid})
@@ -357,7 +357,7 @@ def vae_stage(config, workdir: str) -> loop.Stage:
 
     def export(state, result, run_seconds: float, logger) -> dict[str, Any]:
         step, stage = int(state.step), config.vae_stage
-        params = state.ema_params if stage.export == "ema" else state.params
+        params = state.ema_full_params() if stage.export == "ema" else state.params
         stats = latent_stats(
             model, params, training_images(config, stage.stats_images), batch=stage.eval_batch, seed=config.train.seed
         )

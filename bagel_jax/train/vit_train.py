@@ -294,7 +294,7 @@ def vit_stage(config, workdir: str) -> loop.Stage:
             return {}
         out = {
             f"eval/{k}{name}": v
-            for name, params in (("", state.params), ("_ema", state.ema_params))
+            for name, params in (("", state.params), ("_ema", state.ema_full_params()))
             for k, v in evaluator(params).items()
         }
         logger.write_scalars(step, out)
@@ -304,7 +304,7 @@ def vit_stage(config, workdir: str) -> loop.Stage:
     def export(state, result, run_seconds: float, logger) -> dict[str, Any]:
         del logger
         stage, step = config.vit_stage, int(state.step)
-        params = state.ema_params if stage.export == "ema" else state.params
+        params = state.ema_full_params() if stage.export == "ema" else state.params
         suffix = "_ema" if stage.export == "ema" else ""
         info = dict(
             step=step,
