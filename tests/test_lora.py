@@ -337,6 +337,7 @@ def test_trainer_with_lora_keeps_the_base_and_exports_it_merged(tmp_path):
     from safetensors.numpy import load_file
 
     from bagel_jax.convert.export import export_run
+    from bagel_jax.convert.fixed_params import fixed_params
     from bagel_jax.convert.run_checkpoint import load_params
     from bagel_jax.model.bagel import make_init_fn
     from bagel_jax.train.train import train
@@ -350,8 +351,10 @@ def test_trainer_with_lora_keeps_the_base_and_exports_it_merged(tmp_path):
     workdir, out = str(tmp_path / "run"), str(tmp_path / "release")
     train(c, workdir, devices=jax.devices()[:1])
     abstract = nn.unbox(jax.eval_shape(make_init_fn(c)[1], jax.random.PRNGKey(0)))
+    fixed = fixed_params(c, make_init_fn(c)[1])  # the frozen VAE and sin-cos tables: rebuilt, not checkpointed
     first, last = (
-        _flat(jax.device_get(load_params(os.path.join(workdir, "checkpoints", str(s)), abstract))) for s in (1, 3)
+        _flat(jax.device_get(load_params(os.path.join(workdir, "checkpoints", str(s)), abstract, base=fixed)))
+        for s in (1, 3)
     )
     for p, x in first.items():
         if is_lora_path(p):
