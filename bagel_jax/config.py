@@ -47,6 +47,7 @@ def _model() -> ml_collections.ConfigDict:
             attention_block_kv=512,
             remat="none",  # none | full | dots (jax.checkpoint policy for each decoder layer)
             scan_layers=False,
+            ce_chunk=4096,  # label (or und) slots per chunk of the LM-head CE: [rows, chunk, vocab] f32 logits
             # LoRA adapters on the decoder's linear layers (model/lora.py); rank 0 = off. With adapters only they
             # train (the base is frozen); export merges them: W + (alpha/rank)·A·B.
             lora=ml_collections.ConfigDict(
@@ -126,6 +127,10 @@ def _data() -> ml_collections.ConfigDict:
             # where each mixture kind reads from: "name[/config][:split]" under data_dir; "" = f"{builder}:{kind}"
             sources=ml_collections.ConfigDict(dict(t2i="", vlm="", edit="", video="", web="")),
             max_docs_per_row=256,  # documents per row (static size of the per-row record ids)
+            # label slots per row (the packer never puts more CE labels in a row); the model gathers the final hidden
+            # states of these slots into a [rows, max_labels_per_row] buffer and runs the LM head there only.
+            # 0 = the LM head at every und slot (the dense path; ViT and padding slots included)
+            max_labels_per_row=0,
             pack_buffer=64,  # documents the packer holds to choose from when filling a row
             max_input_pixels=200_000_000,  # images with more pixels (header size) are skipped as image_too_large
             # per-kind ViT resize rule, () = data.vit_transform (the reference's yaml: edit (518, 224, 14),
@@ -424,6 +429,12 @@ def _data_transforms(c):
         f"{d.max_vit_patches} > und_len {d.und_len} (every patch takes an und slot)",
     )
     _check(d.max_docs_per_row >= 1, "data.max_docs_per_row", f"must be >= 1, got {d.max_docs_per_row}")
+    _check(
+        0 <= d.max_labels_per_row <= d.und_len,
+        "data.max_labels_per_row",
+        f"must be in [0, und_len={d.und_len}] (0 = every und slot), got {d.max_labels_per_row}",
+    )
+    _check(c.model.ce_chunk >= 1, "model.ce_chunk", f"must be >= 1, got {c.model.ce_chunk}")
     _check(d.pack_buffer >= 1, "data.pack_buffer", f"must be >= 1, got {d.pack_buffer}")
     _check(
         d.emulate_hosts >= 1 and d.batch_size % d.emulate_hosts == 0,
