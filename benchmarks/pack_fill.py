@@ -67,10 +67,10 @@ def sample_costs(n: int, seed: int = 0) -> np.ndarray:
             w, h = rng.integers(224, 981, size=2)
             patches = _tokens(VIT_VLM, w, h)
             turns = rng.integers(1, 4)
-            q, ans = rng.integers(10, 81, turns), rng.integers(20, 401, turns)
-            text = int((q + 2 + ans + 2).sum())
+            qa = [(int(rng.integers(10, 81)), int(rng.integers(20, 401))) for _ in range(turns)]  # question, answer
+            text = sum(q + 2 + a + 2 for q, a in qa)
             out[i, :4] = (patches + 2 + text, 0, patches, 0)
-            out[i, 5] = int((ans + 1).sum())
+            out[i, 5] = sum(a + 1 for _, a in qa)
         else:  # edit
             w, h = rng.integers(512, 1025, size=2)
             vae, vit = _tokens(VAE, w, h), _tokens(VIT_EDIT, w, h)
