@@ -162,6 +162,9 @@ def _mot_lm(config) -> ModelSpec:
     return ModelSpec(init_fn, loss_fn, batch, lambda b: metrics_lib.packing_stats(b["doc"]))
 
 
+OOM_DETAIL_LINES = 80  # lines of XLA's out-of-memory message the report keeps (its largest-allocation list)
+
+
 # --- topology --------------------------------------------------------------------------------------
 
 
@@ -270,7 +273,9 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        info.update(oom=str(e).strip().splitlines()[0], compile_seconds=time.perf_counter() - t0)
+        lines = str(e).strip().splitlines()
+        # XLA's message goes on to list the largest allocations (shape, size, what op made them): what dominates
+        info.update(oom=lines[0], oom_detail=lines[1:OOM_DETAIL_LINES], compile_seconds=time.perf_counter() - t0)
         return info
     info["compile_seconds"] = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -418,6 +423,8 @@ def report(p: dict[str, Any], step_time: float = 0.0) -> str:
             f"per-chip HBM    DOES NOT FIT: {p['oom']}",
             f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
         ]
+        if p.get("oom_detail"):
+            lines += ["largest buffers (XLA):"] + ["  " + x for x in p["oom_detail"]]
         return "\n".join(lines)
     fits = "unknown chip" if not hbm else ("FITS" if p["peak_bytes"] <= hbm else "DOES NOT FIT")
     lines += [

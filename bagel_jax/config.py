@@ -18,9 +18,24 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line and starts with the dotted key."""
 
 
-# model.remat mode -> name of the jax.checkpoint_policies policy of each remat'ed layer (None: save nothing);
-# "none" means no remat. bagel_jax.model.remat applies it.
-REMAT_POLICIES = {"full": None, "dots": "dots_with_no_batch_dims_saveable"}
+# model.remat mode -> (policy, checkpoint names) of each remat'ed layer (decoder and SigLIP); "none" means no remat.
+# bagel_jax.model.remat builds the jax.checkpoint policy. Names tagged in the layers: "query", "key", "value" (the
+# attention's inputs, after QK-norm and RoPE), "attention_out" (the attention's output, before o_proj) and
+# "layer_input" (a decoder layer's input: what a scanned full-remat stack keeps per layer).
+#   full: save nothing (recompute the whole layer, attention included); dots: save matmul outputs without batch dims;
+#   save_*: save only the named tensors; offload_*: move the named tensors to pinned host memory in the forward pass
+#   and back for the backward pass (TPU, GPU and CPU have it), saving nothing else on the device.
+_QKV = ("query", "key", "value")
+REMAT_POLICIES = {
+    "full": ("nothing_saveable", ()),
+    "dots": ("dots_with_no_batch_dims_saveable", ()),
+    "save_qkv": ("save_names", _QKV),
+    "save_attn": ("save_names", ("attention_out",)),
+    "save_qkv_attn": ("save_names", (*_QKV, "attention_out")),
+    "offload_attn": ("offload_names", ("attention_out",)),
+    "offload_qkv_attn": ("offload_names", (*_QKV, "attention_out")),
+    "offload_input": ("offload_names", ("layer_input",)),
+}
 
 
 def _model() -> ml_collections.ConfigDict:
@@ -45,8 +60,9 @@ def _model() -> ml_collections.ConfigDict:
             attention_impl="auto",  # reference | tpu | gpu | auto
             attention_block_q=512,
             attention_block_kv=512,
-            remat="none",  # none | full | dots (jax.checkpoint policy for each decoder layer)
+            remat="none",  # none | full | dots | save_* | offload_* (REMAT_POLICIES: each decoder and SigLIP layer)
             scan_layers=False,
+            ce_chunk=4096,  # label (or und) slots per chunk of the LM-head CE: [rows, chunk, vocab] f32 logits
             # LoRA adapters on the decoder's linear layers (model/lora.py); rank 0 = off. With adapters only they
             # train (the base is frozen); export merges them: W + (alpha/rank)·A·B.
             lora=ml_collections.ConfigDict(
@@ -71,6 +87,7 @@ def _model() -> ml_collections.ConfigDict:
                     layer_norm_eps=1e-6,
                     hidden_act="gelu_pytorch_tanh",
                     num_positions=4900,
+                    scan_layers=False,  # nn.scan over the SigLIP layers (one compiled layer; same params, stacked)
                     # a ViT-stage workdir (bagel_jax/train/vit_train.py), its export/, or any transformers SigLIP vision
                     # checkpoint (dir or .safetensors): a fresh run loads params['vit_model'] from it
                     init_from="",
@@ -136,6 +153,10 @@ def _data() -> ml_collections.ConfigDict:
             # where each mixture kind reads from: "name[/config][:split]" under data_dir; "" = f"{builder}:{kind}"
             sources=ml_collections.ConfigDict(dict(t2i="", vlm="", edit="", video="", web="")),
             max_docs_per_row=256,  # documents per row (static size of the per-row record ids)
+            # label slots per row (the packer never puts more CE labels in a row); the model gathers the final hidden
+            # states of these slots into a [rows, max_labels_per_row] buffer and runs the LM head there only.
+            # 0 = the LM head at every und slot (the dense path; ViT and padding slots included)
+            max_labels_per_row=0,
             pack_buffer=64,  # documents the packer holds to choose from when filling a row
             max_input_pixels=200_000_000,  # images with more pixels (header size) are skipped as image_too_large
             # per-kind ViT resize rule, () = data.vit_transform (the reference's yaml: edit (518, 224, 14),
@@ -437,6 +458,12 @@ def _data_transforms(c):
         f"{d.max_vit_patches} > und_len {d.und_len} (every patch takes an und slot)",
     )
     _check(d.max_docs_per_row >= 1, "data.max_docs_per_row", f"must be >= 1, got {d.max_docs_per_row}")
+    _check(
+        0 <= d.max_labels_per_row <= d.und_len,
+        "data.max_labels_per_row",
+        f"must be in [0, und_len={d.und_len}] (0 = every und slot), got {d.max_labels_per_row}",
+    )
+    _check(c.model.ce_chunk >= 1, "model.ce_chunk", f"must be >= 1, got {c.model.ce_chunk}")
     _check(d.pack_buffer >= 1, "data.pack_buffer", f"must be >= 1, got {d.pack_buffer}")
     _check(
         d.emulate_hosts >= 1 and d.batch_size % d.emulate_hosts == 0,

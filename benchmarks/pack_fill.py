@@ -29,7 +29,7 @@ never placed (ours: too large for an empty row; the loop: a sample that does not
 or larger than 16384 tokens). At equal capacity the middle two columns rank packers alike; they differ for the
 official-sizes row, whose rows are larger. Prints a markdown table.
 
-    python benchmarks/pack_fill.py [--docs 20000] [--buffer 64] [--gaps 4096,2048,1024]
+    python benchmarks/pack_fill.py [--docs 20000] [--buffer 64] [--gaps 4096,2048,1024] [--max_labels 4096,5632]
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def _tokens(rule: ResizeRule, w: int, h: int) -> int:
 
 
 def sample_costs(n: int, seed: int = 0) -> np.ndarray:
-    """int64[n, 5]: und tokens, gen tokens, ViT patches, VAE images, 1 (documents) for the mix above."""
+    """int64[n, 6]: und tokens, gen tokens, ViT patches, VAE images, 1 (documents), CE labels (VLM answers + their
+    end token) for the mix above."""
     rng = np.random.default_rng(seed)
-    out = np.zeros((n, 5), np.int64)
+    out = np.zeros((n, 6), np.int64)
     out[:, 4] = 1
     for i in range(n):
         kind = rng.integers(3)
@@ -66,8 +67,10 @@ def sample_costs(n: int, seed: int = 0) -> np.ndarray:
             w, h = rng.integers(224, 981, size=2)
             patches = _tokens(VIT_VLM, w, h)
             turns = rng.integers(1, 4)
-            text = sum(int(rng.integers(10, 81)) + 2 + int(rng.integers(20, 401)) + 2 for _ in range(turns))
+            qa = [(int(rng.integers(10, 81)), int(rng.integers(20, 401))) for _ in range(turns)]  # question, answer
+            text = sum(q + 2 + a + 2 for q, a in qa)
             out[i, :4] = (patches + 2 + text, 0, patches, 0)
+            out[i, 5] = sum(a + 1 for _, a in qa)
         else:  # edit
             w, h = rng.integers(512, 1025, size=2)
             vae, vit = _tokens(VAE, w, h), _tokens(VIT_EDIT, w, h)
@@ -75,9 +78,10 @@ def sample_costs(n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def ours(costs: np.ndarray, seq_len: int, und_len: int, max_vae_images: int, buffer: int) -> dict:
-    """Our ``RowPacker`` on ``costs``: rows of ``seq_len`` slots, und region [0, und_len), gen region after it."""
-    cap = np.array([und_len, seq_len - und_len, und_len, max_vae_images, 512], np.int64)
+def ours(costs: np.ndarray, seq_len: int, und_len: int, max_vae_images: int, buffer: int, max_labels: int = 0) -> dict:
+    """Our ``RowPacker`` on ``costs``: rows of ``seq_len`` slots, und region [0, und_len), gen region after it,
+    at most ``max_labels`` CE labels per row (0: und_len, i.e. no limit)."""
+    cap = np.array([und_len, seq_len - und_len, und_len, max_vae_images, 512, max_labels or und_len], np.int64)
     packer = RowPacker(cap, buffer)
     rows, dropped = [], 0
     for i, c in enumerate(costs):
@@ -147,7 +151,13 @@ def main(argv=None):
         default="4096,2048,1024",
         help="the loop's max_num_tokens - expected_num_tokens, comma-separated (official: 4096)",
     )
+    p.add_argument(
+        "--max_labels",
+        default="0,0",
+        help="CE labels per row (data.max_labels_per_row) at 32K and 45K, comma-separated (0 = no limit)",
+    )
     a = p.parse_args(argv)
+    labels = dict(zip((32768, 45056), (int(x) for x in a.max_labels.split(","))))
     costs = sample_costs(a.docs)
     share = costs[:, 0].sum() / (costs[:, 0].sum() + costs[:, 1].sum())
     print(f"mix: {a.docs} docs (T2I/VLM/edit, equal weights), und share of tokens {share:.3f}\n")
@@ -157,10 +167,11 @@ def main(argv=None):
     for seq_len, max_images in ((32768, 12), (45056, 16)):
         und_len = int(round(seq_len * share / 256)) * 256
         t = time.perf_counter()
-        r = ours(costs, seq_len, und_len, max_images, a.buffer)
+        r = ours(costs, seq_len, und_len, max_images, a.buffer, labels[seq_len])
         dt = time.perf_counter() - t
         name = (
-            f"bagel_jax (U={und_len}, G={seq_len - und_len}, N={max_images}, buffer={a.buffer}; "
+            f"bagel_jax (U={und_len}, G={seq_len - und_len}, N={max_images}, K={labels[seq_len] or 'U'}, "
+            f"buffer={a.buffer}; "
             f"und {100 * r['und']:.2f}%, gen {100 * r['gen']:.2f}%; {1e6 * dt / a.docs:.0f} us/doc)"
         )
         results.append((name, r))

@@ -7,8 +7,9 @@ Command (plan a pod before paying for it):
 Command (train / fine-tune; e.g. the reference's fine-tune recipe):
   python -m bagel_jax.train --config=configs/bagel_7b_mot.py --config.train.lr=2e-5 \
       --config.train.init_from=/ckpt/BAGEL-7B-MoT --workdir=gs://bucket/run
-Expected: 14.14B LLM params (7B active per token), 32K-token rows; the planner prints 73.48 GiB per v5p chip
-          (4.26 arguments + 69.22 temporaries; 45k: 73.95), see the README's AOT table.
+Expected: 14.14B LLM params (7B active per token), 32K-token rows; one row per chip fits v6e:8x8 (fsdp 64) with
+          --config.model.remat=offload_input: 16.58 GiB of temporaries per chip (before the lean-step changes:
+          36.79; v5p: 4.26 arguments + 69.22 temporaries), see the README's AOT table.
 """
 
 from bagel_jax.config import base_config
@@ -33,9 +34,12 @@ def get_config(arg=None):
         vit_max_num_patch_per_side=70,
         dtype="bfloat16",
         remat="full",
+        scan_layers=True,  # one compiled layer (compile minutes instead of tens); XLA then counts one layer's FLOPs
+        ce_chunk=2048,  # [rows, 2048, 152064] f32 logits per chunk (1.2 GiB per row)
     )
     c.model.vae.update(encode_scan=True)  # one image slot at a time: 3.4 instead of 28 GiB for 12 × 1024² per row
     c.model.vit.update(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, patch_size=14)
+    c.model.vit.scan_layers = True  # one compiled SigLIP layer too
     # und ≈ 35% of the row fits the reference's t2i/vlm/edit mix (benchmarks/pack_fill.py: 97.4% fill; 45K: 97.8%)
     c.data.update(
         seq_len=32768,
@@ -45,9 +49,13 @@ def get_config(arg=None):
         max_vae_images=12,
         vae_image_size=(1024, 1024),
         batch_size=64,
+        # the LM head runs at <= 4096 label slots per row, not at all 11520 und slots (ViT patches, padding)
+        max_labels_per_row=4096,
+        pixel_dtype="uint8",  # 4x fewer host and input bytes; normalised on device
     )
     if arg == "45k":
         c.data.update(seq_len=45056, und_len=15872, gen_len=29184, max_vit_patches=15872, max_vae_images=16)
+        c.data.max_labels_per_row = 5632
     elif arg not in (None, "", "32k"):
         raise ValueError(f"configs/bagel_7b_mot.py: unknown row length {arg!r} (use 32k or 45k)")
     c.parallel.update(data=1, fsdp=-1, tensor=1)

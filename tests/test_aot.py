@@ -85,6 +85,10 @@ def test_out_of_memory_is_reported_not_raised(v5e_devices):
     p = aot.plan(config, v5e_devices, "huge")
     assert "RESOURCE_EXHAUSTED" in p["oom"]
     assert "DOES NOT FIT" in aot.report(p)
+    # XLA's list of the largest allocations, when its message has one, follows in the report
+    detail = {**p, "oom_detail": ["Largest program allocations in hbm:", "1. Size: 2.00G"]}
+    tail = "largest buffers (XLA):\n  Largest program allocations in hbm:\n  1. Size: 2.00G"
+    assert aot.report(detail).endswith(tail)
 
 
 def test_planner_cli():

@@ -86,10 +86,11 @@ def test_random_checkpoint_has_every_release_key(ckpt_dir):
 def test_round_trip_is_exact(ckpt_dir, tmp_path, scan_layers):
     cfg, d = ckpt_dir
     cfg = cfg.copy_and_resolve_references()
-    cfg.scan_layers = scan_layers
+    cfg.scan_layers = cfg.vit.scan_layers = scan_layers  # both stacks scanned: LLM and SigLIP
     params = bc.load_params(d, cfg)
     if scan_layers:
         assert params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == cfg.num_layers
+        assert params["vit_model"]["layers"]["mlp"]["fc1"]["kernel"].shape[0] == cfg.vit.num_layers
     bc.export_checkpoint(str(tmp_path), params, cfg, dtype="float32")
     _assert_same_files(os.path.join(d, bc.EMA_FILE), os.path.join(tmp_path, bc.EMA_FILE))
     _assert_same_files(os.path.join(d, bc.AE_FILE), os.path.join(tmp_path, bc.AE_FILE))

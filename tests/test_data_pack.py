@@ -112,7 +112,7 @@ def test_packed_rows_satisfy_invariants(shapes_docs):
     check_rows(fields | {"records": extras["records"]}, BUDGETS.und_len, 8, 8, docs_per_row)
     # per-row budgets
     for r, docs in enumerate(docs_per_row):
-        u, g, v, n, _ = np.sum([doc_cost(d) for d in docs], axis=0)
+        u, g, v, n, _, _ = np.sum([doc_cost(d) for d in docs], axis=0)
         assert (u, g) == tuple(extras["real_tokens"][r]) and u <= 384 and g <= 128
         assert (batch["vit_image"][r] > 0).sum() == v <= 128 and (batch["vae_hw"][r, :, 0] > 0).sum() == n <= 8
     fill = extras["real_tokens"].sum() / (len(rows) * 512)

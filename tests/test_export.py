@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _fake_run(tmp_path, scan_layers=False):
     """A workdir as the trainer leaves it (config.json, checkpoint 5 with params ≠ EMA), without training."""
     config = lib.tiny_config()
-    config.model.scan_layers = scan_layers
+    config.model.scan_layers = config.model.vit.scan_layers = scan_layers
     tok = tmp_path / "tok.model"
     tok.write_bytes(b"a tokenizer")
     config.data.tokenizer = str(tok)

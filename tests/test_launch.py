@@ -166,6 +166,70 @@ env() {{ capture env "$@"; }}
     assert (home / "bagel_jax" / "logs").is_dir()
 
 
+COMMON_FLAGS = (
+    "--xla_enable_async_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_latency_hiding_scheduler=true",
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+)
+
+
+def _trainer_env(*extra):
+    """{KEY: VALUE} of the ``env`` the printed train.sh line runs the trainer under."""
+    [line] = _train_lines(*extra).splitlines()
+    remote = argv_of(flag(argv_of(line), "command")[0])
+    if "env" not in remote:
+        return {}
+    out, i = {}, remote.index("env") + 1
+    while "=" in remote[i] and not remote[i].startswith("-"):
+        key, value = remote[i].split("=", 1)
+        out[key] = value
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize(
+    "accelerator, extra_flags, absent",
+    [
+        ("v4-32", (), ("--xla_enable_async_all_reduce=true", "--xla_tpu_scoped_vmem_limit_kib=98304")),
+        ("v5litepod-16", (), ("--xla_tpu_scoped_vmem_limit_kib=98304",)),
+        ("v5p-128", ("--xla_enable_async_all_reduce=true",), ("--xla_tpu_scoped_vmem_limit_kib=98304",)),
+        ("v6e-64", ("--xla_enable_async_all_reduce=true", "--xla_tpu_scoped_vmem_limit_kib=98304"), ()),
+    ],
+)
+def test_train_sets_libtpu_flags_per_generation(accelerator, extra_flags, absent):
+    flags_set = _trainer_env(f"--accelerator={accelerator}")["LIBTPU_INIT_ARGS"].split()
+    assert len(flags_set) == len(set(flags_set)) and all(f.startswith("--xla_") for f in flags_set)
+    assert set(COMMON_FLAGS + extra_flags) <= set(flags_set) and not set(absent) & set(flags_set)
+    # the environment variable works too, and the user's own LIBTPU_INIT_ARGS wins
+    mine = _trainer_env(f"--accelerator={accelerator}", "--env=LIBTPU_INIT_ARGS=--xla_mine=1")
+    assert mine == {"LIBTPU_INIT_ARGS": "--xla_mine=1"}
+    assert _trainer_env() == {}  # no accelerator: libtpu's defaults
+
+
+def test_libtpu_flags_are_documented_and_unknown_generations_fail():
+    lines = (GCLOUD / "libtpu_flags.sh").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("--xla") or "flags+=(--xla" in line:
+            above = [x.strip() for x in lines[max(0, i - 6) : i]]
+            assert any(x.startswith("#") for x in above), f"undocumented flag line {i + 1}: {line.strip()}"
+    out = subprocess.run(
+        [
+            "bash",
+            str(GCLOUD / "train.sh"),
+            "--dry-run",
+            *BASE,
+            "--config=c.py",
+            "--workdir=gs://b",
+            "--accelerator=v9-8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and out.stdout == "" and "no libtpu flags for 'v9-8'" in out.stderr
+
+
 def test_logs_stop_delete():
     [logs] = dry("logs.sh", *BASE, "--worker=3").splitlines()
     argv = argv_of(logs)

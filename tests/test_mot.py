@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from bagel_jax.attention import MaskMeta, Split, allowed, metadata_from_splits, reference_attention
-from bagel_jax.config import CHOICES, base_config, head_dim
+from bagel_jax.config import CHOICES, REMAT_POLICIES, base_config, head_dim
 from bagel_jax.convert.hf import stack_layers
 from bagel_jax.model.mot import LanguageModel, init_params
 from bagel_jax.model.remat import remat as remat_layer
@@ -329,7 +329,12 @@ def plain_value_and_grad(setup):
     return jax.jit(jax.value_and_grad(lambda p: _loss(cfg, p, b, x_sorted, pos_sorted)))(params)
 
 
-@pytest.mark.parametrize("scan, remat", [(False, "full"), (False, "dots"), (True, "none"), (True, "full")])
+@pytest.mark.parametrize(
+    "scan, remat",
+    # the named policies: every tag saved on device, offloaded to host, and the layer input offloaded
+    [(False, "full"), (False, "dots"), (True, "none"), (True, "full")]
+    + [(True, "save_qkv_attn"), (True, "offload_qkv_attn"), (True, "offload_input")],
+)
 def test_remat_and_scan_equal_plain_model(setup, plain_value_and_grad, scan, remat):
     """Loss and every param gradient equal the unscanned, un-remat'ed model."""
     cfg, params, b, _, x_sorted, pos_sorted = setup
@@ -350,7 +355,8 @@ def test_remat_wraps_every_mode_config_accepts():
     """One table serves validation and the model: each accepted mode wraps a layer, any other names the key."""
     for mode in CHOICES["model.remat"]:
         assert (remat_layer(nn.Dense, mode) is nn.Dense) == (mode == "none")
-    with pytest.raises(ValueError, match=r"^model\.remat must be one of none\|full\|dots, got 'selective'$"):
+    modes = r"\|".join(("none", *REMAT_POLICIES))
+    with pytest.raises(ValueError, match=rf"^model\.remat must be one of {modes}, got 'selective'$"):
         remat_layer(nn.Dense, "selective")
 
 

@@ -34,7 +34,7 @@ def release(tmp_path_factory):
 
 def _config(release_dir, scan_layers=False, **parallel):
     c = lib.tiny_config()
-    c.model.scan_layers = scan_layers
+    c.model.scan_layers = c.model.vit.scan_layers = scan_layers
     c.data.batch_size = 8
     c.parallel.update({**dict(data=1, fsdp=1, tensor=1), **parallel})
     c.train.init_from = release_dir

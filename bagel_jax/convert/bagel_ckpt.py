@@ -42,8 +42,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from bagel_jax.config import base_config, head_dim
-from bagel_jax.convert.hf import hf_to_ours, lm_entries, ours_to_hf, stack_layers, unstack_layers
+from bagel_jax.convert.hf import hf_to_ours, lm_entries, ours_to_hf
 from bagel_jax.convert.hf_vision import flux_ae_keys, flux_ae_to_params, params_to_flux_ae
+from bagel_jax.convert.layer_stack import scanned_stacks, stack_layers, unstack_layers
 from bagel_jax.model.embeddings import sincos_2d_table
 
 GEN = "_moe_gen"
@@ -262,8 +263,8 @@ def load_params(
       dtype: numpy dtype of the returned leaves (default ``cfg.param_dtype``).
       place: optional ``place(param_path, array) -> leaf`` called on each converted tensor as soon as it is
         read (e.g. ``jax.device_put`` to its sharding), so host memory holds one tensor at a time.
-        Not applied to LM layers when ``cfg.scan_layers`` (they are stacked first; ``place`` gets the
-        stacked ``language_model/layers/...`` leaves).
+        Not applied to the layers of a scanned stack (``cfg.scan_layers``, ``cfg.vit.scan_layers``: they are
+        stacked first; ``place`` gets the stacked ``language_model/layers/...`` / ``vit_model/layers/...`` leaves).
       ae_path: the FLUX ``ae.safetensors`` (default: next to ``path``; required when ``cfg.visual_gen``).
 
     Returns:
@@ -275,20 +276,20 @@ def load_params(
     dtype = np.dtype(dtype or cfg.param_dtype)
     hd = head_dim(cfg)
     table = {key: (p, kind) for key, p, kind in entries(cfg)}
-    stack = cfg.scan_layers
+    stacks = scanned_stacks(cfg)
     put = place or (lambda _path, a: a)
     params: dict = {}
     for key, w in src.iter_tensors(list(table)):
         p, kind = table[key]
         value = np.ascontiguousarray(to_ours(kind, w, hd).astype(dtype))
-        deferred = stack and p[0] == "language_model" and p[1].startswith("layers_")
+        deferred = p[0] in stacks and p[1].startswith("layers_")
         _set(params, p, value if deferred else put(p, value))
-    if stack:
-        lm = stack_layers(params["language_model"], cfg.num_layers)
-        lm["layers"] = jax.tree_util.tree_map_with_path(
-            lambda kp, a: put(("language_model", "layers") + tuple(k.key for k in kp), a), lm["layers"]
+    for name, num_layers in stacks.items():
+        sub = stack_layers(params[name], num_layers)
+        sub["layers"] = jax.tree_util.tree_map_with_path(
+            lambda kp, a, name=name: put((name, "layers") + tuple(k.key for k in kp), a), sub["layers"]
         )
-        params["language_model"] = lm
+        params[name] = sub
     if cfg.visual_gen:
         ae_path = ae_path or os.path.join(path if os.path.isdir(path) else os.path.dirname(path), AE_FILE)
         params["vae"] = load_vae_params(ae_path, cfg, dtype=dtype, place=place)
@@ -449,10 +450,9 @@ def vit_config_json(cfg) -> dict:
 
 def params_to_state_dict(params: Mapping, cfg, dtype="bfloat16") -> dict[str, np.ndarray]:
     """``Bagel`` params (boxed or not, scanned or not) → the official ``ema.safetensors`` dict (no VAE)."""
-    tree = nn.unbox(params.get("params", params))
-    if cfg.scan_layers:
-        tree = dict(tree)
-        tree["language_model"] = unstack_layers(tree["language_model"])
+    tree = dict(nn.unbox(params.get("params", params)))
+    for name in scanned_stacks(cfg):
+        tree[name] = unstack_layers(tree[name])
     dtype = np.dtype(dtype)
     out = {}
     for key, p, kind in entries(cfg):

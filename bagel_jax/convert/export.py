@@ -96,14 +96,16 @@ def release_tensors(params, cfg) -> Iterator[tuple[str, np.ndarray]]:
     from the (sharded) ``params`` one tensor at a time (a scan-stacked layer param: one layer at a time); a
     LoRA-adapted kernel is exported merged, W + (alpha/rank)·A·B (model/lora.py)."""
     from bagel_jax.convert.bagel_ckpt import entries, to_official
+    from bagel_jax.convert.layer_stack import scanned_stacks
     from bagel_jax.model.lora import merge_kernel
 
     table = {key: (path, kind) for key, path, kind in entries(cfg)}
+    stacks = scanned_stacks(cfg)
     for key in sorted(table):
         path, kind = table[key]
         node, layer, parent = params, None, None
-        if cfg.scan_layers and path[0] == "language_model" and path[1].startswith("layers_"):
-            layer, path = int(path[1].split("_")[1]), ("language_model", "layers") + path[2:]
+        if path[0] in stacks and path[1].startswith("layers_"):
+            layer, path = int(path[1].split("_")[1]), (path[0], "layers") + path[2:]
         for p in path:
             node, parent = node[p], node
         host = _to_host(node if layer is None else node[layer])

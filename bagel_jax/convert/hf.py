@@ -29,14 +29,11 @@ import ml_collections
 import numpy as np
 
 from bagel_jax.config import head_dim
+from bagel_jax.convert.layer_stack import ConversionError, stack_layers, unstack_layers  # noqa: F401 (re-exported)
 from bagel_jax.model.mot import GEN_SUFFIX, init_params
 
 # Non-persistent buffers some exporters still write; never parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
-
-
-class ConversionError(ValueError):
-    """A state dict that does not match the config; the message names the key."""
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -199,27 +196,6 @@ def params_to_qwen2(params: Mapping, cfg, prefix: str = "") -> dict[str, np.ndar
     if "layers" in tree:
         tree = unstack_layers(tree)
     return {prefix + key: ours_to_hf(kind, _get(tree, path)) for key, path, kind in lm_entries(cfg)}
-
-
-def stack_layers(tree: Mapping, num_layers: int) -> dict:
-    """``layers_0..layers_{n-1}`` subtrees → one ``layers`` subtree with a leading [n] axis (scan form)."""
-    names = [f"layers_{i}" for i in range(num_layers)]
-    missing = [n for n in names if n not in tree]
-    if missing:
-        raise ConversionError(f"{missing[0]}: missing layer subtree (stacking {num_layers} layers)")
-    out = {k: v for k, v in tree.items() if k not in names}
-    out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[tree[n] for n in names])
-    return out
-
-
-def unstack_layers(tree: Mapping) -> dict:
-    """Inverse of ``stack_layers``."""
-    stacked = tree["layers"]
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in tree.items() if k != "layers"}
-    for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return out
 
 
 def model_config_from_hf(hf_config, base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from bagel_jax.convert.layer_stack import stack_layers, unstack_layers
 from bagel_jax.model.siglip import SiglipNaViT
 from bagel_jax.model.vae import FluxVAE
 
@@ -227,7 +228,8 @@ def siglip_to_params(hf_state_dict: Mapping[str, Any], cfg, prefix: str | None =
             or (m is not None and int(m.group(1)) >= v.num_layers)
         )
 
-    return _convert(hf_state_dict, _siglip_entries(v.num_layers), expected, "siglip_to_params", ignored, prefix)
+    params = _convert(hf_state_dict, _siglip_entries(v.num_layers), expected, "siglip_to_params", ignored, prefix)
+    return stack_layers(params, v.num_layers) if v.get("scan_layers", False) else params
 
 
 def params_to_siglip(params, cfg, prefix: str = "vision_model.") -> dict[str, np.ndarray]:
@@ -235,6 +237,11 @@ def params_to_siglip(params, cfg, prefix: str = "vision_model.") -> dict[str, np
     float32 numpy arrays keyed ``{prefix}embeddings.*`` etc., the patch embedding as the HF conv [D, 3, p, p]."""
     model_cfg = _section(cfg, "model")
     v = model_cfg.vit
+    params = nn.meta.unbox(params)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    if "layers" in params:  # model.vit.scan_layers: per-layer subtrees for the per-layer keys
+        params = unstack_layers(jax.tree.map(np.asarray, params))
     out = _to_torch(params, _siglip_entries(v.num_layers), _siglip_expected(model_cfg), "params_to_siglip", prefix)
     key = prefix + "embeddings.patch_embedding.weight"  # Linear [D, (ph, pw, c)] → conv [D, c, ph, pw]
     out[key] = np.ascontiguousarray(out[key].reshape(-1, v.patch_size, v.patch_size, 3).transpose(0, 3, 1, 2))
@@ -242,9 +249,13 @@ def params_to_siglip(params, cfg, prefix: str = "vision_model.") -> dict[str, np
 
 
 def _siglip_expected(model_cfg) -> dict:
+    """Param path → shape of the *unscanned* SigLIP (the converters' per-layer layout)."""
     feat = model_cfg.vit.patch_size**2 * 3
+    unscanned = model_cfg.copy_and_resolve_references()
+    with unscanned.ignore_type():
+        unscanned.vit.scan_layers = False
     return _expected_shapes(
-        SiglipNaViT(model_cfg), jnp.zeros((1, 1, feat)), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
+        SiglipNaViT(unscanned), jnp.zeros((1, 1, feat)), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
     )
 
 

@@ -39,6 +39,7 @@ from bagel_jax.convert.bagel_ckpt import (
     official_shapes,
     weight_files,
 )
+from bagel_jax.convert.layer_stack import scanned_stacks
 from bagel_jax.model.lora import is_lora_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what load_tokenizer reads, in order of preference
@@ -217,6 +218,7 @@ def load_release_sharded(path: str, cfg, shardings: Any, like: Any) -> Any:
     _check_keys(src.shapes, official_shapes(cfg), ", ".join(src.files))
     table = {p: (key, kind) for key, p, kind in entries(cfg)}
     hd = head_dim(cfg)
+    stacks = scanned_stacks(cfg)
     flat_like = {_path(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(like)}
     flat_shard = {_path(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(shardings)}
     out: dict[tuple[str, ...], Any] = {}
@@ -227,9 +229,9 @@ def load_release_sharded(path: str, cfg, shardings: Any, like: Any) -> Any:
         if is_lora_path("/".join(p)) and isinstance(x, jax.Array):  # LoRA adapters: not in a release; kept fresh
             out[p] = x
             continue
-        stacked = cfg.scan_layers and p[:2] == ("language_model", "layers")
+        stacked = p[0] in stacks and p[1] == "layers"
         if stacked:
-            per_layer = [table[("language_model", f"layers_{i}") + p[2:]] for i in range(cfg.num_layers)]
+            per_layer = [table[(p[0], f"layers_{i}") + p[2:]] for i in range(stacks[p[0]])]
             keys, kind = [key for key, _ in per_layer], per_layer[0][1]
         elif p in table:
             key, kind = table[p]

@@ -51,6 +51,7 @@ class Budgets:
     max_docs: int = 256
     latent_stride: int = 16
     pixel_dtype: str = "float32"  # "float32": pixels in [-1, 1] (the PackedBatch contract); "uint8": raw [0, 255]
+    max_labels: int = 0  # CE label slots per row (0 = no limit beyond und_len): the model's static label buffer
 
     def __post_init__(self):
         if self.pixel_dtype not in ("float32", "uint8"):
@@ -66,14 +67,15 @@ class Budgets:
 
     @property
     def capacity(self) -> np.ndarray:
+        labels = self.max_labels or self.und_len
         return np.array(
-            [self.und_len, self.gen_len, self.max_vit_patches, self.max_vae_images, self.max_docs], np.int64
+            [self.und_len, self.gen_len, self.max_vit_patches, self.max_vae_images, self.max_docs, labels], np.int64
         )
 
 
 def doc_cost(doc: Document) -> np.ndarray:
-    """int64[5]: und tokens, gen tokens, ViT patches, VAE images, 1 document."""
-    return np.array(doc.cost + (1,), np.int64)
+    """int64[6]: und tokens, gen tokens, ViT patches, VAE images, 1 document, CE label slots (``und_ce > 0``)."""
+    return np.array(doc.cost + (1, int(np.count_nonzero(np.asarray(doc.und_ce) > 0))), np.int64)
 
 
 class RowPacker:
@@ -330,6 +332,7 @@ _BUDGET_NAMES = (
     ("ViT patches", "data.max_vit_patches"),
     ("VAE images", "data.max_vae_images"),
     ("documents", "data.max_docs_per_row"),
+    ("CE labels", "data.max_labels_per_row"),
 )
 
 

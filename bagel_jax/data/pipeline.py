@@ -68,6 +68,7 @@ def budgets_from_config(config: ml_collections.ConfigDict) -> Budgets:
         max_docs=d.max_docs_per_row,
         latent_stride=8 * m.latent_patch_size,
         pixel_dtype=d.pixel_dtype,
+        max_labels=d.max_labels_per_row,
     )
 
 

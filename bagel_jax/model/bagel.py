@@ -7,7 +7,7 @@ One ``PackedBatch`` row in, per-slot CE and per-slot velocities out::
                        t  = shift(sigmoid(vae_timestep[image])) at noised slots, 0 at clean ones
                        x_t = (1 − t)·x0 + t·ε,   h = vae2llm(x_t) + time_embedder(t) + latent_pos_embed(vae_pos)
     (und_h, gen_h) = language_model(und_x, gen_x, position, mask)           (MoT: und / gen experts)
-    ce[u]          = CE(lm_head(und_h[u]), labels[u])                        (chunked over U, f32)
+    ce[k]          = CE(lm_head(und_h[slot_k]), labels[slot_k])             (label slots k < K, chunked, f32)
     velocity_pred  = llm2vae(gen_h),  velocity_target = ε − x0,  mse_mask = noised slots
 
 Param tree (names chosen so the official state dict maps by a table, ``convert/bagel_ckpt.py``)::
@@ -76,12 +76,15 @@ def chunked_cross_entropy(h, kernel, labels, chunk: int = 4096, dtype=jnp.float3
     """Per-slot CE of ``h @ kernel`` without materialising all logits.
 
     Args:
-      h: [B, U, D] final-normed hidden states; kernel: [D, V] LM head; labels: int[B, U].
+      h: [B, S, D] final-normed hidden states (every und slot, or the gathered label slots); kernel: [D, V] LM head;
+        labels: int[B, S].
       chunk: slots per chunk (the logits of one chunk, [B, chunk, V] f32, are the peak memory;
         each chunk is rematerialised in the backward pass).
+      dtype: the matmul's input dtype. The head is cast to it and gathered (FSDP) once, outside the chunk loop, so
+        the loop reads one [D, V] copy in ``dtype`` instead of gathering and casting the f32 head per chunk.
 
     Returns:
-      float32[B, U]: logsumexp(logits) − logits[label] (computed everywhere; mask with the weights).
+      float32[B, S]: logsumexp(logits) − logits[label] (computed everywhere; mask with the weights).
     """
     b, u, d = h.shape
     chunk = max(1, min(chunk, u))
@@ -92,13 +95,15 @@ def chunked_cross_entropy(h, kernel, labels, chunk: int = 4096, dtype=jnp.float3
     n = (u + pad) // chunk
     hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)
     ls = labels.reshape(b, n, chunk).swapaxes(0, 1)
+    # gathered over fsdp once (vocab stays split over tensor), in the compute dtype
+    kernel = nn.with_logical_constraint(kernel.astype(dtype), ("activation_embed", "activation_vocab"))
 
     @jax.checkpoint
     def one(args):
         hc, lc = args
         # rows stay on their chips (unconstrained, XLA gathered all rows' hidden states to each chip)
         hc = nn.with_logical_constraint(hc, ("activation_batch", "activation_length", "activation_embed"))
-        logits = jnp.einsum("bcd,dv->bcv", hc.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bcd,dv->bcv", hc.astype(dtype), kernel, preferred_element_type=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, lc[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -108,14 +113,30 @@ def chunked_cross_entropy(h, kernel, labels, chunk: int = 4096, dtype=jnp.float3
     return ce.swapaxes(0, 1).reshape(b, n * chunk)[:, :u]
 
 
+def label_slots(ce_weight, budget: int):
+    """The first ``budget`` label slots of each row: (slot int32[B, K], valid bool[B, K]), K = ``budget``.
+
+    ``ce_weight`` float[B, U] (> 0 marks a label slot). Slots come in increasing order; unused entries point at slot 0
+    with ``valid`` False. A row with more than K labels keeps its first K (the packer never builds one:
+    ``data.max_labels_per_row`` is one of its budgets).
+    """
+    has = ce_weight > 0
+    slot = jax.vmap(lambda m: jnp.nonzero(m, size=budget, fill_value=0)[0])(has).astype(jnp.int32)
+    valid = jnp.arange(budget)[None, :] < jnp.sum(has, axis=1, keepdims=True)
+    return slot, valid
+
+
 class Bagel(nn.Module):
     """The BAGEL model on packed rows. ``cfg`` is the config's ``model`` section.
 
-    ``ce_chunk``: und slots per chunk of the chunked LM-head cross entropy.
+    ``ce_chunk``: slots per chunk of the chunked LM-head cross entropy.
+    ``label_budget``: K > 0 runs the LM head at the first K label slots of each row only (``data.max_labels_per_row``;
+    ``ce`` is then [B, K] with its ``ce_weight`` [B, K]); 0 runs it at every und slot (the dense path).
     """
 
     cfg: ml_collections.ConfigDict
     ce_chunk: int = 4096
+    label_budget: int = 0
 
     def setup(self):
         cfg = self.cfg
@@ -191,30 +212,31 @@ class Bagel(nn.Module):
         """
         cfg = self.cfg
         b, n, hh, ww, c = batch.vae_images.shape
-        mode = resolve_encode(cfg.vae)
-        ref_pad = bool(cfg.vae.get("reference_padding", False))
-        if cfg.vae.encode_scan and mode == "masked":
-            mean, logvar = self._encode_slot_by_slot(batch.vae_images, batch.vae_hw, ref_pad)
-        else:
-            images, hw = pixels_to_unit(batch.vae_images), batch.vae_hw
-            if ref_pad:
-                images, hw = reference_padded(images, hw)
-            images = images.reshape(b * n, hh, ww, c)
-            # each chip encodes only its own rows' images (unconstrained, XLA replicated the encoder over the batch)
-            images = nn.with_logical_constraint(images, VAE_IMAGE_AXES)
-            if mode == "by_size" and not self.is_initializing():
-                vae, variables = self.vae.clone(parent=None), {"params": self.vae.variables["params"]}
-                mean, logvar = encode_by_size(
-                    lambda x, x_hw: vae.apply(variables, x, x_hw, method=FluxVAE.encode),
-                    images,
-                    hw.reshape(b * n, 2),
-                    downsample=self.vae.downsample,
-                    z_channels=cfg.vae.z_channels,
-                    levels=cfg.vae.get("encode_levels", 1),
-                    chunk=cfg.vae.get("encode_chunk", 4),
-                )
+        with _vae_images_on_batch_axes():
+            mode = resolve_encode(cfg.vae)
+            ref_pad = bool(cfg.vae.get("reference_padding", False))
+            if cfg.vae.encode_scan and mode == "masked":
+                mean, logvar = self._encode_slot_by_slot(batch.vae_images, batch.vae_hw, ref_pad)
             else:
-                mean, logvar = self.vae.encode(images, hw.reshape(b * n, 2))
+                images, hw = pixels_to_unit(batch.vae_images), batch.vae_hw
+                if ref_pad:
+                    images, hw = reference_padded(images, hw)
+                images = images.reshape(b * n, hh, ww, c)
+                # each chip encodes only its own rows' images (unconstrained, XLA replicated the encoder over the batch)
+                images = nn.with_logical_constraint(images, VAE_IMAGE_AXES)
+                if mode == "by_size" and not self.is_initializing():
+                    vae, variables = self.vae.clone(parent=None), {"params": self.vae.variables["params"]}
+                    mean, logvar = encode_by_size(
+                        lambda x, x_hw: vae.apply(variables, x, x_hw, method=FluxVAE.encode),
+                        images,
+                        hw.reshape(b * n, 2),
+                        downsample=self.vae.downsample,
+                        z_channels=cfg.vae.z_channels,
+                        levels=cfg.vae.get("encode_levels", 1),
+                        chunk=cfg.vae.get("encode_chunk", 4),
+                    )
+                else:
+                    mean, logvar = self.vae.encode(images, hw.reshape(b * n, 2))
         mean = nn.with_logical_constraint(mean, VAE_IMAGE_AXES)
         logvar = nn.with_logical_constraint(logvar, VAE_IMAGE_AXES)
         mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)
@@ -277,9 +299,10 @@ class Bagel(nn.Module):
 
         Returns:
           dict with ``und_hidden`` [B, U, D], ``ce`` float32[B, U] (if ``with_ce``: CE of the label at every
-          und slot; mask with ``batch.ce_weight > 0``), and when ``visual_gen`` and G > 0: ``velocity_pred``,
-          ``velocity_target`` float32[B, G, p²C], ``mse_mask`` bool[B, G] (noised slots), ``timestep``
-          float32[B, G] (flow time per slot), ``gen_hidden`` [B, G, D].
+          und slot; mask with ``batch.ce_weight > 0``; with ``label_budget`` K: ``ce`` [B, K] at the row's label
+          slots and their weights ``ce_weight`` [B, K], 0 at unused entries), and when ``visual_gen`` and G > 0:
+          ``velocity_pred``, ``velocity_target`` float32[B, G, p²C], ``mse_mask`` bool[B, G] (noised slots),
+          ``timestep`` float32[B, G] (flow time per slot), ``gen_hidden`` [B, G, D].
         """
         cfg = self.cfg
         u, g = batch.und_len, batch.gen_len
@@ -325,9 +348,14 @@ class Bagel(nn.Module):
                 self.vae.decode(jnp.zeros((1, 1, 1, cfg.vae.z_channels), jnp.float32))
         out["und_hidden"] = und_h
         if with_ce:
-            out["ce"] = chunked_cross_entropy(
-                und_h, self.lm_head_kernel(), batch.labels, self.ce_chunk, jnp.dtype(cfg.dtype)
-            )
+            h, labels = und_h, batch.labels
+            if self.label_budget:
+                slot, valid = label_slots(batch.ce_weight, self.label_budget)
+                h = nn.with_logical_constraint(_gather_rows(und_h, slot), HIDDEN_AXES)
+                labels = jnp.take_along_axis(batch.labels, slot, axis=1)
+                weight = jnp.take_along_axis(batch.ce_weight, slot, axis=1)
+                out["ce_weight"] = jnp.where(valid, weight, 0.0)
+            out["ce"] = chunked_cross_entropy(h, self.lm_head_kernel(), labels, self.ce_chunk, jnp.dtype(cfg.dtype))
         if return_logits:
             out["text_logits"] = self.text_logits(und_h)
         if cfg.visual_gen and g > 0:
@@ -337,6 +365,16 @@ class Bagel(nn.Module):
 
 
 VAE_IMAGE_AXES = ("activation_batch", "activation_height", "activation_width", "activation_channels")
+
+
+def _vae_images_on_batch_axes():
+    """The logical rules in force with ``activation_images`` (the VAE's image axis, replicated by default) mapped like
+    ``activation_batch``: the encoder's activations stay split over the rows' chips. Without it every residual add
+    of the encoder all-gathered the image batch (a 16 GiB [64·1024, 1024, 128] buffer per chip for 64 rows of
+    1024² images). Here the images already carry the batch sharding, so the batch divides the mesh axes."""
+    rules = tuple(nn.get_logical_axis_rules())
+    batch_axes = dict(rules).get("activation_batch")
+    return nn.logical_axis_rules(tuple((k, batch_axes if k == "activation_images" else v) for k, v in rules))
 
 
 def pixels_to_unit(x):
@@ -370,7 +408,7 @@ def dummy_batch(
 def make_init_fn(config):
     """``(model, init_fn)`` for a full config; ``init_fn(rng) -> params`` (boxed with logical axis names),
     the ``params`` collection of ``Bagel(config.model)`` incl. the frozen VAE under ``vae``."""
-    model = Bagel(config.model)
+    model = Bagel(config.model, ce_chunk=config.model.ce_chunk, label_budget=config.data.max_labels_per_row)
     batch = dummy_batch(config.model)
 
     def init_fn(rng):

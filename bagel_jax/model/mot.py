@@ -33,7 +33,8 @@ With ``cfg.scan_layers`` the ``layers_{i}`` subtrees become one ``layers`` subtr
 leading [num_layers] axis (logical name ``layers``); ``bagel_jax.convert.hf.stack_layers`` /
 ``unstack_layers`` convert between the two. ``cfg.remat`` wraps each layer in ``jax.checkpoint``:
 ``full`` saves nothing, ``dots`` saves matmul outputs without batch dims (projections, MLP) and
-recomputes attention.
+recomputes attention, ``save_*`` / ``offload_*`` keep the tagged ``query``/``key``/``value``/``attention_out``
+/``layer_input`` (on device / in pinned host memory; ``config.REMAT_POLICIES``).
 
 Inference with a KV cache (``bagel_jax.infer.cache``): ``LanguageModel.extend`` runs new tokens against the
 cached K/V of earlier tokens (``past_kv`` = (k, v) [layers, B, C, Hkv, hd], post QK-norm and RoPE, with their mask
@@ -48,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.ad_checkpoint import checkpoint_name
 
 from bagel_jax.attention import MaskMeta, attention, resolve_impl
 from bagel_jax.config import head_dim
@@ -120,6 +122,7 @@ class SelfAttention(nn.Module):
         )
         kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
         k, v = nn.with_logical_constraint(k, kv_axes), nn.with_logical_constraint(v, kv_axes)
+        q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")  # model.remat
         impl = resolve_impl(cfg.attention_impl)
         kwargs = dict(block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv) if impl == "tpu" else {}
         if past is None:
@@ -137,6 +140,7 @@ class SelfAttention(nn.Module):
                 **kwargs,
             )
             kv = (k, v)
+        a = checkpoint_name(a, "attention_out")
 
         outs, start = [], 0
         for suffix, x in segments:
@@ -160,6 +164,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, carry, cos, sin, meta: MaskMeta, past_kv=None, past_meta=None):
         cfg = self.cfg
         und_x, gen_x = carry
+        und_x, gen_x = checkpoint_name(und_x, "layer_input"), checkpoint_name(gen_x, "layer_input")  # model.remat
         u = und_x.shape[1]
         pdtype = jnp.dtype(cfg.param_dtype)
         if cfg.layer_module == "dense":

@@ -5,6 +5,10 @@ flattened 2-D position id (``row * S + col``, S = ``vit_max_num_patch_per_side``
 id. Attention stays within each image (all-``full`` splits through ``bagel_jax.attention``, so the TPU
 kernel serves it). Layer selection as the reference: ``cfg.vit.num_layers`` layers are run (the
 release's 27-layer SigLIP minus its last), then ``post_layernorm``. No pooling head.
+
+With ``cfg.vit.scan_layers`` the layers run under ``nn.scan`` (one compiled layer): the ``layers_{i}`` subtrees become
+one ``layers`` subtree with a leading [num_layers] axis (logical name ``layers``); the converters stack and unstack
+(``bagel_jax.convert.layer_stack``), so checkpoints and exports keep the per-layer keys.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from bagel_jax.attention import attention
 from bagel_jax.attention.mask import KV_HI_INF, MaskMeta
@@ -64,7 +69,9 @@ class SiglipAttention(nn.Module):
                 y, ("activation_batch", "activation_patches", "activation_heads", "activation_head_dim")
             )
 
-        out = attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), meta, meta, impl=self.attention_impl)
+        # names for the save_* / offload_* remat policies (config.REMAT_POLICIES)
+        q, k, v = (checkpoint_name(proj(f"{n}_proj"), tag) for n, tag in (("q", "query"), ("k", "key"), ("v", "value")))
+        out = checkpoint_name(attention(q, k, v, meta, meta, impl=self.attention_impl), "attention_out")
         out = out.reshape(b, p, self.hidden)
         return dense(self.hidden, ("heads", "vit_embed"), "out_proj", self.dtype, self.param_dtype)(out)
 
@@ -105,6 +112,14 @@ class SiglipEncoderLayer(nn.Module):
         h = _layer_norm(v.layer_norm_eps, "layer_norm2", self.param_dtype)(x).astype(self.dtype)
         x = x + SiglipMLP(v.hidden_size, v.intermediate_size, v.hidden_act, self.dtype, self.param_dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, TOKENS)
+
+
+class ScannedSiglipLayer(SiglipEncoderLayer):
+    """``SiglipEncoderLayer`` in ``nn.scan``'s (carry, out) form: x [B, P, Dv] → (x', None)."""
+
+    @nn.compact
+    def __call__(self, x, meta: MaskMeta):
+        return super().__call__(x, meta), None
 
 
 class SiglipNaViT(nn.Module):
@@ -152,8 +167,20 @@ class SiglipNaViT(nn.Module):
         x = nn.with_logical_constraint(x, TOKENS)
 
         meta = image_mask_meta(image_ids)
-        layer_cls = remat(SiglipEncoderLayer, cfg.get("remat", "none"))
-        for i in range(v.num_layers):
-            x = layer_cls(v, cfg.attention_impl, dtype, param_dtype, name=f"layers_{i}")(x, meta)
+        if v.get("scan_layers", False):
+            layer_cls = remat(ScannedSiglipLayer, cfg.get("remat", "none"), prevent_cse=False)
+            stack = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,),
+                length=v.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(v, cfg.attention_impl, dtype, param_dtype, name="layers")(x, meta)
+        else:
+            layer_cls = remat(SiglipEncoderLayer, cfg.get("remat", "none"))
+            for i in range(v.num_layers):
+                x = layer_cls(v, cfg.attention_impl, dtype, param_dtype, name=f"layers_{i}")(x, meta)
         x = _layer_norm(v.layer_norm_eps, "post_layernorm", param_dtype)(x).astype(dtype)
         return nn.with_logical_constraint(x, TOKENS)

@@ -72,12 +72,14 @@ def total_loss(sums: dict, counts: dict, ce_weight: float = 1.0, mse_weight: flo
 def loss_terms(out: dict, batch: PackedBatch, *, ce_loss_reweighting: bool = False) -> tuple[dict, dict]:
     """Sums and counts of both terms from ``Bagel``'s output dict and the batch.
 
-    Uses ``out['ce']`` [B, U] (per-slot CE) if present, and ``out['velocity_pred']`` /
+    Uses ``out['ce']`` [B, U] (per-slot CE; or [B, K] at the label slots with their ``out['ce_weight']``) if
+    present, and ``out['velocity_pred']`` /
     ``out['velocity_target']`` [B, G, C] with ``out['mse_mask']`` [B, G] if present.
     """
     sums, counts = {}, {}
     if "ce" in out:
-        sums["ce"], counts["ce"] = ce_sum_count(out["ce"], batch.ce_weight, ce_loss_reweighting)
+        weight = out.get("ce_weight", batch.ce_weight)
+        sums["ce"], counts["ce"] = ce_sum_count(out["ce"], weight, ce_loss_reweighting)
     if "velocity_pred" in out:
         sums["mse"], counts["mse"] = mse_sum_count(out["velocity_pred"], out["velocity_target"], out["mse_mask"])
     return sums, counts

@@ -11,14 +11,23 @@
 # more: each process finds the others through the TPU metadata (bagel_jax.distributed).
 # Every argument reaches the trainer verbatim: values with spaces or quotes are quoted for the remote
 # shell. Flags: see common.sh. --dry-run prints the gcloud command.
+# With --accelerator (or BAGEL_ACCELERATOR) the trainer gets that TPU generation's tuned libtpu flags as
+# LIBTPU_INIT_ARGS (libtpu_flags.sh; --env=LIBTPU_INIT_ARGS=... replaces them); without it, libtpu's defaults.
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR
 source "$HERE/common.sh"
+# shellcheck source-path=SCRIPTDIR
+source "$HERE/libtpu_flags.sh"
 
 parse_args "$@"
 check_common
 require CONFIG WORKDIR
+
+if [[ -n $ACCELERATOR && " ${ENVS[*]} " != *" LIBTPU_INIT_ARGS="* ]]; then
+  libtpu_flags "$ACCELERATOR"
+  ENVS=("LIBTPU_INIT_ARGS=$REPLY" ${ENVS[@]+"${ENVS[@]}"})
+fi
 
 argv=(.venv/bin/python -m bagel_jax.train --config="$CONFIG" --workdir="$WORKDIR" "${TRAINER_ARGS[@]}")
 if ((${#ENVS[@]})); then argv=(env "${ENVS[@]}" "${argv[@]}"); fi
