@@ -112,7 +112,8 @@ class PositionEmbedding(nn.Module):
             ),
             (n * n, dim),
         )
-        table = jax.lax.stop_gradient(table)
+        # whole rows of the table on every chip (FSDP gathers it): looked up width-split, XLA all-gathered the rows
+        table = nn.with_logical_constraint(jax.lax.stop_gradient(table), ("pos_table", "activation_embed"))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 
