@@ -112,8 +112,7 @@ class PositionEmbedding(nn.Module):
             ),
             (n * n, dim),
         )
-        # whole rows of the table on every chip (FSDP gathers it): looked up width-split, XLA all-gathered the rows
-        table = nn.with_logical_constraint(jax.lax.stop_gradient(table), ("pos_table", "activation_embed"))
+        table = jax.lax.stop_gradient(table)
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 

@@ -234,14 +234,12 @@ class LanguageModel(nn.Module):
 
     def embed(self, ids):
         """int32[B, T] → [B, T, D] in cfg.dtype."""
-        # FSDP: the table (cast to the compute dtype) is gathered over fsdp, still split over the vocab (``tensor``),
-        # and each chip looks up its own slots (rows over the batch axes, slots over ``sequence``). Unconstrained, XLA
-        # looked up width-split rows and all-gathered the looked-up rows of the whole batch instead (the table's
-        # width and the rows are split over the same mesh axis).
+        # Each chip's ids are its own slots. The table is left as stored (width over fsdp): gathering it over fsdp
+        # removes the tiny model's all-gather of looked-up rows, but at 7B on v6e:8x8 (fsdp 64) it costs 3.05 instead
+        # of 0.56 GiB of temporaries (the gathered table and its full f32 gradient), where XLA's own lookup moves no
+        # whole rows (docs/EXPERIMENTS.md, seqpar).
         ids = nn.with_logical_constraint(ids, HIDDEN_AXES[:2])
-        table = self.embed_tokens.embedding.astype(jnp.dtype(self.cfg.dtype))
-        table = nn.with_logical_constraint(table, ("activation_vocab", "activation_embed"))
-        return nn.with_logical_constraint(jnp.take(table, ids, axis=0), HIDDEN_AXES)
+        return nn.with_logical_constraint(self.embed_tokens(ids), HIDDEN_AXES)
 
     def __call__(self, und_x, gen_x, position, meta: MaskMeta, deterministic: bool = True):
         """Runs the decoder on a modality-sorted row.
