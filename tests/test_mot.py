@@ -9,6 +9,7 @@ checked against a naive softmax in test_mask.py) with the module.
 
 import functools
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -386,3 +387,40 @@ def test_sharded_forward_matches_single_device(setup):
         assert tuple(spec) == ("fsdp", "tensor", None)
         out = _apply(cfg, sharded, *args)
     np.testing.assert_allclose(out, _apply(cfg, params, *args), rtol=1e-5, atol=1e-5)
+
+
+def _collectives(hlo: str, where: str) -> list[str]:
+    """The compiled module's collectives (all-gather, all-to-all, collective-permute, all-reduce) whose op_name
+    contains ``where``."""
+    ops = r"(all-gather|all-to-all|collective-permute|all-reduce)(-start)?\("
+    return [line for line in hlo.splitlines() if re.search(r"= \S+ " + ops, line) and where in line]
+
+
+@pytest.mark.parametrize("layer_module", ["mot", pytest.param("dense", marks=pytest.mark.slow)])
+def test_sequence_parallel_matches_single_device_without_resharding(setup, layer_module):
+    """sequence 2 (× fsdp 2 × tensor 2): the same outputs and input gradients as one device, and the und + gen join
+    (seq_shards.py) moves no data: the only collectives of the attention block are the kernel's K/V all-gather
+    along the sequence (and its transpose), none from joining, splitting or slicing the row."""
+    cfg = _cfg(attention_impl="gpu", attention_block_q=16, attention_block_kv=16, layer_module=layer_module)
+    params = _random_params(cfg)
+    _, _, b, _, x_sorted, pos_sorted = setup
+
+    def loss(p, u, g, pos, m):
+        und_h, gen_h = LanguageModel(cfg).apply(p, u, g, pos, m)
+        return jnp.sum(jnp.sin(und_h)) + jnp.sum(jnp.cos(gen_h))
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(1, 2)))
+    args = (params, x_sorted[:, :U], x_sorted[:, U:], pos_sorted, b["meta_sorted"])
+    want = fn(*args)
+    mesh = jax.make_mesh((1, 2, 2, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        compiled = fn.lower(*args).compile()
+        got = compiled(*args)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * np.max(np.abs(w)))  # summation order
+    hlo = compiled.as_text()
+    attn = _collectives(hlo, "self_attn/")
+    # allowed: the kernel's K/V all-gather (and its transpose), the tensor-parallel o_proj sum over head shards
+    moved = [x for x in attn if "shard_map" not in x and not ("all-reduce" in x and "/o_proj" in x)]
+    assert any("shard_map" in x and "all-gather" in x for x in attn) and not moved, "\n".join(moved)

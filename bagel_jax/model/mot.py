@@ -64,6 +64,7 @@ from bagel_jax.model.layers import (
 )
 from bagel_jax.model.lora import lora_for
 from bagel_jax.model.remat import remat
+from bagel_jax.model.seq_shards import join, join_row, length_shards, split
 
 GEN_SUFFIX = "_moe_gen"
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -115,7 +116,9 @@ class SelfAttention(nn.Module):
                 q = RMSNorm(cfg.rms_norm_eps, pdtype, "head_dim", name="q_norm" + suffix)(q)
                 k = RMSNorm(cfg.rms_norm_eps, pdtype, "head_dim", name="k_norm" + suffix)(k)
             qs.append(q), ks.append(k), vs.append(v)
-        cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)  # noqa: E731
+        # und + gen joined in the shard-local order of the sequence shards (seq_shards.py: no resharding)
+        n = length_shards(*(x.shape[1] for _, x in segments)) if past is None else 1
+        cat = lambda xs: xs[0] if len(xs) == 1 else join(*xs, n)  # noqa: E731
         q, k, v = apply_rope(cat(qs), cos, sin), apply_rope(cat(ks), cos, sin), cat(vs)
         q = nn.with_logical_constraint(
             q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -142,10 +145,9 @@ class SelfAttention(nn.Module):
             kv = (k, v)
         a = checkpoint_name(a, "attention_out")
 
-        outs, start = [], 0
-        for suffix, x in segments:
-            a_e = a[:, start : start + x.shape[1]]
-            start += x.shape[1]
+        outs = []
+        a_parts = [a] if len(segments) == 1 else split(a, segments[0][1].shape[1], n)
+        for (suffix, x), a_e in zip(segments, a_parts):
             outs.append(
                 MergeHeadsProjection(x.shape[-1], dtype, pdtype, lora_for(cfg, suffix, "o"), name="o_proj" + suffix)(
                     a_e
@@ -167,8 +169,9 @@ class DecoderLayer(nn.Module):
         und_x, gen_x = checkpoint_name(und_x, "layer_input"), checkpoint_name(gen_x, "layer_input")  # model.remat
         u = und_x.shape[1]
         pdtype = jnp.dtype(cfg.param_dtype)
+        n = length_shards(u, gen_x.shape[1]) if past_kv is None else 1
         if cfg.layer_module == "dense":
-            segments = [("", jnp.concatenate([und_x, gen_x], axis=1))]
+            segments = [("", join(und_x, gen_x, n))]
         else:
             segments = [("", und_x)]
             if gen_x.shape[1] > 0 or self.is_initializing():  # G = 0: gen expert not run
@@ -185,7 +188,7 @@ class DecoderLayer(nn.Module):
             x = x + mlp(h)
             new.append(nn.with_logical_constraint(x, HIDDEN_AXES))
         if cfg.layer_module == "dense":
-            return (new[0][:, :u], new[0][:, u:]), kv
+            return split(new[0], u, n), kv
         return (new[0], new[1] if len(new) > 1 else gen_x), kv
 
 
@@ -231,6 +234,11 @@ class LanguageModel(nn.Module):
 
     def embed(self, ids):
         """int32[B, T] → [B, T, D] in cfg.dtype."""
+        # Each chip's ids are its own slots. The table is left as stored (width over fsdp): gathering it over fsdp
+        # removes the tiny model's all-gather of looked-up rows, but at 7B on v6e:8x8 (fsdp 64) it costs 3.05 instead
+        # of 0.56 GiB of temporaries (the gathered table and its full f32 gradient), where XLA's own lookup moves no
+        # whole rows (docs/EXPERIMENTS.md, seqpar).
+        ids = nn.with_logical_constraint(ids, HIDDEN_AXES[:2])
         return nn.with_logical_constraint(self.embed_tokens(ids), HIDDEN_AXES)
 
     def __call__(self, und_x, gen_x, position, meta: MaskMeta, deterministic: bool = True):
@@ -271,6 +279,9 @@ class LanguageModel(nn.Module):
                 f"position {position.shape} / meta {meta.doc.shape} must be [B, U+G] = {(b, u + gen_x.shape[1])}"
             )
         dtype = jnp.dtype(cfg.dtype)
+        # the layers join und + gen in the shard-local order of the sequence shards: positions and mask alike
+        n = length_shards(u, gen_x.shape[1]) if past_kv is None else 1
+        position, meta = join_row(position, u, n), jax.tree.map(lambda m: join_row(m, u, n), meta)
         cos, sin = rope_cos_sin(position, head_dim(cfg), cfg.rope_theta, dtype)
         carry = (
             nn.with_logical_constraint(und_x.astype(dtype), HIDDEN_AXES),
