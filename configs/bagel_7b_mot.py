@@ -8,7 +8,7 @@ Command (train / fine-tune; e.g. the reference's fine-tune recipe):
   python -m bagel_jax.train --config=configs/bagel_7b_mot.py --config.train.lr=2e-5 \
       --config.train.init_from=/ckpt/BAGEL-7B-MoT --workdir=gs://bucket/run
 Expected: 14.14B LLM params (7B active per token), 32K-token rows; one row per chip fits v6e:8x8 (fsdp 64) with
-          --config.model.remat=offload_input: 16.58 GiB of temporaries per chip (before the lean-step changes:
+          --config.model.remat=offload_input: 16.58 GiB of temporaries per chip (before this change:
           36.79; v5p: 4.26 arguments + 69.22 temporaries), see the README's AOT table.
 """
 

@@ -68,7 +68,7 @@ def test_sequence_2_equals_one_device():
         np.testing.assert_allclose(g2, g1, rtol=2e-5, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
 
     # no all-gather of a whole row of hidden states in the decoder, the CE or the velocity head (the K/V the attention
-    # kernel gathers are [rows, L, kv heads, head_dim]); the embedding lookups are left to XLA (DESIGN_NOTES, seqpar)
+    # kernel gathers are [rows, L, kv heads, head_dim]); the embedding lookups are left to XLA (DESIGN_NOTES 45)
     width = cfg.hidden_size
     row = re.compile(rf"= f32\[\d+,({UND_LEN}|{SEQ_LEN}),{width}\]\S* all-gather")
     gathered = [line for line in hlo.splitlines() if row.search(line) and "embed_tokens" not in line]

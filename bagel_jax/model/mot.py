@@ -237,7 +237,7 @@ class LanguageModel(nn.Module):
         # Each chip's ids are its own slots. The table is left as stored (width over fsdp): gathering it over fsdp
         # removes the tiny model's all-gather of looked-up rows, but at 7B on v6e:8x8 (fsdp 64) it costs 3.05 instead
         # of 0.56 GiB of temporaries (the gathered table and its full f32 gradient), where XLA's own lookup moves no
-        # whole rows (docs/EXPERIMENTS.md, seqpar).
+        # whole rows (docs/EXPERIMENTS.md, sequence parallelism).
         ids = nn.with_logical_constraint(ids, HIDDEN_AXES[:2])
         return nn.with_logical_constraint(self.embed_tokens(ids), HIDDEN_AXES)
 
