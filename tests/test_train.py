@@ -125,14 +125,19 @@ def test_both_losses_fall(cli_run):
     _, init_fn = make_init_fn(config)
     init_key, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))  # as train/state.py's _init_state
     initial = nn.meta.unbox(jax.jit(init_fn)(init_key))
-    trained = saved_params(workdir, STEPS)["params"]
-    # infer/from_workdir.py loads the same two models from the workdir (the evaluators' trained / untrained)
+    saved = saved_params(workdir, STEPS)["params"]  # the checkpoint: every param but the fixed ones
+    # infer/from_workdir.py loads the two models from the workdir (the evaluators' trained / untrained); the fixed
+    # params (frozen VAE, sin-cos tables) are rebuilt as at init, the rest is the checkpoint's
+    from bagel_jax.convert import param_subtree
+    from bagel_jax.convert.fixed_params import fixed_part
     from bagel_jax.infer import from_workdir
 
     run_config = from_workdir.load_run_config(workdir)
-    for which, want in (("untrained", initial), ("params", trained)):
-        _, got = from_workdir.load_run_params(run_config, workdir, which)
-        jax.tree.map(np.testing.assert_array_equal, got, jax.device_get(want))
+    _, untrained = from_workdir.load_run_params(run_config, workdir, "untrained")
+    jax.tree.map(np.testing.assert_array_equal, untrained, jax.device_get(initial))
+    _, trained = from_workdir.load_run_params(run_config, workdir, "params")
+    jax.tree.map(np.testing.assert_array_equal, param_subtree.within(trained, saved), jax.device_get(saved))
+    jax.tree.map(np.testing.assert_array_equal, fixed_part(trained), jax.device_get(fixed_part(initial)))
     ce0, mse0 = _fixed_batch_losses(config, initial)
     ce1, mse1 = _fixed_batch_losses(config, trained)
     msg = f"ce {ce0:.4f} -> {ce1:.4f}, mse {mse0:.4f} -> {mse1:.4f}"
