@@ -278,19 +278,11 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
         info.update(oom=lines[0], oom_detail=lines[1:OOM_DETAIL_LINES], compile_seconds=time.perf_counter() - t0)
         return info
     info["compile_seconds"] = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     info.update(
-        argument_bytes=mem.argument_size_in_bytes,
-        output_bytes=mem.output_size_in_bytes,
-        temp_bytes=mem.temp_size_in_bytes,
-        alias_bytes=mem.alias_size_in_bytes,
-        code_bytes=mem.generated_code_size_in_bytes,
-        peak_bytes=mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes,
+        **_memory(compiled),
+        code_bytes=compiled.memory_analysis().generated_code_size_in_bytes,
         compiled_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0,
         compiled=compiled,
     )
