@@ -222,4 +222,4 @@ def test_init_from_a_run_workdir_without_lora_into_lora(tmp_path):
     adapted.train.init_from = str(tmp_path / "plain")
     new, shardings, _ = _fresh(adapted, str(tmp_path / "lora"))
     saved = _flat(jax.device_get(state.params))
-    _check_base_and_fresh_adapters(new.params, new.ema_params, shardings.params, saved, adapted)
+    _check_base_and_fresh_adapters(new.params, new.ema_full_params(), shardings.params, saved, adapted)
