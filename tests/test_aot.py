@@ -137,8 +137,10 @@ def test_full_bagel_compiles_for_v5e_with_vae_frozen(v5e_devices):
     p = aot.plan(config, v5e_devices, "bagel")
     shapes = jax.eval_shape(make_init_fn(config)[1], jax.random.PRNGKey(0))
     vae = sum(x.size for x in jax.tree.leaves(shapes["vae"]))
-    assert p["loss"] == "bagel" and p["argument_bytes"] > 0 and vae > 0
-    assert p["trainable_params"] == p["params"] - vae  # the VAE is always frozen, everything else trains
+    tables = sum(x.size for k in ("latent_pos_embed", "vit_pos_embed") for x in jax.tree.leaves(shapes[k]))
+    assert p["loss"] == "bagel" and p["argument_bytes"] > 0 and vae > 0 and tables > 0
+    # the VAE and the fixed sin-cos tables are always frozen, everything else trains
+    assert p["trainable_params"] == p["params"] - vae - tables
 
 
 @pytest.mark.slow
