@@ -267,17 +267,9 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     info["lower_seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        lines = str(e).strip().splitlines()
-        # XLA's message goes on to list the largest allocations (shape, size, what op made them): what dominates
-        info.update(oom=lines[0], oom_detail=lines[1:OOM_DETAIL_LINES], compile_seconds=time.perf_counter() - t0)
+    compiled = _compile(lowered, info)
+    if compiled is None:
         return info
-    info["compile_seconds"] = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     info.update(
@@ -287,6 +279,22 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
         compiled=compiled,
     )
     return info
+
+
+def _compile(lowered, info: dict[str, Any]):
+    """``lowered.compile()``, recording ``compile_seconds`` in ``info``; None when the plan does not fit, with
+    ``oom`` (XLA's first line) and ``oom_detail`` (its list of the largest allocations: what dominates) in ``info``."""
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        lines = str(e).strip().splitlines()
+        info.update(oom=lines[0], oom_detail=lines[1:OOM_DETAIL_LINES], compile_seconds=time.perf_counter() - t0)
+        return None
+    info["compile_seconds"] = time.perf_counter() - t0
+    return compiled
 
 
 def _memory(compiled) -> dict[str, Any]:
@@ -354,15 +362,9 @@ def plan_inference(
     with use_mesh(mesh, rules):
         lowered = program.lower(params, *inputs)
     info["lower_seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        info.update(oom=str(e).strip().splitlines()[0], compile_seconds=time.perf_counter() - t0)
+    compiled = _compile(lowered, info)
+    if compiled is None:
         return info
-    info["compile_seconds"] = time.perf_counter() - t0
     info.update(_memory(compiled), compiled=compiled)
     return info
 
