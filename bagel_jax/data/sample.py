@@ -17,7 +17,7 @@ A ``Sample`` is a list of segments in reading order:
   would let later tokens see noised latents; we keep §5's rule: nothing outside sees them). ``vit``: then each frame
   as its own ViT split, one RoPE step each (the reference ignores ``frame_delta`` there). A dropped clean video
   (``cfg``) drops the whole split and still advances the id by ``Σ frame_delta + 1`` (the reference drops frame by
-  frame and leaves a broken split, its ``FIXME``); ViT frames drop one by one like images.
+  frame and leaves a broken split, as a note in its code admits); ViT frames drop one by one like images.
 
 ``cfg`` marks a droppable condition (the reference's ``enable_cfg``): with the configured probabilities a text is
 dropped (no position advance), a clean VAE or ViT image is dropped but still advances the position by one.
