@@ -6,7 +6,8 @@ An adapted layer with kernel W [*in, *out] computes ``x·W + (alpha/rank)·(x·A
 the base's). ``lora_rank`` is replicated (parallel/rules.py), so A and B shard like W's own dims. Targets:
 ``q``/``k``/``v`` (kernels [D, H, hd]), ``o`` ([H, hd, D]), ``mlp`` (gate/up [D, F], down [F, D]), per expert
 (``und``: suffix "", ``gen``: ``_moe_gen``). With adapters in the tree only ``lora_a``/``lora_b`` train
-(train/optim.py); ``merge_kernel`` folds them into W for export.
+(train/optim.py); ``merged`` folds them into W, for the export (``merge_kernel``, on the host) and for a load into
+a model without them (convert/lora_merge.py, on the devices).
 """
 
 from __future__ import annotations
@@ -107,15 +108,33 @@ def is_lora_path(path: str) -> bool:
     return bool(LORA_PARAM.search(path))
 
 
-def delta(a, b, n_in: int, scale: float) -> np.ndarray:
-    """scale·A·B in the kernel's layout: A [*lead, *in, r], B [*lead, r, *out] → [*lead, *in, *out] (f32 numpy;
-    ``lead`` = a scan-stacked layers axis or nothing)."""
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+def delta(a, b, n_in: int, scale: float, xp=np):
+    """scale·A·B in the kernel's layout: A [*lead, *in, r], B [*lead, r, *out] → [*lead, *in, *out] in f32
+    (``lead`` = a scan-stacked layers axis or nothing). ``xp``: numpy (host) or jax.numpy (traced, on the arrays'
+    shards; call it under ``jax.default_matmul_precision("highest")`` so the TPU matmul is full f32)."""
+    a, b = xp.asarray(a, xp.float32), xp.asarray(b, xp.float32)
     lead = a.shape[: a.ndim - 1 - n_in]
     in_shape, out_shape = a.shape[len(lead) : -1], b.shape[len(lead) + 1 :]
     r = a.shape[-1]
-    m = np.matmul(a.reshape(*lead, -1, r), b.reshape(*lead, r, -1))
+    m = xp.matmul(a.reshape(*lead, -1, r), b.reshape(*lead, r, -1))
     return scale * m.reshape(*lead, *in_shape, *out_shape)
+
+
+def merged(kernel, a, b, n_in: int, scale: float, xp=np):
+    """W + scale·A·B in W's dtype (added in f32): the one merge of the export and of a load into a model without
+    adapters (``xp`` as in ``delta``)."""
+    return (kernel.astype(xp.float32) + delta(a, b, n_in, scale, xp)).astype(kernel.dtype)
+
+
+def input_dims(module_name: str) -> int:
+    """How many leading (after any layers axis) dims of the kernel of ``module_name`` (e.g. ``o_proj_moe_gen``)
+    are its inputs."""
+    return MODULE_KIND[module_name.removesuffix(GEN_SUFFIX)][1]
+
+
+def scale_of(cfg) -> float:
+    """alpha / rank of the model config ``cfg``'s adapters."""
+    return float(cfg.lora.alpha) / int(cfg.lora.rank)
 
 
 def merge_kernel(
@@ -127,14 +146,23 @@ def merge_kernel(
     kernel = np.asarray(kernel)
     if "lora_a" not in module_node:
         return kernel
-    base_name = module_name[: -len(GEN_SUFFIX)] if module_name.endswith(GEN_SUFFIX) else module_name
-    _, n_in = MODULE_KIND[base_name]
     a, b = module_node["lora_a"], module_node["lora_b"]
     if layer is not None:
         a, b = a[layer], b[layer]
-    a, b = to_host(a), to_host(b)
-    scale = float(cfg.lora.alpha) / int(cfg.lora.rank)
-    return (kernel.astype(np.float32) + delta(a, b, n_in, scale)).astype(kernel.dtype)
+    return merged(kernel, to_host(a), to_host(b), input_dims(module_name), scale_of(cfg))
+
+
+def adapted_modules(paths) -> set[str]:
+    """The '/'-joined module paths that hold an adapter, of an iterable of '/'-joined param paths."""
+    return {p.rsplit("/", 1)[0] for p in paths if p.endswith("/lora_a")}
+
+
+def layout(modules) -> dict[str, tuple[str, ...]]:
+    """``{"experts": ..., "targets": ...}`` (sorted, the ``model.lora`` names) of a set of adapted module paths."""
+    owners = [m.split("/")[-2:] for m in modules]  # (self_attn, q_proj_moe_gen) or (mlp_moe_gen, gate_proj)
+    experts = {"gen" if any(n.endswith(GEN_SUFFIX) for n in o) else "und" for o in owners}
+    targets = {MODULE_KIND[o[-1].removesuffix(GEN_SUFFIX)][0] for o in owners}
+    return {"experts": tuple(sorted(experts)), "targets": tuple(sorted(targets))}
 
 
 ADAPTER_KEYS = ("lora_a", "lora_b")

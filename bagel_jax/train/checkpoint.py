@@ -32,7 +32,7 @@ from bagel_jax.convert.run_checkpoint import (  # noqa: F401  (DATA, STATE: the 
     STATE,
     load_any_params,
     load_params,
-    saved_param_paths,
+    saved_lora,
 )
 from bagel_jax.model import lora
 from bagel_jax.train.state import (
@@ -249,8 +249,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def check_init_from(config) -> None:
-    """If ``train.init_from`` is a release folder: its files are readable and its shapes those of ``config.model``
-    (json and safetensors headers only). Raises ``ConfigError`` naming ``train.init_from`` and the file or key."""
+    """``train.init_from`` fits ``config.model`` (headers and metadata only): a release folder's files are readable
+    and its shapes those of the model; a run's or params tree's LoRA adapters are on the layers the model adapts
+    (``lora_init_plan``). Raises ``ConfigError`` naming ``train.init_from`` or the key, and the file."""
     from bagel_jax.convert.release_sharded import CheckpointError, check_release, is_release
 
     path = config.train.init_from
@@ -259,26 +260,70 @@ def check_init_from(config) -> None:
             check_release(path, config.model)
         except CheckpointError as e:
             raise ConfigError(f"train.init_from: {e}") from None
+    elif path:
+        lora_init_plan(config)
+
+
+def lora_init_plan(config) -> str:
+    """How the params of ``train.init_from`` (a run or a params tree) meet this model's LoRA adapters:
+
+    - ``"load"``: read as saved; adapters the file holds where the model has none (``model.lora.rank=0``) are merged
+      into their kernels (``run_checkpoint.load_params``), the same adapters (rank, alpha, layers) load as they are;
+    - ``"fresh"``: the file has no adapters: the base is read, the model's adapters stay at init (B = 0);
+    - ``"merge_fresh"``: another rank or alpha: the file's adapters are merged into the base and the model's start
+      at init, so step 0 computes what the saved run does.
+
+    Adapters on other layers (``model.lora.experts`` / ``targets``) raise a one-line ``ConfigError`` naming the key
+    and both values. Reads the checkpoint's metadata only."""
+    path, ours = config.train.init_from, config.model.lora
+    try:
+        saved = saved_lora(path)
+    except Exception as e:  # noqa: BLE001  (orbax raises whatever the folder gives it)
+        raise ConfigError(
+            f"train.init_from: {path} is not a release folder, a run's workdir or checkpoint, or a params tree "
+            f"({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    if not lora.enabled(config.model):
+        return "load"
+    if saved is None:
+        logging.info("%s holds no LoRA adapters: base params loaded, adapters at init", path)
+        return "fresh"
+    for key in ("experts", "targets"):
+        want = tuple(sorted(ours[key]))
+        if saved[key] != want:
+            raise ConfigError(
+                f"model.lora.{key}: train.init_from {path} has adapters for {key} {saved[key]}, this model for "
+                f"{want}; set model.lora.{key}={saved[key]} to continue them, or model.lora.rank=0 to load it merged"
+            )
+    alpha = float(ours.alpha) if saved["alpha"] is None else saved["alpha"]  # a params tree: alpha as configured
+    if (saved["rank"], alpha) == (int(ours.rank), float(ours.alpha)):
+        return "load"
+    logging.info(
+        "%s: LoRA rank %d, alpha %g merged into the base; this model's adapters (rank %d, alpha %g) start at init",
+        path,
+        saved["rank"],
+        alpha,
+        int(ours.rank),
+        float(ours.alpha),
+    )
+    return "merge_fresh"
 
 
 def load_init_params(config, shardings, like) -> Any:
     """The params of ``train.init_from`` on ``shardings`` with ``like``'s dtypes (or the part of them ``like``
     holds): a release folder (each tensor read straight into its shards), a params pytree the converter saved, or
-    another run's workdir / checkpoint."""
+    another run's workdir / checkpoint (its LoRA adapters matched to this model's as ``lora_init_plan`` says)."""
     from bagel_jax.convert.release_sharded import CheckpointError, is_release
 
     path = config.train.init_from
     try:
-        if lora.enabled(config.model) and not is_release(path):
-            if not any(map(lora.is_lora_path, saved_param_paths(path))):
-                # a run (or params tree) without LoRA into a model with it: the base is read, the adapters stay at
-                # init (B = 0)
-                logging.info("%s holds no LoRA adapters: base params loaded, adapters at init", path)
-                abstract = jax.tree.map(
-                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings
-                )
-                base = lora.without_adapters(like)
-                return lora.with_adapters(load_params(path, lora.without_adapters(abstract), base=base), like)
+        if not is_release(path) and lora_init_plan(config) in ("fresh", "merge_fresh"):
+            # the base from the file (its adapters, if any, merged in), this model's adapters as ``like`` has them
+            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+            base = lora.without_adapters(like)
+            alpha = config.model.lora.alpha
+            loaded = load_params(path, lora.without_adapters(abstract), base=base, lora_alpha=alpha)
+            return lora.with_adapters(loaded, like)
         return load_any_params(path, config.model, shardings, like)
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
