@@ -382,3 +382,173 @@ def delta_ab(a, b, module):
     if module.startswith(("q_proj", "k_proj", "v_proj")):
         return np.einsum("dr,rhk->dhk", a, b)
     return a @ b
+
+
+# --- params saved with LoRA, loaded into a model with other (or no) adapters ----------------------------------------
+
+
+def _trained_lora(cfg, seed=3):
+    """Host params of ``cfg`` with a trained-looking adapter: B random, nonzero."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: np.asarray(
+            rng.normal(size=x.shape) * 0.1 if optim.param_path(p).endswith("lora_b") else x, np.float32
+        ),
+        _init(cfg),
+    )
+
+
+def _nested(flat: dict) -> dict:
+    """A nested dict of '/'-joined paths → leaves."""
+    out: dict = {}
+    for p, x in flat.items():
+        *parents, leaf = p.split("/")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = x
+    return out
+
+
+def _abstract(cfg, mesh: bool = False):
+    """The params of ``cfg`` as ``ShapeDtypeStruct``s, with ``mesh``: sharded by the rules on fsdp 4 × tensor 2."""
+    model, run = _forward(cfg)
+    ids, gen, _ = _inputs()
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, gen, method=run))["params"]
+    if not mesh:
+        return nn.unbox(boxed)
+    from bagel_jax.parallel.mesh import logical_rules, make_mesh
+
+    config = base_config()
+    config.parallel.update(data=1, fsdp=4, tensor=2)
+    mesh, rules = make_mesh(config, jax.devices()), logical_rules(config)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
+def _check_merged(loaded, saved, scale) -> int:
+    """``loaded`` (no adapters) = ``saved``'s base with every adapter merged, W + scale·A·B (written out here);
+    returns how many (per layer)."""
+    loaded, saved = _flat(jax.device_get(loaded)), _flat(saved)
+    assert set(loaded) == {p for p in saved if not is_lora_path(p)}
+    merged = 0
+    for p, x in loaded.items():
+        mod = p.rsplit("/", 1)[0]
+        if p.endswith("/kernel") and mod + "/lora_a" in saved:
+            a, b, name = saved[mod + "/lora_a"], saved[mod + "/lora_b"], mod.rsplit("/", 1)[1]
+            stacked = p.startswith("layers/")  # scan form: [layers, ...]
+            d = (
+                np.stack([delta_ab(ai, bi, name) for ai, bi in zip(a, b, strict=True)])
+                if stacked
+                else delta_ab(a, b, name)
+            )
+            np.testing.assert_allclose(x, saved[p] + scale * d, rtol=1e-6, atol=1e-6, err_msg=p)
+            assert np.abs(scale * d).max() > 1e-3, p  # the adapter matters
+            merged += len(a) if stacked else 1
+        else:
+            assert x.tobytes() == saved[p].tobytes(), p
+    return merged
+
+
+@pytest.mark.parametrize("source", ["params_tree", "run_ema"])
+def test_lora_params_load_into_a_model_without_lora_merged(tmp_path, caplog, source):
+    """A LoRA params tree (alpha = the loader's model.lora.alpha; one device) or a LoRA run's workdir (alpha from its
+    config.json; the EMA's adapters; layers scanned, fsdp 4 × tensor 2) loaded into the model without LoRA:
+    W + (alpha/rank)·A·B on the kernel's sharding, one log line, and the merged model computes what the adapted one
+    does."""
+    import json
+    import logging
+
+    import orbax.checkpoint as ocp
+
+    from bagel_jax.convert.layer_stack import unstack_layers
+    from bagel_jax.convert.run_checkpoint import load_params
+
+    cfg, base_cfg = _cfg(rank=4), _cfg()
+    saved, path, run = _trained_lora(cfg), tmp_path / "saved", source == "run_ema"
+    if not run:
+        tree, alpha, used = saved, 8.0, saved
+    else:  # a run: checkpoints/<step>/state holds the params and the adapters' EMA; config.json the run's alpha
+        cfg.lora.alpha = 6.0
+        ema = _nested({p: x * 0.5 for p, x in _flat(saved).items() if is_lora_path(p)})
+        used = _nested({**_flat(saved), **_flat(ema)})
+        tree, alpha = {"params": stack_layers(saved, 2), "ema_params": stack_layers(ema, 2)}, None
+        (path / "checkpoints").mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"model": {"lora": {"rank": 4, "alpha": 6.0}}}))
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(path / "checkpoints" / "1" / "state" if run else path, tree)
+    target = base_cfg.copy_and_resolve_references()
+    target.scan_layers = run
+    abstract = _abstract(target, mesh=run)
+    with caplog.at_level(logging.INFO):
+        loaded = load_params(str(path), abstract, use_ema=run, lora_alpha=alpha)
+    assert [m for m in caplog.messages if "merged 28 LoRA adapters" in m], caplog.messages
+    if run:
+        specs = _flat(abstract)
+        assert all(x.sharding == specs[p].sharding for p, x in _flat(loaded).items())
+        assert any(s is not None for s in specs["layers/self_attn/o_proj/kernel"].sharding.spec)
+        loaded = unstack_layers(jax.device_get(loaded))
+    assert _check_merged(loaded, used, cfg.lora.alpha / 4) == 2 * 2 * 7
+    ids, gen, _ = _inputs()
+    for ours, ref in zip(_apply(base_cfg, loaded, ids, gen), _apply(cfg, used, ids, gen), strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def _init_from(tmp_path, saved, rank, **lora):
+    """A config of the tiny decoder with LoRA ``rank`` whose ``train.init_from`` is ``saved`` (written once, as a
+    params tree)."""
+    import orbax.checkpoint as ocp
+
+    path = tmp_path / "saved"
+    if not path.exists():
+        with ocp.StandardCheckpointer() as saver:
+            saver.save(path, saved)
+    config = base_config()
+    config.model = _cfg(rank, **lora)
+    config.train.init_from = str(path)
+    return config
+
+
+def test_lora_params_into_another_rank_merged_then_fresh_adapters(tmp_path):
+    """Rank 4 saved, rank 2 configured: the saved adapters are merged into the base and this model's are as it
+    initialised them (B = 0, which computes the base exactly: test_lora_at_init_is_exactly_the_base_model), so the
+    loaded model computes what the saved one does."""
+    from bagel_jax.model.lora import without_adapters
+    from bagel_jax.train.checkpoint import load_init_params
+
+    saved = _trained_lora(_cfg(rank=4))
+    config = _init_from(tmp_path, saved, rank=2)
+    rng = np.random.default_rng(5)
+    like = jax.tree_util.tree_map_with_path(  # "fresh": A random, B = 0
+        lambda p, x: jnp.asarray(rng.normal(size=x.shape) * (not optim.param_path(p).endswith("lora_b")), x.dtype),
+        _abstract(config.model),
+    )
+    loaded = load_init_params(config, jax.tree.map(lambda x: x.sharding, like), like)
+    assert _check_merged(without_adapters(loaded), saved, 8.0 / 4) == 2 * 2 * 7
+    flat, fresh = _flat(loaded), _flat(like)
+    assert {p for p in flat if is_lora_path(p)} == {p for p in fresh if is_lora_path(p)}
+    for p, x in fresh.items():
+        if is_lora_path(p):
+            assert np.asarray(flat[p]).tobytes() == np.asarray(x).tobytes(), p
+
+
+@pytest.mark.parametrize(
+    "lora,key,saved_value,ours",
+    [
+        (dict(targets=("q", "k", "v")), "targets", "('q', 'v')", "('k', 'q', 'v')"),
+        (dict(targets=("q", "v"), experts=("und",)), "experts", "('gen', 'und')", "('und',)"),
+    ],
+)
+def test_lora_params_into_other_adapted_layers_is_one_line(tmp_path, lora, key, saved_value, ours):
+    """Adapters saved on other layers than the model adapts: one line naming the key and both values, from the
+    metadata (the preflight check); the same layout loads as saved."""
+    from bagel_jax.train.checkpoint import check_init_from, lora_init_plan
+
+    saved = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), _abstract(_cfg(rank=4, targets=("q", "v"))))
+    with pytest.raises(ConfigError) as e:
+        check_init_from(_init_from(tmp_path, saved, rank=4, **lora))
+    msg = str(e.value)
+    assert msg.startswith(f"model.lora.{key}:") and "\n" not in msg, msg
+    assert saved_value in msg and ours in msg, msg
+    assert lora_init_plan(_init_from(tmp_path, saved, rank=4, targets=("v", "q"))) == "load"
+    assert lora_init_plan(_init_from(tmp_path, saved, rank=0)) == "load"  # merged by load_params

@@ -8,6 +8,7 @@ adapters); ``merge_adapters`` folds the restored ones into their kernels and dro
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,7 +58,8 @@ def adapter_rank(adapters: Mapping) -> int:
 
 
 def merge_adapters(params: Mapping, adapters: Mapping, scale: float) -> tuple[dict, int]:
-    """(``params`` with each adapter of the part ``adapters`` merged into its kernel and dropped, how many merged).
+    """(``params`` with each adapter of the part ``adapters`` merged into its kernel and dropped, how many merged:
+    per layer, also of a scan stack).
     ``params`` holds those adapters (restored with them); ``scale`` = the saved run's alpha / rank."""
     count = 0
 
@@ -71,8 +73,9 @@ def merge_adapters(params: Mapping, adapters: Mapping, scale: float) -> tuple[di
             return node
         a, b = node.pop("lora_a"), node.pop("lora_b")
         kernel = node["kernel"]
-        node["kernel"] = _merge_fn(input_dims(name), scale, getattr(kernel, "sharding", None))(kernel, a, b)
-        count += 1
+        n_in = input_dims(name)
+        node["kernel"] = _merge_fn(n_in, scale, getattr(kernel, "sharding", None))(kernel, a, b)
+        count += math.prod(a.shape[: a.ndim - 1 - n_in])  # one per layer of a scan stack
         return node
 
     out = walk(params, adapters, "")
