@@ -275,9 +275,11 @@ def lora_init_plan(config) -> str:
 
     Adapters on other layers (``model.lora.experts`` / ``targets``) raise a one-line ``ConfigError`` naming the key
     and both values. Reads the checkpoint's metadata only."""
-    path, ours = config.train.init_from, config.model.lora
+    path = config.train.init_from
     try:
         saved = saved_lora(path)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None  # "train.init_from: ... does not exist"
     except Exception as e:  # noqa: BLE001  (orbax raises whatever the folder gives it)
         raise ConfigError(
             f"train.init_from: {path} is not a release folder, a run's workdir or checkpoint, or a params tree "
@@ -285,8 +287,8 @@ def lora_init_plan(config) -> str:
         ) from None
     if not lora.enabled(config.model):
         return "load"
+    ours = config.model.lora
     if saved is None:
-        logging.info("%s holds no LoRA adapters: base params loaded, adapters at init", path)
         return "fresh"
     for key in ("experts", "targets"):
         want = tuple(sorted(ours[key]))
@@ -298,14 +300,6 @@ def lora_init_plan(config) -> str:
     alpha = float(ours.alpha) if saved["alpha"] is None else saved["alpha"]  # a params tree: alpha as configured
     if (saved["rank"], alpha) == (int(ours.rank), float(ours.alpha)):
         return "load"
-    logging.info(
-        "%s: LoRA rank %d, alpha %g merged into the base; this model's adapters (rank %d, alpha %g) start at init",
-        path,
-        saved["rank"],
-        alpha,
-        int(ours.rank),
-        float(ours.alpha),
-    )
     return "merge_fresh"
 
 
@@ -317,8 +311,11 @@ def load_init_params(config, shardings, like) -> Any:
 
     path = config.train.init_from
     try:
-        if not is_release(path) and lora_init_plan(config) in ("fresh", "merge_fresh"):
+        plan = "release" if is_release(path) else lora_init_plan(config)
+        if plan in ("fresh", "merge_fresh"):
             # the base from the file (its adapters, if any, merged in), this model's adapters as ``like`` has them
+            why = "it holds none" if plan == "fresh" else "its own, of another rank or alpha, are merged into the base"
+            logging.info("%s: this model's LoRA adapters start at init (B = 0): %s", path, why)
             abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
             base = lora.without_adapters(like)
             alpha = config.model.lora.alpha
