@@ -1,7 +1,7 @@
 """Think mode and interleaved generation (``infer/interleave.py``) on the KV-cached path = on the cache-free oracle
 (f32): identical greedy ids, logits and image latents within 1e-5; the contexts follow the reference's rules; the
-interleaved loop's control flow (text → image → text → end) on a model steered to emit ``<|vision_start|>``; prompts
-longer than the cache are one clear error."""
+interleaved loop's control flow (text → image → text → end) on a model steered to emit ``<|vision_start|>``; a batch
+of interleaved requests = the requests alone; prompts longer than the cache are one clear error."""
 
 from __future__ import annotations
 
