@@ -4,6 +4,8 @@ params' own mesh; host inputs become replicated global arrays and results come b
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -71,3 +73,58 @@ def test_sharded_text_decoding_gives_the_one_device_ids(setup):
     one = Inferencer(setup["model"], setup["params"], tok, setup["config"].data, max_batch=4)
     items = [["what is this"], ["two words"]]
     assert one.answer_ids_batch(items, max_length=6) == many.answer_ids_batch(items, max_length=6)
+
+
+EVALS = dict(vqa=dict(type="shapes_vqa", num_examples=3))
+
+
+@pytest.mark.slow  # the untrained init and the 8-device programs compile: ~28 CPU-s
+def test_eval_runner_shards_the_run_and_scores_as_one_device(tmp_path, monkeypatch):
+    """``python -m bagel_jax.eval.runner --workdir=RUN --config.parallel.*``: the run's params are sharded on the
+    mesh of ``parallel`` (8 devices: data 2 × fsdp 2 × tensor 2), and its scores and answers equal those of the same
+    params on one device; a mesh that does not fit the devices is a ConfigError naming ``parallel`` before any
+    weights load."""
+    from bagel_jax.config import ConfigError
+    from bagel_jax.eval import runner
+    from bagel_jax.eval.inferencer_fns import inferencer_fns
+    from bagel_jax.infer import from_workdir
+    from bagel_jax.train.workdir import prepare_workdir
+
+    config = lib.tiny_config()
+    config.data.synthetic_examples = 16
+    workdir = str(tmp_path / "run")
+    prepare_workdir(config, workdir)
+    evals = tmp_path / "evals.py"
+    evals.write_text(
+        f"from bagel_jax.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
+        f"    c.evals = {EVALS!r}\n    return c\n"
+    )
+    made = []
+    real = from_workdir.run_inferencer
+    monkeypatch.setattr(from_workdir, "run_inferencer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    argv = ["runner", f"--workdir={workdir}", "--params=untrained", f"--config={evals}"]
+
+    def main(*overrides):  # config_flags finds the --config.* override flags in sys.argv
+        monkeypatch.setattr(sys, "argv", argv + list(overrides))
+        return runner.main(sys.argv)
+
+    with pytest.raises(ConfigError, match="parallel"):
+        main("--config.parallel.data=3")
+    assert not made
+    sharded = main("--config.parallel.data=2", "--config.parallel.fsdp=2", "--config.parallel.tensor=2")
+    (inf,) = made
+    assert inf.placement.mesh.size == 8 and dict(inf.placement.mesh.shape)["tensor"] == 2
+    assert any(leaf.sharding.spec != P() for leaf in jax.tree.leaves(inf.params)), "no param was sharded"
+    run = from_workdir.load_run_config(workdir)
+    one_device = Inferencer(inf.model, jax.device_get(inf.params), inf.tokenizer, run.data)  # the same params
+    assert one_device.placement.mesh.size == 1
+    evaluators = runner.build_evaluators(EVALS)
+    single = runner.run_evals(evaluators, **inferencer_fns(one_device))
+    assert set(single) == set(sharded)
+    for k, v in single.items():
+        if not k.endswith("/seconds"):
+            assert sharded[k] == v, (k, sharded[k], v)
+    # the untrained model scores 0: its answers themselves (greedy, 32 tokens each) must agree
+    questions = [(e.render(), e.question) for e in evaluators["vqa"].evaluator.examples]
+    answers = [inferencer_fns(i)["answer_fn"].batch(*zip(*questions)) for i in (inf, one_device)]
+    assert answers[0] == answers[1] and len(set(answers[0])) > 1, answers

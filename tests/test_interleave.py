@@ -1,7 +1,7 @@
 """Think mode and interleaved generation (``infer/interleave.py``) on the KV-cached path = on the cache-free oracle
 (f32): identical greedy ids, logits and image latents within 1e-5; the contexts follow the reference's rules; the
-interleaved loop's control flow (text → image → text → end) on a model steered to emit ``<|vision_start|>``; prompts
-longer than the cache are one clear error."""
+interleaved loop's control flow (text → image → text → end) on a model steered to emit ``<|vision_start|>``; a batch
+of interleaved requests = the requests alone; prompts longer than the cache are one clear error."""
 
 from __future__ import annotations
 
@@ -188,3 +188,31 @@ def test_cli_think_and_interleave(tmp_path, monkeypatch):
     r = run("--mode=t2i", "--think", "--max_context_tokens=100", f"--out={png}")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "max_context_tokens=100" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # ~9 compiles (batch buckets 2 and 1 of each program): ~40 CPU-s
+def test_interleaved_batch_equals_one_by_one(setup):
+    """A batch of interleaved requests (prompts of different lengths, each with its own seed; two go text → image →
+    text, one ends after its first text, so the rounds run on shrinking subsets; max_batch=2, so every round runs
+    in pieces) = the same requests run alone: identical greedy ids and outputs, latents within 1e-5, images within
+    one uint8 level. Another seed gives another image: the seed reaches each request's noise."""
+    params = _steered(setup["params"], [(lib.VS, 407), (lib.EOS, 214)])
+    inf = Inferencer(setup["model"], params, setup["tok"], setup["config"].data, max_batch=2)
+    prompts = ["a red square on blue", "two blue circles", "one small green circle"]  # one context bucket
+    seeds = [3, 4, 5]
+    kw = dict(hw=HW, max_length=6, max_images=1, num_timesteps=2)
+    batch = inf.interleave_batch([[p] for p in prompts], seeds, **kw)
+    kinds = [[type(o).__name__ for o in r.outputs] for r in batch]
+    assert kinds == [["str", "ndarray", "str"], ["str"], ["str", "ndarray", "str"]]
+    for p, s, got in zip(prompts, seeds, batch):
+        alone = inf.interleave([p], rng=s, **kw)
+        assert alone.text_ids == got.text_ids and alone.stopped == got.stopped
+        assert [o for o in alone.outputs if isinstance(o, str)] == [o for o in got.outputs if isinstance(o, str)]
+        assert len(alone.latents) == len(got.latents)
+        for a, b in zip(alone.latents, got.latents):
+            np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
+        for a, b in zip(alone.outputs, got.outputs):
+            if not isinstance(a, str):
+                assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    other = inf.interleave([prompts[0]], rng=7, **kw)
+    assert other.text_ids[0] == batch[0].text_ids[0] and np.abs(other.latents[0] - batch[0].latents[0]).max() > 1e-2

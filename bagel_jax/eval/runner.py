@@ -19,7 +19,9 @@ Standalone::
 
 ``--workdir`` evaluates a training run (its config.json and latest checkpoint, or with ``--params=untrained``
 its step-0 model: the baseline); see ``infer/from_workdir.py``. Its ``evals`` run, or those of ``--config``
-when given.
+when given. Its params are sharded as training shards them on the mesh of ``parallel`` (``--config``'s when it has
+that section, e.g. ``--config.parallel.fsdp=8``, else the run's; ``infer/placement.py``), and the evaluators' calls
+run on the KV-cached batched path (``--no_cache``: the cache-free oracle, one request at a time).
 
 ``--fns`` names ``factory(config, evaluators) -> {"generate_fn": ..., "answer_fn": ..., "edit_fn": ...}``
 (only the ones the selected evaluators need). ``--fns=bagel_jax.eval.runner:ground_truth_fns`` answers from
@@ -228,6 +230,9 @@ def main(argv=None) -> dict[str, float]:
     )
     flags.DEFINE_list("only", [], "Run only these evals (names in config.evals).", flag_values=flag_values)
     flags.DEFINE_string("output", "", "Write the metrics here as JSON.", flag_values=flag_values)
+    flags.DEFINE_bool(
+        "no_cache", False, "With --workdir: the cache-free oracle instead of the KV cache.", flag_values=flag_values
+    )
     argv = sys.argv if argv is None else argv
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__ + "\n" + flag_values.get_help())
@@ -255,7 +260,13 @@ def main(argv=None) -> dict[str, float]:
     if flag_values.only:
         evaluators = {n: evaluators[n] for n in flag_values.only}
     if run is not None:
-        fns = inferencer_fns(from_workdir.run_inferencer(flag_values.workdir, flag_values.params, run))
+        from bagel_jax.infer.placement import placement_from_config
+
+        placement = placement_from_config(config if "parallel" in config else run)  # before any weights load
+        inf = from_workdir.run_inferencer(
+            flag_values.workdir, flag_values.params, run, placement=placement, cached=not flag_values.no_cache
+        )
+        fns = inferencer_fns(inf)
     else:
         fns = dict(load_factory(flag_values.fns)(config, evaluators))
     bad = [k for k in fns if k not in FN_NAMES]

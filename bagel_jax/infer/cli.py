@@ -292,15 +292,14 @@ def load_sharded(checkpoint: str, config):
 
     from bagel_jax.convert.bagel_ckpt import config_from_checkpoint
     from bagel_jax.convert.release_sharded import check_release, load_release_sharded
-    from bagel_jax.infer.placement import Placement
+    from bagel_jax.infer.placement import placement_from_config
     from bagel_jax.model.bagel import make_init_fn
-    from bagel_jax.parallel.mesh import logical_rules, logical_shardings, make_mesh
+    from bagel_jax.parallel.mesh import logical_shardings
 
     config = config.copy_and_resolve_references()
     config.model = config_from_checkpoint(checkpoint, config.model)
     check_release(checkpoint, config.model)
-    config.data.batch_size = jax.device_count()  # training's rows-per-mesh check; inference buckets its own batches
-    placement = Placement(make_mesh(config), logical_rules(config))
+    placement = placement_from_config(config)
     model, init_fn = make_init_fn(config)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     shardings = logical_shardings(abstract, placement.mesh, placement.rules)

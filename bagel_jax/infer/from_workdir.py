@@ -53,11 +53,19 @@ def load_run_params(config, workdir: str, which: str = "ema"):
     return model, jax.device_get(params)
 
 
-def run_inferencer(workdir: str, which: str = "ema", config=None):
-    """An ``Inferencer`` on the run at ``workdir`` (``config`` defaults to the run's own)."""
+def run_inferencer(workdir: str, which: str = "ema", config=None, *, placement=None, cached: bool = True):
+    """An ``Inferencer`` on the run at ``workdir`` (``config`` defaults to the run's own). ``placement``
+    (``infer/placement.py``): params sharded on its mesh by its logical rules, as training shards them (default one
+    device); ``cached``: the KV-cached batched path, else the cache-free oracle."""
     from bagel_jax.data.pipeline import tokenizer_from_config
     from bagel_jax.infer.api import Inferencer
+    from bagel_jax.infer.placement import place_params
+    from bagel_jax.model.bagel import make_init_fn
 
     config = load_run_config(workdir) if config is None else config
     model, params = load_run_params(config, workdir, which)
-    return Inferencer(model, params, tokenizer_from_config(config), config.data)
+    kw = {}
+    if placement is not None:
+        params = place_params(params, make_init_fn(config)[1], placement)
+        kw = dict(mesh=placement.mesh, rules=placement.rules)
+    return Inferencer(model, params, tokenizer_from_config(config), config.data, cached=cached, **kw)

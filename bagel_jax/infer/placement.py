@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bagel_jax.parallel.mesh import logical_shardings, use_mesh
+from bagel_jax.parallel.mesh import logical_rules, logical_shardings, make_mesh, use_mesh
 from bagel_jax.parallel.rules import MESH_AXES, axis_rules
 
 
@@ -92,6 +92,16 @@ def placement_for(params: Any, mesh: Mesh | None = None, rules=None) -> Placemen
     if mesh is None:
         return single_device() if rules is None else dataclasses.replace(single_device(), rules=tuple(rules))
     return Placement(mesh, tuple(rules) if rules is not None else axis_rules())
+
+
+def placement_from_config(config, devices=None) -> Placement:
+    """The mesh of ``config.parallel`` over ``devices`` (default all) with its logical rules: where the inference
+    CLI and the standalone eval runner place params. Inference buckets its own batches, so training's check that
+    ``data.batch_size`` divides the batch shards is not applied. Raises ``ConfigError`` naming ``parallel.*``."""
+    devices = list(jax.devices() if devices is None else devices)
+    config = config.copy_and_resolve_references()
+    config.data.batch_size = len(devices)  # passes training's rows-per-mesh check
+    return Placement(make_mesh(config, devices), logical_rules(config))
 
 
 def place_params(params: Any, init_fn, placement: Placement) -> Any:
