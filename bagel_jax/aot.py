@@ -457,18 +457,19 @@ def flop_lines(p: dict[str, Any]) -> list[str]:
             )
     elif p.get("model_flops") is not None:
         lines.append(f"FLOPs / step    model {p['model_flops']:.4g} (lowered without remat; Pallas kernels count 0)")
-    lines += [
+    lines.append(
         f"                BAGEL formula {p['formula_flops']:.4g} (causal-halved {p['formula_flops_causal']:.4g}), "
         f"{p['tokens_per_step']} tokens, one sample per row: attention {f['attention']:.4g} + non-attention "
-        f"{f['non_attention']:.4g} (layers {f['layers']:.4g}, LM head on every token {f['lm_head']:.4g})",
-    ]
+        f"{f['non_attention']:.4g} (layers {f['layers']:.4g}, embedding {f['embedding']:.4g}, LM head "
+        f"{f['lm_head']:.4g})"
+    )
     if p.get("model_flops") is not None:
         head = p.get("lm_head_tokens")
         lines.append(
             f"                model / formula non-attention {p['model_flops'] / f['non_attention']:.3f}"
             + (
-                f"; with the LM head on the step's {head} label slots ({fs['non_attention']:.4g}): "
-                f"{p['model_flops'] / fs['non_attention']:.3f}"
+                f"; / the formula's matmuls at this step's {head} LM-head slots ({fs['matmuls']:.4g}): "
+                f"{p['model_flops'] / fs['matmuls']:.3f}"
                 if head is not None
                 else ""
             )

@@ -103,16 +103,23 @@ def train_flops(model_cfg, tokens: float, sum_len_sq: float, *, causal: bool = F
 def train_flop_terms(
     model_cfg, tokens: float, sum_len_sq: float, *, head_tokens: float | None = None, causal: bool = False
 ) -> dict[str, float]:
-    """The formula's terms (FLOPs per step, fwd + bwd): ``layers`` (the decoder's projections and MLPs: 6·(N − 2·V·D)
-    per token), ``lm_head`` (6·2·V·D per token the head runs on: every token in the reference's formula, or
-    ``head_tokens``, e.g. a label budget), ``attention`` (the len² term) and ``non_attention`` = layers + lm_head.
-    With ``head_tokens=None`` the sum of layers and attention and lm_head is ``train_flops``."""
+    """The formula's terms, FLOPs per step (fwd + bwd): ``layers`` (the decoder's projections and MLPs, per token),
+    ``embedding`` (6·V·D per token: the reference counts the lookup as a matmul), ``lm_head`` (6·V·D per token the
+    head runs on: every token, as in the reference, or ``head_tokens``, e.g. a label budget) and ``attention`` (the
+    len² term). ``non_attention`` = layers + embedding + lm_head; ``matmuls`` = layers + lm_head (what a step that
+    looks embeddings up does in matmuls). With ``head_tokens=None`` non_attention + attention = ``train_flops``."""
     per_token, per_len_sq = flop_coefficients(model_cfg)
-    head_per_token = 6.0 * 2 * model_cfg.vocab_size * model_cfg.hidden_size
-    layers = (per_token - head_per_token) * tokens
-    lm_head = head_per_token * (tokens if head_tokens is None else head_tokens)
-    attention = per_len_sq * sum_len_sq * (0.5 if causal else 1.0)
-    return dict(layers=layers, lm_head=lm_head, attention=attention, non_attention=layers + lm_head)
+    table = 6.0 * model_cfg.vocab_size * model_cfg.hidden_size
+    layers = (per_token - 2 * table) * tokens
+    lm_head = table * (tokens if head_tokens is None else head_tokens)
+    return dict(
+        layers=layers,
+        embedding=table * tokens,
+        lm_head=lm_head,
+        attention=per_len_sq * sum_len_sq * (0.5 if causal else 1.0),
+        non_attention=layers + table * tokens + lm_head,
+        matmuls=layers + lm_head,
+    )
 
 
 def packing_stats(doc) -> dict[str, jax.Array]:
