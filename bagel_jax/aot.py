@@ -5,8 +5,9 @@
 Builds compile-only TPU devices (``jax.experimental.topologies``; needs libtpu, the ``[tpu]`` extra), the
 mesh of ``config.parallel`` on them, abstract params / optimizer / EMA (``jax.eval_shape``, no arrays) and
 an abstract global batch, then lowers and compiles the same ``TrainStep`` the trainer runs. Prints per-chip
-HBM (arguments, outputs, temporaries, peak) against the chip's capacity, compiled FLOPs, BAGEL's formula
-FLOPs, and the MFU a given ``--step_time`` would mean. A step that does not fit reports XLA's
+HBM (arguments, outputs, temporaries, peak) against the chip's capacity, hardware FLOPs (compiled, each loop ×
+its trip count) and model FLOPs (the step lowered without remat) against BAGEL's formula, and the MFU a given
+``--step_time`` would mean. A step that does not fit reports XLA's
 out-of-memory numbers instead. Use it to choose mesh, remat and batch before paying for a pod.
 
 ``--infer`` compiles the KV-cached inference call instead (``infer/step_shapes.py``): prefill ``--requests`` ×
