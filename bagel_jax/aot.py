@@ -5,8 +5,9 @@
 Builds compile-only TPU devices (``jax.experimental.topologies``; needs libtpu, the ``[tpu]`` extra), the
 mesh of ``config.parallel`` on them, abstract params / optimizer / EMA (``jax.eval_shape``, no arrays) and
 an abstract global batch, then lowers and compiles the same ``TrainStep`` the trainer runs. Prints per-chip
-HBM (arguments, outputs, temporaries, peak) against the chip's capacity, compiled FLOPs, BAGEL's formula
-FLOPs, and the MFU a given ``--step_time`` would mean. A step that does not fit reports XLA's
+HBM (arguments, outputs, temporaries, peak) against the chip's capacity, hardware FLOPs (compiled, each loop ×
+its trip count) and model FLOPs (the step lowered without remat) against BAGEL's formula, and the MFU a given
+``--step_time`` would mean. A step that does not fit reports XLA's
 out-of-memory numbers instead. Use it to choose mesh, remat and batch before paying for a pod.
 
 ``--infer`` compiles the KV-cached inference call instead (``infer/step_shapes.py``): prefill ``--requests`` ×
@@ -46,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 from bagel_jax.cli import InputError, fail, import_callable, parse_flags, user_errors  # noqa: E402
 from bagel_jax.config import validate  # noqa: E402
 from bagel_jax.parallel.mesh import abstract_batch, logical_rules, make_mesh  # noqa: E402
+from bagel_jax.train import hlo_flops  # noqa: E402
 from bagel_jax.train import metrics as metrics_lib  # noqa: E402
 from bagel_jax.train.optim import make_optimizer, trainable_mask  # noqa: E402
 from bagel_jax.train.state import abstract_state, num_params  # noqa: E402
@@ -59,7 +61,8 @@ class ModelSpec:
     init_fn: rng -> params (boxed with logical names); loss_fn: (params, batch, rng) -> (loss, aux);
     batch: pytree of ``jax.ShapeDtypeStruct`` with the *global* batch shapes;
     batch_metrics_fn: optional batch -> {name: scalar} (e.g. packing stats);
-    loss_counts: optional batch -> {term: count} (the unbiased gradient accumulation of ``train/step.py``).
+    loss_counts: optional batch -> {term: count} (the unbiased gradient accumulation of ``train/step.py``);
+    lm_head_tokens: slots per step the LM head runs on (the FLOP formula's head term; None = every token).
     """
 
     init_fn: Callable[[jax.Array], Any]
@@ -67,6 +70,7 @@ class ModelSpec:
     batch: Any
     batch_metrics_fn: Callable | None = None
     loss_counts: Callable | None = None
+    lm_head_tokens: int | None = None
 
 
 LOSSES: dict[str, Callable[[Any], ModelSpec]] = {}
@@ -104,6 +108,7 @@ def _bagel(config) -> ModelSpec:
         batch,
         lambda b: metrics_lib.packing_stats(b.doc),
         loss_counts=make_loss_counts(config),
+        lm_head_tokens=config.data.batch_size * (config.data.max_labels_per_row or config.data.und_len),
     )
 
 
@@ -159,7 +164,7 @@ def _mot_lm(config) -> ModelSpec:
         ce_weight=s((rows, und), f32),
         **{k: s((rows, und + gen), i32) for k in ("position", "doc", "index", "q_hi", "kv_hi")},
     )
-    return ModelSpec(init_fn, loss_fn, batch, lambda b: metrics_lib.packing_stats(b["doc"]))
+    return ModelSpec(init_fn, loss_fn, batch, lambda b: metrics_lib.packing_stats(b["doc"]), lm_head_tokens=rows * und)
 
 
 OOM_DETAIL_LINES = 80  # lines of XLA's out-of-memory message the report keeps (its largest-allocation list)
@@ -214,16 +219,10 @@ def get_builder(loss: str) -> Callable[[Any], ModelSpec]:
     return LOSSES[loss]
 
 
-def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
-    """Compiles the train step of ``config`` for ``devices``; returns sizes, memory, FLOPs and timings.
-
-    If XLA runs out of HBM, returns the same dict with ``oom`` = XLA's message and no memory/FLOP fields.
-    """
-    loss = loss or default_loss()
-    builder = get_builder(loss)
-    validate(config, num_devices=len(devices), platform=devices[0].platform)
-    if config.model.vae.get("encode", "masked") == "auto":  # the target's choice, not this host's (CPU: by_size)
-        config.model.vae.encode = "by_size" if devices[0].platform == "cpu" else "masked"
+def lower_step(config, devices: list, loss: str | None = None):
+    """The train step of ``config`` for ``devices``, lowered (no compile): (lowered, spec, abstract state, trainable
+    mask, mesh)."""
+    builder = get_builder(loss or default_loss())
     mesh = make_mesh(config, devices)
     rules = logical_rules(config)
     spec = builder(config)
@@ -244,8 +243,39 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
         batch_metrics_fn=spec.batch_metrics_fn,
         loss_counts=spec.loss_counts,
     )
+    return step.lower(state, batch), spec, state, trainable, mesh
+
+
+def model_flops(config, devices: list, loss: str | None = None) -> float:
+    """FLOPs of one train step as the model asks for them: the step lowered with ``model.remat="none"`` (no
+    recomputation), XLA's cost analysis of the global (unpartitioned) HLO with each loop × its trip count. No
+    compile. Pallas kernels count 0."""
+    config = config.copy_and_resolve_references()
+    config.model.remat = "none"
+    lowered = lower_step(config, devices, loss)[0]
+    return hlo_flops.loop_scaled_flops(lowered.as_text(dialect="hlo")).flops
+
+
+def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
+    """Compiles the train step of ``config`` for ``devices``; returns sizes, memory, FLOPs and timings.
+
+    FLOPs per step: ``hardware_flops`` (the compiled executable's, all chips, every loop × its trip count; what the
+    chips run, remat recomputation included), ``model_flops`` (the same step lowered without remat), their
+    difference ``recompute_flops``, and the BAGEL formula's terms (``formula_terms``; ``formula_step_terms`` with the
+    LM head on the step's label slots). If XLA runs out of HBM, returns the same dict with ``oom`` = XLA's message
+    and no memory or hardware-FLOP fields.
+    """
+    loss = loss or default_loss()
+    get_builder(loss)
+    validate(config, num_devices=len(devices), platform=devices[0].platform)
+    if config.model.vae.get("encode", "masked") == "auto":  # the target's choice, not this host's (CPU: by_size)
+        config.model.vae.encode = "by_size" if devices[0].platform == "cpu" else "masked"
     kind = devices[0].device_kind
     rows, length = config.data.batch_size, config.data.seq_len
+    t0 = time.perf_counter()
+    lowered, spec, state, trainable, mesh = lower_step(config, devices, loss)
+    lower_seconds = time.perf_counter() - t0
+    tokens, len_sq = rows * length, rows * length**2
     info = dict(
         loss=loss,
         device_kind=kind,
@@ -260,22 +290,37 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
         ),
         hbm_bytes=metrics_lib.hbm_bytes(kind),
         peak_tflops=metrics_lib.peak_tflops(kind, config.train.peak_tflops),
-        tokens_per_step=rows * length,
-        formula_flops=metrics_lib.train_flops(config.model, rows * length, rows * length**2),
-        formula_flops_causal=metrics_lib.train_flops(config.model, rows * length, rows * length**2, causal=True),
+        tokens_per_step=tokens,
+        lm_head_tokens=spec.lm_head_tokens,
+        formula_flops=metrics_lib.train_flops(config.model, tokens, len_sq),
+        formula_flops_causal=metrics_lib.train_flops(config.model, tokens, len_sq, causal=True),
+        formula_terms=metrics_lib.train_flop_terms(config.model, tokens, len_sq),
+        formula_step_terms=metrics_lib.train_flop_terms(config.model, tokens, len_sq, head_tokens=spec.lm_head_tokens),
+        lower_seconds=lower_seconds,
     )
-    t0 = time.perf_counter()
-    lowered = step.lower(state, batch)
-    info["lower_seconds"] = time.perf_counter() - t0
     compiled = _compile(lowered, info)
+    t0 = time.perf_counter()
+    info["model_flops"] = (
+        model_flops(config, devices, loss) if config.model.remat != "none" else None
+    )  # remat none: the hardware FLOPs (below) are the model FLOPs
     if compiled is None:
+        info["flops_seconds"] = time.perf_counter() - t0
         return info
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    hw = hlo_flops.loop_scaled_flops(compiled.as_text())
+    n = len(devices)
+    if info["model_flops"] is None:
+        info["model_flops"] = hw.flops * n
     info.update(
         **_memory(compiled),
         code_bytes=compiled.memory_analysis().generated_code_size_in_bytes,
         compiled_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0,
+        hardware_flops=hw.flops * n,
+        recompute_flops=hw.flops * n - info["model_flops"],
+        flops_loops=hw.loops,
+        flops_unknown_loops=hw.unknown,
+        flops_seconds=time.perf_counter() - t0,
         compiled=compiled,
     )
     return info
@@ -397,6 +442,42 @@ def report_inference(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def flop_lines(p: dict[str, Any]) -> list[str]:
+    """The FLOPs-per-step lines of a ``plan``'s report: hardware vs model FLOPs, and the BAGEL formula's terms."""
+    f, fs = p["formula_terms"], p["formula_step_terms"]
+    lines = []
+    if "hardware_flops" in p:
+        lines.append(
+            f"FLOPs / step    hardware {p['hardware_flops']:.4g} (compiled, loops × trip count; XLA alone counts "
+            f"each loop once: {p['compiled_flops_per_device'] * p['num_devices']:.4g}) = model "
+            f"{p['model_flops']:.4g} + remat recompute {p['recompute_flops']:.4g}; Pallas kernels count 0"
+        )
+        if p.get("flops_unknown_loops"):
+            lines.append(
+                f"                loops counted once (trip count unknown): {', '.join(p['flops_unknown_loops'])}"
+            )
+    elif p.get("model_flops") is not None:
+        lines.append(f"FLOPs / step    model {p['model_flops']:.4g} (lowered without remat; Pallas kernels count 0)")
+    lines.append(
+        f"                BAGEL formula {p['formula_flops']:.4g} (causal-halved {p['formula_flops_causal']:.4g}), "
+        f"{p['tokens_per_step']} tokens, one sample per row: attention {f['attention']:.4g} + non-attention "
+        f"{f['non_attention']:.4g} (layers {f['layers']:.4g}, embedding {f['embedding']:.4g}, LM head "
+        f"{f['lm_head']:.4g})"
+    )
+    if p.get("model_flops") is not None:
+        head = p.get("lm_head_tokens")
+        lines.append(
+            f"                model / formula non-attention {p['model_flops'] / f['non_attention']:.3f}"
+            + (
+                f"; / the formula's matmuls at this step's {head} LM-head slots ({fs['matmuls']:.4g}): "
+                f"{p['model_flops'] / fs['matmuls']:.3f}"
+                if head is not None
+                else ""
+            )
+        )
+    return lines
+
+
 def report(p: dict[str, Any], step_time: float = 0.0) -> str:
     """Human-readable table of a ``plan``."""
 
@@ -415,6 +496,7 @@ def report(p: dict[str, Any], step_time: float = 0.0) -> str:
     if "oom" in p:
         lines += [
             f"per-chip HBM    DOES NOT FIT: {p['oom']}",
+            *flop_lines(p),
             f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
         ]
         if p.get("oom_detail"):
@@ -425,24 +507,16 @@ def report(p: dict[str, Any], step_time: float = 0.0) -> str:
         f"per-chip HBM    arguments {gib(p['argument_bytes'])} | outputs {gib(p['output_bytes'])} | "
         f"temporaries {gib(p['temp_bytes'])} | aliased {gib(p['alias_bytes'])}",
         f"                peak ≈ {gib(p['peak_bytes'])} of {gib(hbm) if hbm else '?'} per chip → {fits}",
-        f"FLOPs / step    compiled {p['compiled_flops_per_device'] * p['num_devices']:.4g} "
-        f"({p['compiled_flops_per_device']:.4g} per device; Pallas kernels count 0"
-        + (
-            "; scan_layers: XLA counts the scanned layer once, so this misses the other layers"
-            if p.get("scan_layers")
-            else ""
-        )
-        + ")",
-        f"                BAGEL formula {p['formula_flops']:.4g} (causal-halved {p['formula_flops_causal']:.4g}), "
-        f"{p['tokens_per_step']} tokens, one sample per row",
-        f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s",
+        *flop_lines(p),
+        f"compile         lower {p['lower_seconds']:.1f} s, compile {p['compile_seconds']:.1f} s, FLOP count "
+        f"{p['flops_seconds']:.1f} s",
     ]
     if step_time > 0 and p["peak_tflops"]:
         denom = step_time * p["num_devices"] * p["peak_tflops"] * 1e12
         lines.append(
             f"MFU @ {step_time:g} s/step  formula {p['formula_flops'] / denom:.1%} "
-            f"(causal {p['formula_flops_causal'] / denom:.1%}), compiled "
-            f"{p['compiled_flops_per_device'] * p['num_devices'] / denom:.1%}; "
+            f"(causal {p['formula_flops_causal'] / denom:.1%}), model {p['model_flops'] / denom:.1%} + attention "
+            f"kernels, hardware {p['hardware_flops'] / denom:.1%} + attention kernels; "
             f"{p['tokens_per_step'] / step_time / p['num_devices']:.0f} tokens/s/chip"
         )
     return "\n".join(lines)

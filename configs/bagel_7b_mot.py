@@ -34,7 +34,7 @@ def get_config(arg=None):
         vit_max_num_patch_per_side=70,
         dtype="bfloat16",
         remat="full",
-        scan_layers=True,  # one compiled layer (compile minutes instead of tens); XLA then counts one layer's FLOPs
+        scan_layers=True,  # one compiled layer (compile minutes instead of tens); aot scales its FLOPs by 28
         ce_chunk=2048,  # [rows, 2048, 152064] f32 logits per chunk (1.2 GiB per row)
     )
     c.model.vae.update(encode_scan=True)  # one image slot at a time: 3.4 instead of 28 GiB for 12 × 1024² per row

@@ -8,8 +8,8 @@ Expected: mesh fsdp 32 × tensor 2; per chip 4.24 GiB arguments + 16.85 GiB temp
 Why:      with one 32K row per chip (configs/bagel_7b_mot.py) the row's own activations (MLP intermediates, f32
           cross-entropy chunks, the gathered LM head) need ~37 GB of temporaries; tensor=2 splits heads, MLP and
           vocabulary over a chip pair. The batch is 32 rows on 64 chips: set data.batch_size = chips / 2.
-          model.scan_layers scans the 28 decoder layers (compile 2-13 instead of 15-18 min; XLA then counts one
-          layer's FLOPs, so read MFU from the BAGEL formula).
+          model.scan_layers scans the 28 decoder layers (compile 2-13 instead of 15-18 min; XLA counts one layer's
+          FLOPs, the planner multiplies each loop by its trip count).
 """
 
 import os

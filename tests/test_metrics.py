@@ -28,6 +28,12 @@ def test_flops_match_hand_computation():
     # two rows: samples of 100 + 28 tokens and one of 64 → 192 tokens, Σ len² = 10000 + 784 + 4096 = 14880
     assert metrics.train_flops(_tiny_model(), 192, 14880) == 835584 * 192 + 1536 * 14880
     assert metrics.train_flops(_tiny_model(), 192, 14880, causal=True) == 835584 * 192 + 768 * 14880
+    # the terms: layers 6·73728, embedding and LM head 6·512·64 each per token; the head on 40 label slots only
+    t = metrics.train_flop_terms(_tiny_model(), 192, 14880, head_tokens=40)
+    assert t["layers"] == 6 * 73728 * 192 and t["embedding"] == 6 * 32768 * 192 and t["lm_head"] == 6 * 32768 * 40
+    assert t["matmuls"] == t["layers"] + t["lm_head"] and t["attention"] == 1536 * 14880
+    full = metrics.train_flop_terms(_tiny_model(), 192, 14880)
+    assert full["non_attention"] + full["attention"] == metrics.train_flops(_tiny_model(), 192, 14880)
 
 
 def test_flops_of_the_7b_release_use_7_6b_active_params():

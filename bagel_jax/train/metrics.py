@@ -100,6 +100,28 @@ def train_flops(model_cfg, tokens: float, sum_len_sq: float, *, causal: bool = F
     return per_token * tokens + per_len_sq * sum_len_sq * (0.5 if causal else 1.0)
 
 
+def train_flop_terms(
+    model_cfg, tokens: float, sum_len_sq: float, *, head_tokens: float | None = None, causal: bool = False
+) -> dict[str, float]:
+    """The formula's terms, FLOPs per step (fwd + bwd): ``layers`` (the decoder's projections and MLPs, per token),
+    ``embedding`` (6·V·D per token: the reference counts the lookup as a matmul), ``lm_head`` (6·V·D per token the
+    head runs on: every token, as in the reference, or ``head_tokens``, e.g. a label budget) and ``attention`` (the
+    len² term). ``non_attention`` = layers + embedding + lm_head; ``matmuls`` = layers + lm_head (what a step that
+    looks embeddings up does in matmuls). With ``head_tokens=None`` non_attention + attention = ``train_flops``."""
+    per_token, per_len_sq = flop_coefficients(model_cfg)
+    table = 6.0 * model_cfg.vocab_size * model_cfg.hidden_size
+    layers = (per_token - 2 * table) * tokens
+    lm_head = table * (tokens if head_tokens is None else head_tokens)
+    return dict(
+        layers=layers,
+        embedding=table * tokens,
+        lm_head=lm_head,
+        attention=per_len_sq * sum_len_sq * (0.5 if causal else 1.0),
+        non_attention=layers + table * tokens + lm_head,
+        matmuls=layers + lm_head,
+    )
+
+
 def packing_stats(doc) -> dict[str, jax.Array]:
     """From ``doc`` int[B, L] (0 = padding): tokens (real), sum_len_sq (Σ over samples of len², f32) and
     fill (real / all slots). Works in or out of jit."""
