@@ -36,7 +36,7 @@ def get_config(arg=None):
         max_vae_images=12,
     )
     c.data.sources.video = "moving_shapes"
-    c.train.update(steps=1200, warmup_steps=50, checkpoint_every=500, sample_every=0)
+    c.train.update(steps=2400, warmup_steps=50, checkpoint_every=500, sample_every=0)
     c.evals = {}
     if arg in (None, ""):  # in-run: a small held-out set for the trend
         c.evals.future = dict(type="shapes_future_frame", num_examples=32, every=1000)
