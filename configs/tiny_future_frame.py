@@ -10,10 +10,12 @@ Commands (2 CPU cores; the VAE and ViT stages of configs/tiny_repro.py first):
   python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~1 min
   python -m bagel_jax.data.builders.moving_shapes --data_dir=/tmp/bagel_ff/data --num_examples=20000
   python -m bagel_jax.train --config=configs/tiny_future_frame.py --workdir=/tmp/bagel_ff \\
-      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit
+      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit     # 2400 steps, ~26 min
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_ff --config=configs/tiny_future_frame.py:report
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_ff --config=configs/tiny_future_frame.py:report \\
       --params=untrained                                                        # the step-0 baseline
+Expected: next_frame 0.370 (100 held-out clips) vs 0.010 untrained; the goal of 0.8 is not met yet, see
+          docs/EXPERIMENTS.md ("Tiny future-frame run") for the runs.
 Model:    configs/tiny_repro.py's (4 MoT layers, hidden 128; one generation token per grid cell at 48 px).
 """
 
