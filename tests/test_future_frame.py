@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from bagel_jax.batch import KIND_NOISED_VAE as N
+from bagel_jax.config import ConfigError
 from bagel_jax.data.builders import common, moving_shapes
 from bagel_jax.data.builders.synthetic_shapes import MOVES, render
 from bagel_jax.data.images import ResizeRule
 from bagel_jax.data.records import RecordDecoder
 from bagel_jax.data.sample import Video, build_document
-from bagel_jax.eval import future_frame
+from bagel_jax.eval import future_frame, runner
 from test_data_sample import LAYOUT, WordTokenizer
 
 
@@ -66,6 +67,22 @@ def test_scorer_gives_one_to_the_truth_and_zero_to_copies_and_blanks():
     two = next(c for c in ev.examples if len(c.moves) == 2)
     half = future_frame.judge(two, [two.frames[2][0], two.frames[1][1]])
     assert half == (False, 1)
+
+
+def test_runner_scores_the_ground_truth_one_and_refuses_no_examples():
+    evaluators = runner.build_evaluators({"future": dict(type="shapes_future_frame", num_examples=6, every=500)})
+    assert [s for s in range(1, 1501) if evaluators["future"].due(s)] == [500, 1000, 1500]
+    fns = runner.ground_truth_fns(None, evaluators)
+    m = runner.run_evals(evaluators, future_fn=fns["future_fn"])
+    assert {k: v for k, v in m.items() if k != "future/seconds"} == {
+        "future/next_frame": 1.0,
+        "future/objects": 1.0,
+        "future/copy_baseline": 0.0,
+    }
+    with pytest.raises(ValueError, match="evals.future: shapes_future_frame needs future_fn"):
+        runner.run_evals(evaluators, generate_fn=fns["generate_fn"])
+    with pytest.raises(ConfigError, match=r"^evals.x.num_examples: must be >= 1, got 0$"):
+        runner.build_evaluators({"x": dict(type="shapes_future_frame", num_examples=0)})
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ The notebook itself asserts that training beats the untrained model on each scor
 shapes-GenEval and shapes-VQA; on shapes-edit the distance to the ground truth in the cells an edit touches (at this
 reduced size hardly any edit is all right yet, see the README). This test runs it in a fresh kernel (nbclient) with
 the reduced step counts below and checks the scores it printed against margins taken from the measured CI-size
-numbers.
+numbers. The future-frame section runs as a smoke: it trains a few steps, generates and scores two next
+frames (the trained model only).
 """
 
 import json
@@ -20,6 +21,10 @@ CI_SIZE = {
     "BAGEL_NB_VIT_STEPS": "300",
     "BAGEL_NB_STEPS": "1000",
     "BAGEL_NB_EVAL_EXAMPLES": "8",
+    # the future-frame section is a smoke in CI (a few steps, two clips, no untrained baseline): the code path
+    "BAGEL_NB_FF_STEPS": "5",
+    "BAGEL_NB_FF_EXAMPLES": "2",
+    "BAGEL_NB_FF_BASELINE": "0",
 }
 
 
@@ -65,3 +70,11 @@ def test_notebook_runs_and_training_beats_untrained(tmp_path, monkeypatch):
     assert trained["geneval/overall"] >= untrained["geneval/overall"] + 0.15
     assert trained["vqa/overall"] >= untrained["vqa/overall"] + 0.30
     assert trained["edit/edit_l1"] <= untrained["edit/edit_l1"] - 0.03
+    future = [line for line in _outputs(nb).splitlines() if line.startswith("FUTURE_FRAME ")]
+    assert len(future) == 1, "the future-frame section prints one FUTURE_FRAME line"
+    future = json.loads(future[0][len("FUTURE_FRAME ") :])
+    assert future["steps"] == int(CI_SIZE["BAGEL_NB_FF_STEPS"])
+    assert future["examples"] == int(CI_SIZE["BAGEL_NB_FF_EXAMPLES"])
+    assert set(future["trained"]) == {"next_frame", "objects", "copy_baseline"}, future
+    assert all(0.0 <= v <= 1.0 for v in future["trained"].values()), future
+    assert future["untrained"] is None, future  # BAGEL_NB_FF_BASELINE=0

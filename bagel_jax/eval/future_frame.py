@@ -82,6 +82,8 @@ class ShapesFutureFrame:
     fn_name = "future_fn"
 
     def __init__(self, num_examples: int = 32, seed: int = 0, min_px: int = 64, max_px: int = 96):
+        if num_examples < 1:
+            raise ValueError(f"num_examples: must be >= 1, got {num_examples}")
         self.examples = make_examples(num_examples, seed, min_px, max_px)
         self.seeds = [canvas.noise_seed(seed, _NOISE_SALT, i) for i in range(num_examples)]
 

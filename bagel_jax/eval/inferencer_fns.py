@@ -1,10 +1,13 @@
-"""The evaluators' callables (``generate_fn``, ``answer_fn``, ``edit_fn``) from an ``Inferencer``, each with its
-batched form ``fn.batch`` (``eval/batched.py``): an evaluator hands all of its inputs to one call, which the
-Inferencer runs ``max_batch`` requests per compiled program."""
+"""The evaluators' callables (``generate_fn``, ``answer_fn``, ``edit_fn``, ``future_fn``) from an ``Inferencer``;
+the first three with a batched form ``fn.batch`` (``eval/batched.py``): an evaluator hands all of its inputs to one
+call, which the Inferencer runs ``max_batch`` requests per compiled program. ``future_fn`` (shapes-future-frame) runs
+one clip at a time through the cache-free sampler (``eval/future_frame.py``)."""
 
 from __future__ import annotations
 
 import jax
+
+from bagel_jax.eval.future_frame import inferencer_future_fn
 
 MAX_ANSWER_TOKENS = 32  # shapes-VQA answers are ~10 tokens; an untrained model never stops on its own
 
@@ -27,4 +30,5 @@ def inferencer_fns(inf, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
     edit_fn.batch = lambda images, instructions, seeds: inf.edit_batch(
         images, instructions, [jax.random.key(s) for s in seeds]
     )
-    return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}
+    future_fn = inferencer_future_fn(inf)
+    return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn, "future_fn": future_fn}

@@ -5,11 +5,13 @@
     config.evals.geneval = dict(type="shapes_geneval", num_examples=16, every=1000)   # 16 prompts per category
     config.evals.vqa = dict(type="shapes_vqa", num_examples=48, every=1000, seed=1)
     config.evals.edit = dict(type="shapes_edit", num_examples=32, every=0)             # 0: standalone only
+    config.evals.future = dict(type="shapes_future_frame", num_examples=64, every=500)  # moving-shapes clips
 
 ``type`` picks the class in ``EVALUATORS``; ``every`` is the step period in training (0 = never); every other
 key is passed to the class (unknown keys fail with the dotted key). Each evaluator consumes one callable,
 named by its ``fn_name``: ``generate_fn(prompt, seed) -> image``, ``answer_fn(image, question) -> str`` or
-``edit_fn(image, instruction, seed) -> image`` (``seed``: the image's own sampling seed, so images are independent
+``edit_fn(image, instruction, seed) -> image`` or ``future_fn(frames, frame_indexes, caption, seed) -> image``
+(``seed``: the image's own sampling seed, so images are independent
 draws); ``run_evals`` returns ``{f"{name}/{metric}": value}``.
 
 Standalone::
@@ -46,10 +48,15 @@ import numpy as np
 
 from bagel_jax.cli import InputError, import_callable, one_line
 from bagel_jax.config import ConfigError
-from bagel_jax.eval import edit, geneval, vqa
+from bagel_jax.eval import edit, future_frame, geneval, vqa
 
-EVALUATORS = {"shapes_geneval": geneval.ShapesGenEval, "shapes_vqa": vqa.ShapesVQA, "shapes_edit": edit.ShapesEdit}
-FN_NAMES = ("generate_fn", "answer_fn", "edit_fn")
+EVALUATORS = {
+    "shapes_geneval": geneval.ShapesGenEval,
+    "shapes_vqa": vqa.ShapesVQA,
+    "shapes_edit": edit.ShapesEdit,
+    "shapes_future_frame": future_frame.ShapesFutureFrame,
+}
+FN_NAMES = ("generate_fn", "answer_fn", "edit_fn", "future_fn")
 
 
 def default_evals() -> ml_collections.ConfigDict:
@@ -122,13 +129,14 @@ def run_evals(
     generate_fn: Callable | None = None,
     answer_fn: Callable | None = None,
     edit_fn: Callable | None = None,
+    future_fn: Callable | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Runs the evaluators due at ``step`` (all of them when ``step`` is None) → {"name/metric": value}.
 
     Also reports ``name/seconds``. An evaluator whose callable was not given raises ``ValueError``.
     """
-    fns = {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}
+    fns = {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn, "future_fn": future_fn}
     metrics = {}
     for name, sched in evaluators.items():
         if step is not None and not sched.due(step):
@@ -155,7 +163,7 @@ def ground_truth_fns(config, evaluators: Mapping[str, Scheduled]) -> dict[str, C
     reference answer); scoring them must give 1.0 for every accuracy and 0.0 for the edit distances.
     ``config`` is unused."""
     del config
-    prompts, answers, edits = {}, {}, {}
+    prompts, answers, edits, futures = {}, {}, {}, {}
     for sched in evaluators.values():
         ev = sched.evaluator
         for e in ev.examples:
@@ -165,6 +173,8 @@ def ground_truth_fns(config, evaluators: Mapping[str, Scheduled]) -> dict[str, C
                 answers[_key(e.render(), e.question)] = e.answer
             elif isinstance(ev, edit.ShapesEdit):
                 edits[_key(e.render(), e.instruction)] = e
+            elif isinstance(ev, future_frame.ShapesFutureFrame):
+                futures[_key(e.render(future_frame.CONTEXT_FRAMES - 1), e.caption)] = e
 
     def generate_fn(prompt, seed):
         del seed
@@ -177,7 +187,11 @@ def ground_truth_fns(config, evaluators: Mapping[str, Scheduled]) -> dict[str, C
         del seed
         return edits[_key(image, instruction)].render("target")
 
-    return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn}
+    def future_fn(frames, frame_indexes, caption, seed):
+        del frame_indexes, seed
+        return futures[_key(frames[-1], caption)].render(future_frame.CONTEXT_FRAMES)
+
+    return {"generate_fn": generate_fn, "answer_fn": answer_fn, "edit_fn": edit_fn, "future_fn": future_fn}
 
 
 def load_factory(spec: str) -> Callable:
