@@ -25,6 +25,7 @@ LanguageModel alone on text and gen token slots: CE + a stand-in squared loss on
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -62,7 +63,8 @@ class ModelSpec:
     batch: pytree of ``jax.ShapeDtypeStruct`` with the *global* batch shapes;
     batch_metrics_fn: optional batch -> {name: scalar} (e.g. packing stats);
     loss_counts: optional batch -> {term: count} (the unbiased gradient accumulation of ``train/step.py``);
-    lm_head_tokens: slots per step the LM head runs on (the FLOP formula's head term; None = every token).
+    lm_head_tokens: slots per step the LM head runs on (the FLOP formula's head term; None = every token);
+    towers: the ViT patches, VAE images and image (h, w) per step (``metrics.tower_flop_terms``; None: no towers).
     """
 
     init_fn: Callable[[jax.Array], Any]
@@ -71,6 +73,7 @@ class ModelSpec:
     batch_metrics_fn: Callable | None = None
     loss_counts: Callable | None = None
     lm_head_tokens: int | None = None
+    towers: dict[str, Any] | None = None
 
 
 LOSSES: dict[str, Callable[[Any], ModelSpec]] = {}
@@ -109,6 +112,11 @@ def _bagel(config) -> ModelSpec:
         lambda b: metrics_lib.packing_stats(b.doc),
         loss_counts=make_loss_counts(config),
         lm_head_tokens=config.data.batch_size * (config.data.max_labels_per_row or config.data.und_len),
+        towers=dict(  # every slot of the budget, as the step encodes them (the masked canvas on TPU)
+            vit_patches=math.prod(batch.vit_patches.shape[:2]),
+            vae_images=math.prod(batch.vae_images.shape[:2]),
+            image_hw=tuple(batch.vae_images.shape[2:4]),
+        ),
     )
 
 
@@ -296,6 +304,11 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
         formula_flops_causal=metrics_lib.train_flops(config.model, tokens, len_sq, causal=True),
         formula_terms=metrics_lib.train_flop_terms(config.model, tokens, len_sq),
         formula_step_terms=metrics_lib.train_flop_terms(config.model, tokens, len_sq, head_tokens=spec.lm_head_tokens),
+        formula_towers=(
+            metrics_lib.tower_flop_terms(config.model, **spec.towers, freeze=tuple(config.train.freeze))
+            if spec.towers
+            else {}
+        ),
         lower_seconds=lower_seconds,
     )
     compiled = _compile(lowered, info)
@@ -475,6 +488,13 @@ def flop_lines(p: dict[str, Any]) -> list[str]:
                 else ""
             )
         )
+        towers = p.get("formula_towers") or {}
+        if towers and head is not None:
+            whole = fs["matmuls"] + sum(towers.values())
+            lines.append(
+                f"                + the towers the formula leaves out (ViT + connector {towers['vit']:.4g}, frozen VAE "
+                f"encoder {towers['vae_encode']:.4g}): {whole:.4g}; model / that {p['model_flops'] / whole:.3f}"
+            )
     return lines
 
 

@@ -100,13 +100,19 @@ def test_flops_count_each_loop_trip_count_times_and_match_the_formula(v5e_device
     assert got[True][1].raw < 0.3 * got[True][1].flops  # XLA alone: the scanned layer once
     assert 3 in dict(got[False][0].loops).values() and not got[True][0].unknown
 
+    # the whole BAGEL step: the formula's matmuls (LM head on the label slots) + the towers it leaves out
     config = _tiny_config()
     config.parallel.update(data=2, fsdp=2)
-    config.data.update(batch_size=4, seq_len=256, und_len=192, gen_len=64)
+    config.data.batch_size = 4
     config.model.update(attention_impl="tpu", remat="full", scan_layers=True, hidden_size=256, intermediate_size=1024)
-    model = aot.model_flops(config, v5e_devices, "mot_lm")
-    terms = metrics.train_flop_terms(config.model, 4 * 256, 4 * 256**2, head_tokens=4 * 192)  # CE on the und slots
-    assert 1.0 <= model / terms["matmuls"] <= 1.05, model / terms["matmuls"]
+    config.model.vae.encode = "masked"  # every image slot at full size, as the step runs on TPU
+    spec = aot.get_builder("bagel")(config)
+    model = aot.model_flops(config, v5e_devices, "bagel")
+    rows, length = config.data.batch_size, config.data.seq_len
+    terms = metrics.train_flop_terms(config.model, rows * length, rows * length**2, head_tokens=spec.lm_head_tokens)
+    towers = metrics.tower_flop_terms(config.model, **spec.towers, freeze=tuple(config.train.freeze))
+    assert model / terms["matmuls"] > 1.2  # at this size the VAE encoder is a large share of the step
+    assert 1.0 <= model / (terms["matmuls"] + towers["vit"] + towers["vae_encode"]) <= 1.05
 
 
 def test_out_of_memory_is_reported_not_raised(v5e_devices):

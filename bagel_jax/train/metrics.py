@@ -122,6 +122,49 @@ def train_flop_terms(
     )
 
 
+def vae_encoder_flops(vae_cfg, height: int, width: int) -> float:
+    """Forward FLOPs (2 · multiply-adds) of the FLUX VAE encoder (``model/vae.py`` ``Encoder``) on one
+    ``height`` × ``width`` image: its 3×3 and 1×1 convolutions and the mid block's attention (q, k, v, out
+    projections and the two (h·w)² matmuls). Norms and activations are not counted."""
+    c, macs = vae_cfg, 0.0
+    h, w, ch_in = height, width, vae_cfg.in_channels
+    macs += h * w * ch_in * c.ch * 9  # conv_in
+    ch = c.ch
+
+    def resnet(h, w, cin, cout):
+        return h * w * (cin * cout * 9 + cout * cout * 9 + (cin * cout if cin != cout else 0))
+
+    for i, mult in enumerate(c.ch_mult):
+        for _ in range(c.num_res_blocks):
+            macs += resnet(h, w, ch, c.ch * mult)
+            ch = c.ch * mult
+        if i != len(c.ch_mult) - 1:
+            h, w = h // 2, w // 2
+            macs += h * w * ch * ch * 9  # stride-2 downsample conv
+    tokens = h * w
+    macs += 2 * resnet(h, w, ch, ch) + 4 * tokens * ch * ch + 2 * tokens * tokens * ch  # mid: 2 blocks + attention
+    macs += h * w * ch * 2 * c.z_channels * 9  # conv_out (mean and log-variance)
+    return 2.0 * macs
+
+
+def tower_flop_terms(model_cfg, *, vit_patches: float, vae_images: float, image_hw: tuple[int, int], freeze=()):
+    """FLOPs per step of the parts around the decoder that the reference formula leaves out: ``vit`` (SigLIP's patch
+    embedding, projections and MLPs, and the connector, per patch: fwd + bwd, 6 FLOPs per weight, or forward only
+    where ``train.freeze`` holds the ViT) and ``vae_encode`` (the frozen FLUX encoder's forward, ``vae_images``
+    images of ``image_hw``). The ViT's attention (len² term) is not counted, like the decoder's."""
+    v, d = model_cfg.vit, model_cfg.hidden_size
+    vit_weights = 3 * v.patch_size**2 * v.hidden_size + v.num_layers * (
+        4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    )
+    connector = v.hidden_size * d + d * d
+    vit_mult = 2.0 if "vit" in freeze else 6.0  # frozen: nothing below it trains, so no backward at all
+    connector_mult = 6.0 if "connector" not in freeze else (2.0 if "vit" in freeze else 4.0)
+    return dict(
+        vit=(vit_mult * vit_weights + connector_mult * connector) * vit_patches,
+        vae_encode=vae_images * vae_encoder_flops(model_cfg.vae, *image_hw),
+    )
+
+
 def packing_stats(doc) -> dict[str, jax.Array]:
     """From ``doc`` int[B, L] (0 = padding): tokens (real), sum_len_sq (Σ over samples of len², f32) and
     fill (real / all slots). Works in or out of jit."""
