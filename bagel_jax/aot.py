@@ -278,6 +278,8 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     validate(config, num_devices=len(devices), platform=devices[0].platform)
     if config.model.vae.get("encode", "masked") == "auto":  # the target's choice, not this host's (CPU: by_size)
         config.model.vae.encode = "by_size" if devices[0].platform == "cpu" else "masked"
+    if config.model.get("mlp_tokens", "auto") == "auto":  # likewise: flat only helps XLA:CPU
+        config.model.mlp_tokens = "flat" if devices[0].platform == "cpu" else "batched"
     kind = devices[0].device_kind
     rows, length = config.data.batch_size, config.data.seq_len
     t0 = time.perf_counter()

@@ -60,6 +60,7 @@ def _model() -> ml_collections.ConfigDict:
             attention_impl="auto",  # reference | tpu | gpu | auto
             attention_block_q=512,
             attention_block_kv=512,
+            mlp_tokens="auto",  # auto | batched | flat: MLPs on [B, T, D] or [B·T, D] (auto: flat on CPU; same result)
             remat="none",  # none | full | dots | save_* | offload_* (REMAT_POLICIES: each decoder and SigLIP layer)
             scan_layers=False,
             ce_chunk=4096,  # label (or und) slots per chunk of the LM-head CE: [rows, chunk, vocab] f32 logits
@@ -285,6 +286,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("reference", "tpu", "gpu", "auto"),
     "model.remat": ("none", *REMAT_POLICIES),
+    "model.mlp_tokens": ("auto", "batched", "flat"),
     "model.vae.dtype": ("float32", "bfloat16"),
     "model.vae.encode": ("auto", "masked", "by_size"),
     "model.connector_act": ("gelu_pytorch_tanh", "gelu", "silu"),

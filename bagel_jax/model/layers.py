@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -72,13 +73,30 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def flat_mlp(mlp_tokens: str) -> bool:
+    """Whether MLPs run on the tokens flattened to [B·T, D] (``model.mlp_tokens``): ``flat``, or ``auto`` on CPU.
+
+    Same result either way. XLA:CPU emits the weight gradient of a matmul on a 3-D [B, T, F] activation with a
+    strided element-by-element transpose of the [B·T, F] gradient fused into the SiLU backward: the tiny step's
+    SwiGLU backward was 3× slower than on [B·T, D] (docs/EXPERIMENTS.md). Elsewhere ``batched`` keeps [B, T, D],
+    where the activation's logical sharding (batch, length/sequence) holds.
+    """
+    if mlp_tokens == "auto":
+        return jax.default_backend() == "cpu"
+    return mlp_tokens == "flat"
+
+
 class SwiGLU(nn.Module):
-    """Qwen2MLP: x [B, T, D] → [B, T, D]; params ``gate_proj``/``up_proj`` [D, F], ``down_proj`` [F, D]."""
+    """Qwen2MLP: x [B, T, D] → [B, T, D]; params ``gate_proj``/``up_proj`` [D, F], ``down_proj`` [F, D].
+
+    ``flat``: run the three matmuls on x reshaped to [B·T, D] (``flat_mlp``); the result is the same.
+    """
 
     intermediate_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lora: tuple[int, float] | None = None  # (rank, alpha): a LoRA adapter on gate/up/down (model/lora.py)
+    flat: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -94,11 +112,15 @@ class SwiGLU(nn.Module):
                 name=name,
             )
 
+        shape = x.shape
+        if self.flat:
+            x = x.reshape(-1, shape[-1])
         gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
         h = nn.silu(gate) * up
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return dense(x.shape[-1], ("mlp", "embed"), "down_proj")(h)
+        if not self.flat:
+            h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense(shape[-1], ("mlp", "embed"), "down_proj")(h).reshape(shape)
 
 
 class HeadsProjection(nn.Module):

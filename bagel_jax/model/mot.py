@@ -59,6 +59,7 @@ from bagel_jax.model.layers import (
     RMSNorm,
     SwiGLU,
     apply_rope,
+    flat_mlp,
     kernel_init,
     rope_cos_sin,
 )
@@ -184,7 +185,14 @@ class DecoderLayer(nn.Module):
         for (s, x), o in zip(segments, attn_out):
             x = x + o
             h = RMSNorm(cfg.rms_norm_eps, pdtype, name="post_attention_layernorm" + s)(x)
-            mlp = SwiGLU(cfg.intermediate_size, jnp.dtype(cfg.dtype), pdtype, lora_for(cfg, s, "mlp"), name="mlp" + s)
+            mlp = SwiGLU(
+                cfg.intermediate_size,
+                jnp.dtype(cfg.dtype),
+                pdtype,
+                lora_for(cfg, s, "mlp"),
+                flat=flat_mlp(cfg.get("mlp_tokens", "auto")),
+                name="mlp" + s,
+            )
             x = x + mlp(h)
             new.append(nn.with_logical_constraint(x, HIDDEN_AXES))
         if cfg.layer_module == "dense":

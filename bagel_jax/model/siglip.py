@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from bagel_jax.attention import attention
 from bagel_jax.attention.mask import KV_HI_INF, MaskMeta
 from bagel_jax.model.embeddings import activation
-from bagel_jax.model.layers import dense
+from bagel_jax.model.layers import dense, flat_mlp
 from bagel_jax.model.remat import remat
 
 TOKENS = ("activation_batch", "activation_patches", "activation_embed")
@@ -77,21 +77,24 @@ class SiglipAttention(nn.Module):
 
 
 class SiglipMLP(nn.Module):
-    """fc2(act(fc1(x)))."""
+    """fc2(act(fc1(x))): x [B, P, Dv] → [B, P, Dv]; ``flat`` runs it on [B·P, Dv] (``layers.flat_mlp``), same result."""
 
     hidden: int
     intermediate: int
     act: str = "gelu_pytorch_tanh"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    flat: bool = False
 
     @nn.compact
     def __call__(self, x):
-        x = dense(self.intermediate, ("vit_embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
-        x = nn.with_logical_constraint(
-            activation(self.act)(x), ("activation_batch", "activation_patches", "activation_mlp")
-        )
-        return dense(self.hidden, ("mlp", "vit_embed"), "fc2", self.dtype, self.param_dtype)(x)
+        shape = x.shape
+        if self.flat:
+            x = x.reshape(-1, shape[-1])
+        x = activation(self.act)(dense(self.intermediate, ("vit_embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x))
+        if not self.flat:
+            x = nn.with_logical_constraint(x, ("activation_batch", "activation_patches", "activation_mlp"))
+        return dense(self.hidden, ("mlp", "vit_embed"), "fc2", self.dtype, self.param_dtype)(x).reshape(shape)
 
 
 class SiglipEncoderLayer(nn.Module):
@@ -101,6 +104,7 @@ class SiglipEncoderLayer(nn.Module):
     attention_impl: str = "reference"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    flat_mlp: bool = False  # SiglipMLP.flat
 
     @nn.compact
     def __call__(self, x, meta: MaskMeta):
@@ -110,7 +114,10 @@ class SiglipEncoderLayer(nn.Module):
             v.hidden_size, v.num_heads, self.attention_impl, self.dtype, self.param_dtype, name="self_attn"
         )(h, meta)
         h = _layer_norm(v.layer_norm_eps, "layer_norm2", self.param_dtype)(x).astype(self.dtype)
-        x = x + SiglipMLP(v.hidden_size, v.intermediate_size, v.hidden_act, self.dtype, self.param_dtype, name="mlp")(h)
+        mlp = SiglipMLP(
+            v.hidden_size, v.intermediate_size, v.hidden_act, self.dtype, self.param_dtype, self.flat_mlp, name="mlp"
+        )
+        x = x + mlp(h)
         return nn.with_logical_constraint(x, TOKENS)
 
 
@@ -167,6 +174,7 @@ class SiglipNaViT(nn.Module):
         x = nn.with_logical_constraint(x, TOKENS)
 
         meta = image_mask_meta(image_ids)
+        flat = flat_mlp(cfg.get("mlp_tokens", "auto"))
         if v.get("scan_layers", False):
             layer_cls = remat(ScannedSiglipLayer, cfg.get("remat", "none"), prevent_cse=False)
             stack = nn.scan(
@@ -177,10 +185,10 @@ class SiglipNaViT(nn.Module):
                 length=v.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(v, cfg.attention_impl, dtype, param_dtype, name="layers")(x, meta)
+            x, _ = stack(v, cfg.attention_impl, dtype, param_dtype, flat, name="layers")(x, meta)
         else:
             layer_cls = remat(SiglipEncoderLayer, cfg.get("remat", "none"))
             for i in range(v.num_layers):
-                x = layer_cls(v, cfg.attention_impl, dtype, param_dtype, name=f"layers_{i}")(x, meta)
+                x = layer_cls(v, cfg.attention_impl, dtype, param_dtype, flat, name=f"layers_{i}")(x, meta)
         x = _layer_norm(v.layer_norm_eps, "post_layernorm", param_dtype)(x).astype(dtype)
         return nn.with_logical_constraint(x, TOKENS)
