@@ -200,6 +200,27 @@ def test_full_bagel_compiles_for_v5e_with_vae_frozen(v5e_devices):
 
 
 @pytest.mark.slow
+def test_tensor_pair_encodes_each_image_once(v5e_devices):
+    """With a tensor axis the two chips of a pair hold the same rows; the frozen VAE encoder must still run each
+    image once, split over the pair (before: both chips encoded the pair's images, +1× the encoder's FLOPs)."""
+    from bagel_jax.train import metrics
+
+    hw = {}
+    for tensor, devices in ((2, v5e_devices), (1, v5e_devices[:2])):
+        config = _tiny_config()
+        config.parallel.update(data=1, fsdp=2, tensor=tensor)
+        config.data.batch_size = 2
+        config.model.vae.encode = "masked"
+        p = aot.plan(config, devices, "bagel")
+        assert "oom" not in p, p.get("oom")
+        hw[tensor] = p["hardware_flops"]
+    spec = aot.get_builder("bagel")(config)
+    encoder = metrics.tower_flop_terms(config.model, **spec.towers, freeze=tuple(config.train.freeze))["vae_encode"]
+    assert encoder > 0.2 * hw[1]  # the encoder is a large share of this step, so a repeat would show
+    assert hw[2] - hw[1] < 0.25 * encoder, (hw, encoder)
+
+
+@pytest.mark.slow
 def test_vae_encode_scan_cuts_encoder_memory(v5e_devices):
     """``model.vae.encode_scan`` encodes a row's image slots one after another: with 4 images of 256² per row and
     one row per chip, the step's temporaries drop (the 7B plan: 28.3 → 3.4 GiB for 12 × 1024² per row)."""

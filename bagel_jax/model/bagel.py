@@ -50,6 +50,7 @@ from bagel_jax.model.mot import HIDDEN_AXES, LanguageModel
 from bagel_jax.model.siglip import SiglipNaViT
 from bagel_jax.model.vae import FluxVAE, normalize_latent, patchify_latent
 from bagel_jax.model.vae_batch import encode_by_size, reference_hw, reference_padded, resolve_encode, zero_beyond
+from bagel_jax.parallel.rules import MESH_AXES
 
 
 def shift_timestep(t, shift: float):
@@ -222,7 +223,7 @@ class Bagel(nn.Module):
                 if ref_pad:
                     images, hw = reference_padded(images, hw)
                 images = images.reshape(b * n, hh, ww, c)
-                # each chip encodes only its own rows' images (unconstrained, XLA replicated the encoder over the batch)
+                # each chip encodes its share of the images (unconstrained, XLA replicated the encoder over the batch)
                 images = nn.with_logical_constraint(images, VAE_IMAGE_AXES)
                 if mode == "by_size" and not self.is_initializing():
                     vae, variables = self.vae.clone(parent=None), {"params": self.vae.variables["params"]}
@@ -368,13 +369,21 @@ VAE_IMAGE_AXES = ("activation_batch", "activation_height", "activation_width", "
 
 
 def _vae_images_on_batch_axes():
-    """The logical rules in force with ``activation_images`` (the VAE's image axis, replicated by default) mapped like
-    ``activation_batch``: the encoder's activations stay split over the rows' chips. Without it every residual add
-    of the encoder all-gathered the image batch (a 16 GiB [64·1024, 1024, 128] buffer per chip for 64 rows of
-    1024² images). Here the images already carry the batch sharding, so the batch divides the mesh axes."""
+    """The logical rules in force with the VAE's image axes (``activation_images``, and ``activation_batch`` of the
+    encoder's inputs and outputs) split over every mesh axis: the rows' (data, fsdp) and also those the rows are
+    replicated over (tensor, sequence), so each chip encodes only its share of the images.
+
+    Without it every residual add of the encoder all-gathered the image batch (a 16 GiB [64·1024, 1024, 128] buffer
+    per chip for 64 rows of 1024² images); with the batch axes only, both chips of a tensor (or sequence) pair
+    encoded the same images: the frozen encoder's FLOPs and activations twice (docs/DESIGN_NOTES.md 50). The
+    latents are gathered back to the rows' sharding after the encode (one small all-gather)."""
     rules = tuple(nn.get_logical_axis_rules())
     batch_axes = dict(rules).get("activation_batch")
-    return nn.logical_axis_rules(tuple((k, batch_axes if k == "activation_images" else v) for k, v in rules))
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    image_axes = batch_axes + tuple(a for a in MESH_AXES if a not in batch_axes)
+    return nn.logical_axis_rules(
+        tuple((k, image_axes if k in ("activation_images", "activation_batch") else v) for k, v in rules)
+    )
 
 
 def pixels_to_unit(x):
