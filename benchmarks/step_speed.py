@@ -16,9 +16,10 @@ tiny_repro. Initialised from random weights (speed does not depend on them).
 Columns: model; pack (seq_len, and the real tokens in the timed row); for each impl, the median seconds of one step
 over ``--steps`` timed steps after one warm-up step (the compile), and tokens/s = real tokens ÷ that median;
 speed-up = reference seconds ÷ auto seconds. ``reference`` is the dense oracle over the whole row (an L × L mask per
-head) with the VAE encoding every image slot's full masked canvas (``model.vae.encode="masked"``): this project's CPU
-step before ``auto``; ``auto`` resolves, on CPU, to the XLA block-sparse path (attention/gpu.py, 32-token tiles)
-and the VAE encode by size (model/vae_batch.py: real images only). Times are wall clock on a machine that may be
+head) with the VAE encoding every image slot's full masked canvas (``model.vae.encode="masked"``) and the MLPs on
+[B, T, D] (``model.mlp_tokens="batched"``): this project's CPU step before ``auto``; ``auto`` resolves, on CPU, to
+the XLA block-sparse path (attention/gpu.py, 32-token tiles), the VAE encode by size (model/vae_batch.py: real
+images only) and the MLPs on [B·T, D] (model/layers.py ``flat_mlp``). Times are wall clock on a machine that may be
 shared: rerun for stable numbers; the printed CPU s/step (process CPU time, all threads) is less sensitive to other
 jobs.
 
@@ -98,8 +99,10 @@ def bench_config(data_dir: str, seq_len: int, hidden: int, layers: int, impl: st
         num_kv_heads=2,
         attention_impl=impl,
     )
-    # the dense oracle's step encodes every VAE slot's full masked canvas; auto encodes the real images by size
+    # the dense oracle's step encodes every VAE slot's full masked canvas and runs the MLPs on [B, T, D] (this
+    # project's CPU step before); auto encodes the real images by size and runs the MLPs on [B·T, D]
     c.model.vae.encode = "masked" if impl == "reference" else "auto"
+    c.model.mlp_tokens = "batched" if impl == "reference" else "auto"
     c.evals = {}
     c.train.update(sample_every=0, warmup_steps=1)
     return validate(c)

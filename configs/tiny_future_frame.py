@@ -6,7 +6,7 @@ noised (the reference's ``_add_video`` layout). eval/future_frame.py scores the 
 clips with the shape detector (every shape at its next cell, right shape and colour, nothing else).
 
 Commands (2 CPU cores; the VAE and ViT stages of configs/tiny_repro.py first):
-  python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=/tmp/tiny_vae        # ~20 min
+  python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=/tmp/tiny_vae        # ~9 min
   python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~1 min
   python -m bagel_jax.data.builders.moving_shapes --data_dir=/tmp/bagel_ff/data --num_examples=20000
   python -m bagel_jax.train --config=configs/tiny_future_frame.py --workdir=/tmp/bagel_ff \\

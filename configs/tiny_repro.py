@@ -1,10 +1,10 @@
 """Small-scale reproduction: a tiny BAGEL on synthetic shapes that learns to answer, draw and edit, measured.
 
 Commands (2 CPU cores; README "Reproduce at small scale"):
-  python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=/tmp/tiny_vae        # ~20 min
+  python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=/tmp/tiny_vae        # ~9 min
   python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~1 min
   python -m bagel_jax.train --config=configs/tiny_repro.py --workdir=/tmp/bagel_repro \\
-      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~75 min
+      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~30 min
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --config=configs/tiny_repro.py:report  # trained (EMA)
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --config=configs/tiny_repro.py:report \
       --params=untrained                                                        # the step-0 baseline

@@ -200,9 +200,11 @@ def test_full_bagel_compiles_for_v5e_with_vae_frozen(v5e_devices):
 
 
 @pytest.mark.slow
-def test_tensor_pair_encodes_each_image_once(v5e_devices):
+@pytest.mark.parametrize("encode_scan", [False, True])
+def test_tensor_pair_encodes_each_image_once(v5e_devices, encode_scan):
     """With a tensor axis the two chips of a pair hold the same rows; the frozen VAE encoder must still run each
-    image once, split over the pair (before: both chips encoded the pair's images, +1× the encoder's FLOPs)."""
+    image once, split over the pair (before: both chips encoded the pair's images, +1× the encoder's FLOPs). With
+    ``encode_scan`` one slot of 2 rows does not split over fsdp 2 × tensor 2, so each step encodes 2 slots."""
     from bagel_jax.train import metrics
 
     hw = {}
@@ -210,7 +212,7 @@ def test_tensor_pair_encodes_each_image_once(v5e_devices):
         config = _tiny_config()
         config.parallel.update(data=1, fsdp=2, tensor=tensor)
         config.data.batch_size = 2
-        config.model.vae.encode = "masked"
+        config.model.vae.update(encode="masked", encode_scan=encode_scan)
         p = aot.plan(config, devices, "bagel")
         assert "oom" not in p, p.get("oom")
         hw[tensor] = p["hardware_flops"]

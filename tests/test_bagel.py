@@ -140,6 +140,31 @@ def test_encode_scan_equals_one_call(setup, packed_run):
         np.testing.assert_allclose(np.asarray(got[key]), out[key], atol=1e-5, rtol=1e-5, err_msg=key)
 
 
+def test_encode_scan_k_slots_per_step_equals_one_at_a_time(setup, packed_run):
+    """``encode_scan`` with k slots per step (what a tensor pair uses, so its chips split the step's images) gives
+    the moments of one slot per step, in the same [B·N] order."""
+    config, cfg, params, model = setup
+    docs, batch, per_doc, noise, out = packed_run
+    images = np.concatenate([np.asarray(batch.vae_images)] * 2)  # 2 rows
+    hw = np.concatenate([np.asarray(batch.vae_hw)] * 2)
+    images[1] = images[1, ::-1]  # the second row's slots in the other order: rows must not mix
+    hw[1] = hw[1, ::-1]
+    n = images.shape[1]
+    assert n % 2 == 0 and n > 2
+    got = {
+        k: jax.jit(lambda p, x, h, k=k: model.apply({"params": p}, x, h, False, k, method=Bagel._encode_slot_by_slot))(
+            params, images, hw
+        )
+        for k in (1, 2, n)
+    }
+    for k in (2, n):
+        for a, b in zip(got[k], got[1]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=f"k={k}")
+    real = np.asarray(hw).reshape(-1, 2)[:, 0] > 0
+    means = np.asarray(got[1][0])[real]
+    assert len(means) >= 2 and not all(np.allclose(m, means[0]) for m in means[1:])  # not one image everywhere
+
+
 def test_flat_mlp_equals_batched(setup, packed_run):
     """``model.mlp_tokens``: the MLPs (decoder and SigLIP) on [B·T, D] give the batched forward's outputs and
     gradients (fp32): only the layout XLA sees changes."""

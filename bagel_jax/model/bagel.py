@@ -35,6 +35,7 @@ token, so a sample's noise does not depend on where it is packed). Both can be g
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -184,15 +185,19 @@ class Bagel(nn.Module):
             x = _scatter_rows(x, batch.vit_slot, vit)
         return nn.with_logical_constraint(x, HIDDEN_AXES)
 
-    def _encode_slot_by_slot(self, images, hw, reference_padding: bool):
-        """``model.vae.encode_scan``: a ``scan`` over the N image slots, each step encoding slot i of every row
-        (sharded over the batch), so a chip holds the encoder activations of one image per local row instead of
-        N. Same (mean, logvar) [B·N, h, w, C] as the one-call encode."""
+    def _encode_slot_by_slot(self, images, hw, reference_padding: bool, k: int = 1):
+        """``model.vae.encode_scan``: a ``scan`` over the N image slots, ``k`` at a time, each step encoding those
+        slots of every row (sharded over the batch), so a chip holds the encoder activations of k images per local
+        row instead of N. ``k`` > 1 lets the step's B·k images split over a tensor (or sequence) pair, where B
+        alone would not (``scan_slots_per_step``). Same (mean, logvar) [B·N, h, w, C] as the one-call encode."""
         b, n = images.shape[:2]
         enc_hw = reference_hw(hw) if reference_padding else hw
-        slot_major = tuple(jnp.swapaxes(t, 0, 1) for t in (images, hw, enc_hw))  # [N, B, ...]
 
-        def one_slot(vae, carry, xs):
+        def steps_major(t):  # [B, N, ...] → [N/k, B·k, ...]: each row's k slots of a step side by side
+            t = t.reshape(b, n // k, k, *t.shape[2:])
+            return jnp.swapaxes(t, 0, 1).reshape(n // k, b * k, *t.shape[3:])
+
+        def one_step(vae, carry, xs):
             x, own_hw, x_hw = xs
             x = pixels_to_unit(x)
             if reference_padding:
@@ -201,9 +206,11 @@ class Bagel(nn.Module):
             moments = vae.encode(x, x_hw)
             return carry, tuple(nn.with_logical_constraint(t, VAE_IMAGE_AXES) for t in moments)
 
-        scan = nn.scan(one_slot, variable_broadcast="params", split_rngs={"params": False}, length=n)
-        _, (mean, logvar) = scan(self.vae, None, slot_major)  # [N, B, h, w, C]
-        return tuple(jnp.swapaxes(t, 0, 1).reshape(b * n, *t.shape[2:]) for t in (mean, logvar))
+        scan = nn.scan(one_step, variable_broadcast="params", split_rngs={"params": False}, length=n // k)
+        _, moments = scan(self.vae, None, tuple(steps_major(t) for t in (images, hw, enc_hw)))  # [N/k, B·k, ...]
+        return tuple(
+            jnp.swapaxes(t.reshape(n // k, b, k, *t.shape[2:]), 0, 1).reshape(b * n, *t.shape[2:]) for t in moments
+        )
 
     def encode_latents(self, batch: PackedBatch, rng=None, posterior_noise=None):
         """Clean normalised latent tokens of the row's images: float32[B, N, T, p²C] (frozen VAE).
@@ -213,11 +220,13 @@ class Bagel(nn.Module):
         """
         cfg = self.cfg
         b, n, hh, ww, c = batch.vae_images.shape
-        with _vae_images_on_batch_axes():
-            mode = resolve_encode(cfg.vae)
+        mode = resolve_encode(cfg.vae)
+        slot_by_slot = cfg.vae.encode_scan and mode == "masked"
+        k = scan_slots_per_step(b, n) if slot_by_slot else n
+        with _vae_images_on_batch_axes(b * k):  # the images of one encode call
             ref_pad = bool(cfg.vae.get("reference_padding", False))
-            if cfg.vae.encode_scan and mode == "masked":
-                mean, logvar = self._encode_slot_by_slot(batch.vae_images, batch.vae_hw, ref_pad)
+            if slot_by_slot:
+                mean, logvar = self._encode_slot_by_slot(batch.vae_images, batch.vae_hw, ref_pad, k)
             else:
                 images, hw = pixels_to_unit(batch.vae_images), batch.vae_hw
                 if ref_pad:
@@ -368,21 +377,41 @@ class Bagel(nn.Module):
 VAE_IMAGE_AXES = ("activation_batch", "activation_height", "activation_width", "activation_channels")
 
 
-def _vae_images_on_batch_axes():
-    """The logical rules in force with the VAE's image axes (``activation_images``, and ``activation_batch`` of the
-    encoder's inputs and outputs) split over every mesh axis: the rows' (data, fsdp) and also those the rows are
-    replicated over (tensor, sequence), so each chip encodes only its share of the images.
+def _image_axes(count: int) -> tuple[str, ...]:
+    """The mesh axes ``count`` images of one encode call split over: the rows' axes (``activation_batch``: data,
+    fsdp), then each of the axes the rows are replicated on (tensor, sequence) whose size still divides ``count``."""
+    axes = dict(nn.get_logical_axis_rules()).get("activation_batch")
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh is None or mesh.empty else dict(mesh.shape)
+    for spare in MESH_AXES:
+        wider = (*axes, spare)
+        if spare not in axes and sizes.get(spare, 1) > 1 and count % math.prod(sizes.get(a, 1) for a in wider) == 0:
+            axes = wider
+    return axes
+
+
+def scan_slots_per_step(rows: int, slots: int) -> int:
+    """Slots per step of ``encode_scan``: the fewest k dividing ``slots`` whose rows·k images split over every
+    mesh axis ``_image_axes`` can use (the 45K v6e plan: 32 rows on fsdp 32 × tensor 2 → k = 2), else 1."""
+    best = len(_image_axes(rows * slots))
+    return next((k for k in range(1, slots + 1) if slots % k == 0 and len(_image_axes(rows * k)) == best), 1)
+
+
+def _vae_images_on_batch_axes(count: int):
+    """The logical rules in force with the VAE's image axis (``activation_images``, and ``activation_batch`` of the
+    encoder's inputs and outputs) split over ``_image_axes(count)``, ``count`` = the images of one encode call:
+    each chip encodes only its share of the images.
 
     Without it every residual add of the encoder all-gathered the image batch (a 16 GiB [64·1024, 1024, 128] buffer
-    per chip for 64 rows of 1024² images); with the batch axes only, both chips of a tensor (or sequence) pair
-    encoded the same images: the frozen encoder's FLOPs and activations twice (docs/DESIGN_NOTES.md 50). The
-    latents are gathered back to the rows' sharding after the encode (one small all-gather)."""
+    per chip for 64 rows of 1024² images); with the rows' axes only, both chips of a tensor (or sequence) pair
+    encoded the same images, the frozen encoder's FLOPs twice (docs/DESIGN_NOTES.md 50). The rows are major in the
+    image axis, so the further split is a local slice of each chip's rows; the latents are gathered back to the
+    rows' sharding after the encode."""
+    axes = _image_axes(count)
     rules = tuple(nn.get_logical_axis_rules())
-    batch_axes = dict(rules).get("activation_batch")
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    image_axes = batch_axes + tuple(a for a in MESH_AXES if a not in batch_axes)
     return nn.logical_axis_rules(
-        tuple((k, image_axes if k in ("activation_images", "activation_batch") else v) for k, v in rules)
+        tuple((k, axes if k in ("activation_images", "activation_batch") else v) for k, v in rules)
     )
 
 
