@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from bagel_jax.attention.mask import MaskMeta
+from bagel_jax.parallel.rules import as_mesh_axes
 
 LOGICAL = dict(
     batch="activation_batch", length="activation_length", heads="activation_heads", kv_heads="activation_kv_heads"
@@ -37,7 +38,7 @@ def _rules():
 def _mesh_axes(mesh, rules, logical: str, dim: int) -> tuple[str, ...]:
     """Mesh axes (present, size > 1) that ``logical`` maps to, kept while their product divides ``dim``."""
     axes = rules.get(logical)
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = as_mesh_axes(axes)
     kept, size = [], 1
     for a in axes:
         n = mesh.shape.get(a, 1)

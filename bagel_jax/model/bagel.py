@@ -51,7 +51,7 @@ from bagel_jax.model.mot import HIDDEN_AXES, LanguageModel
 from bagel_jax.model.siglip import SiglipNaViT
 from bagel_jax.model.vae import FluxVAE, normalize_latent, patchify_latent
 from bagel_jax.model.vae_batch import encode_by_size, reference_hw, reference_padded, resolve_encode, zero_beyond
-from bagel_jax.parallel.rules import MESH_AXES
+from bagel_jax.parallel.rules import MESH_AXES, as_mesh_axes
 
 
 def shift_timestep(t, shift: float):
@@ -381,7 +381,7 @@ def _image_axes(count: int) -> tuple[str, ...]:
     """The mesh axes ``count`` images of one encode call split over: the rows' axes (``activation_batch``: data,
     fsdp), then each of the axes the rows are replicated on (tensor, sequence) whose size still divides ``count``."""
     axes = dict(nn.get_logical_axis_rules()).get("activation_batch")
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = as_mesh_axes(axes)
     mesh = jax.sharding.get_abstract_mesh()
     sizes = {} if mesh is None or mesh.empty else dict(mesh.shape)
     for spare in MESH_AXES:

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bagel_jax.parallel.rules import as_mesh_axes
+
 LENGTH_AXIS = "activation_length"
 
 
@@ -33,7 +35,7 @@ def length_shards(*lengths: int) -> int:
     if mesh is None or mesh.empty or mesh.manual_axes:
         return 1
     axes = dict(nn.get_logical_axis_rules()).get(LENGTH_AXIS)
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = as_mesh_axes(axes)
     n = math.prod(mesh.shape.get(a, 1) for a in axes)
     return n if n > 1 and all(t % n == 0 for t in lengths) else 1
 

@@ -28,7 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bagel_jax.config import ConfigError, check_devices
-from bagel_jax.parallel.rules import MESH_AXES, axis_rules
+from bagel_jax.parallel.rules import MESH_AXES, as_mesh_axes, axis_rules
 
 BATCH_AXIS = "activation_batch"  # logical name of the leading (row) dim of every batch array
 
@@ -111,7 +111,7 @@ def batch_shardings(batch: Any, mesh: Mesh, rules) -> Any:
 def batch_shards(mesh: Mesh, rules) -> int:
     """How many ways the batch (row) dim is split."""
     axes = batch_spec(rules)[0]
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    axes = as_mesh_axes(axes)
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 

@@ -45,6 +45,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
 )
 
 
+def as_mesh_axes(value) -> tuple[str, ...]:
+    """A rules-table value (None, one mesh axis, or a sequence of them) as a tuple of mesh axis names."""
+    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
 def axis_rules(overrides: dict | None = None) -> tuple[tuple[str, object], ...]:
     """The rules table, with ``overrides`` ({logical name: mesh axis or None}) replacing entries."""
     if not overrides:
