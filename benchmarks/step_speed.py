@@ -23,23 +23,21 @@ images only) and the MLPs on [B·T, D] (model/layers.py ``flat_mlp``). Times are
 shared: rerun for stable numbers; the printed CPU s/step (process CPU time, all threads) is less sensitive to other
 jobs.
 
-Measured (2-core CPU shared with other jobs, fp32, ``--steps 3``; the 96×3 / 4096 reference case ran while another
-process used the cores, so its 61.7 s, and that speed-up, are inflated: 256×4 / 4096 at 36 s bounds it better):
+Measured (2 idle cores, fp32, ``--impls auto --models 96x3,256x4,512x8 --steps 5``; "official" is the issue's
+side-by-side measurement of the PyTorch code on this CPU, 876- and 4030-token packs; docs/EXPERIMENTS.md):
 
-| model | pack (real tokens) | reference s/step | reference tokens/s | auto s/step | auto tokens/s | speed-up |
-|---|---|---|---|---|---|---|
-| 96×3 | 1024 (863) | 1.492 | 579 | 0.264 | 3273 | 5.7× |
-| 256×4 | 1024 (863) | 3.312 | 261 | 1.387 | 622 | 2.4× |
-| 96×3 | 4096 (3072) | 61.698 | 50 | 1.353 | 2270 | 45.6× |
-| 256×4 | 4096 (3072) | 35.980 | 85 | 4.295 | 715 | 8.4× |
+| model | pack (real tokens) | auto s/step | auto tokens/s | official tokens/s | ratio |
+|---|---|---|---|---|---|
+| 96×3 | 1024 (863) | 0.111 | 7784 | 4735 | 1.64× |
+| 256×4 | 1024 (863) | 0.300 | 2877 | 2576 | 1.12× |
+| 512×8 | 1024 (863) | 1.429 | 604 | 590 | 1.02× |
+| 96×3 | 4096 (3072) | 0.381 | 8063 | 3886 | 2.07× |
+| 256×4 | 4096 (3072) | 1.023 | 3002 | 2506 | 1.20× |
+| 512×8 | 4096 (3072) | 5.079 | 605 | 635 | 0.95× |
 
-With the VAE encode by size too (``reference`` then encoding the masked canvas; a CPU loaded by other jobs, load
-average 10–24): 96×3 / 1024: 12.546 → 0.734 s/step (17.1×, same run); 96×3 / 4096: 136.9 → 5.11 s/step, 27.76 →
-0.994 CPU s/step (27.9×, two runs). docs/EXPERIMENTS.md has the details.
-
-Before the VAE change, with ``auto`` the step was no longer dominated by attention: at 96×3 / 1024 the frozen VAE
-encode of the row's 16 image slots (12 real 48 px images) was ~0.1 s of the 0.26 s; at 256×4 the MoT matmuls (MLP
-4·H) dominate.
+Against the dense reference (a loaded CPU, an earlier run): 96×3 / 1024: 12.546 → 0.734 s/step (17.1×); 96×3 /
+4096: 27.76 → 0.994 CPU s/step (27.9×). At 512×8 the step is bound by the MoT matmuls, and a 4K row's 1024 padded
+slots (the tiny_repro budgets scaled) cost their share.
 """
 
 from __future__ import annotations
