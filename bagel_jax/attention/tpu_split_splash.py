@@ -4,9 +4,14 @@ Designed after jax's splash attention (block-sparse grid, scalar-prefetched bloc
 softmax), with two differences: the mask is evaluated per tile from O(L) metadata (mask.py) instead
 of a static mask or an L×L array, and the block map is computed per batch on device (block_map.py).
 
-Layout and grid. q, k, v and the outputs stay in their natural [B, L, H·hd] layout (head_dim padded
-to a multiple of 128); a block of q is ``[block_q, G·hd]``, all G = Hq/Hkv query heads of one kv head,
-so every K/V tile is read once per group. The grid is ``(Hkv, steps)`` where ``steps`` is the traced
+Layout and grid. q, k, v and the outputs stay in their natural [B, L, H·hd] layout; a block of q is
+``[block_q, c·G·hd]``, all G = Hq/Hkv query heads of c kv heads, so every K/V tile (``[block_kv, c·hd]``)
+is read once per group. With head_dim a multiple of 128, c = 1 and the query heads are a traced loop
+over 128-aligned lane slices. Otherwise ("head groups") c is the fewest kv heads whose lanes fill whole
+128-lane vregs (head_dim 72: c = 16, 1152 = 9·128 lanes) and the c·G query heads are a static loop over
+unaligned lane slices, so no head is padded; where no such c divides Hkv (or the group would be too
+wide), head_dim is zero-padded to a multiple of 128 in HBM as before. The grid is ``(Hkv/c, steps)``
+where ``steps`` is the traced
 number of visited blocks: the schedule (scalar-prefetched into SMEM) lists only non-empty blocks,
 plus one step for each q row (kv column) that has none, so its zeros are written. FULL blocks skip
 the mask, PARTIAL ones evaluate ``allowed`` from the metadata tiles; EMPTY blocks are never visited.
@@ -50,10 +55,34 @@ class _Config:
     block_q_bwd: int
     block_kv_bwd: int
     group: int  # query heads per kv head
-    head_dim: int  # padded to a multiple of 128
+    head_dim: int  # a multiple of 128 (padded if need be), or the true head_dim of a head-group layout
+    kv_heads_per_block: int  # c: kv heads per grid step (1 when head_dim is a multiple of 128)
     scale: float
     interpret: bool
     vmem_limit_bytes: int | None
+
+    @property
+    def packed(self) -> bool:
+        """Head groups: per-head lane slices are not 128-aligned, so the head loops are static."""
+        return self.head_dim % LANES != 0
+
+    @property
+    def heads(self) -> int:
+        """Query heads per block (c·G)."""
+        return self.kv_heads_per_block * self.group
+
+
+MAX_GROUP_LANES = 2048  # widest q block (c·G·hd lanes) of the head-group layout; wider ones pad head_dim
+
+
+def kv_heads_per_block(head_dim: int, group: int, kv_heads: int) -> int | None:
+    """c of the head-group layout: the fewest kv heads (a divisor of ``kv_heads``) whose c·head_dim lanes are a
+    multiple of 128, if their c·group query heads fit MAX_GROUP_LANES; None where head_dim must be padded.
+    1 for head_dim a multiple of 128 (the plain layout)."""
+    for c in range(1, kv_heads + 1):
+        if kv_heads % c == 0 and (c * head_dim) % LANES == 0:
+            return c if c == 1 or c * group * head_dim <= MAX_GROUP_LANES else None
+    return None
 
 
 def _dot(a, b, dims, precision):
@@ -63,6 +92,36 @@ def _dot(a, b, dims, precision):
 def _head_cols(t, hd: int):
     """Lane slice of query head ``t`` (traced) inside a [block, G·hd] tile."""
     return pl.ds(pl.multiple_of(t * hd, LANES), hd)
+
+
+def _cols(t: int, hd: int):
+    """Lane slice of head ``t`` (a Python int: head groups) inside a [block, n·hd] tile; unaligned, static."""
+    return pl.ds(t * hd, hd)
+
+
+def _for_heads(cfg: _Config, body):
+    """``body(t)`` for each query head of a block: a traced loop (aligned lanes) or a static one (head groups)."""
+    if cfg.packed:
+        for t in range(cfg.heads):
+            body(t)
+    else:
+        lax.fori_loop(0, cfg.heads, lambda t, carry: (body(t), carry)[1], 0)
+
+
+def _kv_tiles(cfg: _Config, k_ref, v_ref):
+    """``t -> (k, v)`` for query head t: the whole [bkv, hd] tiles (plain layout, loaded once), or the lanes of
+    kv head t // G in [bkv, c·hd] tiles (head groups)."""
+    if cfg.packed:
+        hd = cfg.head_dim
+        return lambda t: (k_ref[:, _cols(t // cfg.group, hd)], v_ref[:, _cols(t // cfg.group, hd)])
+    k, v = k_ref[...], v_ref[...]
+    return lambda t: (k, v)
+
+
+def _stat(cfg: _Config, t):
+    """Index of query head ``t``'s running max / sum: [bq, 128] lane-replicated rows of an [n, bq, 128] scratch,
+    or (head groups, many heads per block) column t of a [bq, ≥n] scratch, [bq, 1]."""
+    return (slice(None), pl.ds(t, 1)) if cfg.packed else t
 
 
 def _allowed(q_doc, q_index, q_hi, kv_doc, kv_index, kv_hi):
@@ -81,17 +140,17 @@ def _step_flags(steps_ref, key_fn):
 
 
 def _index_maps():
-    """Block index maps reading the scalar-prefetched schedule; grid = (kv head g, step s)."""
+    """Block index maps reading the scalar-prefetched schedule; grid = (kv-head block g, step s)."""
 
-    def q_rows(g, s, st):  # [B, Lq, Hq·hd] blocks of one q-head group
+    def q_rows(g, s, st):  # [B, Lq, Hq·hd] blocks of one q-head group (c·G heads)
         b, i, _, _ = block_map.unpack(st[s])
         return b, i, g
 
-    def kv_rows(g, s, st):  # [B, Lkv, Hkv·hd] blocks of one kv head
+    def kv_rows(g, s, st):  # [B, Lkv, Hkv·hd] blocks of c kv heads
         b, _, j, _ = block_map.unpack(st[s])
         return b, j, g
 
-    def q_stats(g, s, st):  # [B, Hkv, G, Lq]
+    def q_stats(g, s, st):  # [B, Hkv/c, c·G, Lq]
         b, i, _, _ = block_map.unpack(st[s])
         return b, g, 0, i
 
@@ -133,7 +192,8 @@ def _by_block_kind(kind, compute):
 def _fwd_kernel(
     steps_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg: _Config, precision
 ):
-    hd, group = cfg.head_dim, cfg.group
+    hd = cfg.head_dim
+    cols = _cols if cfg.packed else _head_cols
     step, first, last = _step_flags(steps_ref, block_map.row_key)
     kind = block_map.unpack(step)[3]
 
@@ -144,48 +204,54 @@ def _fwd_kernel(
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
     def compute(masked: bool):
-        k, v = k_ref[...], v_ref[...]
+        kv = _kv_tiles(cfg, k_ref, v_ref)
         if masked:
             mask = _row_tile_mask(qm_ref, km_ref)
 
-        def head(t, carry):
-            s = _dot(q_ref[:, _head_cols(t, hd)], k, NT, precision) * cfg.scale
+        def head(t):
+            k, v = kv(t)
+            s = _dot(q_ref[:, cols(t, hd)], k, NT, precision) * cfg.scale
             if masked:
                 s = jnp.where(mask, s, MASK_VALUE)
-            m_prev, l_prev = m_scr[t], l_scr[t]  # [bq, 128], lane-replicated
+            m_prev, l_prev = m_scr[_stat(cfg, t)], l_scr[_stat(cfg, t)]  # [bq, 128] lane-replicated, or [bq, 1]
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
             p = jnp.exp(s - m_next[:, :1])
             alpha = jnp.exp(m_prev - m_next)
-            l_scr[t] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
-            m_scr[t] = m_next
+            l_scr[_stat(cfg, t)] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+            m_scr[_stat(cfg, t)] = m_next
             pv = _dot(p.astype(v.dtype), v, NN, precision)
             acc_scr[t] = alpha[:, :1] * acc_scr[t] + pv
-            return carry
 
-        lax.fori_loop(0, group, head, 0)
+        _for_heads(cfg, head)
 
     _by_block_kind(kind, compute)
 
     @pl.when(last)
     def _finish():
-        def head(t, carry):
-            m, l = m_scr[t][:, :1], l_scr[t][:, :1]
+        def head(t):
+            m, l = m_scr[_stat(cfg, t)][:, :1], l_scr[_stat(cfg, t)][:, :1]
             seen = m > 0.5 * MASK_VALUE  # at least one allowed key
             safe_l = jnp.where(seen, l, 1.0)
             o = jnp.where(seen, acc_scr[t] / safe_l, 0.0)
-            o_ref[:, _head_cols(t, hd)] = o.astype(o_ref.dtype)
+            o_ref[:, cols(t, hd)] = o.astype(o_ref.dtype)
             lse = jnp.where(seen, m + jnp.log(safe_l), NO_KEY_LSE)
             lse_ref[pl.ds(t, 1), :] = lse[:, 0][None, :]
-            return carry
 
-        lax.fori_loop(0, group, head, 0)
+        _for_heads(cfg, head)
+
+
+def _stat_scratch(cfg: _Config, bq: int):
+    """Running max / sum of the forward pass: [n, bq, 128] lane-replicated, or [bq, ≥n] (head groups)."""
+    n = cfg.heads
+    return pltpu.VMEM((bq, round_up(n, LANES)) if cfg.packed else (n, bq, LANES), jnp.float32)
 
 
 def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
-    """q [B, Lq, Hq·hd], k/v [B, Lkv, Hkv·hd] → out like q, lse f32[B, Hkv, G, Lq]."""
+    """q [B, Lq, Hq·hd], k/v [B, Lkv, Hkv·hd] → out like q, lse f32[B, Hkv/c, c·G, Lq]."""
     b, lq, _ = q.shape
-    hkv = k.shape[-1] // cfg.head_dim
-    bq, bkv, hd, g = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.group
+    hkv = k.shape[-1] // cfg.head_dim // cfg.kv_heads_per_block  # kv-head blocks
+    bq, bkv, hd, g = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.heads
+    chd = cfg.kv_heads_per_block * hd
     q_rows, kv_rows, q_stats, q_meta, kv_meta = _index_maps()
     kernel = functools.partial(_fwd_kernel, cfg=cfg, precision=matmul_precision(q.dtype))
     out, lse = pl.pallas_call(
@@ -195,8 +261,8 @@ def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
             grid=(hkv, count),
             in_specs=[
                 pl.BlockSpec((None, bq, g * hd), q_rows),
-                pl.BlockSpec((None, bkv, hd), kv_rows),
-                pl.BlockSpec((None, bkv, hd), kv_rows),
+                pl.BlockSpec((None, bkv, chd), kv_rows),
+                pl.BlockSpec((None, bkv, chd), kv_rows),
                 pl.BlockSpec((None, 4, bq), q_meta),
                 pl.BlockSpec((None, 4, bkv), kv_meta),
             ],
@@ -205,8 +271,8 @@ def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
                 pl.BlockSpec((None, None, g, bq), q_stats),
             ],
             scratch_shapes=[
-                pltpu.VMEM((g, bq, LANES), jnp.float32),
-                pltpu.VMEM((g, bq, LANES), jnp.float32),
+                _stat_scratch(cfg, bq),
+                _stat_scratch(cfg, bq),
                 pltpu.VMEM((g, bq, hd), jnp.float32),
             ],
         ),
@@ -225,7 +291,8 @@ def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
 def _dq_kernel(
     steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, km_ref, dq_ref, dq_scr, *, cfg: _Config, precision
 ):
-    hd, group = cfg.head_dim, cfg.group
+    hd = cfg.head_dim
+    head_cols = _cols if cfg.packed else _head_cols
     step, first, last = _step_flags(steps_ref, block_map.row_key)
     kind = block_map.unpack(step)[3]
 
@@ -234,12 +301,13 @@ def _dq_kernel(
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
     def compute(masked: bool):
-        k, v = k_ref[...], v_ref[...]
+        kv = _kv_tiles(cfg, k_ref, v_ref)
         if masked:
             mask = _row_tile_mask(qm_ref, km_ref)
 
-        def head(t, carry):
-            cols = _head_cols(t, hd)
+        def head(t):
+            k, v = kv(t)
+            cols = head_cols(t, hd)
             s = _dot(q_ref[:, cols], k, NT, precision) * cfg.scale
             if masked:
                 s = jnp.where(mask, s, MASK_VALUE)
@@ -247,19 +315,17 @@ def _dq_kernel(
             dp = _dot(do_ref[:, cols], v, NT, precision)
             ds = p * (dp - di_ref[pl.ds(t, 1), :][0][:, None])
             dq_scr[t] = dq_scr[t] + _dot(ds.astype(k.dtype), k, NN, precision)
-            return carry
 
-        lax.fori_loop(0, group, head, 0)
+        _for_heads(cfg, head)
 
     _by_block_kind(kind, compute)
 
     @pl.when(last)
     def _finish():
-        def head(t, carry):
-            dq_ref[:, _head_cols(t, hd)] = (dq_scr[t] * cfg.scale).astype(dq_ref.dtype)
-            return carry
+        def head(t):
+            dq_ref[:, head_cols(t, hd)] = (dq_scr[t] * cfg.scale).astype(dq_ref.dtype)
 
-        lax.fori_loop(0, group, head, 0)
+        _for_heads(cfg, head)
 
 
 def _dkv_kernel(
@@ -290,7 +356,6 @@ def _dkv_kernel(
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
     def compute(masked: bool):
-        k, v = k_ref[...], v_ref[...]
         if masked:  # transposed tile: kv along sublanes, q along lanes
             mask = _allowed(
                 qm_ref[0:1, :],
@@ -301,9 +366,9 @@ def _dkv_kernel(
                 km_ref[3][:, None],
             )
 
-        def head(t, carry):
+        def head(t, carry, k, v):
             dk, dv = carry
-            cols = _head_cols(t, hd)
+            cols = _cols(t, hd) if cfg.packed else _head_cols(t, hd)
             q, do = q_ref[:, cols], do_ref[:, cols]
             s = _dot(k, q, NT, precision) * cfg.scale  # [bkv, bq]
             if masked:
@@ -315,20 +380,37 @@ def _dkv_kernel(
             dk = dk + _dot(ds.astype(q.dtype), q, NN, precision)
             return dk, dv
 
-        dk_scr[...], dv_scr[...] = lax.fori_loop(0, group, head, (dk_scr[...], dv_scr[...]))
+        if cfg.packed:  # kv head j of the block gathers its G query heads j·G … j·G + G - 1
+            for j in range(cfg.kv_heads_per_block):
+                k, v = k_ref[:, _cols(j, hd)], v_ref[:, _cols(j, hd)]
+                carry = dk_scr[j], dv_scr[j]
+                for t in range(j * group, (j + 1) * group):
+                    carry = head(t, carry, k, v)
+                dk_scr[j], dv_scr[j] = carry
+        else:
+            k, v = k_ref[...], v_ref[...]
+            dk_scr[...], dv_scr[...] = lax.fori_loop(
+                0, group, lambda t, carry: head(t, carry, k, v), (dk_scr[...], dv_scr[...])
+            )
 
     _by_block_kind(kind, compute)
 
     @pl.when(last)
     def _finish():
-        dk_ref[...] = (dk_scr[...] * cfg.scale).astype(dk_ref.dtype)
-        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+        if cfg.packed:
+            for j in range(cfg.kv_heads_per_block):
+                dk_ref[:, _cols(j, hd)] = (dk_scr[j] * cfg.scale).astype(dk_ref.dtype)
+                dv_ref[:, _cols(j, hd)] = dv_scr[j].astype(dv_ref.dtype)
+        else:
+            dk_ref[...] = (dk_scr[...] * cfg.scale).astype(dk_ref.dtype)
+            dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
 def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
     b, lq, _ = q.shape
-    hkv = k.shape[-1] // cfg.head_dim
-    bq, bkv, hd, g = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.head_dim, cfg.group
+    c = cfg.kv_heads_per_block
+    hkv = k.shape[-1] // cfg.head_dim // c  # kv-head blocks
+    bq, bkv, hd, g = cfg.block_q_bwd, cfg.block_kv_bwd, cfg.head_dim, cfg.heads
     di = jnp.sum(
         out.astype(jnp.float32).reshape(b, lq, hkv, g, hd) * do.astype(jnp.float32).reshape(b, lq, hkv, g, hd), axis=-1
     ).transpose(0, 2, 3, 1)
@@ -336,8 +418,8 @@ def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
     precision = matmul_precision(q.dtype)
     in_specs = [
         pl.BlockSpec((None, bq, g * hd), q_rows),
-        pl.BlockSpec((None, bkv, hd), kv_rows),
-        pl.BlockSpec((None, bkv, hd), kv_rows),
+        pl.BlockSpec((None, bkv, c * hd), kv_rows),
+        pl.BlockSpec((None, bkv, c * hd), kv_rows),
         pl.BlockSpec((None, bq, g * hd), q_rows),
         pl.BlockSpec((None, None, g, bq), q_stats),
         pl.BlockSpec((None, None, g, bq), q_stats),
@@ -345,6 +427,7 @@ def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
         pl.BlockSpec((None, 4, bkv), kv_meta),
     ]
     args = (q, k, v, do, lse, di, qm, km)
+    dkv_scratch = (c, bkv, hd) if cfg.packed else (bkv, hd)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -365,8 +448,8 @@ def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
             num_scalar_prefetch=1,
             grid=(hkv, dkv_sched.count),
             in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, bkv, hd), kv_rows), pl.BlockSpec((None, bkv, hd), kv_rows)],
-            scratch_shapes=[pltpu.VMEM((bkv, hd), jnp.float32), pltpu.VMEM((bkv, hd), jnp.float32)],
+            out_specs=[pl.BlockSpec((None, bkv, c * hd), kv_rows), pl.BlockSpec((None, bkv, c * hd), kv_rows)],
+            scratch_shapes=[pltpu.VMEM(dkv_scratch, jnp.float32), pltpu.VMEM(dkv_scratch, jnp.float32)],
         ),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_compiler_params(cfg),
@@ -417,6 +500,7 @@ def split_splash_attention(
     block_kv_bwd: int | None = None,
     interpret: bool = False,
     vmem_limit_bytes: int | None = None,
+    pad_head_dim: bool = False,
 ):
     """Split-wise masked attention with GQA as a block-sparse Pallas TPU kernel (differentiable).
 
@@ -428,10 +512,13 @@ def split_splash_attention(
       block_q_bwd, block_kv_bwd: tile sizes of the dq / dkv passes (default: the forward ones).
       interpret: run the Pallas kernels in interpret mode (CPU tests).
       vmem_limit_bytes: scoped VMEM limit handed to Mosaic (default: the compiler's).
+      pad_head_dim: zero-pad head_dim to a multiple of 128 even where head groups would avoid it (the
+        padded layout, kept as the oracle and for comparison).
 
     Returns:
       [B, Lq, Hq, hd] in q's dtype; queries with no allowed key give zeros. Sequences are zero-padded
-      to the block sizes and head_dim to a multiple of 128 internally.
+      to the block sizes internally; head_dim only where it is not a multiple of 128 and no head group
+      fits (``kv_heads_per_block``), or with ``pad_head_dim``.
     """
     kv_meta = q_meta if kv_meta is None else kv_meta
     check_inputs(q, k, v, q_meta, kv_meta)
@@ -454,14 +541,17 @@ def split_splash_attention(
     bkv, bkv_bwd = min(block_kv, lkv_128), min(block_kv_bwd, lkv_128)
     lq_p = round_up(lq, math.lcm(bq, bq_bwd))
     lkv_p = round_up(lkv, math.lcm(bkv, bkv_bwd))
-    hd_p = round_up(hd, LANES)
+    group = hq // hkv
+    c = None if pad_head_dim else kv_heads_per_block(hd, group, hkv)
+    hd_p, c = (hd, c) if c is not None else (round_up(hd, LANES), 1)
     cfg = _Config(
         block_q=bq,
         block_kv=bkv,
         block_q_bwd=bq_bwd,
         block_kv_bwd=bkv_bwd,
-        group=hq // hkv,
+        group=group,
         head_dim=hd_p,
+        kv_heads_per_block=c,
         scale=scale,
         interpret=bool(interpret),
         vmem_limit_bytes=vmem_limit_bytes,
