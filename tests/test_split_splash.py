@@ -26,7 +26,7 @@ from jax.sharding import AxisType
 from bagel_jax.attention import attention, block_map
 from bagel_jax.attention.gpu import gpu_attention
 from bagel_jax.attention.mask import CAUSAL, FULL, MODES, NOISE, MaskMeta, Split, metadata_from_splits
-from bagel_jax.attention.tpu_split_splash import split_splash_attention
+from bagel_jax.attention.tpu_split_splash import kv_heads_per_block, split_splash_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("doc", "index", "q_hi", "kv_hi")
@@ -236,6 +236,52 @@ def test_tpu_kernel_odd_shapes_and_separate_backward_blocks():
     )
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
         assert_close(got, want, 1e-5, 1e-5, name)
+
+
+@settings(max_examples=2, **SETTINGS)
+@given(
+    rows=st.lists(st.sampled_from(["sorted", "shuffled"]).flatmap(lambda o: packed_row(256, o)), min_size=1, max_size=1),
+    seed=st.integers(0, 100),
+    heads=st.sampled_from([(16, 16, 72), (8, 4, 96)]),
+)
+def test_tpu_kernel_head_groups_match_reference(rows, seed, heads):
+    """head_dim not a multiple of 128, unpadded: SigLIP's 16 heads × 72 (c = 16 kv heads per block, 1152 lanes)
+    and GQA 8 / 4 × 96 (c = 4, G = 2). The 4 / 2 × 64 tests above are head groups too (c = 2); the 3 / 1 × 72 one
+    (no c divides 1 kv head) is the padded fallback."""
+    hq, hkv, hd = heads
+    q, k, v, do = random_qkv(seed, 1, 256, 256, hq, hkv, hd)
+    check_against_reference(q, k, v, do, to_meta(rows), "tpu", TPU)
+
+
+def test_kv_heads_per_block():
+    """The fewest kv heads whose lanes are whole vregs, within MAX_GROUP_LANES; 1 for aligned head_dim; else None."""
+    assert kv_heads_per_block(128, 7, 1) == 1 and kv_heads_per_block(256, 1, 4) == 1
+    assert kv_heads_per_block(72, 1, 16) == 16  # SigLIP so400m: 1152 = 9 × 128 lanes
+    assert kv_heads_per_block(64, 2, 2) == 2 and kv_heads_per_block(96, 2, 4) == 4 and kv_heads_per_block(80, 1, 8) == 8
+    assert kv_heads_per_block(72, 1, 32) == 16  # the fewest, not all
+    assert kv_heads_per_block(72, 1, 4) is None  # 16 does not divide 4 (e.g. SigLIP split 4-way by heads)
+    assert kv_heads_per_block(80, 1, 12) is None  # 8 does not divide 12
+    assert kv_heads_per_block(72, 2, 16) is None  # 16 · 2 · 72 = 2304 lanes > MAX_GROUP_LANES
+
+
+@pytest.mark.parametrize(
+    "hq, hkv, hd, pad, lanes",
+    [(16, 16, 72, False, 16 * 72), (16, 16, 72, True, 16 * 128), (16, 8, 80, False, 16 * 80), (3, 1, 72, False, 384)],
+)
+def test_head_groups_do_not_pad_head_dim(hq, hkv, hd, pad, lanes):
+    """The kernels read q as [B, L, Hq·hd] (no zero lanes) with head groups; [B, L, Hq·128] padded."""
+    meta = to_meta([metadata_from_splits([Split(1, FULL, 128)])])
+    q, k, v, do = random_qkv(0, 1, 128, 128, hq, hkv, hd)
+
+    def f(q, k, v):
+        return split_splash_attention(q, k, v, meta, interpret=True, block_q=128, block_kv=128, pad_head_dim=pad)
+
+    jaxpr = jax.make_jaxpr(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))(q, k, v, do)
+    calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]  # fwd, dq, dkv
+    assert len(calls) == 3
+    for e in calls:  # operands: step count, schedule, q, k, ...
+        assert e.invars[2].aval.shape == (1, 128, lanes)
+        assert e.invars[3].aval.shape == (1, 128, lanes // (hq // hkv))
 
 
 def test_padding_gives_zeros_and_empty_blocks_are_never_read():
