@@ -240,7 +240,9 @@ def test_tpu_kernel_odd_shapes_and_separate_backward_blocks():
 
 @settings(max_examples=2, **SETTINGS)
 @given(
-    rows=st.lists(st.sampled_from(["sorted", "shuffled"]).flatmap(lambda o: packed_row(256, o)), min_size=1, max_size=1),
+    rows=st.lists(
+        st.sampled_from(["sorted", "shuffled"]).flatmap(lambda o: packed_row(256, o)), min_size=1, max_size=1
+    ),
     seed=st.integers(0, 100),
     heads=st.sampled_from([(16, 16, 72), (8, 4, 96)]),
 )
