@@ -73,16 +73,42 @@ class _Config:
 
 
 MAX_GROUP_LANES = 2048  # widest q block (c·G·hd lanes) of the head-group layout; wider ones pad head_dim
+MAX_GROUP_HEADS = 32  # most query heads per block (c·G, each unrolled in the kernels); more pad head_dim
+VMEM_BUDGET = 16 << 20  # the smallest default scoped VMEM limit (v4 / v5e / v5p): head-group tiles must fit it
 
 
 def kv_heads_per_block(head_dim: int, group: int, kv_heads: int) -> int | None:
     """c of the head-group layout: the fewest kv heads (a divisor of ``kv_heads``) whose c·head_dim lanes are a
-    multiple of 128, if their c·group query heads fit MAX_GROUP_LANES; None where head_dim must be padded.
-    1 for head_dim a multiple of 128 (the plain layout)."""
+    multiple of 128, if their c·group query heads fit MAX_GROUP_LANES and MAX_GROUP_HEADS; None where head_dim
+    must be padded. 1 for head_dim a multiple of 128 (the plain layout)."""
     for c in range(1, kv_heads + 1):
         if kv_heads % c == 0 and (c * head_dim) % LANES == 0:
-            return c if c == 1 or c * group * head_dim <= MAX_GROUP_LANES else None
+            fits = c * group * head_dim <= MAX_GROUP_LANES and c * group <= MAX_GROUP_HEADS
+            return c if c == 1 or fits else None
     return None
+
+
+def tile_vmem_bytes(bq: int, bkv: int, q_lanes: int, kv_lanes: int, itemsize: int, backward: bool) -> int:
+    """Upper estimate of one pass's VMEM: double-buffered q-side [bq, q_lanes] and kv-side [bkv, kv_lanes] tiles
+    in the input dtype, the f32 accumulators and the f32 [bq, bkv] temporaries (forward: s, p; dq and dkv: s, p,
+    dp, ds; the larger of the two backward kernels)."""
+    q_tile, kv_tile, scores = bq * q_lanes * itemsize, bkv * kv_lanes * itemsize, 4 * bq * bkv
+    if not backward:  # q, o | k, v; acc, max, sum
+        return 2 * (2 * q_tile + 2 * kv_tile) + 4 * bq * (q_lanes + 2 * LANES) + 2 * scores
+    dq = 2 * (3 * q_tile + 2 * kv_tile) + 4 * bq * q_lanes  # q, do, dq | k, v; acc
+    dkv = 2 * (2 * q_tile + 4 * kv_tile) + 2 * 4 * bkv * kv_lanes  # q, do | k, v, dk, dv; 2 acc
+    return max(dq, dkv) + 4 * scores
+
+
+def fit_blocks(bq: int, bkv: int, q_lanes: int, kv_lanes: int, itemsize: int, backward: bool, budget: int):
+    """(bq, bkv) halved (the larger first, multiples of 128) until ``tile_vmem_bytes`` fits ``budget``; None if
+    even 128 × 128 does not."""
+    while tile_vmem_bytes(bq, bkv, q_lanes, kv_lanes, itemsize, backward) > budget:
+        if bq == bkv == LANES:
+            return None
+        half = lambda b: max(LANES, b // 2 // LANES * LANES)  # noqa: E731
+        bq, bkv = (half(bq), bkv) if bq > bkv else (bq, half(bkv)) if bkv > bq else (half(bq), half(bkv))
+    return bq, bkv
 
 
 def _dot(a, b, dims, precision):
@@ -116,6 +142,18 @@ def _kv_tiles(cfg: _Config, k_ref, v_ref):
         return lambda t: (k_ref[:, _cols(t // cfg.group, hd)], v_ref[:, _cols(t // cfg.group, hd)])
     k, v = k_ref[...], v_ref[...]
     return lambda t: (k, v)
+
+
+def _acc(cfg: _Config, t):
+    """Index of head ``t``'s f32 accumulator: [rows, hd] of an [n, rows, hd] scratch, or (head groups) lanes
+    t·hd … t·hd + hd of a [rows, n·hd] one (as dense as the output tile, no per-head lane padding)."""
+    return (slice(None), _cols(t, cfg.head_dim)) if cfg.packed else t
+
+
+def _acc_scratch(cfg: _Config, rows: int, n: int):
+    """f32 accumulators of ``n`` heads: [n, rows, hd], or (head groups) [rows, n·hd]."""
+    hd = cfg.head_dim
+    return pltpu.VMEM((rows, n * hd) if cfg.packed else (n, rows, hd), jnp.float32)
 
 
 def _stat(cfg: _Config, t):
@@ -220,7 +258,7 @@ def _fwd_kernel(
             l_scr[_stat(cfg, t)] = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
             m_scr[_stat(cfg, t)] = m_next
             pv = _dot(p.astype(v.dtype), v, NN, precision)
-            acc_scr[t] = alpha[:, :1] * acc_scr[t] + pv
+            acc_scr[_acc(cfg, t)] = alpha[:, :1] * acc_scr[_acc(cfg, t)] + pv
 
         _for_heads(cfg, head)
 
@@ -232,7 +270,7 @@ def _fwd_kernel(
             m, l = m_scr[_stat(cfg, t)][:, :1], l_scr[_stat(cfg, t)][:, :1]
             seen = m > 0.5 * MASK_VALUE  # at least one allowed key
             safe_l = jnp.where(seen, l, 1.0)
-            o = jnp.where(seen, acc_scr[t] / safe_l, 0.0)
+            o = jnp.where(seen, acc_scr[_acc(cfg, t)] / safe_l, 0.0)
             o_ref[:, cols(t, hd)] = o.astype(o_ref.dtype)
             lse = jnp.where(seen, m + jnp.log(safe_l), NO_KEY_LSE)
             lse_ref[pl.ds(t, 1), :] = lse[:, 0][None, :]
@@ -273,7 +311,7 @@ def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
             scratch_shapes=[
                 _stat_scratch(cfg, bq),
                 _stat_scratch(cfg, bq),
-                pltpu.VMEM((g, bq, hd), jnp.float32),
+                _acc_scratch(cfg, bq, g),
             ],
         ),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hkv, g, lq), jnp.float32)],
@@ -314,7 +352,7 @@ def _dq_kernel(
             p = jnp.exp(s - lse_ref[pl.ds(t, 1), :][0][:, None])
             dp = _dot(do_ref[:, cols], v, NT, precision)
             ds = p * (dp - di_ref[pl.ds(t, 1), :][0][:, None])
-            dq_scr[t] = dq_scr[t] + _dot(ds.astype(k.dtype), k, NN, precision)
+            dq_scr[_acc(cfg, t)] = dq_scr[_acc(cfg, t)] + _dot(ds.astype(k.dtype), k, NN, precision)
 
         _for_heads(cfg, head)
 
@@ -323,7 +361,7 @@ def _dq_kernel(
     @pl.when(last)
     def _finish():
         def head(t):
-            dq_ref[:, head_cols(t, hd)] = (dq_scr[t] * cfg.scale).astype(dq_ref.dtype)
+            dq_ref[:, head_cols(t, hd)] = (dq_scr[_acc(cfg, t)] * cfg.scale).astype(dq_ref.dtype)
 
         _for_heads(cfg, head)
 
@@ -383,10 +421,10 @@ def _dkv_kernel(
         if cfg.packed:  # kv head j of the block gathers its G query heads j·G … j·G + G - 1
             for j in range(cfg.kv_heads_per_block):
                 k, v = k_ref[:, _cols(j, hd)], v_ref[:, _cols(j, hd)]
-                carry = dk_scr[j], dv_scr[j]
+                carry = dk_scr[_acc(cfg, j)], dv_scr[_acc(cfg, j)]
                 for t in range(j * group, (j + 1) * group):
                     carry = head(t, carry, k, v)
-                dk_scr[j], dv_scr[j] = carry
+                dk_scr[_acc(cfg, j)], dv_scr[_acc(cfg, j)] = carry
         else:
             k, v = k_ref[...], v_ref[...]
             dk_scr[...], dv_scr[...] = lax.fori_loop(
@@ -399,8 +437,8 @@ def _dkv_kernel(
     def _finish():
         if cfg.packed:
             for j in range(cfg.kv_heads_per_block):
-                dk_ref[:, _cols(j, hd)] = (dk_scr[j] * cfg.scale).astype(dk_ref.dtype)
-                dv_ref[:, _cols(j, hd)] = dv_scr[j].astype(dv_ref.dtype)
+                dk_ref[:, _cols(j, hd)] = (dk_scr[_acc(cfg, j)] * cfg.scale).astype(dk_ref.dtype)
+                dv_ref[:, _cols(j, hd)] = dv_scr[_acc(cfg, j)].astype(dv_ref.dtype)
         else:
             dk_ref[...] = (dk_scr[...] * cfg.scale).astype(dk_ref.dtype)
             dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
@@ -427,7 +465,7 @@ def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
         pl.BlockSpec((None, 4, bkv), kv_meta),
     ]
     args = (q, k, v, do, lse, di, qm, km)
-    dkv_scratch = (c, bkv, hd) if cfg.packed else (bkv, hd)
+    dkv_scratch = [pltpu.VMEM((bkv, hd), jnp.float32), pltpu.VMEM((bkv, hd), jnp.float32)]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -435,7 +473,7 @@ def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
             grid=(hkv, dq_sched.count),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((None, bq, g * hd), q_rows),
-            scratch_shapes=[pltpu.VMEM((g, bq, hd), jnp.float32)],
+            scratch_shapes=[_acc_scratch(cfg, bq, g)],
         ),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(cfg),
@@ -449,7 +487,7 @@ def _backward(cfg: _Config, q, k, v, qm, km, out, lse, do, dq_sched, dkv_sched):
             grid=(hkv, dkv_sched.count),
             in_specs=in_specs,
             out_specs=[pl.BlockSpec((None, bkv, c * hd), kv_rows), pl.BlockSpec((None, bkv, c * hd), kv_rows)],
-            scratch_shapes=[pltpu.VMEM(dkv_scratch, jnp.float32), pltpu.VMEM(dkv_scratch, jnp.float32)],
+            scratch_shapes=[_acc_scratch(cfg, bkv, c), _acc_scratch(cfg, bkv, c)] if cfg.packed else dkv_scratch,
         ),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_compiler_params(cfg),
@@ -486,6 +524,12 @@ _core.defvjp(_core_fwd, _core_bwd)
 # public entry
 
 
+def _smem_bytes(bsz: int, lq: int, lkv: int, bq: int, bkv: int, bq_bwd: int, bkv_bwd: int) -> int:
+    """Bytes of the largest schedule (one int32 per block of every row) on the sequences padded to the blocks."""
+    lq_p, lkv_p = round_up(lq, math.lcm(bq, bq_bwd)), round_up(lkv, math.lcm(bkv, bkv_bwd))
+    return 4 * bsz * max((lq_p // bq) * (lkv_p // bkv), (lq_p // bq_bwd) * (lkv_p // bkv_bwd))
+
+
 def split_splash_attention(
     q,
     k,
@@ -511,7 +555,8 @@ def split_splash_attention(
       block_q, block_kv: tile sizes of the forward pass (multiples of 128; clipped to the padded length).
       block_q_bwd, block_kv_bwd: tile sizes of the dq / dkv passes (default: the forward ones).
       interpret: run the Pallas kernels in interpret mode (CPU tests).
-      vmem_limit_bytes: scoped VMEM limit handed to Mosaic (default: the compiler's).
+      vmem_limit_bytes: scoped VMEM limit handed to Mosaic (default: the compiler's). With head groups a
+        pass's blocks are halved (down to 128) until its tiles fit it (default VMEM_BUDGET, 16 MiB).
       pad_head_dim: zero-pad head_dim to a multiple of 128 even where head groups would avoid it (the
         padded layout, kept as the oracle and for comparison).
 
@@ -539,11 +584,19 @@ def split_splash_attention(
     lq_128, lkv_128 = round_up(lq, LANES), round_up(lkv, LANES)
     bq, bq_bwd = min(block_q, lq_128), min(block_q_bwd, lq_128)
     bkv, bkv_bwd = min(block_kv, lkv_128), min(block_kv_bwd, lkv_128)
-    lq_p = round_up(lq, math.lcm(bq, bq_bwd))
-    lkv_p = round_up(lkv, math.lcm(bkv, bkv_bwd))
     group = hq // hkv
     c = None if pad_head_dim else kv_heads_per_block(hd, group, hkv)
+    if c is not None and c > 1:  # head groups: c·G heads per tile, so fit the tiles to VMEM
+        budget = VMEM_BUDGET if vmem_limit_bytes is None else vmem_limit_bytes
+        lanes = (c * group * hd, c * hd, jnp.dtype(q.dtype).itemsize)
+        fwd, bwd = fit_blocks(bq, bkv, *lanes, False, budget), fit_blocks(bq_bwd, bkv_bwd, *lanes, True, budget)
+        if fwd is None or bwd is None or _smem_bytes(bsz, lq, lkv, *fwd, *bwd) > SMEM_BYTES - (64 << 10):
+            c = None  # pad head_dim rather than fail on smaller blocks' schedules
+        else:
+            (bq, bkv), (bq_bwd, bkv_bwd) = fwd, bwd
     hd_p, c = (hd, c) if c is not None else (round_up(hd, LANES), 1)
+    lq_p = round_up(lq, math.lcm(bq, bq_bwd))
+    lkv_p = round_up(lkv, math.lcm(bkv, bkv_bwd))
     cfg = _Config(
         block_q=bq,
         block_kv=bkv,
@@ -562,7 +615,7 @@ def split_splash_attention(
         return x.reshape(x.shape[0], length, x.shape[2] * hd_p)
 
     if not interpret:
-        smem = 4 * bsz * max((lq_p // bq) * (lkv_p // bkv), (lq_p // bq_bwd) * (lkv_p // bkv_bwd))
+        smem = _smem_bytes(bsz, lq, lkv, bq, bkv, bq_bwd, bkv_bwd)
         if smem > SMEM_BYTES - (64 << 10):
             raise ValueError(
                 f"attention schedule needs {smem >> 10} KiB of TPU scalar memory (SMEM, 1 MiB): "
