@@ -8,9 +8,10 @@ Layout and grid. q, k, v and the outputs stay in their natural [B, L, H·hd] lay
 ``[block_q, c·G·hd]``, all G = Hq/Hkv query heads of c kv heads, so every K/V tile (``[block_kv, c·hd]``)
 is read once per group. With head_dim a multiple of 128, c = 1 and the query heads are a traced loop
 over 128-aligned lane slices. Otherwise ("head groups") c is the fewest kv heads whose lanes fill whole
-128-lane vregs (head_dim 72: c = 16, 1152 = 9·128 lanes) and the c·G query heads are a static loop over
-unaligned lane slices, so no head is padded; where no such c divides Hkv (or the group would be too
-wide), head_dim is zero-padded to a multiple of 128 in HBM as before. The grid is ``(Hkv/c, steps)``
+128-lane vregs (head_dim 72: c = 16, 1152 = 9·128 lanes), or all Hkv heads where no such c divides Hkv
+(a block as wide as the array), and the c·G query heads are a static loop over unaligned lane slices,
+so no head is padded; where the group would be too wide for the VMEM, head_dim is zero-padded to a
+multiple of 128 in HBM as before. The grid is ``(Hkv/c, steps)``
 where ``steps`` is the traced
 number of visited blocks: the schedule (scalar-prefetched into SMEM) lists only non-empty blocks,
 plus one step for each q row (kv column) that has none, so its zeros are written. FULL blocks skip
@@ -79,13 +80,14 @@ VMEM_BUDGET = 16 << 20  # the smallest default scoped VMEM limit (v4 / v5e / v5p
 
 def kv_heads_per_block(head_dim: int, group: int, kv_heads: int) -> int | None:
     """c of the head-group layout: the fewest kv heads (a divisor of ``kv_heads``) whose c·head_dim lanes are a
-    multiple of 128, if their c·group query heads fit MAX_GROUP_LANES and MAX_GROUP_HEADS; None where head_dim
-    must be padded. 1 for head_dim a multiple of 128 (the plain layout)."""
-    for c in range(1, kv_heads + 1):
-        if kv_heads % c == 0 and (c * head_dim) % LANES == 0:
-            fits = c * group * head_dim <= MAX_GROUP_LANES and c * group <= MAX_GROUP_HEADS
-            return c if c == 1 or fits else None
-    return None
+    multiple of 128, else all ``kv_heads`` (a block as wide as the array, which Mosaic takes at any width), if
+    their c·group query heads fit MAX_GROUP_LANES and MAX_GROUP_HEADS; None where head_dim must be padded.
+    1 for head_dim a multiple of 128 (the plain layout)."""
+    if head_dim % LANES == 0:
+        return 1
+    divisors = (c for c in range(1, kv_heads + 1) if kv_heads % c == 0 and (c * head_dim) % LANES == 0)
+    c = next(divisors, kv_heads)
+    return c if c * group * head_dim <= MAX_GROUP_LANES and c * group <= MAX_GROUP_HEADS else None
 
 
 def tile_vmem_bytes(bq: int, bkv: int, q_lanes: int, kv_lanes: int, itemsize: int, backward: bool) -> int:
@@ -586,7 +588,7 @@ def split_splash_attention(
     bkv, bkv_bwd = min(block_kv, lkv_128), min(block_kv_bwd, lkv_128)
     group = hq // hkv
     c = None if pad_head_dim else kv_heads_per_block(hd, group, hkv)
-    if c is not None and c > 1:  # head groups: c·G heads per tile, so fit the tiles to VMEM
+    if c is not None and hd % LANES:  # head groups: c·G heads per tile, so fit the tiles to VMEM
         budget = VMEM_BUDGET if vmem_limit_bytes is None else vmem_limit_bytes
         lanes = (c * group * hd, c * hd, jnp.dtype(q.dtype).itemsize)
         fwd, bwd = fit_blocks(bq, bkv, *lanes, False, budget), fit_blocks(bq_bwd, bkv_bwd, *lanes, True, budget)
