@@ -5,10 +5,12 @@ this AOT-compiles forward and forward+backward (vjp: fwd, dq and dkv kernels) ag
 devices from ``jax.experimental.topologies`` on this CPU host (needs libtpu, the ``[tpu]`` extra) and
 reads the compiled memory use: it must fit the chip's HBM and stay linear in L (no L×L temp).
 
-Each compile runs in a subprocess (``python tests/test_tpu_aot.py TOPOLOGY L HQ HKV``) so the test
-session's CPU backend is untouched. Shapes: BAGEL-7B's 28 q / 4 kv heads split 4-way by tensor
-parallelism (7 q / 1 kv head per chip), head_dim 128, bf16, one 32K row, 512×512 blocks.
-Default run: v5e (~20–40 s on 2 cores); v5p, v6e and the unsplit 28/4 heads: ``-m slow``.
+Each compile runs in a subprocess (``python tests/test_tpu_aot.py TOPOLOGY L HQ HKV [HEAD_DIM PAD]``) so the
+test session's CPU backend is untouched. Shapes: BAGEL-7B's 28 q / 4 kv heads split 4-way by tensor
+parallelism (7 q / 1 kv head per chip), head_dim 128, bf16, one 32K row, 512×512 blocks; and SigLIP's
+16 × 72 heads at 4K, head groups against the padded layout.
+Default run: v5e (~20–40 s on 2 cores, + ~70 s for head_dim 72); v5p, v6e, 16K, 8 × 72 and the unsplit
+28/4 heads: ``-m slow``.
 """
 
 from __future__ import annotations
@@ -99,40 +101,46 @@ def test_aot_compile_v5e_all_heads_on_one_chip_memory_is_linear_in_length():
         assert large["programs"][name]["temp"] <= 2.2 * small["programs"][name]["temp"], name
 
 
-def _head_dim_72(topology: str, seq_len: int) -> dict:
-    """SigLIP so400m's attention (16 heads × 72, MHA, one row, bf16) compiled with head groups and padded."""
-    res = {pad: _compile_in_subprocess(topology, seq_len, 16, 16, 72, pad) for pad in (False, True)}
+def _head_dim_72(topology: str, seq_len: int, heads: int = 16) -> dict:
+    """SigLIP so400m's attention (16 heads × 72, MHA, one row, bf16; 8 heads = split over a tensor pair) compiled
+    with head groups and padded (``pad_head_dim``). XLA's cost analysis does not see inside the Pallas kernels
+    (whose tiles are 72/128 of the padded ones by construction): its bytes are the ops around them, the pad and
+    slice copies of q/k/v/o/do and the relayouts; the head-group programs must move at most 0.6× the padded ones'
+    and hold no more temporaries (+ 2 MiB of small buffers)."""
+    res = {pad: _compile_in_subprocess(topology, seq_len, heads, heads, 72, pad) for pad in (False, True)}
     for name in ("fwd", "fwd+bwd"):
         grouped, padded = res[False]["programs"][name], res[True]["programs"][name]
         print(
-            f"\n{res[False]['device_kind']} L={seq_len} 16 x 72 {name}: "
+            f"\n{res[False]['device_kind']} L={seq_len} {heads} x 72 {name}: "
             + "; ".join(
                 f"{label}: flops {r['flops']:.3g}, bytes {r['bytes'] / 2**20:.0f} MiB, "
                 f"temp {r['temp'] / 2**20:.1f} MiB, compile {r['compile_s']:.1f}s"
                 for label, r in (("head groups", grouped), ("padded", padded))
             )
         )
-    for name in ("fwd", "fwd+bwd"):  # the head-group layout moves ~72/128 of the bytes, no pad/slice copies
+    for name in ("fwd", "fwd+bwd"):
         grouped, padded = res[False]["programs"][name], res[True]["programs"][name]
         assert grouped["kernels"] == padded["kernels"] == (1 if name == "fwd" else 3)
         assert grouped["bytes"] <= 0.6 * padded["bytes"], (name, grouped["bytes"], padded["bytes"])
-        assert grouped["temp"] <= padded["temp"], (name, grouped["temp"], padded["temp"])
+        assert grouped["temp"] <= padded["temp"] + 2 * 2**20, (name, grouped["temp"], padded["temp"])
     return res
 
 
 @pytest.mark.tpu
 def test_aot_head_dim_72_head_groups_do_not_pay_for_128_v5e():
-    """head_dim 72 compiles for v5e without padding to 128 lanes: the compiled programs read and write at most
-    0.6× the bytes of the padded layout (72/128 = 0.56 of q/k/v/o, and no pad/slice copies) and need no more
-    temp memory. ~80 s: Mosaic compiles the 16 unrolled heads of each kernel."""
+    """head_dim 72 compiles for v5e without padding to 128 lanes (``_head_dim_72``). ~70 s on one core: Mosaic
+    compiles the 16 unrolled heads of each kernel (the padded kernels: ~4 s)."""
     _head_dim_72("v5e:2x2", 4096)
 
 
 @pytest.mark.tpu
 @pytest.mark.slow
-@pytest.mark.parametrize("topology, seq_len", [("v6e:2x2", 4096), ("v5e:2x2", 16384), ("v6e:2x2", 16384)])
-def test_aot_head_dim_72_head_groups_v6e_and_16k(topology, seq_len):
-    _head_dim_72(topology, seq_len)
+@pytest.mark.parametrize(
+    "topology, seq_len, heads",
+    [("v6e:2x2", 4096, 16), ("v5e:2x2", 16384, 16), ("v6e:2x2", 16384, 16), ("v6e:2x2", 4096, 8)],
+)
+def test_aot_head_dim_72_head_groups_v6e_16k_and_tensor_pair(topology, seq_len, heads):
+    _head_dim_72(topology, seq_len, heads)
 
 
 def _main(topology: str, seq_len: int, hq: int, hkv: int, head_dim: int = 128, pad_head_dim: bool = False):
