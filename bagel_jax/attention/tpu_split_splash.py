@@ -396,6 +396,8 @@ def _dkv_kernel(
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
     def compute(masked: bool):
+        if not cfg.packed:
+            k, v = k_ref[...], v_ref[...]
         if masked:  # transposed tile: kv along sublanes, q along lanes
             mask = _allowed(
                 qm_ref[0:1, :],
@@ -428,7 +430,6 @@ def _dkv_kernel(
                     carry = head(t, carry, k, v)
                 dk_scr[_acc(cfg, j)], dv_scr[_acc(cfg, j)] = carry
         else:
-            k, v = k_ref[...], v_ref[...]
             dk_scr[...], dv_scr[...] = lax.fori_loop(
                 0, group, lambda t, carry: head(t, carry, k, v), (dk_scr[...], dv_scr[...])
             )
