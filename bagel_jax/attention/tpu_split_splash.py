@@ -10,9 +10,9 @@ is read once per group. With head_dim a multiple of 128, c = 1 and the query hea
 over 128-aligned lane slices. Otherwise ("head groups") c is the fewest kv heads whose lanes fill whole
 128-lane vregs (head_dim 72: c = 16, 1152 = 9·128 lanes), or all Hkv heads where no such c divides Hkv
 (a block as wide as the array), and the c·G query heads are a static loop over unaligned lane slices,
-so no head is padded; where the group would be too wide for the VMEM, head_dim is zero-padded to a
-multiple of 128 in HBM as before. The grid is ``(Hkv/c, steps)``
-where ``steps`` is the traced
+so no head is padded; a pass's blocks are halved until its wider tiles fit the VMEM. Where the group
+would be too wide (MAX_GROUP_LANES, MAX_GROUP_HEADS) or even 128 × 128 tiles would not fit, head_dim
+is zero-padded to a multiple of 128 in HBM. The grid is ``(Hkv/c, steps)`` where ``steps`` is the traced
 number of visited blocks: the schedule (scalar-prefetched into SMEM) lists only non-empty blocks,
 plus one step for each q row (kv column) that has none, so its zeros are written. FULL blocks skip
 the mask, PARTIAL ones evaluate ``allowed`` from the metadata tiles; EMPTY blocks are never visited.
