@@ -181,3 +181,27 @@ def test_converter_errors_name_the_key(hf_model):
     bad = {**sd, "encoder.layers.0.self_attn.q_proj.weight": torch.zeros(32, 16)}
     with pytest.raises(ValueError, match=r"q_proj.weight.*\(32, 16\).*\(32, 32\)"):
         siglip_to_params(bad, cfg)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                sub = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
+def test_siglip_attention_on_tpu_reaches_the_kernel_unpadded():
+    """SigLIP so400m's attention (1152 wide, 16 heads × 72) reaches the Pallas kernel as [B, P, 16·72] tiles (head
+    groups), no config needed; traced only (the kernel itself runs on a TPU; its numerics: test_split_splash.py)."""
+    from bagel_jax.model.siglip import SiglipAttention, image_mask_meta
+
+    x = jax.ShapeDtypeStruct((1, 128, 1152), jnp.bfloat16)
+    meta = image_mask_meta(jnp.ones((1, 128), jnp.int32))
+    attn = SiglipAttention(hidden=1152, num_heads=16, attention_impl="tpu", dtype=jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda x: attn.init(jax.random.PRNGKey(0), x, meta))(x)
+    calls = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+    assert [e.invars[2].aval.shape for e in calls] == [(1, 128, 16 * 72)]  # q of the forward kernel, not 16 · 128

@@ -26,7 +26,12 @@ from jax.sharding import AxisType
 from bagel_jax.attention import attention, block_map
 from bagel_jax.attention.gpu import gpu_attention
 from bagel_jax.attention.mask import CAUSAL, FULL, MODES, NOISE, MaskMeta, Split, metadata_from_splits
-from bagel_jax.attention.tpu_split_splash import split_splash_attention
+from bagel_jax.attention.tpu_split_splash import (
+    fit_blocks,
+    kv_heads_per_block,
+    split_splash_attention,
+    tile_vmem_bytes,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("doc", "index", "q_hi", "kv_hi")
@@ -236,6 +241,75 @@ def test_tpu_kernel_odd_shapes_and_separate_backward_blocks():
     )
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
         assert_close(got, want, 1e-5, 1e-5, name)
+
+
+@settings(max_examples=2, **SETTINGS)
+@given(
+    rows=st.lists(
+        st.sampled_from(["sorted", "shuffled"]).flatmap(lambda o: packed_row(256, o)), min_size=1, max_size=1
+    ),
+    seed=st.integers(0, 100),
+)
+@pytest.mark.parametrize("heads", [(16, 16, 72), (8, 4, 96), (11, 11, 200)])
+def test_tpu_kernel_head_groups_match_reference(heads, rows, seed):
+    """head_dim not a multiple of 128, unpadded: SigLIP's 16 heads × 72 (c = 16 kv heads per block, 1152 lanes),
+    GQA 8 / 4 × 96 (c = 4, G = 2), and 11 heads × 200 (2200 lanes: too wide, the padded fallback). The 4 / 2 × 64
+    tests above are head groups too (c = 2), the 3 / 1 × 72 one a full-width group (c = Hkv = 1, 216 lanes)."""
+    hq, hkv, hd = heads
+    q, k, v, do = random_qkv(seed, 1, 256, 256, hq, hkv, hd)
+    check_against_reference(q, k, v, do, to_meta(rows), "tpu", TPU)
+
+
+def test_kv_heads_per_block():
+    """The fewest kv heads whose lanes are whole vregs, else all of them (a full-width block), within MAX_GROUP_LANES
+    and MAX_GROUP_HEADS; 1 for aligned head_dim; None (pad head_dim) beyond."""
+    assert kv_heads_per_block(128, 7, 1) == 1 and kv_heads_per_block(256, 1, 4) == 1
+    assert kv_heads_per_block(72, 1, 16) == 16  # SigLIP so400m: 1152 = 9 × 128 lanes
+    assert kv_heads_per_block(64, 2, 2) == 2 and kv_heads_per_block(96, 2, 4) == 4 and kv_heads_per_block(80, 1, 8) == 8
+    assert kv_heads_per_block(72, 1, 32) == 16  # the fewest, not all
+    assert kv_heads_per_block(72, 1, 8) == 8  # 16 does not divide 8 (SigLIP split 2-way by heads): all, 576 lanes
+    assert kv_heads_per_block(80, 1, 12) == 12 and kv_heads_per_block(72, 3, 1) == 1  # all kv heads, full width
+    assert kv_heads_per_block(72, 2, 16) is None  # 16 · 2 · 72 = 2304 lanes > MAX_GROUP_LANES
+    assert kv_heads_per_block(200, 1, 11) is None  # 11 · 200 = 2200 lanes
+    assert kv_heads_per_block(8, 4, 16) is None  # 16 kv heads of 8 lanes, but 64 query heads > MAX_GROUP_HEADS
+
+
+def test_head_group_blocks_fit_vmem():
+    """SigLIP's 16 × 72 bf16 tiles: the forward keeps 512 × 512, dq/dkv halve to 256 × 256 to fit 16 MiB (their
+    512-row tiles need 16.5 MiB on v5e at 16K tokens); the 128-lane LLM tiles are never resized."""
+    assert fit_blocks(512, 512, 1152, 1152, 2, False, 16 << 20) == (512, 512)
+    assert fit_blocks(512, 512, 1152, 1152, 2, True, 16 << 20) == (256, 256)
+    assert fit_blocks(1024, 256, 1152, 1152, 2, True, 16 << 20) == (512, 256)  # the larger halves first
+    assert fit_blocks(384, 384, 1152, 1152, 2, True, 12 << 20) == (128, 128)  # multiples of 128 (192 → 128)
+    assert fit_blocks(512, 512, 1152, 1152, 2, True, 64 << 20) == (512, 512)  # a larger vmem_limit_bytes
+    assert fit_blocks(128, 128, 2048, 2048, 4, True, 1 << 20) is None
+    assert tile_vmem_bytes(256, 256, 1152, 1152, 2, True) <= 16 << 20 < tile_vmem_bytes(512, 512, 1152, 1152, 2, True)
+
+
+@pytest.mark.parametrize(
+    "hq, hkv, hd, pad, lanes",
+    [
+        (16, 16, 72, False, 16 * 72),
+        (16, 16, 72, True, 16 * 128),
+        (16, 8, 80, False, 16 * 80),
+        (3, 1, 72, False, 3 * 72),
+        (11, 11, 200, False, 11 * 256),
+    ],
+)
+def test_head_groups_do_not_pad_head_dim(hq, hkv, hd, pad, lanes):
+    """The kernels read q as [B, L, Hq·hd] (no zero lanes) with head groups; [B, L, Hq·128] padded."""
+    meta = to_meta([metadata_from_splits([Split(1, FULL, 128)])])
+    q, k, v, do = random_qkv(0, 1, 128, 128, hq, hkv, hd)
+
+    def f(q, k, v):
+        return split_splash_attention(q, k, v, meta, interpret=True, block_q=128, block_kv=128, pad_head_dim=pad)
+
+    jaxpr = jax.make_jaxpr(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))(q, k, v, do)
+    calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]  # fwd, dq, dkv
+    assert len(calls) == 3
+    for e in calls:  # operands: step count, schedule, q, k, ...
+        assert e.invars[2].aval.shape == (1, 128, lanes)
+        assert e.invars[3].aval.shape == (1, 128, lanes // (hq // hkv))
 
 
 def test_padding_gives_zeros_and_empty_blocks_are_never_read():

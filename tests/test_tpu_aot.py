@@ -5,10 +5,12 @@ this AOT-compiles forward and forward+backward (vjp: fwd, dq and dkv kernels) ag
 devices from ``jax.experimental.topologies`` on this CPU host (needs libtpu, the ``[tpu]`` extra) and
 reads the compiled memory use: it must fit the chip's HBM and stay linear in L (no L×L temp).
 
-Each compile runs in a subprocess (``python tests/test_tpu_aot.py TOPOLOGY L HQ HKV``) so the test
-session's CPU backend is untouched. Shapes: BAGEL-7B's 28 q / 4 kv heads split 4-way by tensor
-parallelism (7 q / 1 kv head per chip), head_dim 128, bf16, one 32K row, 512×512 blocks.
-Default run: v5e (~20–40 s on 2 cores); v5p, v6e and the unsplit 28/4 heads: ``-m slow``.
+Each compile runs in a subprocess (``python tests/test_tpu_aot.py TOPOLOGY L HQ HKV [HEAD_DIM PAD]``) so the
+test session's CPU backend is untouched. Shapes: BAGEL-7B's 28 q / 4 kv heads split 4-way by tensor
+parallelism (7 q / 1 kv head per chip), head_dim 128, bf16, one 32K row, 512×512 blocks; and SigLIP's
+16 × 72 heads at 4K, head groups against the padded layout.
+Default run: v5e (~20–40 s on 2 cores, + ~70 s for head_dim 72); v5p, v6e, 16K, 8 × 72 and the unsplit
+28/4 heads: ``-m slow``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ GIB = 2**30
 CHIPS = {"v5e:2x2": ("v5litepod-4", 16 * GIB), "v5p:2x2x1": ("v5p-8", 95 * GIB), "v6e:2x2": ("v6e-4", 32 * GIB)}
 
 
-def _compile_in_subprocess(topology: str, seq_len: int, hq: int, hkv: int) -> dict:
+def _compile_in_subprocess(topology: str, seq_len: int, hq: int, hkv: int, head_dim: int = 128, pad: bool = False):
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -37,7 +39,7 @@ def _compile_in_subprocess(topology: str, seq_len: int, hq: int, hkv: int) -> di
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), topology, str(seq_len), str(hq), str(hkv)],
+        [sys.executable, os.path.abspath(__file__), topology, *map(str, (seq_len, hq, hkv, head_dim, int(pad)))],
         env=env,
         capture_output=True,
         text=True,
@@ -99,7 +101,49 @@ def test_aot_compile_v5e_all_heads_on_one_chip_memory_is_linear_in_length():
         assert large["programs"][name]["temp"] <= 2.2 * small["programs"][name]["temp"], name
 
 
-def _main(topology: str, seq_len: int, hq: int, hkv: int):
+def _head_dim_72(topology: str, seq_len: int, heads: int = 16) -> dict:
+    """SigLIP so400m's attention (16 heads × 72, MHA, one row, bf16; 8 heads = split over a tensor pair) compiled
+    with head groups and padded (``pad_head_dim``). XLA's cost analysis does not see inside the Pallas kernels
+    (whose tiles are 72/128 of the padded ones by construction): its bytes are the ops around them, the pad and
+    slice copies of q/k/v/o/do and the relayouts; the head-group programs must move at most 0.6× the padded ones'
+    and hold no more temporaries (+ 2 MiB of small buffers)."""
+    res = {pad: _compile_in_subprocess(topology, seq_len, heads, heads, 72, pad) for pad in (False, True)}
+    for name in ("fwd", "fwd+bwd"):
+        grouped, padded = res[False]["programs"][name], res[True]["programs"][name]
+        print(
+            f"\n{res[False]['device_kind']} L={seq_len} {heads} x 72 {name}: "
+            + "; ".join(
+                f"{label}: flops {r['flops']:.3g}, bytes {r['bytes'] / 2**20:.0f} MiB, "
+                f"temp {r['temp'] / 2**20:.1f} MiB, compile {r['compile_s']:.1f}s"
+                for label, r in (("head groups", grouped), ("padded", padded))
+            )
+        )
+    for name in ("fwd", "fwd+bwd"):
+        grouped, padded = res[False]["programs"][name], res[True]["programs"][name]
+        assert grouped["kernels"] == padded["kernels"] == (1 if name == "fwd" else 3)
+        assert grouped["bytes"] <= 0.6 * padded["bytes"], (name, grouped["bytes"], padded["bytes"])
+        assert grouped["temp"] <= padded["temp"] + 2 * 2**20, (name, grouped["temp"], padded["temp"])
+    return res
+
+
+@pytest.mark.tpu
+def test_aot_head_dim_72_head_groups_do_not_pay_for_128_v5e():
+    """head_dim 72 compiles for v5e without padding to 128 lanes (``_head_dim_72``). ~70 s on one core: Mosaic
+    compiles the 16 unrolled heads of each kernel (the padded kernels: ~4 s)."""
+    _head_dim_72("v5e:2x2", 4096)
+
+
+@pytest.mark.tpu
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "topology, seq_len, heads",
+    [("v6e:2x2", 4096, 16), ("v5e:2x2", 16384, 16), ("v6e:2x2", 16384, 16), ("v6e:2x2", 4096, 8)],
+)
+def test_aot_head_dim_72_head_groups_v6e_16k_and_tensor_pair(topology, seq_len, heads):
+    _head_dim_72(topology, seq_len, heads)
+
+
+def _main(topology: str, seq_len: int, hq: int, hkv: int, head_dim: int = 128, pad_head_dim: bool = False):
     """Subprocess body: AOT-compile fwd and fwd+bwd for one compile-only TPU device; print a JSON line."""
     import jax
     import jax.numpy as jnp
@@ -118,13 +162,16 @@ def _main(topology: str, seq_len: int, hq: int, hkv: int):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
 
     def fwd(q, k, v, *meta):
-        return split_splash_attention(q, k, v, MaskMeta(*meta), block_q=512, block_kv=512)
+        if head_dim != 128:  # [B, L, H·hd] as a projection gives it: a [.., H, 72] argument would be laid out
+            q, k, v = (x.reshape(*x.shape[:2], -1, head_dim) for x in (q, k, v))  # in 128-lane tiles
+        out = split_splash_attention(q, k, v, MaskMeta(*meta), block_q=512, block_kv=512, pad_head_dim=pad_head_dim)
+        return out.reshape(*out.shape[:2], -1) if head_dim != 128 else out
 
     def fwd_bwd(q, k, v, do, *meta):
         out, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, *meta), q, k, v)
         return out, vjp(do)
 
-    act = lambda h: spec((1, seq_len, h, 128), jnp.bfloat16)  # noqa: E731
+    act = lambda h: spec((1, seq_len, h, head_dim) if head_dim == 128 else (1, seq_len, h * head_dim), jnp.bfloat16)  # noqa: E731
     meta = tuple(spec((1, seq_len), jnp.int32) for _ in range(4))
     programs = {}
     for name, fn, args in (
@@ -134,8 +181,12 @@ def _main(topology: str, seq_len: int, hq: int, hkv: int):
         start = time.time()
         compiled = jax.jit(fn).lower(*args).compile()
         mem = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         programs[name] = dict(
             compile_s=time.time() - start,
+            flops=float(cost.get("flops", 0.0)),
+            bytes=float(cost.get("bytes accessed", 0.0)),
             arg=mem.argument_size_in_bytes,
             out=mem.output_size_in_bytes,
             temp=mem.temp_size_in_bytes,
@@ -145,4 +196,4 @@ def _main(topology: str, seq_len: int, hq: int, hkv: int):
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    _main(*sys.argv[1:2], *map(int, sys.argv[2:]))
