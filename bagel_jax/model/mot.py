@@ -69,6 +69,9 @@ from bagel_jax.model.seq_shards import join, join_row, length_shards, split
 
 GEN_SUFFIX = "_moe_gen"
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+# the residual stream between decoder layers (the scan carry, what remat saves per layer): its width split over a
+# tensor pair, whole inside a layer (docs/DESIGN_NOTES.md 53)
+CARRY_AXES = ("activation_batch", "activation_length", "activation_carry_embed")
 
 
 def _suffixes(cfg) -> tuple[str, ...]:
@@ -166,8 +169,9 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, carry, cos, sin, meta: MaskMeta, past_kv=None, past_meta=None):
         cfg = self.cfg
-        und_x, gen_x = carry
+        und_x, gen_x = (nn.with_logical_constraint(x, CARRY_AXES) for x in carry)
         und_x, gen_x = checkpoint_name(und_x, "layer_input"), checkpoint_name(gen_x, "layer_input")  # model.remat
+        und_x, gen_x = (nn.with_logical_constraint(x, HIDDEN_AXES) for x in (und_x, gen_x))
         u = und_x.shape[1]
         pdtype = jnp.dtype(cfg.param_dtype)
         n = length_shards(u, gen_x.shape[1]) if past_kv is None else 1
@@ -194,10 +198,10 @@ class DecoderLayer(nn.Module):
                 name="mlp" + s,
             )
             x = x + mlp(h)
-            new.append(nn.with_logical_constraint(x, HIDDEN_AXES))
+            new.append(nn.with_logical_constraint(nn.with_logical_constraint(x, HIDDEN_AXES), CARRY_AXES))
         if cfg.layer_module == "dense":
             return split(new[0], u, n), kv
-        return (new[0], new[1] if len(new) > 1 else gen_x), kv
+        return (new[0], new[1] if len(new) > 1 else nn.with_logical_constraint(gen_x, CARRY_AXES)), kv
 
 
 class LanguageModel(nn.Module):

@@ -32,6 +32,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", "sequence"),
     ("activation_embed", None),
+    # the residual stream between decoder layers (model/mot.py CARRY_AXES): split over a tensor pair, so each chip
+    # keeps half of every layer's saved input; whole again inside the layer (splitting the width everywhere
+    # miscompiles on XLA: docs/DESIGN_NOTES.md 53)
+    ("activation_carry_embed", "tensor"),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
     ("activation_head_dim", None),
