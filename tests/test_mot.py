@@ -23,7 +23,7 @@ from bagel_jax.config import CHOICES, REMAT_POLICIES, base_config, head_dim
 from bagel_jax.convert.hf import stack_layers
 from bagel_jax.model.mot import LanguageModel, init_params
 from bagel_jax.model.remat import remat as remat_layer
-from bagel_jax.parallel.rules import LOGICAL_AXIS_RULES, MESH_AXES
+from bagel_jax.parallel.rules import LOGICAL_AXIS_RULES, MESH_AXES, axis_rules
 
 G = "_moe_gen"
 
@@ -424,3 +424,27 @@ def test_sequence_parallel_matches_single_device_without_resharding(setup, layer
     # allowed: the kernel's K/V all-gather (and its transpose), the tensor-parallel o_proj sum over head shards
     moved = [x for x in attn if "shard_map" not in x and not ("all-reduce" in x and "/o_proj" in x)]
     assert any("shard_map" in x and "all-gather" in x for x in attn) and not moved, "\n".join(moved)
+
+
+def test_tensor_pair_saves_half_of_each_layer_input(setup):
+    """A scanned, remat'ed stack on data 1 × fsdp 2 × tensor 2 keeps each layer's saved input split over the tensor
+    pair (``activation_carry_embed``): the stacked [layers, rows, U, D] buffer holds D/2 per chip; same loss."""
+    cfg, params, b, _, x_sorted, pos_sorted = setup
+    variant = _cfg(scan_layers=True, remat="full")
+    vparams = {"params": stack_layers(params["params"], cfg.num_layers)}
+    auto = (jax.sharding.AxisType.Auto,) * 4
+    mesh = jax.make_mesh((1, 2, 2, 1), MESH_AXES, axis_types=auto, devices=jax.devices()[:4])
+    boxed = jax.eval_shape(lambda: init_params(variant, jax.random.key(0)))
+    d, layers = cfg.hidden_size, cfg.num_layers
+    found = {}
+    for name, rules in (("split", LOGICAL_AXIS_RULES), ("whole", axis_rules({"activation_carry_embed": None}))):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            sharded = jax.device_put(vparams, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules))
+            fn = jax.jit(jax.value_and_grad(lambda p: _loss(variant, p, b, x_sorted, pos_sorted)))
+            hlo = fn.lower(sharded).compile().as_text()
+            val, _ = fn(sharded)
+        np.testing.assert_allclose(val, _loss(cfg, params, b, x_sorted, pos_sorted), rtol=1e-5)
+        # the scan's stacked saved inputs: [layers, local rows, U, width per chip]
+        found[name] = {int(w) for w in re.findall(rf"f32\[{layers},1,{U},(\d+)\]", hlo)}
+    assert d // 2 in found["split"] and d not in found["split"], found
+    assert d in found["whole"], found
