@@ -189,7 +189,8 @@ class Bagel(nn.Module):
         """``model.vae.encode_scan``: a ``scan`` over the N image slots, ``k`` at a time, each step encoding those
         slots of every row (sharded over the batch), so a chip holds the encoder activations of k images per local
         row instead of N. ``k`` > 1 lets the step's B·k images split over a tensor (or sequence) pair, where B
-        alone would not (``scan_slots_per_step``). Same (mean, logvar) [B·N, h, w, C] as the one-call encode."""
+        alone would not (``scan_slots_per_step``). A step whose slots are empty in every row skips the encoder
+        (``nn.cond``: zeros). Same (mean, logvar) [B·N, h, w, C] as the one-call encode on every real image."""
         b, n = images.shape[:2]
         enc_hw = reference_hw(hw) if reference_padding else hw
 
@@ -197,13 +198,24 @@ class Bagel(nn.Module):
             t = t.reshape(b, n // k, k, *t.shape[2:])
             return jnp.swapaxes(t, 0, 1).reshape(n // k, b * k, *t.shape[3:])
 
+        def encode(vae, x, x_hw):
+            return vae.encode(x, x_hw)
+
+        def skip(vae, x, x_hw):  # every image of the step is an empty slot: zeros, the encoder is not run
+            f, z = vae.downsample, vae.cfg.z_channels
+            zeros = jnp.zeros((x.shape[0], x.shape[1] // f, x.shape[2] // f, z), jnp.float32)
+            return zeros, zeros
+
         def one_step(vae, carry, xs):
             x, own_hw, x_hw = xs
             x = pixels_to_unit(x)
             if reference_padding:
                 x = zero_beyond(x, own_hw)
             x = nn.with_logical_constraint(x, VAE_IMAGE_AXES)
-            moments = vae.encode(x, x_hw)
+            if vae.is_initializing():
+                moments = encode(vae, x, x_hw)
+            else:
+                moments = nn.cond(jnp.any((x_hw[:, 0] > 0) & (x_hw[:, 1] > 0)), encode, skip, vae, x, x_hw)
             return carry, tuple(nn.with_logical_constraint(t, VAE_IMAGE_AXES) for t in moments)
 
         scan = nn.scan(one_step, variable_broadcast="params", split_rngs={"params": False}, length=n // k)
