@@ -127,6 +127,11 @@ def _cols(t: int, hd: int):
     return pl.ds(t * hd, hd)
 
 
+def _q_cols(cfg: _Config, t):
+    """Lane slice of query head ``t`` in a q-side tile: 128-aligned and traced, or static (head groups)."""
+    return _cols(t, cfg.head_dim) if cfg.packed else _head_cols(t, cfg.head_dim)
+
+
 def _for_heads(cfg: _Config, body):
     """``body(t)`` for each query head of a block: a traced loop (aligned lanes) or a static one (head groups)."""
     if cfg.packed:
@@ -232,8 +237,6 @@ def _by_block_kind(kind, compute):
 def _fwd_kernel(
     steps_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg: _Config, precision
 ):
-    hd = cfg.head_dim
-    cols = _cols if cfg.packed else _head_cols
     step, first, last = _step_flags(steps_ref, block_map.row_key)
     kind = block_map.unpack(step)[3]
 
@@ -250,7 +253,7 @@ def _fwd_kernel(
 
         def head(t):
             k, v = kv(t)
-            s = _dot(q_ref[:, cols(t, hd)], k, NT, precision) * cfg.scale
+            s = _dot(q_ref[:, _q_cols(cfg, t)], k, NT, precision) * cfg.scale
             if masked:
                 s = jnp.where(mask, s, MASK_VALUE)
             m_prev, l_prev = m_scr[_stat(cfg, t)], l_scr[_stat(cfg, t)]  # [bq, 128] lane-replicated, or [bq, 1]
@@ -273,7 +276,7 @@ def _fwd_kernel(
             seen = m > 0.5 * MASK_VALUE  # at least one allowed key
             safe_l = jnp.where(seen, l, 1.0)
             o = jnp.where(seen, acc_scr[_acc(cfg, t)] / safe_l, 0.0)
-            o_ref[:, cols(t, hd)] = o.astype(o_ref.dtype)
+            o_ref[:, _q_cols(cfg, t)] = o.astype(o_ref.dtype)
             lse = jnp.where(seen, m + jnp.log(safe_l), NO_KEY_LSE)
             lse_ref[pl.ds(t, 1), :] = lse[:, 0][None, :]
 
@@ -331,8 +334,6 @@ def _forward(cfg: _Config, q, k, v, qm, km, steps, count):
 def _dq_kernel(
     steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, km_ref, dq_ref, dq_scr, *, cfg: _Config, precision
 ):
-    hd = cfg.head_dim
-    head_cols = _cols if cfg.packed else _head_cols
     step, first, last = _step_flags(steps_ref, block_map.row_key)
     kind = block_map.unpack(step)[3]
 
@@ -347,7 +348,7 @@ def _dq_kernel(
 
         def head(t):
             k, v = kv(t)
-            cols = head_cols(t, hd)
+            cols = _q_cols(cfg, t)
             s = _dot(q_ref[:, cols], k, NT, precision) * cfg.scale
             if masked:
                 s = jnp.where(mask, s, MASK_VALUE)
@@ -363,7 +364,7 @@ def _dq_kernel(
     @pl.when(last)
     def _finish():
         def head(t):
-            dq_ref[:, head_cols(t, hd)] = (dq_scr[_acc(cfg, t)] * cfg.scale).astype(dq_ref.dtype)
+            dq_ref[:, _q_cols(cfg, t)] = (dq_scr[_acc(cfg, t)] * cfg.scale).astype(dq_ref.dtype)
 
         _for_heads(cfg, head)
 
@@ -410,7 +411,7 @@ def _dkv_kernel(
 
         def head(t, carry, k, v):
             dk, dv = carry
-            cols = _cols(t, hd) if cfg.packed else _head_cols(t, hd)
+            cols = _q_cols(cfg, t)
             q, do = q_ref[:, cols], do_ref[:, cols]
             s = _dot(k, q, NT, precision) * cfg.scale  # [bkv, bq]
             if masked:

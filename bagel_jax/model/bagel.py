@@ -198,9 +198,6 @@ class Bagel(nn.Module):
             t = t.reshape(b, n // k, k, *t.shape[2:])
             return jnp.swapaxes(t, 0, 1).reshape(n // k, b * k, *t.shape[3:])
 
-        def encode(vae, x, x_hw):
-            return vae.encode(x, x_hw)
-
         def skip(vae, x, x_hw):  # every image of the step is an empty slot: zeros, the encoder is not run
             f, z = vae.downsample, vae.cfg.z_channels
             zeros = jnp.zeros((x.shape[0], x.shape[1] // f, x.shape[2] // f, z), jnp.float32)
@@ -213,9 +210,9 @@ class Bagel(nn.Module):
                 x = zero_beyond(x, own_hw)
             x = nn.with_logical_constraint(x, VAE_IMAGE_AXES)
             if vae.is_initializing():
-                moments = encode(vae, x, x_hw)
+                moments = vae.encode(x, x_hw)
             else:
-                moments = nn.cond(jnp.any((x_hw[:, 0] > 0) & (x_hw[:, 1] > 0)), encode, skip, vae, x, x_hw)
+                moments = nn.cond(jnp.any((x_hw[:, 0] > 0) & (x_hw[:, 1] > 0)), FluxVAE.encode, skip, vae, x, x_hw)
             return carry, tuple(nn.with_logical_constraint(t, VAE_IMAGE_AXES) for t in moments)
 
         scan = nn.scan(one_step, variable_broadcast="params", split_rngs={"params": False}, length=n // k)
