@@ -345,7 +345,11 @@ def _compile(lowered, info: dict[str, Any]):
     """``lowered.compile()``, recording ``compile_seconds`` in ``info``; None when the plan does not fit, with
     ``oom`` (XLA's first line) and ``oom_detail`` (its list of the largest allocations: what dominates) in ``info``."""
     t0 = time.perf_counter()
+    min_cached = jax.config.jax_persistent_cache_min_compile_time_secs
     try:
+        # a compile-only TPU executable cannot be loaded back from JAX's persistent cache (no client to load it
+        # into): with a cache dir set for CPU work it would only add entries that fail to read, so none is written
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -353,6 +357,8 @@ def _compile(lowered, info: dict[str, Any]):
         lines = str(e).strip().splitlines()
         info.update(oom=lines[0], oom_detail=lines[1:OOM_DETAIL_LINES], compile_seconds=time.perf_counter() - t0)
         return None
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_cached)
     info["compile_seconds"] = time.perf_counter() - t0
     return compiled
 

@@ -1,6 +1,7 @@
 """Test environment: must run before anything imports jax (8 simulated CPU devices, offline hubs)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -8,6 +9,14 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# JAX's persistent compilation cache, shared by the xdist workers, the subprocesses the tests start (inherited) and
+# CI's two steps: many tests compile the same tiny programs (a trainer run, its resume, the 1-device oracle of a mesh
+# test). Entries are keyed by the program, devices, compile options and jax/XLA versions, so a stale one is never
+# read. An empty JAX_COMPILATION_CACHE_DIR turns it off.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"bagel_jax_tests_xla_cache_{os.getuid()}")
+)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))  # bytes; least recently used go first
 
 import importlib.util  # noqa: E402
 

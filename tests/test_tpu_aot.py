@@ -35,6 +35,7 @@ def _compile_in_subprocess(topology: str, seq_len: int, hq: int, hkv: int, head_
         TPU_SKIP_MDS_QUERY="1",
         TPU_WORKER_HOSTNAMES="localhost",
         TPU_ACCELERATOR_TYPE=CHIPS[topology][0],
+        JAX_ENABLE_COMPILATION_CACHE="false",  # compile-only TPU executables cannot be read back from it
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -137,9 +138,11 @@ def test_aot_head_dim_72_head_groups_do_not_pay_for_128_v5e():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "topology, seq_len, heads",
-    [("v6e:2x2", 4096, 16), ("v5e:2x2", 16384, 16), ("v6e:2x2", 16384, 16), ("v6e:2x2", 4096, 8)],
+    [("v6e:2x2", 16384, 16), ("v6e:2x2", 4096, 8)],
 )
 def test_aot_head_dim_72_head_groups_v6e_16k_and_tensor_pair(topology, seq_len, heads):
+    """The other generation at a long row (v5e at 4K is the default suite's), and the 8 heads of a tensor pair,
+    which no c·72 of whole vregs divides: the tile takes all heads at full width."""
     _head_dim_72(topology, seq_len, heads)
 
 

@@ -172,14 +172,20 @@ def test_resume_is_bitwise(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    """The 1-device oracle of ``test_meshes_match_one_device``, trained once per worker for every mesh."""
+    return _train(tmp_path_factory.mktemp("one"), 3, batch_size=8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "parallel", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)], ids=["data8", "fsdp8", "d2f2t2"]
 )
-def test_meshes_match_one_device(tmp_path, parallel):
+def test_meshes_match_one_device(tmp_path, parallel, one_device_run):
     """3 steps of tiny BAGEL on 8 simulated devices equal 1 device (f32; tolerance 2e-5 relative: the
     sharded reductions sum in another order)."""
-    one = _train(tmp_path / "one", 3, batch_size=8)
+    one = one_device_run
     full = dict(data=1, fsdp=1, tensor=1)
     full.update(parallel)
     many = _train(tmp_path / "many", 3, devices=jax.devices(), batch_size=8, **full)
