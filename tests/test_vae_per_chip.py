@@ -121,7 +121,6 @@ def test_the_skip_is_per_chip():
             x,
             hw,
             hw,
-            prepare=lambda x, _: x,
             axes=("data", "fsdp", "tensor"),
             downsample=F,
             z_channels=16,

@@ -243,18 +243,17 @@ class Bagel(nn.Module):
         chips = 1 if mesh is None or mesh.empty else math.prod(dict(mesh.shape)[a] for a in axes)
         vae, params = self.vae.clone(parent=None), self.vae.variables["params"]
 
-        def prepare(x, own_hw):
-            x = pixels_to_unit(x)
-            return zero_beyond(x, own_hw) if reference_padding else x
+        def zeroed(x, own_hw):  # the reference's padding needs each image's own size: on the chip's whole share
+            return zero_beyond(pixels_to_unit(x), own_hw)
 
         flat = lambda t: t.reshape(b * n, *t.shape[2:])  # noqa: E731  rows major: a chip's slots stay on it
         return encode_per_chip(
-            lambda p, x, x_hw: vae.apply({"params": p}, x, x_hw, method=FluxVAE.encode),
+            lambda p, x, x_hw: vae.apply({"params": p}, pixels_to_unit(x), x_hw, method=FluxVAE.encode),
             params,
             flat(images),
             flat(jnp.asarray(hw, jnp.int32)),
             flat(enc_hw),
-            prepare=prepare,
+            prepare=zeroed if reference_padding else None,
             axes=axes,
             downsample=self.vae.downsample,
             z_channels=cfg.vae.z_channels,

@@ -38,7 +38,7 @@ def encode_per_chip(
     own_hw,
     enc_hw,
     *,
-    prepare,
+    prepare=None,
     axes: tuple[str, ...],
     downsample: int,
     z_channels: int,
@@ -48,11 +48,13 @@ def encode_per_chip(
     """(mean, logvar) float32[M, H/f, W/f, z] of images [M, H, W, C], each chip encoding its own share.
 
     Args:
-      encode: ``encode(params, x [c, h, w, C], hw int[c, 2]) -> (mean, logvar)`` (``FluxVAE.encode``).
+      encode: ``encode(params, x [c, h, w, C], hw int[c, 2]) -> (mean, logvar)`` (``FluxVAE.encode``); ``x`` as
+        stored (or as ``prepare`` returns it): pixels go to [-1, 1] per chunk, in ``encode``.
       params: the encoder's params (replicated into every chip).
       images: [M, H, W, C] as stored (uint8 or float), M split over ``axes`` (their sizes' product divides M).
       own_hw, enc_hw: int[M, 2]: each image's own size (for ``prepare``) and the size it is encoded at (0 = empty).
-      prepare: ``prepare(x, own_hw) -> x`` in [-1, 1] (pixels to unit; the reference's zero padding).
+      prepare: ``prepare(x, own_hw) -> x`` on a chip's whole share before the chunks (the reference's zero
+        padding, which needs each image's own size); None = the images as stored.
       axes: the mesh axes the image axis is split over (``Bagel``'s ``_image_axes``, ``dividing_axes``).
       chunk: images per encode call per chip (the slot scan's images per step per chip: its memory bound).
       levels: bucket sizes per canvas side (``encode_by_size``; 1 = the canvas, only empty chunks skipped).
@@ -66,7 +68,7 @@ def encode_per_chip(
         with nn.logical_axis_rules(()):  # one chip's arrays: no constraint to the (global) mesh in here
             return encode_by_size(
                 partial(encode, p),
-                prepare(x, own),
+                x if prepare is None else prepare(x, own),
                 enc,
                 downsample=downsample,
                 z_channels=z_channels,
