@@ -111,6 +111,11 @@ def _model() -> ml_collections.ConfigDict:
                     # encode a row's image slots one after another (scan): per-chip VAE activations of one image per row
                     # instead of max_vae_images (what lets 12 × 1024² images per row fit; slower for tiny images)
                     encode_scan=False,
+                    # encode_scan's walk over the slots: "per_chip" = each chip sorts its own images by size and
+                    # skips its own empty slots (a shard_map; its share of k slots per row per encode call),
+                    # "global" = a scan step per k slots of every row, skipped only where all rows' slots are
+                    # empty (the oracle); model/vae_per_chip.py
+                    encode_scan_mode="global",
                     # how a row's image slots are encoded (model/vae_batch.py): "masked" = every slot's full
                     # canvas (the oracle), "by_size" = real images only, chunk by chunk at size buckets, "auto" =
                     # by_size on CPU
@@ -289,6 +294,7 @@ CHOICES = {
     "model.mlp_tokens": ("auto", "batched", "flat"),
     "model.vae.dtype": ("float32", "bfloat16"),
     "model.vae.encode": ("auto", "masked", "by_size"),
+    "model.vae.encode_scan_mode": ("per_chip", "global"),
     "model.connector_act": ("gelu_pytorch_tanh", "gelu", "silu"),
     "model.vit.hidden_act": ("gelu_pytorch_tanh", "gelu"),
     "train.schedule": ("constant", "cosine"),

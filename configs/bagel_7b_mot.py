@@ -37,7 +37,9 @@ def get_config(arg=None):
         scan_layers=True,  # one compiled layer (compile minutes instead of tens); aot scales its FLOPs by 28
         ce_chunk=2048,  # [rows, 2048, 152064] f32 logits per chunk (1.2 GiB per row)
     )
-    c.model.vae.update(encode_scan=True)  # one image slot at a time: 3.4 instead of 28 GiB for 12 × 1024² per row
+    # image slots a few at a time: 3.4 instead of 28 GiB for 12 × 1024² per row; per_chip: each chip sorts its own
+    # images and skips its own empty slots (same latents, compiled FLOPs and memory; docs/DESIGN_NOTES.md 55)
+    c.model.vae.update(encode_scan=True, encode_scan_mode="per_chip")
     c.model.vit.update(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, patch_size=14)
     c.model.vit.scan_layers = True  # one compiled SigLIP layer too
     # und ≈ 35% of the row fits the reference's t2i/vlm/edit mix (benchmarks/pack_fill.py: 97.4% fill; 45K: 97.8%)

@@ -50,7 +50,15 @@ from bagel_jax.model.layers import bias_init, kernel_init
 from bagel_jax.model.mot import HIDDEN_AXES, LanguageModel
 from bagel_jax.model.siglip import SiglipNaViT
 from bagel_jax.model.vae import FluxVAE, normalize_latent, patchify_latent
-from bagel_jax.model.vae_batch import encode_by_size, reference_hw, reference_padded, resolve_encode, zero_beyond
+from bagel_jax.model.vae_batch import (
+    encode_by_size,
+    reference_hw,
+    reference_padded,
+    resolve_encode,
+    resolve_scan_mode,
+    zero_beyond,
+)
+from bagel_jax.model.vae_per_chip import dividing_axes, encode_per_chip
 from bagel_jax.parallel.rules import MESH_AXES, as_mesh_axes
 
 
@@ -221,23 +229,57 @@ class Bagel(nn.Module):
             jnp.swapaxes(t.reshape(n // k, b, k, *t.shape[2:]), 0, 1).reshape(b * n, *t.shape[2:]) for t in moments
         )
 
-    def encode_latents(self, batch: PackedBatch, rng=None, posterior_noise=None):
-        """Clean normalised latent tokens of the row's images: float32[B, N, T, p²C] (frozen VAE).
-
-        ``posterior_noise`` float[B, N, H/8, W/8, C] replaces the posterior draw from ``rng``. How the slots are
-        encoded (masked canvas or by size; the reference's padding or each image alone): ``model/vae_batch.py``.
-        """
+    def _encode_per_chip(self, images, hw, reference_padding: bool, k: int = 1):
+        """``encode_scan_mode="per_chip"``: each chip encodes its own rows' slots (``jax.shard_map`` over the image
+        axes, model/vae_per_chip.py), sorted by size bucket, its share of one scan step's B·k images at a time: a
+        chunk of empty slots skips the encoder on that chip alone, and (``encode_levels`` > 1) a chunk of small
+        images is encoded at the smallest bucket holding them. Same (mean, logvar) [B·N, h, w, C] as
+        ``_encode_slot_by_slot`` on every real image's valid region; zeros at empty slots."""
         cfg = self.cfg
-        b, n, hh, ww, c = batch.vae_images.shape
+        b, n = images.shape[:2]
+        enc_hw = reference_hw(hw) if reference_padding else hw
+        axes = dividing_axes(_image_axes(b * k), b * k)
+        mesh = jax.sharding.get_abstract_mesh()
+        chips = 1 if mesh is None or mesh.empty else math.prod(dict(mesh.shape)[a] for a in axes)
+        vae, params = self.vae.clone(parent=None), self.vae.variables["params"]
+
+        def zeroed(x, own_hw):  # the reference's padding needs each image's own size: on the chip's whole share
+            return zero_beyond(pixels_to_unit(x), own_hw)
+
+        flat = lambda t: t.reshape(b * n, *t.shape[2:])  # noqa: E731  rows major: a chip's slots stay on it
+        return encode_per_chip(
+            lambda p, x, x_hw: vae.apply({"params": p}, pixels_to_unit(x), x_hw, method=FluxVAE.encode),
+            params,
+            flat(images),
+            flat(jnp.asarray(hw, jnp.int32)),
+            flat(enc_hw),
+            prepare=zeroed if reference_padding else None,
+            axes=axes,
+            downsample=self.vae.downsample,
+            z_channels=cfg.vae.z_channels,
+            levels=cfg.vae.get("encode_levels", 1),
+            chunk=max(1, b * k // chips),
+        )
+
+    def encode_moments(self, images, hw):
+        """The VAE posterior of every slot: (mean, logvar) float32[B·N, H/f, W/f, z] of images [B, N, H, W, C]
+        (uint8, or float in [-1, 1]) valid over ``hw`` int[B, N, 2], sharded like the rows. Exact on each real
+        image's valid region; elsewhere finite and path-dependent (``model.vae.encode``, ``encode_scan``,
+        ``encode_scan_mode``: model/vae_batch.py, model/vae_per_chip.py)."""
+        cfg = self.cfg
+        b, n, hh, ww, c = images.shape
         mode = resolve_encode(cfg.vae)
         slot_by_slot = cfg.vae.encode_scan and mode == "masked"
+        per_chip = slot_by_slot and resolve_scan_mode(cfg.vae) == "per_chip" and not self.is_initializing()
         k = scan_slots_per_step(b, n) if slot_by_slot else n
         with _vae_images_on_batch_axes(b * k):  # the images of one encode call
             ref_pad = bool(cfg.vae.get("reference_padding", False))
-            if slot_by_slot:
-                mean, logvar = self._encode_slot_by_slot(batch.vae_images, batch.vae_hw, ref_pad, k)
+            if per_chip:
+                mean, logvar = self._encode_per_chip(images, hw, ref_pad, k)
+            elif slot_by_slot:
+                mean, logvar = self._encode_slot_by_slot(images, hw, ref_pad, k)
             else:
-                images, hw = pixels_to_unit(batch.vae_images), batch.vae_hw
+                images = pixels_to_unit(images)
                 if ref_pad:
                     images, hw = reference_padded(images, hw)
                 images = images.reshape(b * n, hh, ww, c)
@@ -256,8 +298,17 @@ class Bagel(nn.Module):
                     )
                 else:
                     mean, logvar = self.vae.encode(images, hw.reshape(b * n, 2))
-        mean = nn.with_logical_constraint(mean, VAE_IMAGE_AXES)
-        logvar = nn.with_logical_constraint(logvar, VAE_IMAGE_AXES)
+        return nn.with_logical_constraint(mean, VAE_IMAGE_AXES), nn.with_logical_constraint(logvar, VAE_IMAGE_AXES)
+
+    def encode_latents(self, batch: PackedBatch, rng=None, posterior_noise=None):
+        """Clean normalised latent tokens of the row's images: float32[B, N, T, p²C] (frozen VAE).
+
+        ``posterior_noise`` float[B, N, H/8, W/8, C] replaces the posterior draw from ``rng``. How the slots are
+        encoded (masked canvas or by size; the reference's padding or each image alone): ``encode_moments``.
+        """
+        cfg = self.cfg
+        b, n = batch.vae_images.shape[:2]
+        mean, logvar = self.encode_moments(batch.vae_images, batch.vae_hw)
         mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)
         if posterior_noise is None:
             if rng is None:

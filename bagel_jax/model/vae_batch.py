@@ -11,6 +11,11 @@ Every image slot of a row sits top-left in a static canvas [H, W], valid over it
   ``"masked"`` on every image's valid region (f32 noise); outside it the values differ (both meaningless, finite).
 - ``"auto"``: ``by_size`` on CPU (single-chip work where skipping pays), ``masked`` elsewhere and with ``encode_scan``.
 
+With ``encode_scan`` (and ``masked``), ``encode_scan_mode`` picks how the slots are walked: ``"global"`` = a scan over
+the slots, k per step, a step skipped only where its slots are empty in every row (``Bagel._encode_slot_by_slot``,
+the oracle); ``"per_chip"`` = ``encode_by_size`` on each chip's own images in a ``shard_map``, a chunk = its share of
+one step (model/vae_per_chip.py): each chip skips its own empty slots and sizes its own buckets.
+
 ``reference_padding`` (the official trainer, ``padded_images``): a row's images are encoded each zero-padded to the
 row's largest height and width, so a small image's latent depends on the padding (the mid-block attention and the
 GroupNorm statistics see the zeros). Emulated exactly by zeroing each image outside its own size and encoding it as
@@ -25,6 +30,7 @@ import jax.numpy as jnp
 from bagel_jax.model.vae import valid_mask
 
 ENCODE_MODES = ("auto", "masked", "by_size")
+SCAN_MODES = ("per_chip", "global")
 
 
 def resolve_encode(vae_cfg) -> str:
@@ -34,6 +40,15 @@ def resolve_encode(vae_cfg) -> str:
         raise ValueError(f"model.vae.encode: unknown mode {mode!r} (one of {', '.join(ENCODE_MODES)})")
     if mode == "auto":
         return "by_size" if jax.default_backend() == "cpu" and not vae_cfg.get("encode_scan", False) else "masked"
+    return mode
+
+
+def resolve_scan_mode(vae_cfg) -> str:
+    """``model.vae.encode_scan_mode``: ``"per_chip"`` (each chip skips and sizes its own images,
+    model/vae_per_chip.py) or ``"global"`` (the slot scan, skipping a step only when every row's slot is empty)."""
+    mode = vae_cfg.get("encode_scan_mode", "global")
+    if mode not in SCAN_MODES:
+        raise ValueError(f"model.vae.encode_scan_mode: unknown mode {mode!r} (one of {', '.join(SCAN_MODES)})")
     return mode
 
 
