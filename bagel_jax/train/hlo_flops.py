@@ -11,6 +11,12 @@ Trip counts come from the loop's ``known_trip_count`` backend config, else from 
 ``i <= N``) with ``i`` starting at a constant (jax's scans count 0..N-1). A loop whose count cannot be read counts
 once and is listed in ``unknown``. Works on compiled (per-device, after SPMD partitioning) and lowered (global,
 before optimisation) HLO text. Pallas kernels (custom calls) count 0, as in XLA.
+
+In lowered (global) HLO a ``shard_map`` region is a call of one chip's body (Shardy's
+``xla.sdy.manual_computation_body``): it is counted once per distinct shard, ``+ (shards − 1) · scaled(body)``,
+shards = the largest global / local size ratio of its inputs (chips holding a repeated shard add no model FLOPs);
+a region whose inputs cannot be read counts once and is listed in ``unknown``. Compiled HLO has no such regions
+(every op is already one chip's).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ _CALLED = re.compile(
 )
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_MANUAL_CALL = re.compile(r"\bcall\((.*?)\),\s*to_apply=%?(xla\.sdy\.manual_computation_body[\w.\-]*)")
 
 
 @dataclasses.dataclass
@@ -119,6 +126,41 @@ def _trip_count(line: str, comps: dict[str, list[str]], caller: list[str]) -> in
     return max(bound - start + (cm.group(3) == "LE"), 0)
 
 
+def _elements(shape: str) -> list[int]:
+    """Element counts of the array shapes in an HLO type string (``f32[32,64]{1,0}`` or a tuple of them)."""
+    out = []
+    for dims in re.findall(r"\b[a-z]\w*\[([\d,]*)\]", shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        out.append(n)
+    return out
+
+
+def _manual_shards(call_args: str, defs: dict[str, str]) -> int | None:
+    """Distinct shards a ``shard_map`` body runs on: the largest global / local element ratio over the inputs of
+    the ``xla.sdy.GlobalToLocalShape`` custom call that feeds the body (chips that repeat a shard, e.g. over an
+    axis the inputs are replicated on, compute nothing new); None if not found."""
+    name = call_args.split(",")[0].strip().lstrip("%")
+    for _ in range(4):
+        rhs = defs.get(name)
+        if rhs is None:
+            return None
+        g2l = re.match(r"(.*?)\s+custom-call\((.*?)\),.*GlobalToLocalShape", rhs)
+        if g2l:
+            local = _elements(g2l.group(1))
+            operands = [x.strip().lstrip("%") for x in g2l.group(2).split(",") if x.strip()]
+            full = [(_elements(defs.get(o, "").split(" ")[0]) or [0])[0] for o in operands]
+            if len(full) != len(local) or not all(full) or not all(local):
+                return None
+            return max(f // n for f, n in zip(full, local))
+        m = re.search(r"\bget-tuple-element\(%?([\w.\-]+)\)", rhs)
+        if not m:
+            return None
+        name = m.group(1)
+    return None
+
+
 def _module(header: str, comps: dict[str, list[str]], root: str) -> str:
     """A module whose entry is ``root``, holding every computation ``root`` reaches."""
     seen, todo = set(), [root]
@@ -181,6 +223,28 @@ def loop_scaled_flops(text: str) -> LoopFlops:
         return tuple(out)
 
     @functools.cache
+    def manual_regions(name: str) -> tuple[tuple[str, int | None], ...]:
+        """``shard_map`` bodies called from ``name`` (through plain calls, not into loop or other manual bodies):
+        (body, distinct shards)."""
+        out, seen, todo = [], set(), [name]
+        while todo:
+            n = todo.pop()
+            if n in seen or n not in comps:
+                continue
+            seen.add(n)
+            defs = _defs(comps[n])
+            for line in comps[n][1:]:
+                if _WHILE.search(line):
+                    continue
+                m = _MANUAL_CALL.search(line)
+                if m:
+                    out.append((m.group(2), _manual_shards(m.group(1), defs)))
+                    continue
+                for c in _CALLED.finditer(line):
+                    todo.extend(x.strip().lstrip("%") for x in c.group(1).strip("{}").split(",") if x.strip())
+        return tuple(out)
+
+    @functools.cache
     def scaled(name: str) -> float:
         total = cost(name)
         for body, trip in whiles(name):
@@ -189,6 +253,11 @@ def loop_scaled_flops(text: str) -> LoopFlops:
                 trip = 1
             loops.append((body, trip))
             total += trip * scaled(body) - cost(body)
+        for body, shards in manual_regions(name):
+            if shards is None:
+                unknown.append(body)
+                shards = 1
+            total += (shards - 1) * scaled(body)
         return total
 
     raw = cost(entry)
