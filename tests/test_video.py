@@ -254,7 +254,9 @@ def test_future_context_frames_make_k_context_frames_and_one_target(idx, caption
 
 def test_future_context_frames_must_be_a_count():
     with pytest.raises(ValueError, match="future_context_frames: must be an int >= 0, got -1"):
-        RecordDecoder("video", WordTokenizer(), ResizeRule(48, 32, 16), ResizeRule(42, 28, 14), future_context_frames=-1)
+        RecordDecoder(
+            "video", WordTokenizer(), ResizeRule(48, 32, 16), ResizeRule(42, 28, 14), future_context_frames=-1
+        )
 
 
 # --- VLM video SFT ---------------------------------------------------------------------------------------------------
