@@ -15,7 +15,7 @@ Commands (2 CPU cores; the VAE and ViT stages of configs/tiny_repro.py first):
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_ff --config=configs/tiny_future_frame.py:report
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_ff --config=configs/tiny_future_frame.py:report \\
       --params=untrained                                                        # the step-0 baseline
-Expected: next_frame 0.960 (objects 0.951; 100 held-out clips) vs 0.010 untrained (at 4 layers); goal ≥ 0.8; the
+Expected: next_frame 0.960 (objects 0.951; 100 held-out clips) vs 0.010 untrained (objects 0.049); goal ≥ 0.8; the
           runs in docs/EXPERIMENTS.md ("Tiny future-frame run"); training time at load 5–7 on the 2 cores.
 Model:    configs/tiny_repro.py's with 8 MoT layers instead of 4 (hidden 128; one generation token per grid cell at
           48 px), trained with flow times shifted by 3 (``model.timestep_shift``, as the sampler shifts).
