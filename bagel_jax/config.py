@@ -152,6 +152,9 @@ def _data() -> ml_collections.ConfigDict:
             text_cond_dropout_prob=0.1,
             vit_cond_dropout_prob=0.3,
             vae_cond_dropout_prob=0.3,
+            # video records with frame_indexes (data/records.py): 0 = the reference's random split (k ~ U{1..n-1}
+            # context frames, all the rest noised); k > 0 = k context frames → the next frame as the one target
+            future_context_frames=0,
             ce_loss_reweighting=False,
             num_workers=2,
             prefetch=2,
@@ -425,6 +428,11 @@ def _budgets(c):
     )
     for k in ("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"):
         _check(0.0 <= d[k] <= 1.0, f"data.{k}", f"must be in [0, 1], got {d[k]}")
+    _check(
+        isinstance(d.future_context_frames, int) and d.future_context_frames >= 0,
+        "data.future_context_frames",
+        f"must be an int >= 0 (0 = the reference's random split), got {d.future_context_frames!r}",
+    )
     for k, wgt in d.mixture.items():
         _check(wgt >= 0, f"data.mixture.{k}", f"weight must be >= 0, got {wgt}")
     _check(sum(d.mixture.values()) > 0, "data.mixture", "all weights are 0")

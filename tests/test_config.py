@@ -59,6 +59,10 @@ def _probability(c):
     c.data.vit_cond_dropout_prob = 1.5
 
 
+def _future_context(c):
+    c.data.future_context_frames = -1
+
+
 def _vae_size(c):
     c.data.vae_image_size = (60, 64)
 
@@ -113,6 +117,7 @@ BAD = [
     (_choice, "model.attention_impl"),
     (_freeze, "train.freeze"),
     (_probability, "data.vit_cond_dropout_prob"),
+    (_future_context, "data.future_context_frames"),
     (_vae_size, "data.vae_image_size"),
     (_vit_heads, "model.vit.num_heads"),
     (_two_fill, "parallel"),

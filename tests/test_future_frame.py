@@ -49,6 +49,14 @@ def test_moving_shapes_records_become_future_frame_samples(tmp_path):
         assert doc.split_modes[-1] == "noise" and (doc.gen_kind == N).any()
 
 
+def test_moving_shapes_num_frames_fixes_every_clip_length(tmp_path):
+    common.build(moving_shapes.MovingShapes, tmp_path, num_examples=8, num_frames=3)
+    src = common.open_source(str(tmp_path), "moving_shapes")
+    assert [len(src[i]["images"]) for i in range(len(src))] == [3] * 8
+    with pytest.raises(ValueError, match="num_frames: 2 or 3"):
+        moving_shapes.MovingShapes(num_frames=4, data_dir=str(tmp_path / "x"))
+
+
 def test_scorer_gives_one_to_the_truth_and_zero_to_copies_and_blanks():
     ev = future_frame.ShapesFutureFrame(num_examples=12, seed=3)
     truth = {id(c): c for c in ev.examples}

@@ -218,6 +218,47 @@ def test_future_frame_sample_follows_add_video(idx, captions, k):
     np.testing.assert_array_equal(batch["vae_timestep"][0][: len(idx)], ts)
 
 
+@pytest.mark.parametrize(
+    "idx,captions,k,start",
+    [
+        ([0, 1, 2], ["a b", "a b"], 2, 0),  # the moving-shapes eval: 2 context frames -> frame 3
+        ([0, 3, 5, 9, 10], ["a", "b c", "d", "e f g"], 2, 2),  # a window inside a longer clip
+        ([2, 3, 7, 12], [], 1, 1),
+        ([0, 4], ["x"], 3, 0),  # a clip of n <= k frames: its n - 1 frames -> its last
+    ],
+)
+def test_future_context_frames_make_k_context_frames_and_one_target(idx, captions, k, start):
+    dec = RecordDecoder(
+        "video", WordTokenizer(), ResizeRule(48, 32, 16), ResizeRule(42, 28, 14), future_context_frames=k
+    )
+    rec = clip_record(idx, captions)
+    sample = dec(rec, FixedK(start), key=5)
+    k = min(k, len(idx) - 1)
+    win = idx[start : start + k + 1]
+    context, target = sample.segments[0], sample.segments[-1]
+    assert list(context.frame_indexes) == win[:k] and list(target.frame_indexes) == win[k:]
+    # the pixels are the window's frames (frame i is coloured 40 * i): all frames from the default split at k=1
+    every = RecordDecoder("video", WordTokenizer(), ResizeRule(48, 32, 16), ResizeRule(42, 28, 14))(rec, FixedK(1))
+    frames = list(every.segments[0].vae_pixels) + list(every.segments[-1].vae_pixels)
+    for got, want in zip(list(context.vae_pixels) + list(target.vae_pixels), frames[start : start + k + 1]):
+        np.testing.assert_array_equal(got, want)
+    # the layout is the reference's _add_video for the window alone: k clean frames, the one caption into the target
+    rng = np.random.default_rng(0)
+    doc = build_document(dec(rec, FixedK(start), key=5), LAYOUT, rng)
+    text_len = len(captions[start + k - 1].split()) if captions else 0
+    ref_lens, ref_modes, ref_pos, _ = reference_layout(video_plan(k, k + 1, win, text_len, 4, 4))
+    assert doc.split_lens.tolist() == ref_lens and list(doc.split_modes) == ref_modes
+    assert doc.positions().tolist() == ref_pos
+    assert (doc.kinds() == N).sum() == 4 and np.isfinite(doc.vae_timestep).sum() == 1
+
+
+def test_future_context_frames_must_be_a_count():
+    with pytest.raises(ValueError, match="future_context_frames: must be an int >= 0, got -1"):
+        RecordDecoder(
+            "video", WordTokenizer(), ResizeRule(48, 32, 16), ResizeRule(42, 28, 14), future_context_frames=-1
+        )
+
+
 # --- VLM video SFT ---------------------------------------------------------------------------------------------------
 
 

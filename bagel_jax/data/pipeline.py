@@ -176,7 +176,7 @@ def make_dataset(
             ds = ds.shuffle(seed=_seed(d.seed, k, 1))
         ds = ds.repeat(num_epochs)
         vit_rule = img_lib.ResizeRule.from_tuple(d.vit_transform_by_kind[kind] or d.vit_transform)
-        decoder = RecordDecoder(kind, tokenizer, vae_rule, vit_rule, d.max_input_pixels)
+        decoder = RecordDecoder(kind, tokenizer, vae_rule, vit_rule, d.max_input_pixels, d.future_context_frames)
         ds = ds.random_map(DocumentTransform(kind, source, decoder, layout), seed=_seed(d.seed, k, 2, process_index))
         datasets.append(ds)
         weights.append(float(d.mixture[kind]))

@@ -20,6 +20,9 @@ then per kind, ``meta`` → segments:
   reference's ``_add_video`` splits: k ~ U{1..frames-1} context frames as one clean ``Video`` (+ ViT per frame,
   ``cfg``), the captions of the changes from frame k-1 on joined as ``Text(cfg)``, the remaining frames as one
   noised ``Video`` (one shared timestep); RoPE steps by ``frame_delta`` inside each clip split.
+  ``future_context_frames=k`` (> 0) instead makes every such sample k context frames → the next frame as the one
+  target (the layout future-frame evaluation asks for): a window of k + 1 consecutive frames at a random start, and
+  the caption of the change into the target; a clip of n ≤ k frames gives its first n - 1 frames → its last.
 * ``web``: ``{"items": [{"text": str} | {"image": i}]}`` → ``Text(loss=1, cfg)``; an image with text before it
   is generated (``noised``) and, unless last, kept as a condition (``clean`` + ``vit``); a leading image is a
   condition only.
@@ -55,10 +58,13 @@ class RecordDecoder:
     vae_rule: img_lib.ResizeRule
     vit_rule: img_lib.ResizeRule
     max_input_pixels: int = img_lib.DEFAULT_MAX_INPUT_PIXELS
+    future_context_frames: int = 0  # 0: the reference's random split; k > 0: k context frames → the next one
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown data kind {self.kind!r}; known: {KINDS}")
+        if not (isinstance(self.future_context_frames, int) and self.future_context_frames >= 0):
+            raise ValueError(f"future_context_frames: must be an int >= 0, got {self.future_context_frames!r}")
 
     def __call__(self, record, rng: np.random.Generator, key: int = -1, where: str = "") -> Sample:
         rec = parse_record(record, self.kind, where or f"{self.kind} record {key}")
@@ -160,8 +166,13 @@ class RecordDecoder:
 
     def _future_frames(self, fields, ctx, rng):
         n, idx, captions = ctx.num_images, fields["frame_indexes"], fields["captions"]
-        k = int(rng.integers(1, n))
-        context = [ctx.image(i, vae="clean", vit=True) for i in range(k)]
+        if self.future_context_frames:  # a window [s, s + k] of k context frames and the one next frame
+            k = min(self.future_context_frames, n - 1)
+            s = int(rng.integers(0, n - k))
+            idx, captions, n = idx[s : s + k + 1], captions[s : s + k] if captions else captions, k + 1
+        else:
+            s, k = 0, int(rng.integers(1, n))
+        context = [ctx.image(s + i, vae="clean", vit=True) for i in range(k)]
         out = [
             Video(
                 [im.vae_pixels for im in context],
@@ -170,14 +181,14 @@ class RecordDecoder:
                 vit=True,
                 cfg=True,
                 vit_pixels=[im.vit_pixels for im in context],
-                name=f"{ctx.source}: frames 0-{k - 1}",
+                name=f"{ctx.source}: frames {s}-{s + k - 1}",
             )
         ]
         ids = self.tokenizer.encode(" ".join(captions[k - 1 :])) if captions else []
         if ids:
             out.append(Text(ids, loss=False, cfg=True))
-        targets = [ctx.image(i, vae="noised").vae_pixels for i in range(k, n)]
-        out.append(Video(targets, idx[k:], vae="noised", name=f"{ctx.source}: frames {k}-{n - 1}"))
+        targets = [ctx.image(s + i, vae="noised").vae_pixels for i in range(k, n)]
+        out.append(Video(targets, idx[k:], vae="noised", name=f"{ctx.source}: frames {s + k}-{s + n - 1}"))
         return out
 
     def _web(self, fields, ctx, rng):

@@ -4,10 +4,10 @@ blue square moves down"). Stored as ``video`` records with ``frame_indexes`` (0,
 future-frame samples from them (records.py: context frames clean, the later frames noised, ``frame_delta`` RoPE
 steps); ``eval/future_frame.py`` scores the generated next frame with the shape detector.
 
-A shape moves two cells at most on a 3×3 grid, so a clip has 2 or 3 frames; shapes never share a cell in any frame.
-Clip ``i`` depends only on (seed, i).
+A shape moves two cells at most on a 3×3 grid, so a clip has 2 or 3 frames (each at random, or all ``--num_frames``);
+shapes never share a cell in any frame. Clip ``i`` depends only on (seed, num_frames, i).
 
-    python -m bagel_jax.data.builders.moving_shapes --data_dir=/tmp/moving --num_examples=512 [--seed=0]
+    python -m bagel_jax.data.builders.moving_shapes --data_dir=/tmp/moving --num_examples=512 [--seed=0 --num_frames=3]
 """
 
 from __future__ import annotations
@@ -87,8 +87,10 @@ class MovingShapes(common.RecordBuilder):
 
     DESCRIPTION = __doc__
 
-    def __init__(self, *, seed: int = 0, num_examples: int = 512, **kwargs):
-        self.params = dict(seed=seed, num_examples=num_examples)
+    def __init__(self, *, seed: int = 0, num_examples: int = 512, num_frames: int = 0, **kwargs):
+        if num_frames not in (0, 2, 3):
+            raise ValueError(f"num_frames: 2 or 3 (0 = each clip 2 or 3 at random), got {num_frames}")
+        self.params = dict(seed=seed, num_examples=num_examples, num_frames=num_frames)
         super().__init__(**kwargs)
 
     def _metadata(self):
@@ -101,7 +103,8 @@ class MovingShapes(common.RecordBuilder):
         p = self.params
         for i in range(p["num_examples"]):
             rng = np.random.default_rng([p["seed"], 0x50FE, i])
-            clip = draw_clip(rng, int(rng.integers(2, 4)))
+            frames = int(rng.integers(2, 4))
+            clip = draw_clip(rng, p["num_frames"] or frames)
             yield f"clip{i:08d}", clip_record(clip, f"clip{i}")
 
 
@@ -110,8 +113,9 @@ def main(argv=None):
     p.add_argument("--data_dir", required=True)
     p.add_argument("--num_examples", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_frames", type=int, default=0, choices=(0, 2, 3), help="frames per clip; 0 = 2 or 3 at random")
     a = p.parse_args(argv)
-    out = common.build(MovingShapes, a.data_dir, seed=a.seed, num_examples=a.num_examples)
+    out = common.build(MovingShapes, a.data_dir, seed=a.seed, num_examples=a.num_examples, num_frames=a.num_frames)
     print(f"built {NAME} into {out}")
 
 
