@@ -39,7 +39,9 @@ def get_config(arg=None):
     )
     # image slots a few at a time: 3.4 instead of 28 GiB for 12 × 1024² per row; per_chip: each chip sorts its own
     # images and skips its own empty slots (same latents, compiled FLOPs and memory; docs/DESIGN_NOTES.md 55)
-    c.model.vae.update(encode_scan=True, encode_scan_mode="per_chip")
+    # encode_levels=2: a chunk of images that all fit 512 on a side (or 512 × 1024) is encoded at that bucket
+    # (v5p:4x4x4 32K: 3.80 + 23.16 GiB per chip; 23.78 GiB of temporaries with the global slot scan; README)
+    c.model.vae.update(encode_scan=True, encode_scan_mode="per_chip", encode_levels=2)
     c.model.vit.update(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, patch_size=14)
     c.model.vit.scan_layers = True  # one compiled SigLIP layer too
     # und ≈ 35% of the row fits the reference's t2i/vlm/edit mix (benchmarks/pack_fill.py: 97.4% fill; 45K: 97.8%)

@@ -50,7 +50,7 @@ def get_config(arg=None):
         remat="full",
         scan_layers=True,
     )
-    c.model.vae.update(encode_scan=True, encode_scan_mode="per_chip")  # as configs/bagel_7b_mot.py
+    c.model.vae.update(encode_scan=True, encode_scan_mode="per_chip", encode_levels=2)  # as configs/bagel_7b_mot.py
     c.model.vit.update(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, patch_size=14)
     c.data.update(
         seq_len=11520,
