@@ -6,6 +6,7 @@ so a scanned stack of L layers counts as one layer. ``loop_scaled_flops`` runs t
 whole module and on each loop body, and adds ``trip × body − body`` per loop, innermost first::
 
     scaled(C) = cost(C) + Σ_{loops W reached from C} (trip_W · scaled(body_W) − cost(body_W))
+                        + Σ_{shard_map bodies M reached from C} (shards_M · scaled(M) − cost(M))
 
 Trip counts come from the loop's ``known_trip_count`` backend config, else from its condition ``i < N`` (or
 ``i <= N``) with ``i`` starting at a constant (jax's scans count 0..N-1). A loop whose count cannot be read counts
@@ -13,7 +14,7 @@ once and is listed in ``unknown``. Works on compiled (per-device, after SPMD par
 before optimisation) HLO text. Pallas kernels (custom calls) count 0, as in XLA.
 
 In lowered (global) HLO a ``shard_map`` region is a call of one chip's body (Shardy's
-``xla.sdy.manual_computation_body``): it is counted once per distinct shard, ``+ (shards − 1) · scaled(body)``,
+``xla.sdy.manual_computation_body``): it is counted once per distinct shard (the second sum above),
 shards = the largest global / local size ratio of its inputs (chips holding a repeated shard add no model FLOPs);
 a region whose inputs cannot be read counts once and is listed in ``unknown``. Compiled HLO has no such regions
 (every op is already one chip's).
@@ -205,59 +206,45 @@ def loop_scaled_flops(text: str) -> LoopFlops:
         return _cost(re.sub(r"stack_frame_id=\d+", "", text) if name == entry else _module(header, comps, name))
 
     @functools.cache
-    def whiles(name: str) -> tuple[tuple[str, int | None], ...]:
-        """Loops reached from ``name`` without entering another loop's body: (body, trip)."""
-        out, seen, todo = [], set(), [name]
+    def reached(name: str) -> tuple[tuple[tuple[str, int | None], ...], tuple[tuple[str, int | None], ...]]:
+        """The loops and the ``shard_map`` bodies reached from ``name`` through plain calls, without entering a loop's
+        or a ``shard_map``'s body: ((body, trip count), ...), ((body, distinct shards), ...)."""
+        loops, manual, seen, todo = [], [], set(), [name]
         while todo:
             n = todo.pop()
             if n in seen or n not in comps:
                 continue
             seen.add(n)
+            defs = None
             for line in comps[n][1:]:
                 w = _WHILE.search(line)
                 if w:
-                    out.append((w.group(3), _trip_count(line, comps, comps[n])))
-                    continue
-                for m in _CALLED.finditer(line):
-                    todo.extend(x.strip().lstrip("%") for x in m.group(1).strip("{}").split(",") if x.strip())
-        return tuple(out)
-
-    @functools.cache
-    def manual_regions(name: str) -> tuple[tuple[str, int | None], ...]:
-        """``shard_map`` bodies called from ``name`` (through plain calls, not into loop or other manual bodies):
-        (body, distinct shards)."""
-        out, seen, todo = [], set(), [name]
-        while todo:
-            n = todo.pop()
-            if n in seen or n not in comps:
-                continue
-            seen.add(n)
-            defs = _defs(comps[n])
-            for line in comps[n][1:]:
-                if _WHILE.search(line):
+                    loops.append((w.group(3), _trip_count(line, comps, comps[n])))
                     continue
                 m = _MANUAL_CALL.search(line)
                 if m:
-                    out.append((m.group(2), _manual_shards(m.group(1), defs)))
+                    defs = _defs(comps[n]) if defs is None else defs
+                    manual.append((m.group(2), _manual_shards(m.group(1), defs)))
                     continue
                 for c in _CALLED.finditer(line):
                     todo.extend(x.strip().lstrip("%") for x in c.group(1).strip("{}").split(",") if x.strip())
-        return tuple(out)
+        return tuple(loops), tuple(manual)
 
     @functools.cache
     def scaled(name: str) -> float:
         total = cost(name)
-        for body, trip in whiles(name):
+        whiles, regions = reached(name)
+        for body, trip in whiles:
             if trip is None:
                 unknown.append(body)
                 trip = 1
             loops.append((body, trip))
             total += trip * scaled(body) - cost(body)
-        for body, shards in manual_regions(name):
+        for body, shards in regions:
             if shards is None:
                 unknown.append(body)
                 shards = 1
-            total += (shards - 1) * scaled(body)
+            total += shards * scaled(body) - cost(body)
         return total
 
     raw = cost(entry)
