@@ -54,7 +54,8 @@ def free_port() -> int:
 
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
-    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **extra)
+    # no persistent compilation cache across jax.distributed processes: each compiles its own programs, as a pod does
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false", **extra)
     return env
 
 
