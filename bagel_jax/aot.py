@@ -24,6 +24,7 @@ LanguageModel alone on text and gen token slots: CE + a stand-in squared loss on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -341,24 +342,31 @@ def plan(config, devices: list, loss: str | None = None) -> dict[str, Any]:
     return info
 
 
+@contextlib.contextmanager
+def no_compilation_cache_writes():
+    """No JAX persistent-cache entries are written inside: a compile-only TPU executable cannot be loaded back (no
+    TPU client to load it into), so with a cache dir set for CPU work it would only add entries that fail to read."""
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
+
 def _compile(lowered, info: dict[str, Any]):
     """``lowered.compile()``, recording ``compile_seconds`` in ``info``; None when the plan does not fit, with
     ``oom`` (XLA's first line) and ``oom_detail`` (its list of the largest allocations: what dominates) in ``info``."""
     t0 = time.perf_counter()
-    min_cached = jax.config.jax_persistent_cache_min_compile_time_secs
     try:
-        # a compile-only TPU executable cannot be loaded back from JAX's persistent cache (no client to load it
-        # into): with a cache dir set for CPU work it would only add entries that fail to read, so none is written
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
-        compiled = lowered.compile()
+        with no_compilation_cache_writes():
+            compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         lines = str(e).strip().splitlines()
         info.update(oom=lines[0], oom_detail=lines[1:OOM_DETAIL_LINES], compile_seconds=time.perf_counter() - t0)
         return None
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_cached)
     info["compile_seconds"] = time.perf_counter() - t0
     return compiled
 

@@ -40,9 +40,7 @@ def _no_cache_writes_for_tpu_programs(request):
     if request.node.get_closest_marker("tpu") is None:
         yield
         return
-    before = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
-    try:
+    from bagel_jax.aot import no_compilation_cache_writes
+
+    with no_compilation_cache_writes():
         yield
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
