@@ -25,8 +25,8 @@ group choice, the overflow buffer, ``pack_sequence``, ``to_tensor``) on an insta
 (no dataset files), ``use_flex=False`` (one dense [L, L] mask per sample, ``nested_attention_masks``: the only path
 with a CPU backward), ``max_num_tokens = expected_num_tokens = --packs``, ``prefer_buffer_before`` = half of that
 (the official 16384 / 32768), buffer 50; CFG dropout text 0.1 / ViT 0.3 / VAE 0.3 (the train script's values and
-ours); interpolated position ids, timestep shift 3.0 (configs/tiny_repro.py). Groups and weights as tiny_repro's
-mixture, t2i / vlm / edit = 2.0 / 1.5 / 0.5 (t2i and vlm ``is_mandatory`` as in example.yaml, so that every pack has
+ours); interpolated position ids, timestep shift 3.0 (configs/tiny_repro.py). Groups and weights as step_speed.py pins
+them, t2i / vlm / edit = 2.0 / 1.5 / 0.5 (t2i and vlm ``is_mandatory`` as in example.yaml, so that every pack has
 a ViT image and a noised VAE image, which the official forward requires). Samples have the official datasets'
 layouts and our synthetic shapes' sizes; pixels are random and text ids random in the 508 non-special ids (speed
 does not depend on either):
