@@ -6,7 +6,7 @@ and the third frame noised (the reference's ``_add_video`` layout with ``data.fu
 the scorer asks for). eval/future_frame.py scores the generated third frame of held-out clips with the shape
 detector (every shape at its next cell, right shape and colour, nothing else).
 
-Commands (2 CPU cores; the VAE and ViT stages of configs/tiny_repro.py first):
+Commands (2 CPU cores; the 64-px VAE of configs/tiny_vae.py, which the score below used, and the ViT stage):
   python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py --workdir=/tmp/tiny_vae        # ~9 min
   python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~1 min
   python -m bagel_jax.data.builders.moving_shapes --data_dir=/tmp/bagel_ff/data --num_examples=20000 --num_frames=3

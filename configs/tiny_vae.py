@@ -16,6 +16,8 @@ Loss:     L2 + 1e-6 · per-element KL (no LPIPS / GAN terms, which FLUX's own tr
           cosine to 1e-5 after 100 warmup steps, batch 8; the final (non-EMA) weights are exported.
 Data:     2000 t2i images (data.seed 42: its first 200 are the tiny_shapes run's); held-out PSNR on 64 images
           rendered with vae_stage.eval_seed 1042.
+:repro    the small-scale reproduction's VAE (configs/tiny_repro.py's commands): only what that run feeds its VAE,
+          square scenes at 48 px, 1000 steps: 245 s on 2 idle cores (0.19 s/step), held-out PSNR 33.3 dB (EMA 32.6).
 """
 
 import os
@@ -55,4 +57,10 @@ def get_config(arg=None):
         stats_images=256,
         export="params",
     )  # the section only the VAE stage reads
+    if arg == "repro":  # the reproduction's VAE images only: square scenes at 48 px (configs/tiny_repro.py)
+        c.name = "tiny_vae_repro"
+        c.data.update(synthetic_square=True, vae_transform=(48, 48, 16), vae_image_size=(48, 48))
+        c.train.update(steps=1000)
+    elif arg not in (None, ""):
+        raise ValueError(f"configs/tiny_vae.py: unknown argument {arg!r} (none, or 'repro' for the 48-px scenes)")
     return c

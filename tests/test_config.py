@@ -5,6 +5,7 @@ import os
 import pathlib
 
 import ml_collections
+import numpy as np
 import pytest
 
 from bagel_jax.config import (
@@ -194,6 +195,20 @@ def test_tiny_repro_report_evals():
     assert len(evaluators["geneval"].evaluator.samples) == 6 * 16 * 4 and not any(s.every for s in evaluators.values())
     with pytest.raises(ValueError, match="tiny_repro.py: unknown argument 'big'"):
         shipped_config("tiny_repro:big")
+
+
+def test_tiny_vae_repro_trains_on_what_tiny_repro_feeds_its_vae():
+    """configs/tiny_vae.py:repro: the VAE images of configs/tiny_repro.py (the same resize rule, canvas and square
+    scenes), and the same VAE; a valid VAE-stage config; an unknown argument names the file."""
+    from bagel_jax.train.vae_train import validate_vae_config
+
+    vae, bagel = shipped_config("tiny_vae:repro"), shipped_config("tiny_repro")
+    validate_vae_config(vae)
+    for key in ("vae_transform", "vae_image_size", "synthetic_square"):
+        assert tuple(np.ravel(vae.data[key])) == tuple(np.ravel(bagel.data[key])), key
+    assert vae.model.vae.to_dict() == bagel.model.vae.to_dict()
+    with pytest.raises(ValueError, match="tiny_vae.py: unknown argument 'big'"):
+        shipped_config("tiny_vae:big")
 
 
 def test_unknown_keys_name_the_nearest_valid_key():
