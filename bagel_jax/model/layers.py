@@ -50,6 +50,19 @@ def dense(features: int, names: tuple[str, str], name: str, dtype, param_dtype) 
     )
 
 
+def without_unit_lead(fn, x):
+    """``fn(x)`` computed on x [1, ..., 1, *rest] with its leading size-1 axes dropped (at least 2 axes kept).
+
+    Same values; XLA:CPU runs the backward of a norm whose input has a leading unit axis (a one-row packed batch
+    [1, T, D]) 5–10× slower (the scale's gradient, a reduction over axes (0, 1), takes a slow path; 50 ms against
+    5 ms at [1, 4096, 512]: docs/EXPERIMENTS.md). A unit axis is never sharded, so dropping it is free under a mesh.
+    """
+    lead = 0
+    while lead < x.ndim - 2 and x.shape[lead] == 1:
+        lead += 1
+    return fn(x.reshape(x.shape[lead:])).reshape(*x.shape[:-1], -1) if lead else fn(x)
+
+
 class RMSNorm(nn.Module):
     """Qwen2RMSNorm over the last axis. x [..., F] → [..., F] in x's dtype; param ``scale`` [F].
 
@@ -68,9 +81,13 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             self.param_dtype,
         )
-        x32 = x.astype(jnp.float32)
-        normed = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+        def norm(x):
+            x32 = x.astype(jnp.float32)
+            normed = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+            return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+        return without_unit_lead(norm, x)
 
 
 def flat_mlp(mlp_tokens: str) -> bool:

@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from bagel_jax.attention import attention
 from bagel_jax.attention.mask import KV_HI_INF, MaskMeta
 from bagel_jax.model.embeddings import activation
-from bagel_jax.model.layers import dense, flat_mlp
+from bagel_jax.model.layers import dense, flat_mlp, without_unit_lead
 from bagel_jax.model.remat import remat
 
 TOKENS = ("activation_batch", "activation_patches", "activation_embed")
@@ -109,11 +109,11 @@ class SiglipEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, meta: MaskMeta):
         v = self.vit
-        h = _layer_norm(v.layer_norm_eps, "layer_norm1", self.param_dtype)(x).astype(self.dtype)
+        h = without_unit_lead(_layer_norm(v.layer_norm_eps, "layer_norm1", self.param_dtype), x).astype(self.dtype)
         x = x + SiglipAttention(
             v.hidden_size, v.num_heads, self.attention_impl, self.dtype, self.param_dtype, name="self_attn"
         )(h, meta)
-        h = _layer_norm(v.layer_norm_eps, "layer_norm2", self.param_dtype)(x).astype(self.dtype)
+        h = without_unit_lead(_layer_norm(v.layer_norm_eps, "layer_norm2", self.param_dtype), x).astype(self.dtype)
         mlp = SiglipMLP(
             v.hidden_size, v.intermediate_size, v.hidden_act, self.dtype, self.param_dtype, self.flat_mlp, name="mlp"
         )
@@ -190,5 +190,5 @@ class SiglipNaViT(nn.Module):
             layer_cls = remat(SiglipEncoderLayer, cfg.get("remat", "none"))
             for i in range(v.num_layers):
                 x = layer_cls(v, cfg.attention_impl, dtype, param_dtype, flat, name=f"layers_{i}")(x, meta)
-        x = _layer_norm(v.layer_norm_eps, "post_layernorm", param_dtype)(x).astype(dtype)
+        x = without_unit_lead(_layer_norm(v.layer_norm_eps, "post_layernorm", param_dtype), x).astype(dtype)
         return nn.with_logical_constraint(x, TOKENS)
