@@ -114,7 +114,9 @@ def _backward(cfg: _Config, q, k, v, qm, km, sched, out, lse, do):
     qb, kb, vb, qmb, kmb = _blocks(cfg, q, k, v, qm, km)
     bsz, n_q, bq, hkv, g, hd = qb.shape
     dob = do.reshape(qb.shape)
-    di = jnp.sum(out.astype(jnp.float32).reshape(qb.shape) * dob.astype(jnp.float32), axis=-1)
+    # rowsum(out · do) as a batched dot: XLA:CPU's fused multiply-reduce over an array with a leading unit axis
+    # (a one-row batch) is ~40× slower (docs/EXPERIMENTS.md)
+    di = jnp.einsum("...d,...d->...", out.astype(jnp.float32).reshape(qb.shape), dob.astype(jnp.float32))
     di = di.transpose(0, 1, 3, 4, 2)  # [B, n_q, Hkv, G, bq] like lse
     sched = _padded(cfg, sched)
 
@@ -168,6 +170,19 @@ def default_block(length: int, backend: str | None = None) -> int:
     return block
 
 
+CPU_CHUNK_BYTES = 4 << 20
+
+
+def default_chunk(q_blocks: int, q_tile_bytes: int, backend: str | None = None) -> int:
+    """Block pairs per loop step: the number of q blocks; on CPU at most what keeps one chunk's gathered q tiles
+    within ``CPU_CHUNK_BYTES`` (cache-sized: at head_dim 128 a 4K pack's fwd+bwd takes 0.08 s in chunks of 64
+    against 0.11 s in chunks of 128; docs/EXPERIMENTS.md), and at least 16."""
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu":
+        return max(1, q_blocks)
+    return max(1, min(q_blocks, max(16, CPU_CHUNK_BYTES // q_tile_bytes)))
+
+
 def gpu_attention(
     q,
     k,
@@ -187,7 +202,8 @@ def gpu_attention(
       q_meta, kv_meta: MaskMeta int32[B, Lq] / int32[B, Lkv] (kv_meta defaults to q_meta).
       scale: softmax scale, default 1/sqrt(hd).
       block_q, block_kv: tile sizes (multiples of 8; clipped to the padded sequence); default ``default_block``.
-      chunk: block pairs per loop iteration (default: the number of q blocks per batch).
+      chunk: block pairs per loop iteration (default ``default_chunk``: the number of q blocks per batch, on CPU
+        capped to a cache-sized chunk).
 
     Returns:
       [B, Lq, Hq, hd] in q's dtype; queries with no allowed key give zeros.
@@ -203,7 +219,7 @@ def gpu_attention(
             raise ValueError(f"attention {name} must be a positive multiple of 8, got {val}")
     bq, bkv = min(block_q, round_up(lq, 8)), min(block_kv, round_up(lkv, 8))
     lq_p, lkv_p = round_up(lq, bq), round_up(lkv, bkv)
-    chunk = max(1, lq_p // bq) if chunk is None else int(chunk)
+    chunk = default_chunk(lq_p // bq, bq * hq * hd * jnp.dtype(q.dtype).itemsize) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"attention chunk must be >= 1, got {chunk}")
     cfg = _Config(

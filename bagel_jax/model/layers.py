@@ -51,16 +51,17 @@ def dense(features: int, names: tuple[str, str], name: str, dtype, param_dtype) 
 
 
 def without_unit_lead(fn, x):
-    """``fn(x)`` computed on x [1, ..., 1, *rest] with its leading size-1 axes dropped (at least 2 axes kept).
+    """``fn(x)`` (shape-preserving) computed on x [1, ..., 1, *rest] with its leading size-1 axes dropped (at least 2
+    axes kept).
 
-    Same values; XLA:CPU runs the backward of a norm whose input has a leading unit axis (a one-row packed batch
-    [1, T, D]) 5–10× slower (the scale's gradient, a reduction over axes (0, 1), takes a slow path; 50 ms against
-    5 ms at [1, 4096, 512]: docs/EXPERIMENTS.md). A unit axis is never sharded, so dropping it is free under a mesh.
+    Same values; on XLA:CPU (jax 0.10) a reduction fused with its elementwise producers over an array with a leading
+    unit axis (a one-row packed batch [1, T, D]) takes a slow path (YNNPACK's reduce fusion): a norm's backward at
+    [1, 4096, 512] 50 ms against 5 ms (docs/EXPERIMENTS.md). A unit axis is never sharded: free under a mesh.
     """
     lead = 0
     while lead < x.ndim - 2 and x.shape[lead] == 1:
         lead += 1
-    return fn(x.reshape(x.shape[lead:])).reshape(*x.shape[:-1], -1) if lead else fn(x)
+    return fn(x.reshape(x.shape[lead:])).reshape(x.shape) if lead else fn(x)
 
 
 class RMSNorm(nn.Module):
