@@ -25,23 +25,23 @@ images only) and the MLPs on [B·T, D] (model/layers.py ``flat_mlp``). Times are
 shared: rerun for stable numbers; the printed CPU s/step (process CPU time, all threads) is less sensitive to other
 jobs.
 
-Measured side by side with the official PyTorch code (2 idle cores, fp32, one script: this file with ``--impls auto
---models 96x3,256x4,512x8 --steps 5``, then ``benchmarks/official_step_speed.py`` with the same models, packs and
-steps, ``--threads 2``; the official packs are built by its own ``PackedDataset`` loop from samples of the same
-layout and mixture; docs/EXPERIMENTS.md):
+Measured side by side with the official PyTorch code (2 idle cores, fp32: this file with ``--impls auto --models
+96x3,256x4,512x8 --steps 5``, then ``benchmarks/official_step_speed.py`` with the same models, packs and steps,
+``--threads 2``; the official packs are built by its own ``PackedDataset`` loop from samples of the same layout and
+mixture; two runs, docs/EXPERIMENTS.md, seventh session):
 
-| model | pack | ours: real tokens, s/step, tokens/s | official: real tokens, s/step, tokens/s | ours ÷ official |
+| model | pack | ours: real tokens, s/step | official: real tokens, s/step | ours ÷ official tokens/s |
 |---|---|---|---|---|
-| 96×3 | 1024 | 1003, 0.127, 7892 | 1014, 0.125, 8081 | 0.98× |
-| 256×4 | 1024 | 1003, 0.336, 2989 | 1014, 0.281, 3606 | 0.83× |
-| 512×8 | 1024 | 1003, 1.531, 655 | 1014, 1.318, 769 | 0.85× |
-| 96×3 | 4096 | 3965, 0.454, 8739 | 4083, 0.316, 12909 | 0.68× |
-| 256×4 | 4096 | 3965, 1.127, 3520 | 4083, 0.868, 4705 | 0.75× |
-| 512×8 | 4096 | 3965, 5.469, 725 | 4083, 4.438, 920 | 0.79× |
+| 96×3 | 1024 | 1003, 0.138 / 0.123 | 1014, 0.118 / 0.112 | 0.84× / 0.90× |
+| 256×4 | 1024 | 1003, 0.324 / 0.327 | 1014, 0.303 / 0.284 | 0.92× / 0.86× |
+| 512×8 | 1024 | 1003, 1.548 / 1.462 | 1014, 1.401 / 1.364 | 0.90× / 0.92× |
+| 96×3 | 4096 | 3965, 0.390 / 0.384 | 4083, 0.355 / 0.321 | 0.88× / 0.81× |
+| 256×4 | 4096 | 3965, 1.062 / 1.012 | 4083, 0.964 / 0.909 | 0.88× / 0.87× |
+| 512×8 | 4096 | 3965, 4.939 / 4.815 | 4083, 4.719 / 4.498 | 0.93× / 0.91× |
 
-On these packs the official step is faster at every size. Its figures are 1.4–3.3× better than those in issue 27's
-table (e.g. 96×3 at 4K: 0.316 s for 4083 tokens against 1.037 s for 4030): that table's packs were built from another
-layout (its VAE encode of 34 images took 0.86 s). Against that table our tokens/s are 1.11–2.25×.
+On these packs the official step is still faster at every size (the previous session: 0.68–0.98×). Its figures are
+better than those in issue 27's table (e.g. 96×3 at 4K: 0.32–0.36 s for 4083 tokens against 1.037 s for 4030): that
+table's packs were built from another layout (its VAE encode of 34 images took 0.86 s).
 
 Against the dense reference (a loaded CPU, an earlier run): 96×3 / 1024: 12.546 → 0.734 s/step (17.1×); 96×3 /
 4096: 27.76 → 0.994 CPU s/step (27.9×).
