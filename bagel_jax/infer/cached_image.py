@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax import xla_cpu
 from bagel_jax.attention.mask import MaskMeta
 from bagel_jax.infer.buckets import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS, batch_bucket
 from bagel_jax.infer.cache import ImageQuery, image_velocity, prefill
@@ -99,7 +100,7 @@ def _build_sampler(model: Bagel):
         x, trajectory = jax.lax.scan(step, x, (ts, dts, inside))
         return x, trajectory
 
-    return jax.jit(run, static_argnames=("renorm_type", "with_trajectory"))
+    return xla_cpu.jit(run, static_argnames=("renorm_type", "with_trajectory"))
 
 
 def _build_velocity(model: Bagel):
@@ -110,7 +111,7 @@ def _build_velocity(model: Bagel):
         x_rows = jnp.tile(x, (batch.kind.shape[0] // n, 1, 1))
         return model.apply({"params": params}, cache, query, x_rows, t, method=image_velocity)
 
-    return jax.jit(run)
+    return xla_cpu.jit(run)
 
 
 @dataclasses.dataclass

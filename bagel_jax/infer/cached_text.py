@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax import xla_cpu
 from bagel_jax.attention.mask import MaskMeta
 from bagel_jax.infer.buckets import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT_TOKENS, batch_bucket, round_bucket
 from bagel_jax.infer.cache import prefill, text_step
@@ -98,7 +99,7 @@ def _build_decoder(model: Bagel):
         _, _, _, ids, lengths, _, logits_seen, stopped_by = jax.lax.while_loop(cond, body, state)
         return ids, lengths, (logits_seen if with_logits else None), stopped_by
 
-    return jax.jit(run, static_argnames=("slots", "do_sample", "with_logits", "bos", "stop_ids"))
+    return xla_cpu.jit(run, static_argnames=("slots", "do_sample", "with_logits", "bos", "stop_ids"))
 
 
 class CachedTextGenerator(ProgramRunner):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax import xla_cpu
 from bagel_jax.infer.context import Rows, layout_for, pack_rows, query_image, vae_canvas
 from bagel_jax.infer.noise import flow_noise, place_posterior, posterior_canvas
 from bagel_jax.model.bagel import Bagel, shift_timestep
@@ -121,7 +122,7 @@ class ImageSampler:
             return model.apply({"params": params}, batch, posterior_noise=posterior, method=Bagel.encode_latents)
 
         self._velocity = jax.jit(velocity)
-        self._encode = jax.jit(encode)
+        self._encode = xla_cpu.jit(encode)
 
     def rows(self, contexts: Sequence[Sequence], image_hw: tuple[int, int]) -> Rows:
         """One row per context, each followed by the query image of size ``image_hw``."""
@@ -251,7 +252,7 @@ def _decoder(vae_cfg, patch: int, placement_key: tuple = ()):
             z = unpatchify_latent(tokens, grid_hw[0], grid_hw[1], patch)
             return vae.apply({"params": params}, denormalize_latent(z, vae_cfg), method="decode")
 
-        _DECODERS[key] = jax.jit(run, static_argnames="grid_hw")
+        _DECODERS[key] = xla_cpu.jit(run, static_argnames="grid_hw")
     return _DECODERS[key]
 
 

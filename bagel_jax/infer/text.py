@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax import xla_cpu
 from bagel_jax.infer.context import layout_for, pack_rows, query_text, vae_canvas
 from bagel_jax.infer.noise import place_posterior, posterior_canvas
 from bagel_jax.model.bagel import Bagel
@@ -40,7 +41,7 @@ class TextGenerator:
             return model.apply({"params": params}, batch, posterior_noise=posterior, method=Bagel.encode_latents)
 
         self._step = jax.jit(step)
-        self._encode = jax.jit(encode)
+        self._encode = xla_cpu.jit(encode)
         self._visual_gen = cfg.visual_gen
 
     def generate(

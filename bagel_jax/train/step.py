@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bagel_jax import xla_cpu
 from bagel_jax.config import ConfigError
 from bagel_jax.convert import param_subtree
 from bagel_jax.parallel.mesh import batch_shards, batch_spec, use_mesh
@@ -210,8 +211,9 @@ class TrainStep:
     def __init__(self, step_fn, mesh: Mesh, rules, state_shardings: TrainState, donate: bool):
         self.mesh, self.rules = mesh, rules
         batch_sharding = NamedSharding(mesh, batch_spec(rules))
-        self.jitted = jax.jit(
+        self.jitted = xla_cpu.jit(
             step_fn,
+            platform=mesh.devices.flat[0].platform,
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=(state_shardings, NamedSharding(mesh, P())),
             donate_argnums=(0,) if donate else (),

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax import xla_cpu
 from bagel_jax.config import ConfigError, validate
 from bagel_jax.convert.vae_export import EXPORT_DIR, STATS_FILE, export_vae, load_latent_stats
 from bagel_jax.data import images as img_lib
@@ -275,7 +276,7 @@ class ReconEval:
             out_sample = model.apply({"params": params}, sample, hw // f, method=FluxVAE.decode)
             return psnr(out_mean, x, pix), psnr(out_sample, x, pix), out_mean
 
-        self._recon = jax.jit(recon)
+        self._recon = xla_cpu.jit(recon)
 
     def __call__(self, params, rng=None) -> tuple[dict[str, float], np.ndarray]:
         """({"psnr": dB, "psnr_sample": dB}, uint8 grid [n, H, 2W, 3] of the first eval batch)."""
@@ -303,7 +304,7 @@ def latent_stats(
     params = jax.device_get(params)
     f = model.downsample
 
-    @jax.jit
+    @xla_cpu.jit
     def moments(images, hw, rng):
         mean, logvar = model.apply({"params": params}, to_unit(images), hw, method=FluxVAE.encode)
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, jnp.float32)
