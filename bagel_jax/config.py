@@ -61,6 +61,7 @@ def _model() -> ml_collections.ConfigDict:
             attention_block_q=512,
             attention_block_kv=512,
             mlp_tokens="auto",  # auto | batched | flat: MLPs on [B, T, D] or [B·T, D] (auto: flat on CPU; same result)
+            vit_patches="auto",  # auto | all | used: the ViT on every patch slot or the used prefix (auto: CPU used)
             remat="none",  # none | full | dots | save_* | offload_* (REMAT_POLICIES: each decoder and SigLIP layer)
             scan_layers=False,
             ce_chunk=4096,  # label (or und) slots per chunk of the LM-head CE: [rows, chunk, vocab] f32 logits
@@ -295,6 +296,7 @@ CHOICES = {
     "model.attention_impl": ("reference", "tpu", "gpu", "auto"),
     "model.remat": ("none", *REMAT_POLICIES),
     "model.mlp_tokens": ("auto", "batched", "flat"),
+    "model.vit_patches": ("auto", "all", "used"),
     "model.vae.dtype": ("float32", "bfloat16"),
     "model.vae.encode": ("auto", "masked", "by_size"),
     "model.vae.encode_scan_mode": ("per_chip", "global"),

@@ -21,7 +21,9 @@ speed-up = reference seconds ÷ auto seconds. ``reference`` is the dense oracle 
 head) with the VAE encoding every image slot's full masked canvas (``model.vae.encode="masked"``) and the MLPs on
 [B, T, D] (``model.mlp_tokens="batched"``): this project's CPU step before ``auto``; ``auto`` resolves, on CPU, to
 the XLA block-sparse path (attention/gpu.py, 32-token tiles), the VAE encode by size (model/vae_batch.py: real
-images only) and the MLPs on [B·T, D] (model/layers.py ``flat_mlp``). Times are wall clock on a machine that may be
+images only), the MLPs on [B·T, D] (model/layers.py ``flat_mlp``) and the ViT on the used prefix of its patch slots
+(model/vit_prefix.py; the reference runs it on all ``max_vit_patches`` slots). Both compile with XLA's own
+convolutions (bagel_jax/xla_cpu.py). Times are wall clock on a machine that may be
 shared: rerun for stable numbers; the printed CPU s/step (process CPU time, all threads) is less sensitive to other
 jobs.
 
@@ -110,9 +112,11 @@ def bench_config(data_dir: str, seq_len: int, hidden: int, layers: int, impl: st
         attention_impl=impl,
     )
     # the dense oracle's step encodes every VAE slot's full masked canvas and runs the MLPs on [B, T, D] (this
-    # project's CPU step before); auto encodes the real images by size and runs the MLPs on [B·T, D]
+    # project's CPU step before); auto encodes the real images by size, runs the MLPs on [B·T, D] and the ViT on the
+    # used prefix of its patch slots
     c.model.vae.encode = "masked" if impl == "reference" else "auto"
     c.model.mlp_tokens = "batched" if impl == "reference" else "auto"
+    c.model.vit_patches = "all" if impl == "reference" else "auto"
     c.evals = {}
     c.train.update(sample_every=0, warmup_steps=1)
     return validate(c)

@@ -59,6 +59,7 @@ from bagel_jax.model.vae_batch import (
     zero_beyond,
 )
 from bagel_jax.model.vae_per_chip import dividing_axes, encode_per_chip
+from bagel_jax.model.vit_prefix import on_used_prefix, resolve_vit_patches
 from bagel_jax.parallel.rules import MESH_AXES, as_mesh_axes
 
 
@@ -188,7 +189,12 @@ class Bagel(nn.Module):
         x = self.language_model.embed(batch.text_ids)
         x = jnp.where((kind_und == KIND_TEXT)[..., None], x, jnp.zeros_like(x))
         if cfg.visual_und:
-            vit = self.vit_model(pixels_to_unit(batch.vit_patches), batch.vit_pos, batch.vit_image)
+            vit_in = (pixels_to_unit(batch.vit_patches), batch.vit_pos, batch.vit_image)
+            if resolve_vit_patches(cfg.get("vit_patches", "auto")) == "used" and not self.is_initializing():
+                vit_model, variables = self.vit_model.clone(parent=None), {"params": self.vit_model.variables["params"]}
+                vit = on_used_prefix(lambda *a: vit_model.apply(variables, *a), *vit_in)
+            else:
+                vit = self.vit_model(*vit_in)
             vit = self.connector(vit) + self.vit_pos_embed(batch.vit_pos)
             x = _scatter_rows(x, batch.vit_slot, vit)
         return nn.with_logical_constraint(x, HIDDEN_AXES)

@@ -1,0 +1,95 @@
+"""``model.vit_patches``: the ViT over the used prefix of the patch slots equals the ViT over every slot."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bagel_testlib as lib
+from bagel_jax.model.bagel import Bagel
+from bagel_jax.model.vit_prefix import on_used_prefix, prefix_sizes, resolve_vit_patches, used_patch_slots
+
+
+@given(slots=st.integers(1, 5000), branches=st.integers(1, 6), multiple=st.sampled_from([1, 8, 32]))
+def test_prefix_sizes(slots, branches, multiple):
+    sizes = prefix_sizes(slots, branches, multiple)
+    assert sizes[-1] == slots and list(sizes) == sorted(set(sizes)) and len(sizes) <= branches
+    assert all(0 < n <= slots and (n == slots or n % multiple == 0) for n in sizes)
+    for k in range(branches):  # every halving is covered by a size no larger than it rounded up
+        target = slots / 2**k
+        assert any(target <= n <= max(target, multiple * np.ceil(target / multiple)) for n in sizes)
+
+
+def _mixing_vit(patches, pos_ids, image_ids):
+    """A stand-in ViT whose outputs mix every patch of an image (segment sums) and depend on positions: [B, n, 3]."""
+    same = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] > 0)
+    pooled = jnp.einsum("bqk,bkf->bqf", same.astype(patches.dtype), patches)
+    return jnp.stack([pooled.sum(-1), jnp.sin(pos_ids.astype(jnp.float32)) * patches[..., 0], pooled[..., -1]], -1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), rows=st.integers(1, 3), slots=st.integers(1, 300))
+def test_used_prefix_equals_all_slots(data, rows, slots):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    image_ids = np.zeros((rows, slots), np.int32)
+    for r in range(rows):  # images packed from the front, as the packer fills the slots
+        used = data.draw(st.integers(0, slots))
+        start, image = 0, 1
+        while start < used:
+            size = int(rng.integers(1, 20))
+            image_ids[r, start : min(used, start + size)] = image
+            start, image = start + size, image + 1
+    patches = jnp.asarray(rng.standard_normal((rows, slots, 4)), jnp.float32)
+    pos_ids = jnp.asarray(rng.integers(0, 64, (rows, slots)), jnp.int32)
+    ids = jnp.asarray(image_ids)
+    want = np.asarray(_mixing_vit(patches, pos_ids, ids))
+    got = np.asarray(jax.jit(lambda *a: on_used_prefix(_mixing_vit, *a, multiple=8))(patches, pos_ids, ids))
+    real = image_ids > 0
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-6, atol=1e-6)
+    assert int(used_patch_slots(ids)) == (
+        max(int(np.nonzero(row)[0].max()) + 1 for row in real if row.any()) if real.any() else 0
+    )
+
+
+def test_modes():
+    assert resolve_vit_patches("all") == "all" and resolve_vit_patches("used") == "used"
+    assert resolve_vit_patches("auto") == ("used" if jax.default_backend() == "cpu" else "all")
+    with pytest.raises(ValueError, match="model.vit_patches"):
+        resolve_vit_patches("some")
+
+
+def test_bagel_used_prefix_equals_all_slots():
+    """The whole model (fp32): outputs and every gradient, ViT ones included, with rows whose used prefixes differ
+    and a cap of 160 slots, so the step runs a shorter branch than all slots."""
+    config, cfg, params, _ = lib.tiny_setup()
+    lay, b = lib.layout(cfg), lib.budgets(max_vit_patches=160)
+    docs = lib.documents(lib.four_samples(), lay)
+    batch = lib.packed_batch([docs, docs[1:3]], b)
+    _, noise = lib.image_noise([docs, docs[1:3]], b)
+    used = int(used_patch_slots(jnp.asarray(batch.vit_image)))
+    assert 0 < used < prefix_sizes(160)[-2], used  # a prefix shorter than the cap is what runs
+    runs = {}
+    for mode in ("all", "used"):
+        c = cfg.copy_and_resolve_references()
+        c.vit_patches = mode
+        m = Bagel(c, ce_chunk=64)
+
+        def scalar(p, m=m):
+            o = m.apply({"params": p}, batch, noise=noise)
+            return (o["ce"] * (o["ce"] > 0)).sum() + (o["velocity_pred"] ** 2).mean(), o
+
+        runs[mode] = jax.jit(jax.value_and_grad(scalar, has_aux=True))(params)
+    ((v0, o0), g0), ((v1, o1), g1) = runs["all"], runs["used"]
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    for key in ("velocity_pred", "ce"):
+        np.testing.assert_allclose(np.asarray(o1[key]), np.asarray(o0[key]), atol=1e-5, rtol=1e-5, err_msg=key)
+    vit_grads = 0
+    for (path, a), bb in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+        name = jax.tree_util.keystr(path)
+        np.testing.assert_allclose(np.asarray(bb), np.asarray(a), atol=1e-6, rtol=1e-5, err_msg=name)
+        vit_grads += ("vit_model" in name) and bool(np.any(np.asarray(a)))
+    assert vit_grads >= 4  # the ViT got real gradients through the switch
