@@ -1,7 +1,7 @@
 """Small-scale reproduction: a tiny BAGEL on synthetic shapes that learns to answer, draw and edit, measured.
 
 Commands (2 CPU cores; README "Reproduce at small scale"):
-  python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py:repro --workdir=/tmp/tiny_vae  # ~4 min
+  python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py:repro --workdir=/tmp/tiny_vae  # ~3 min
   python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~0.5 min
   python -m bagel_jax.train --config=configs/tiny_repro.py --workdir=/tmp/bagel_repro \\
       --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~14 min
