@@ -27,23 +27,23 @@ convolutions (bagel_jax/xla_cpu.py). Times are wall clock on a machine that may 
 shared: rerun for stable numbers; the printed CPU s/step (process CPU time, all threads) is less sensitive to other
 jobs.
 
-Measured side by side with the official PyTorch code (2 idle cores, fp32: this file with ``--impls auto --models
-96x3,256x4,512x8 --steps 5``, then ``benchmarks/official_step_speed.py`` with the same models, packs and steps,
-``--threads 2``; the official packs are built by its own ``PackedDataset`` loop from samples of the same layout and
-mixture; two runs, docs/EXPERIMENTS.md, seventh session):
+Measured side by side with the official PyTorch code (2 cores, fp32: this file with ``--impls auto --models M
+--packs 1024,4096 --steps 5``, and ``benchmarks/official_step_speed.py`` with the same model, packs and steps,
+``--threads 2``, interleaved per model: ours, official, official, ours; the official packs are built by its own
+``PackedDataset`` loop from samples of the same layout and mixture; docs/EXPERIMENTS.md, eighth session):
 
-| model | pack | ours: real tokens, s/step | official: real tokens, s/step | ours ÷ official tokens/s |
+| model | pack | ours: real tokens, s/step (round 1 / 2) | official: real tokens, s/step | ours ÷ official tokens/s |
 |---|---|---|---|---|
-| 96×3 | 1024 | 1003, 0.138 / 0.123 | 1014, 0.118 / 0.112 | 0.84× / 0.90× |
-| 256×4 | 1024 | 1003, 0.324 / 0.327 | 1014, 0.303 / 0.284 | 0.92× / 0.86× |
-| 512×8 | 1024 | 1003, 1.548 / 1.462 | 1014, 1.401 / 1.364 | 0.90× / 0.92× |
-| 96×3 | 4096 | 3965, 0.390 / 0.384 | 4083, 0.355 / 0.321 | 0.88× / 0.81× |
-| 256×4 | 4096 | 3965, 1.062 / 1.012 | 4083, 0.964 / 0.909 | 0.88× / 0.87× |
-| 512×8 | 4096 | 3965, 4.939 / 4.815 | 4083, 4.719 / 4.498 | 0.93× / 0.91× |
+| 96×3 | 1024 | 1003, 0.117 / 0.122 | 1014, 0.122 / 0.113 | 1.03× / 0.91× |
+| 256×4 | 1024 | 1003, 0.314 / 0.306 | 1014, 0.304 / 0.304 | 0.96× / 0.98× |
+| 512×8 | 1024 | 1003, 1.640 / 1.600 | 1014, 1.563 / 1.357 | 0.94× / 0.84× |
+| 96×3 | 4096 | 3965, 0.365 / 0.454 | 4083, 0.416 / 0.389 | 1.11× / 0.83× |
+| 256×4 | 4096 | 3965, 1.209 / 1.203 | 4083, 1.034 / 1.022 | 0.83× / 0.83× |
+| 512×8 | 4096 | 3965, 5.170 / 5.347 | 4083, 5.578 / 5.361 | 1.05× / 0.97× |
 
-On these packs the official step is still faster at every size (the previous session: 0.68–0.98×). Its figures are
-better than those in issue 27's table (e.g. 96×3 at 4K: 0.32–0.36 s for 4083 tokens against 1.037 s for 4030): that
-table's packs were built from another layout (its VAE encode of 34 images took 0.86 s).
+The host drifted by ±15% between runs that session; 256×4 at 4K is behind in every run. The official figures are
+better than those in issue 27's table (e.g. 96×3 at 4K: 0.32–0.42 s for 4083 tokens against 1.037 s for 4030):
+that table's packs were built from another layout (its VAE encode of 34 images took 0.86 s).
 
 Against the dense reference (a loaded CPU, an earlier run): 96×3 / 1024: 12.546 → 0.734 s/step (17.1×); 96×3 /
 4096: 27.76 → 0.994 CPU s/step (27.9×).
