@@ -208,3 +208,38 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(chr(int(i) - 6) for i in ids)
+
+
+def runs_per_setting(cfg, params, batch, noise, key: str, values) -> dict:
+    """{value: (scalar, outputs, grads)}: a jitted value_and_grad of Bagel (fp32, ce_chunk 64) on ``batch`` with
+    ``cfg[key] = value``; the scalar sums the CE and the squared velocity predictions, so every branch gets grads."""
+    from bagel_jax.model.bagel import Bagel
+
+    runs = {}
+    for value in values:
+        c = cfg.copy_and_resolve_references()
+        c[key] = value
+        model = Bagel(c, ce_chunk=64)
+
+        def scalar(p, model=model):
+            o = model.apply({"params": p}, batch, noise=noise)
+            return (o["ce"] * (o["ce"] > 0)).sum() + (o["velocity_pred"] ** 2).mean(), o
+
+        (v, o), grads = jax.jit(jax.value_and_grad(scalar, has_aux=True))(params)
+        runs[value] = v, o, grads
+    return runs
+
+
+def assert_same_run(want, got, grads_named: str) -> int:
+    """Equal scalar, outputs (1e-5) and gradients (1e-6 abs, 1e-5 rel) of two ``runs_per_setting`` entries; returns
+    how many gradient leaves whose path contains ``grads_named`` are non-zero (the caller checks they were reached)."""
+    (v0, o0, g0), (v1, o1, g1) = want, got
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    for key in ("velocity_pred", "ce"):
+        np.testing.assert_allclose(np.asarray(o1[key]), np.asarray(o0[key]), atol=1e-5, rtol=1e-5, err_msg=key)
+    reached = 0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+        name = jax.tree_util.keystr(path)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5, err_msg=name)
+        reached += (grads_named in name) and bool(np.any(np.asarray(a)))
+    return reached

@@ -196,28 +196,8 @@ def test_flat_mlp_equals_batched(setup, packed_run):
     gradients (fp32): only the layout XLA sees changes."""
     config, cfg, params, model = setup
     docs, batch, per_doc, noise, out = packed_run
-    runs = {}
-    for layout in ("batched", "flat"):
-        c = cfg.copy_and_resolve_references()
-        c.mlp_tokens = layout
-        m = Bagel(c, ce_chunk=64)
-
-        def scalar(p, m=m):
-            o = m.apply({"params": p}, batch, noise=noise)
-            return (o["ce"] * (o["ce"] > 0)).sum() + (o["velocity_pred"] ** 2).mean(), o
-
-        (value, o), grads = jax.jit(jax.value_and_grad(scalar, has_aux=True))(params)
-        runs[layout] = value, o, grads
-    (v0, o0, g0), (v1, o1, g1) = runs["batched"], runs["flat"]
-    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
-    for key in ("velocity_pred", "ce"):
-        np.testing.assert_allclose(np.asarray(o1[key]), np.asarray(o0[key]), atol=1e-5, rtol=1e-5, err_msg=key)
-    flat0, flat1 = jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)
-    mlp_grads = 0
-    for (path, a), b in zip(flat0, flat1):
-        name = jax.tree_util.keystr(path)
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5, err_msg=name)
-        mlp_grads += ("mlp" in name) and bool(np.any(np.asarray(a)))
+    runs = lib.runs_per_setting(cfg, params, batch, noise, "mlp_tokens", ("batched", "flat"))
+    mlp_grads = lib.assert_same_run(runs["batched"], runs["flat"], grads_named="mlp")
     assert mlp_grads >= 4  # the decoder's and the ViT's MLPs got real gradients
 
 

@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bagel_testlib as lib
-from bagel_jax.model.bagel import Bagel
 from bagel_jax.model.vit_prefix import on_used_prefix, prefix_sizes, resolve_vit_patches, used_patch_slots
 
 
@@ -72,24 +71,5 @@ def test_bagel_used_prefix_equals_all_slots():
     _, noise = lib.image_noise([docs, docs[1:3]], b)
     used = int(used_patch_slots(jnp.asarray(batch.vit_image)))
     assert 0 < used < prefix_sizes(160)[-2], used  # a prefix shorter than the cap is what runs
-    runs = {}
-    for mode in ("all", "used"):
-        c = cfg.copy_and_resolve_references()
-        c.vit_patches = mode
-        m = Bagel(c, ce_chunk=64)
-
-        def scalar(p, m=m):
-            o = m.apply({"params": p}, batch, noise=noise)
-            return (o["ce"] * (o["ce"] > 0)).sum() + (o["velocity_pred"] ** 2).mean(), o
-
-        runs[mode] = jax.jit(jax.value_and_grad(scalar, has_aux=True))(params)
-    ((v0, o0), g0), ((v1, o1), g1) = runs["all"], runs["used"]
-    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
-    for key in ("velocity_pred", "ce"):
-        np.testing.assert_allclose(np.asarray(o1[key]), np.asarray(o0[key]), atol=1e-5, rtol=1e-5, err_msg=key)
-    vit_grads = 0
-    for (path, a), bb in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
-        name = jax.tree_util.keystr(path)
-        np.testing.assert_allclose(np.asarray(bb), np.asarray(a), atol=1e-6, rtol=1e-5, err_msg=name)
-        vit_grads += ("vit_model" in name) and bool(np.any(np.asarray(a)))
-    assert vit_grads >= 4  # the ViT got real gradients through the switch
+    runs = lib.runs_per_setting(cfg, params, batch, noise, "vit_patches", ("all", "used"))
+    assert lib.assert_same_run(runs["all"], runs["used"], grads_named="vit_model") >= 4  # real grads through the switch
