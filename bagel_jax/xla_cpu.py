@@ -3,7 +3,7 @@
 On CPU, XLA (jax 0.10) hands every convolution to YNNPACK by default (``xla_cpu_experimental_ynn_fusion_type``
 lists ``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``). Its 3×3 convolutions over VAE-sized activations ran at about
 half the speed of XLA's own (Eigen) convolution on this project's CPUs: the tiny VAE's encode of 40 images of 48 px
-93 → 57 ms, the FLUX-size encoder (ch 128) 760 → 670 ms, a VAE train step 1.3-1.4× faster (docs/DESIGN_NOTES.md
+93 → 57 ms, the FLUX-size encoder (ch 128) 760 → 671 ms, a VAE train step 1.3-1.4× faster (docs/DESIGN_NOTES.md
 59). ``cpu_compiler_options`` takes the current list (XLA's defaults with any ``XLA_FLAGS`` applied) and drops
 only the convolution entry, so dots and reductions keep their YNNPACK paths, a user's own ``XLA_FLAGS`` choice is
 kept, and nothing changes when the entry is absent (another jax, or the user removed it) or on other backends.
@@ -43,8 +43,10 @@ def _options_without_ynn_convolution() -> tuple[tuple[str, str], ...]:
     if not kept:  # an empty value would not clear the list; leave it
         return ()
     options = ((_OPTION, ",".join(kept)),)
-    try:  # this XLA must accept the value as a per-compile option, or we set nothing
-        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jax.ShapeDtypeStruct((2,), "float32")).compile()
+    try:  # this XLA:CPU must accept the value as a per-compile option (probed on a CPU device), or we set nothing
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        probe = jax.ShapeDtypeStruct((2,), "float32", sharding=cpu)
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(probe).compile()
     except Exception:
         return ()
     return options
