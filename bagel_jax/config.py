@@ -6,6 +6,7 @@ the key. ``configs/*.py`` start from ``base_config()`` and override values.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -178,6 +179,8 @@ def _data() -> ml_collections.ConfigDict:
             emulate_hosts=1,  # > 1: one process reads as this many hosts (reproduces a multi-host data stream)
             synthetic_examples=0,  # > 0: the trainer builds synthetic_shapes (this many per split) if data_dir lacks it
             synthetic_square=False,  # the synthetic_shapes images are square (width = height)
+            # draw weights of the synthetic vlm questions' kinds (count, colour, position); equal = uniform
+            synthetic_question_weights=(1.0, 1.0, 1.0),
         )
     )
 
@@ -559,6 +562,10 @@ def _loader(c):
     for k in ("num_workers", "prefetch", "synthetic_examples"):
         _check(d[k] >= 0, f"data.{k}", f"must be >= 0, got {d[k]}")
     _check(d.max_input_pixels > 0, "data.max_input_pixels", f"must be > 0, got {d.max_input_pixels}")
+    w = d.synthetic_question_weights
+    ok = isinstance(w, (tuple, list)) and len(w) == 3 and all(isinstance(x, (int, float)) for x in w)
+    ok = ok and all(math.isfinite(x) and x >= 0 for x in w) and sum(w) > 0
+    _check(ok, "data.synthetic_question_weights", f"must be 3 finite numbers >= 0 with a positive sum, got {w}")
 
 
 @rule

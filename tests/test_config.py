@@ -109,6 +109,10 @@ def _keep(c):
     c.train.keep_checkpoints = -1
 
 
+def _question_weights(c):
+    c.data.synthetic_question_weights = (1.0, -1.0, 1.0)
+
+
 BAD = [
     (_unknown_key, "model.hiden_size"),
     (_wrong_type, "train.lr"),
@@ -130,6 +134,7 @@ BAD = [
     (_accumulation, "train.grad_accum_steps"),
     (_beta, "train.beta2"),
     (_keep, "train.keep_checkpoints"),
+    (_question_weights, "data.synthetic_question_weights"),
 ]
 
 

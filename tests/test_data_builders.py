@@ -1,5 +1,6 @@
 """TFDS builders: each builds offline from a tiny fixture made here and reads back; shapes are deterministic."""
 
+import collections
 import glob
 import io
 import json
@@ -244,6 +245,41 @@ def test_square_shapes_keep_the_scenes_and_the_data_dir_check(tmp_path):
     del old["square"]  # a data dir built before the option existed still matches the default
     json.dump(old, open(meta, "w"))
     synthetic_shapes.build(tmp_path / "plain", num_examples=4, seed=5)
+
+
+def _question_kinds(gen, n):
+    kinds = collections.Counter()
+    for i in range(n):
+        for turn in json.loads(gen.example("vlm", i)["meta"])["conversations"]:
+            v = turn["value"]
+            if turn["from"] == "human" and v != synthetic_shapes.DESCRIBE:
+                kinds["count" if "How many" in v else "colour" if "colour" in v else "position"] += 1
+    return kinds
+
+
+def test_shapes_question_weights_draw_the_vlm_question_kinds(tmp_path):
+    """Equal weights are the uniform stream (same data, same data dir); 3 : 1 : 1 makes 3 in 5 questions count ones
+    and keeps the scenes; the weights are part of the data dir's identity; bad weights raise one line."""
+    uniform, equal = synthetic_shapes.Generator(2), synthetic_shapes.Generator(2, question_weights=(2, 2, 2))
+    counted = synthetic_shapes.Generator(2, question_weights=(3, 1, 1))
+    assert all(uniform.example("vlm", i) == equal.example("vlm", i) for i in range(10))
+    assert all(counted.example("t2i", i) == uniform.example("t2i", i) for i in range(10))
+    n = _question_kinds(uniform, 600)
+    c = _question_kinds(counted, 600)
+    total = sum(c.values())
+    assert abs(n["count"] / sum(n.values()) - 1 / 3) < 0.04
+    assert abs(c["count"] / total - 0.6) < 0.04 and abs(c["colour"] / total - 0.2) < 0.04
+    synthetic_shapes.build(tmp_path / "u", num_examples=3, seed=5)
+    synthetic_shapes.build(tmp_path / "u", num_examples=3, seed=5, question_weights=(1, 1, 1))  # same data
+    with pytest.raises(ValueError, match="holds shapes built with"):
+        synthetic_shapes.build(tmp_path / "u", num_examples=3, seed=5, question_weights=(3, 1, 1))
+    synthetic_shapes.main([f"--data_dir={tmp_path / 'w'}", "--num_examples=3", "--seed=5", "--question_weights=3,1,1"])
+    synthetic_shapes.build(tmp_path / "w", num_examples=3, seed=5, question_weights=(0.6, 0.2, 0.2))
+    with pytest.raises(ValueError, match="holds shapes built with"):
+        synthetic_shapes.build(tmp_path / "w", num_examples=3, seed=5)
+    for bad in ((1, 1), (0, 0, 0), (-1, 1, 1), (float("nan"), 1, 1)):
+        with pytest.raises(ValueError, match="question weights must be"):
+            synthetic_shapes.Generator(0, question_weights=bad)
 
 
 def _warnings(caplog):

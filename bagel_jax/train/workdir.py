@@ -22,6 +22,7 @@ def prepare_data(config, workdir: str) -> None:
                 seed=config.data.seed,
                 vocab_size=config.model.vocab_size,
                 square=config.data.synthetic_square,
+                question_weights=tuple(config.data.synthetic_question_weights),
             )
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

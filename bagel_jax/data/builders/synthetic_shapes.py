@@ -5,7 +5,8 @@ with PIL and stored as PNG, each side 64–96 px (``square``: width = height, so
 tokens and ViT patches in every image once resized). One split per data kind:
 
 * ``t2i``   an image and captions (objects, colours, counts, positions);
-* ``vlm``   an image and 1–3 question/answer turns about it (count, colour, position), LLaVA format; half of
+* ``vlm``   an image and 1–3 question/answer turns about it (count, colour, position; uniformly, or drawn with
+  ``question_weights``), LLaVA format; half of
   the conversations end with "Describe the image." answered by a caption. Without that turn a tiny model
   trained from scratch learnt the answers' priors and ignored the image (blank-image CE equal to 4 digits);
   a caption's every content word depends on the image;
@@ -18,7 +19,8 @@ It is the default data for the tests, the tiny training run and the notebook. Al
 model trained on every phrase the generator can produce (``tokenizer_path(data_dir)``), 512 ids incl. the special
 tokens, which fits ``configs/tiny.py``.
 
-    python -m bagel_jax.data.builders.synthetic_shapes --data_dir=/tmp/shapes --num_examples=256 [--seed=0] [--square]
+    python -m bagel_jax.data.builders.synthetic_shapes --data_dir=/tmp/shapes --num_examples=256 [--seed=0] [--square] \
+        [--question_weights=3,1,1]
 """
 
 from __future__ import annotations
@@ -111,13 +113,31 @@ def describe(objs: list[Obj]) -> list[str]:
     return [detail[0].upper() + detail[1:] + ".", f"An image with {counts}."]
 
 
-class Generator:
-    """Deterministic example generator: example ``i`` of split ``s`` depends only on (seed, s, i)."""
+QUESTION_KINDS = ("count", "colour", "position")
 
-    def __init__(self, seed: int = 0, min_px: int = 64, max_px: int = 96, square: bool = False):
+
+def normalise_question_weights(weights) -> tuple[float, ...] | None:
+    """Normalised (count, colour, position) draw weights of the ``vlm`` questions; None = uniform (also for equal
+    weights, so those build the same data). Raises ValueError (one line) unless 3 finite weights >= 0, sum > 0."""
+    if weights is None:
+        return None
+    w = tuple(float(x) for x in weights)
+    if len(w) != 3 or not all(np.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"question weights must be 3 finite numbers >= 0 {QUESTION_KINDS}, sum > 0, got {weights}")
+    return None if len(set(w)) == 1 else tuple(x / sum(w) for x in w)
+
+
+class Generator:
+    """Deterministic example generator: example ``i`` of split ``s`` depends only on (seed, s, i).
+
+    ``question_weights``: draw weights of the ``vlm`` question kinds (count, colour, position); None = uniform.
+    """
+
+    def __init__(self, seed: int = 0, min_px: int = 64, max_px: int = 96, square: bool = False, question_weights=None):
         if not 8 <= min_px <= max_px:
             raise ValueError(f"need 8 <= min_px <= max_px, got {min_px}, {max_px}")
         self.seed, self.min_px, self.max_px, self.square = seed, min_px, max_px, square
+        self.question_weights = normalise_question_weights(question_weights)
 
     def rng(self, split: str, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLITS.index(split), i])
@@ -146,7 +166,8 @@ class Generator:
         return common.record("t2i", {"captions": describe(objs)}, [png(render(objs, w, h))], [f"t2i/{i}.png"])
 
     def _qa(self, rng, objs) -> tuple[str, str]:
-        kind = rng.integers(3)
+        w = self.question_weights
+        kind = rng.integers(3) if w is None else rng.choice(3, p=w)
         if kind == 0:
             shape = SHAPES[rng.integers(3)]
             n = sum(o.shape == shape for o in objs)
@@ -285,9 +306,12 @@ class SyntheticShapes(common.RecordBuilder):
         min_px: int = 64,
         max_px: int = 96,
         square: bool = False,
+        question_weights=None,
         **kwargs,
     ):
         self.params = dict(seed=seed, num_examples=num_examples, min_px=min_px, max_px=max_px, square=square)
+        if question_weights is not None:  # only when set: the metadata of uniform data stays as before
+            self.params["question_weights"] = list(question_weights)
         super().__init__(**kwargs)
 
     def _metadata(self):
@@ -298,7 +322,7 @@ class SyntheticShapes(common.RecordBuilder):
 
     def _generate_examples(self, split):
         p = self.params
-        gen = Generator(p["seed"], p["min_px"], p["max_px"], p["square"])
+        gen = Generator(p["seed"], p["min_px"], p["max_px"], p["square"], p.get("question_weights"))
         for i in range(p["num_examples"]):
             yield f"{split}{i:08d}", gen.example(split, i)
 
@@ -315,14 +339,18 @@ def build(
     max_px: int = 96,
     vocab_size: int = 512,
     square: bool = False,
+    question_weights=None,
 ) -> str:
     """Builds the shapes dataset into ``data_dir`` (ArrayRecord, offline) and its tokenizer; returns data_dir.
 
+    ``question_weights``: (count, colour, position) draw weights of the ``vlm`` questions (None or equal: uniform).
     Rebuilding into a ``data_dir`` that already holds shapes made with other parameters raises.
     """
     from bagel_jax.data.tokenizer import train_sentencepiece
 
+    weights = normalise_question_weights(question_weights)
     params = dict(seed=seed, num_examples=num_examples, min_px=min_px, max_px=max_px, square=square)
+    params["question_weights"] = None if weights is None else list(weights)
     try:
         existing = common.dataset_dir(data_dir, NAME)
     except FileNotFoundError:
@@ -330,9 +358,10 @@ def build(
     if existing is not None:
         meta_path = os.path.join(existing, "metadata.json")
         old = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-        if {k: old.get(k, False if k == "square" else None) for k in params} != params:  # older: no "square"
+        absent = {"square": False, "question_weights": None}  # keys older builds did not write
+        if {k: old.get(k, absent.get(k)) for k in params} != params:
             raise ValueError(f"{existing} holds shapes built with {old}, not {params}; use another data_dir")
-    common.build(SyntheticShapes, data_dir, **params)
+    common.build(SyntheticShapes, data_dir, **{**params, "question_weights": weights})
     tok = tokenizer_path(data_dir)
     if not os.path.exists(tok):
         train_sentencepiece(corpus(), tok, vocab_size)
@@ -348,8 +377,12 @@ def main(argv=None):
     p.add_argument("--max_px", type=int, default=96)
     p.add_argument("--vocab_size", type=int, default=512)
     p.add_argument("--square", action="store_true", help="square images (width = height)")
+    p.add_argument(
+        "--question_weights", default=None, help="vlm question draw weights count,colour,position (default uniform)"
+    )
     a = p.parse_args(argv)
-    out = build(a.data_dir, a.num_examples, a.seed, a.min_px, a.max_px, a.vocab_size, a.square)
+    weights = None if a.question_weights is None else [float(x) for x in a.question_weights.split(",")]
+    out = build(a.data_dir, a.num_examples, a.seed, a.min_px, a.max_px, a.vocab_size, a.square, weights)
     print(f"built {NAME} into {out}; tokenizer {tokenizer_path(out)}")
 
 
