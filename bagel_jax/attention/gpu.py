@@ -41,14 +41,36 @@ def _einsum(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=matmul_precision(a.dtype))
 
 
+def _q_tiles(cfg: _Config, x):
+    """[B, Lq, Hq, hd] → head-major q tiles [B, n_q, Hkv, G, bq, hd]."""
+    b, lq, hq, hd = x.shape
+    return x.reshape(b, lq // cfg.block_q, cfg.block_q, hq // cfg.group, cfg.group, hd).transpose(0, 1, 3, 4, 2, 5)
+
+
+def _kv_tiles(cfg: _Config, x):
+    """[B, Lkv, Hkv, hd] → head-major kv tiles [B, n_kv, Hkv, bkv, hd]."""
+    b, lkv, hkv, hd = x.shape
+    return x.reshape(b, lkv // cfg.block_kv, cfg.block_kv, hkv, hd).transpose(0, 1, 3, 2, 4)
+
+
+def _untile_q(x, shape):
+    """Inverse of ``_q_tiles``: [B, n_q, Hkv, G, bq, hd] → ``shape`` [B, Lq, Hq, hd]."""
+    return x.transpose(0, 1, 4, 2, 3, 5).reshape(shape)
+
+
+def _untile_kv(x, shape):
+    """Inverse of ``_kv_tiles``: [B, n_kv, Hkv, bkv, hd] → ``shape`` [B, Lkv, Hkv, hd]."""
+    return x.transpose(0, 1, 3, 2, 4).reshape(shape)
+
+
 def _blocks(cfg: _Config, q, k, v, qm, km):
-    """Tiled views: q [B, n_q, bq, Hkv, G, hd], k/v [B, n_kv, bkv, Hkv, hd], meta [B, n, 4, block]."""
-    b, lq, hq, hd = q.shape
-    lkv, hkv = k.shape[1], k.shape[2]
+    """Tiled views, head-major so that every tile matmul is a plain batched matmul over (chunk, head) and a
+    gathered tile needs no transpose (on XLA:CPU the transposed copies of token-major tiles cost more than the
+    backward's matmuls): q [B, n_q, Hkv, G, bq, hd], k/v [B, n_kv, Hkv, bkv, hd], meta [B, n, 4, block]."""
+    b, lq = q.shape[:2]
+    lkv = k.shape[1]
     bq, bkv = cfg.block_q, cfg.block_kv
-    qb = q.reshape(b, lq // bq, bq, hkv, cfg.group, hd)
-    kb = k.reshape(b, lkv // bkv, bkv, hkv, hd)
-    vb = v.reshape(b, lkv // bkv, bkv, hkv, hd)
+    qb, kb, vb = _q_tiles(cfg, q), _kv_tiles(cfg, k), _kv_tiles(cfg, v)
     qmb = qm.reshape(b, 4, lq // bq, bq).transpose(0, 2, 1, 3)
     kmb = km.reshape(b, 4, lkv // bkv, bkv).transpose(0, 2, 1, 3)
     return qb, kb, vb, qmb, kmb
@@ -68,8 +90,8 @@ def _chunk(cfg: _Config, sched, c):
 
 
 def _logits(cfg: _Config, qc, kc, qmc, kmc, live):
-    """Scaled logits [C, Hkv, G, bq, bkv] and the mask [C, 1, 1, bq, bkv] of gathered tiles."""
-    s = _einsum("cqhgd,ckhd->chgqk", qc, kc) * cfg.scale
+    """Scaled logits [C, Hkv, G, bq, bkv] and the mask [C, 1, 1, bq, bkv] of gathered head-major tiles."""
+    s = _einsum("chgqd,chkd->chgqk", qc, kc) * cfg.scale
     qd, qi, qh = qmc[:, 0, :, None], qmc[:, 1, :, None], qmc[:, 2, :, None]
     kd, ki, kh = kmc[:, 0, None, :], kmc[:, 1, None, :], kmc[:, 3, None, :]
     mask = (qd == kd) & (qd != 0) & (ki <= qh) & (qi <= kh) & live[:, None, None]
@@ -82,10 +104,9 @@ def _n_chunks(cfg, sched):
 
 def _forward(cfg: _Config, q, k, v, qm, km, sched):
     qb, kb, vb, qmb, kmb = _blocks(cfg, q, k, v, qm, km)
-    bsz, n_q, bq, hkv, g, hd = qb.shape
-    m0 = jnp.full((bsz, n_q, hkv, g, bq), -jnp.inf, jnp.float32)
+    m0 = jnp.full(qb.shape[:-1], -jnp.inf, jnp.float32)  # [B, n_q, Hkv, G, bq]
     l0 = jnp.zeros_like(m0)
-    acc0 = jnp.zeros((bsz, n_q, hkv, g, bq, hd), jnp.float32)
+    acc0 = jnp.zeros(qb.shape, jnp.float32)
     sched = _padded(cfg, sched)
 
     def body(state):
@@ -98,7 +119,7 @@ def _forward(cfg: _Config, q, k, v, qm, km, sched):
         p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m_row), m_row, 0.0)[..., None]), 0.0)
         alpha = jnp.where(jnp.isfinite(m_new), jnp.exp(m - m_new), 1.0)
         l = (l * alpha).at[b, i].add(jnp.sum(p, axis=-1))
-        pv = _einsum("chgqk,ckhd->chgqd", p.astype(v.dtype), vb[b, j])
+        pv = _einsum("chgqk,chkd->chgqd", p.astype(v.dtype), vb[b, j])
         acc = (acc * alpha[..., None]).at[b, i].add(pv)
         return c + 1, m_new, l, acc
 
@@ -106,18 +127,16 @@ def _forward(cfg: _Config, q, k, v, qm, km, sched):
     seen = l > 0
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)  # [B, n_q, Hkv, G, bq]
-    out = out.transpose(0, 1, 4, 2, 3, 5).reshape(q.shape).astype(q.dtype)
+    out = _untile_q(out, q.shape).astype(q.dtype)
     return out, lse
 
 
 def _backward(cfg: _Config, q, k, v, qm, km, sched, out, lse, do):
     qb, kb, vb, qmb, kmb = _blocks(cfg, q, k, v, qm, km)
-    bsz, n_q, bq, hkv, g, hd = qb.shape
-    dob = do.reshape(qb.shape)
+    dob = _q_tiles(cfg, do)
     # rowsum(out · do) as a batched dot: XLA:CPU's fused multiply-reduce over an array with a leading unit axis
     # (a one-row batch) is ~40× slower (docs/EXPERIMENTS.md)
-    di = jnp.einsum("...d,...d->...", out.astype(jnp.float32).reshape(qb.shape), dob.astype(jnp.float32))
-    di = di.transpose(0, 1, 3, 4, 2)  # [B, n_q, Hkv, G, bq] like lse
+    di = jnp.einsum("...d,...d->...", _q_tiles(cfg, out.astype(jnp.float32)), dob.astype(jnp.float32))  # like lse
     sched = _padded(cfg, sched)
 
     def body(state):
@@ -126,16 +145,20 @@ def _backward(cfg: _Config, q, k, v, qm, km, sched, out, lse, do):
         qc, kc, vc, doc = qb[b, i], kb[b, j], vb[b, j], dob[b, i]
         s, mask = _logits(cfg, qc, kc, qmb[b, i], kmb[b, j], live)
         p = jnp.where(mask, jnp.exp(s - lse[b, i][..., None]), 0.0)
-        dp = _einsum("cqhgd,ckhd->chgqk", doc, vc)
+        dp = _einsum("chgqd,chkd->chgqk", doc, vc)
         ds = p * (dp - di[b, i][..., None])
-        dq = dq.at[b, i].add(_einsum("chgqk,ckhd->cqhgd", ds.astype(k.dtype), kc) * cfg.scale)
-        dk = dk.at[b, j].add(_einsum("chgqk,cqhgd->ckhd", ds.astype(q.dtype), qc) * cfg.scale)
-        dv = dv.at[b, j].add(_einsum("chgqk,cqhgd->ckhd", p.astype(do.dtype), doc))
+        dq = dq.at[b, i].add(_einsum("chgqk,chkd->chgqd", ds.astype(k.dtype), kc) * cfg.scale)
+        dk = dk.at[b, j].add(_einsum("chgqk,chgqd->chkd", ds.astype(q.dtype), qc) * cfg.scale)
+        dv = dv.at[b, j].add(_einsum("chgqk,chgqd->chkd", p.astype(do.dtype), doc))
         return c + 1, dq, dk, dv
 
     init = (0, jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
     _, dq, dk, dv = lax.while_loop(lambda st: st[0] < _n_chunks(cfg, sched), body, init)
-    return dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype), dv.reshape(v.shape).astype(v.dtype)
+    return (
+        _untile_q(dq, q.shape).astype(q.dtype),
+        _untile_kv(dk, k.shape).astype(k.dtype),
+        _untile_kv(dv, v.shape).astype(v.dtype),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
