@@ -30,19 +30,21 @@ jobs.
 Measured side by side with the official PyTorch code (2 cores, fp32: this file with ``--impls auto --models M
 --packs 1024,4096 --steps 5``, and ``benchmarks/official_step_speed.py`` with the same model, packs and steps,
 ``--threads 2``, interleaved per model: ours, official, official, ours; the official packs are built by its own
-``PackedDataset`` loop from samples of the same layout and mixture; docs/EXPERIMENTS.md, eighth session):
+``PackedDataset`` loop from samples of the same layout and mixture; docs/EXPERIMENTS.md, ninth session):
 
 | model | pack | ours: real tokens, s/step (round 1 / 2) | official: real tokens, s/step | ours ÷ official tokens/s |
 |---|---|---|---|---|
-| 96×3 | 1024 | 1003, 0.117 / 0.122 | 1014, 0.122 / 0.113 | 1.03× / 0.91× |
-| 256×4 | 1024 | 1003, 0.314 / 0.306 | 1014, 0.304 / 0.304 | 0.96× / 0.98× |
-| 512×8 | 1024 | 1003, 1.640 / 1.600 | 1014, 1.563 / 1.357 | 0.94× / 0.84× |
-| 96×3 | 4096 | 3965, 0.365 / 0.454 | 4083, 0.416 / 0.389 | 1.11× / 0.83× |
-| 256×4 | 4096 | 3965, 1.209 / 1.203 | 4083, 1.034 / 1.022 | 0.83× / 0.83× |
-| 512×8 | 4096 | 3965, 5.170 / 5.347 | 4083, 5.578 / 5.361 | 1.05× / 0.97× |
+| 96×3 | 1024 | 1003, 0.113 / 0.115 | 1014, 0.110 / 0.112 | 0.96× / 0.97× |
+| 256×4 | 1024 | 1003, 0.297 / 0.294 | 1014, 0.284 / 0.286 | 0.95× / 0.96× |
+| 512×8 | 1024 | 1003, 1.416 / 1.431 | 1014, 1.350 / 1.325 | 0.94× / 0.92× |
+| 96×3 | 4096 | 3965, 0.367 / 0.354 | 4083, 0.384 / 0.369 | 1.01× / 1.01× |
+| 256×4 | 4096 | 3965, 1.014 / 0.983 | 4083, 0.939 / 0.932 | 0.90× / 0.92× |
+| 512×8 | 4096 | 3965, 4.761 / 4.693 | 4083, 4.564 / 4.474 | 0.93× / 0.93× |
 
-The host drifted by ±15% between runs that session; 256×4 at 4K is behind in every run. The official figures are
-better than those in issue 27's table (e.g. 96×3 at 4K: 0.32–0.42 s for 4083 tokens against 1.037 s for 4030):
+The host was steady in that run (the two rounds agree within 3%); the previous session's, which drifted by ±15%,
+read 0.84–1.03× at 1K and 0.83–1.11× at 4K. Ours uses fewer CPU seconds per token than the official step at 96×3
+(ratio 1.12–1.22) but keeps its two cores less busy (~1.7 of 2 at 96×3 / 1K). The official figures are
+better than those in issue 27's table (e.g. 96×3 at 4K: 0.37–0.38 s for 4083 tokens against 1.037 s for 4030):
 that table's packs were built from another layout (its VAE encode of 34 images took 0.86 s).
 
 Against the dense reference (a loaded CPU, an earlier run): 96×3 / 1024: 12.546 → 0.734 s/step (17.1×); 96×3 /

@@ -4,7 +4,7 @@ Commands (2 CPU cores; README "Reproduce at small scale"):
   python -m bagel_jax.train.vae_train --config=configs/tiny_vae.py:repro --workdir=/tmp/tiny_vae  # ~3 min
   python -m bagel_jax.train.vit_train --config=configs/tiny_vit.py --workdir=/tmp/tiny_vit        # ~0.5 min
   python -m bagel_jax.train --config=configs/tiny_repro.py --workdir=/tmp/bagel_repro \\
-      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~14 min
+      --config.model.vae.init_from=/tmp/tiny_vae --config.model.vit.init_from=/tmp/tiny_vit       # ~17 min
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --config=configs/tiny_repro.py:report  # trained (EMA)
   python -m bagel_jax.eval.runner --workdir=/tmp/bagel_repro --config=configs/tiny_repro.py:report \
       --params=untrained                                                        # the step-0 baseline
