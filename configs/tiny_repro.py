@@ -48,9 +48,9 @@ def get_config(arg=None):
         # VQA-heavy: at vlm 1.5 counting stayed at its prior (VQA count 0.54) through 3000 steps; at 3.0 it is learnt by
         # 2000 (count 1.0, VQA 0.958, GenEval 0.734); at 4.5 GenEval falls to 0.568 (docs/EXPERIMENTS.md)
         mixture=dict(t2i=2.0, vlm=3.0, edit=0.5, video=0.0, web=0.0),
-        # half the questions count (count, colour, position = 2 : 1 : 1; uniform before): each answer kind is learnt
-        # at a step that moves with float rounding alone (counting between 1500 and >3000 uniform, position between
-        # 1000 and >3000 at 3 : 1 : 1); this share and 4000 steps leave each a margin (docs/DESIGN_NOTES.md 61)
+        # half the questions count (count, colour, position = 2 : 1 : 1; uniform before), and 4000 steps: each answer
+        # kind is learnt at a step that moves with float rounding alone (uniform: counting at step 2000-3000, or not
+        # by 3000; 3 : 1 : 1: position half learnt by 3000); this leaves each room (docs/DESIGN_NOTES.md 62)
         synthetic_question_weights=(2.0, 1.0, 1.0),
         synthetic_square=True,  # a grid cell is the same latent tokens / ViT patches in every image
         # one token per grid cell: every image 42 px for the ViT (3×3 patches of 14 px) and 48 px for
