@@ -277,6 +277,9 @@ def test_shapes_question_weights_draw_the_vlm_question_kinds(tmp_path):
     synthetic_shapes.build(tmp_path / "w", num_examples=3, seed=5, question_weights=(0.6, 0.2, 0.2))
     with pytest.raises(ValueError, match="holds shapes built with"):
         synthetic_shapes.build(tmp_path / "w", num_examples=3, seed=5)
+    with pytest.raises(SystemExit) as e:  # argparse: one usage line, exit 2
+        synthetic_shapes.main([f"--data_dir={tmp_path / 'x'}", "--question_weights=2,x,1"])
+    assert e.value.code == 2
     for bad in ((1, 1), (0, 0, 0), (-1, 1, 1), (float("nan"), 1, 1)):
         with pytest.raises(ValueError, match="question weights must be"):
             synthetic_shapes.Generator(0, question_weights=bad)

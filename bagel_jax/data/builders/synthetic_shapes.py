@@ -361,11 +361,21 @@ def build(
         absent = {"square": False, "question_weights": None}  # keys older builds did not write
         if {k: old.get(k, absent.get(k)) for k in params} != params:
             raise ValueError(f"{existing} holds shapes built with {old}, not {params}; use another data_dir")
-    common.build(SyntheticShapes, data_dir, **{**params, "question_weights": weights})
+    common.build(SyntheticShapes, data_dir, **params)
     tok = tokenizer_path(data_dir)
     if not os.path.exists(tok):
         train_sentencepiece(corpus(), tok, vocab_size)
     return os.fspath(data_dir)
+
+
+def _weights_arg(text: str) -> tuple[float, ...]:
+    """``--question_weights`` "2,1,1" → (2.0, 1.0, 1.0); a bad value is argparse's one-line usage error."""
+    try:
+        weights = tuple(float(x) for x in text.split(","))
+        normalise_question_weights(weights)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return weights
 
 
 def main(argv=None):
@@ -378,11 +388,13 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=512)
     p.add_argument("--square", action="store_true", help="square images (width = height)")
     p.add_argument(
-        "--question_weights", default=None, help="vlm question draw weights count,colour,position (default uniform)"
+        "--question_weights",
+        type=_weights_arg,
+        default=None,
+        help="vlm question draw weights count,colour,position (default uniform)",
     )
     a = p.parse_args(argv)
-    weights = None if a.question_weights is None else [float(x) for x in a.question_weights.split(",")]
-    out = build(a.data_dir, a.num_examples, a.seed, a.min_px, a.max_px, a.vocab_size, a.square, weights)
+    out = build(a.data_dir, a.num_examples, a.seed, a.min_px, a.max_px, a.vocab_size, a.square, a.question_weights)
     print(f"built {NAME} into {out}; tokenizer {tokenizer_path(out)}")
 
 
