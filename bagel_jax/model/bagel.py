@@ -191,8 +191,10 @@ class Bagel(nn.Module):
         if cfg.visual_und:
             vit_in = (pixels_to_unit(batch.vit_patches), batch.vit_pos, batch.vit_image)
             if resolve_vit_patches(cfg.get("vit_patches", "auto")) == "used" and not self.is_initializing():
-                vit_model, variables = self.vit_model.clone(parent=None), {"params": self.vit_model.variables["params"]}
-                vit = on_used_prefix(lambda *a: vit_model.apply(variables, *a), *vit_in)
+                vit_model = self.vit_model.clone(parent=None)
+                vit = on_used_prefix(
+                    lambda p, *a: vit_model.apply({"params": p}, *a), self.vit_model.variables["params"], *vit_in
+                )
             else:
                 vit = self.vit_model(*vit_in)
             vit = self.connector(vit) + self.vit_pos_embed(batch.vit_pos)

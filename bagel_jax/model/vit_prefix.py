@@ -45,20 +45,47 @@ def used_patch_slots(image_ids):
     return jnp.max(jnp.where(image_ids > 0, positions, 0))
 
 
-def on_used_prefix(vit_fn, patches, pos_ids, image_ids, branches: int = 4, multiple: int = 32):
-    """``vit_fn(patches, pos_ids, image_ids) -> [B, n, D]`` on the shortest ``prefix_sizes`` prefix holding every
-    used slot, zero-padded back to [B, P, D]. patches [B, P, F], pos_ids / image_ids int[B, P]."""
+def on_used_prefix(vit_fn, params, patches, pos_ids, image_ids, branches: int = 4, multiple: int = 32):
+    """``vit_fn(params, patches, pos_ids, image_ids) -> [B, n, D]`` on the shortest ``prefix_sizes`` prefix holding
+    every used slot, zero-padded back to [B, P, D]. params: any pytree (differentiated); patches [B, P, F] (also
+    differentiated), pos_ids / image_ids int[B, P].
+
+    The gradient recomputes the chosen branch's forward (custom VJP, residuals = the inputs): differentiating a
+    ``switch`` directly makes its forward emit every branch's activations, zero-filled for the branches not taken,
+    which cost more than the ViT itself (a 4K row: ~37 ms a step, docs/EXPERIMENTS.md)."""
     slots = patches.shape[1]
     sizes = prefix_sizes(slots, branches, multiple)
     if len(sizes) == 1:
-        return vit_fn(patches, pos_ids, image_ids)
+        return vit_fn(params, patches, pos_ids, image_ids)
     index = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < used_patch_slots(image_ids))
 
     def run(n):
-        def branch(patches, pos_ids, image_ids):
-            out = vit_fn(patches[:, :n], pos_ids[:, :n], image_ids[:, :n])
+        def branch(params, patches, pos_ids, image_ids):
+            out = vit_fn(params, patches[:, :n], pos_ids[:, :n], image_ids[:, :n])
             return jnp.pad(out, ((0, 0), (0, slots - n), (0, 0)))
 
         return branch
 
-    return jax.lax.switch(index, [run(n) for n in sizes], patches, pos_ids, image_ids)
+    runs = [run(n) for n in sizes]
+
+    def grad_of(branch):
+        def grads(params, patches, pos_ids, image_ids, g):
+            _, vjp = jax.vjp(lambda p, x: branch(p, x, pos_ids, image_ids), params, patches)
+            return vjp(g)
+
+        return grads
+
+    @jax.custom_vjp
+    def switch(index, params, patches, pos_ids, image_ids):
+        return jax.lax.switch(index, runs, params, patches, pos_ids, image_ids)
+
+    def switch_fwd(index, params, patches, pos_ids, image_ids):
+        return switch(index, params, patches, pos_ids, image_ids), (index, params, patches, pos_ids, image_ids)
+
+    def switch_bwd(res, g):
+        index, params, patches, pos_ids, image_ids = res
+        d_params, d_patches = jax.lax.switch(index, [grad_of(r) for r in runs], params, patches, pos_ids, image_ids, g)
+        return None, d_params, d_patches, None, None
+
+    switch.defvjp(switch_fwd, switch_bwd)
+    return switch(index, params, patches, pos_ids, image_ids)
