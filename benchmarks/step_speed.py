@@ -63,6 +63,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: do not probe for accelerators
+if __name__ == "__main__":  # as bagel_jax runs on CPU: XLA's large buffers on huge pages (bagel_jax/huge_pages.py)
+    from bagel_jax.huge_pages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -231,7 +231,9 @@ def main(argv=None) -> dict[str, float]:
 
     from bagel_jax.cli import parse_flags, quiet_platforms
     from bagel_jax.config import check_writable_dir
+    from bagel_jax.huge_pages import reexec_with_huge_pages
 
+    reexec_with_huge_pages()  # on CPU: XLA's large buffers on huge pages (re-executes once, before jax)
     quiet_platforms()
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file(

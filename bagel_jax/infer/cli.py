@@ -316,7 +316,9 @@ def _unbox(tree):
 
 def main(argv=None) -> int:
     from bagel_jax.cli import user_errors
+    from bagel_jax.huge_pages import reexec_with_huge_pages
 
+    reexec_with_huge_pages()  # on CPU: XLA's large buffers on huge pages (re-executes once, before jax)
     args = parse_args(argv)
     with user_errors():
         return run(args)

@@ -77,8 +77,9 @@ def run(train_fn: Callable | str, *, example_config: str, workdir_help: str, sta
     costs the import of jax, not of the model and the data pipeline). ``stage`` (bagel | vae | vit): which inputs
     ``config.check_paths`` looks for, and what a finished workdir holds.
     """
-    from bagel_jax import cli
+    from bagel_jax import cli, huge_pages
 
+    huge_pages.reexec_with_huge_pages()  # on CPU: XLA's large buffers on huge pages (re-executes once)
     cli.quiet_platforms()
     from absl import app, flags
     from ml_collections import config_flags
