@@ -10,8 +10,10 @@ is unchanged by it). glibc reads tunables only when a process starts, hence the 
 
 It applies only where it can and should: Linux, glibc ≥ 2.35, the kernel's THP mode ``madvise`` (with ``always``
 huge pages are already used; with ``never`` they cannot be), a process that runs on CPU (``JAX_PLATFORMS=cpu``, or
-unset on a machine with no TPU and no GPU), and one that has not imported jax yet (a notebook or a test keeps going
-as it started). ``BAGEL_JAX_HUGE_PAGES=0`` turns it off. Nothing else changes: same results, bit for bit.
+unset on a machine with no TPU and no GPU), one of bagel_jax's programs (``python -m bagel_jax...``, or a script
+that says so: a notebook, a test runner or another program importing bagel_jax keeps going as it started) that has
+not started jax's backends yet, and one that can be run again (not a program read from stdin).
+``BAGEL_JAX_HUGE_PAGES=0`` turns it off. Nothing else changes: same results, bit for bit.
 """
 
 from __future__ import annotations
@@ -65,10 +67,34 @@ def runs_on_cpu(env: Mapping[str, str]) -> bool:
     return not (cli.tpu_may_be_present() or cli.gpu_may_be_present())
 
 
-def reexec_environment(env: Mapping[str, str] | None = None) -> dict[str, str] | None:
-    """The environment to re-execute this process with, or None when it should run as it is."""
+def is_bagel_jax_program() -> bool:
+    """Whether this process is one of bagel_jax's programs (``python -m bagel_jax...``): not a test runner, a
+    notebook or another program that imports bagel_jax."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return bool(spec and spec.name.split(".")[0] == "bagel_jax")
+
+
+def jax_started() -> bool:
+    """Whether this process has initialised jax's backends (importing jax alone does not)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:  # a jax without this (private) probe: assume started
+        return True
+
+
+def reexec_environment(env: Mapping[str, str] | None = None, program: bool | None = None) -> dict[str, str] | None:
+    """The environment to re-execute this process with, or None when it should run as it is. ``program``: whether
+    this process is a program that may re-execute (default ``is_bagel_jax_program()``)."""
     env = os.environ if env is None else env
-    if env.get(OPT_OUT, "1").strip() == "0" or "jax" in sys.modules or not sys.platform.startswith("linux"):
+    if env.get(OPT_OUT, "1").strip() == "0" or not sys.platform.startswith("linux"):
+        return None
+    if not (is_bagel_jax_program() if program is None else program) or jax_started():
+        return None
+    if sys.argv[:1] in ([""], ["-"]):  # an interactive session or a program read from stdin cannot be run again
         return None
     version = glibc_version()
     if version is None or version < MIN_GLIBC or thp_mode() != "madvise" or not runs_on_cpu(env):
@@ -77,10 +103,11 @@ def reexec_environment(env: Mapping[str, str] | None = None) -> dict[str, str] |
     return None if tunables is None else {**env, "GLIBC_TUNABLES": tunables}
 
 
-def reexec_with_huge_pages() -> None:
+def reexec_with_huge_pages(program: bool | None = None) -> None:
     """Re-executes this process (same interpreter, same command line) with huge pages for glibc's large buffers,
-    where ``reexec_environment`` says so; returns otherwise. Call first thing in a program's main."""
-    env = reexec_environment()
+    where ``reexec_environment`` says so; returns otherwise. Call first thing in a program's main; a script that is
+    not a ``bagel_jax`` module passes ``program=True``."""
+    env = reexec_environment(program=program)
     if env is None:
         return
     argv = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:]]

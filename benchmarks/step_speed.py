@@ -16,16 +16,19 @@ Models: ``HxN`` = hidden H, N MoT layers, 4 q / 2 kv heads, MLP 4·H; ViT 3 × 6
 tiny_repro. Initialised from random weights (speed does not depend on them).
 
 Columns: model; pack (seq_len, and the mean real tokens of the timed rows); for each impl, the mean seconds of one
-step over ``--steps`` timed rows after one warm-up row (the compile), and tokens/s = real tokens ÷ seconds;
+step over ``--steps`` timed rows after one warm-up row (the compile), each step waited for, and tokens/s = real
+tokens ÷ seconds; "dispatched ahead": the mean seconds per step of the same rows dispatched back to back and waited
+for once, as bagel_jax.train's loop runs (the host's ``shard_batch`` and dispatch overlap the previous step);
 speed-up = reference seconds ÷ auto seconds. ``reference`` is the dense oracle over the whole row (an L × L mask per
 head) with the VAE encoding every image slot's full masked canvas (``model.vae.encode="masked"``) and the MLPs on
 [B, T, D] (``model.mlp_tokens="batched"``): this project's CPU step before ``auto``; ``auto`` resolves, on CPU, to
 the XLA block-sparse path (attention/gpu.py, 32-token tiles), the VAE encode by size (model/vae_batch.py: real
 images only), the MLPs on [B·T, D] (model/layers.py ``flat_mlp``) and the ViT on the used prefix of its patch slots
 (model/vit_prefix.py; the reference runs it on all ``max_vit_patches`` slots). Both compile with XLA's own
-convolutions (bagel_jax/xla_cpu.py). Times are wall clock on a machine that may be
-shared: rerun for stable numbers; the printed CPU s/step (process CPU time, all threads) is less sensitive to other
-jobs.
+convolutions (bagel_jax/xla_cpu.py); run as a program, this file re-executes itself once with glibc's huge-page
+tunable, as bagel_jax's CPU programs do (bagel_jax/huge_pages.py; ``BAGEL_JAX_HUGE_PAGES=0``: without). Times are
+wall clock on a machine that may be shared: rerun for stable numbers; the printed CPU s/step (process CPU time, all
+threads) is less sensitive to other jobs.
 
 Measured side by side with the official PyTorch code (2 cores, fp32: this file with ``--impls auto --models M
 --packs 1024,4096 --steps 5``, and ``benchmarks/official_step_speed.py`` with the same model, packs and steps,
@@ -66,7 +69,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: do not probe f
 if __name__ == "__main__":  # as bagel_jax runs on CPU: XLA's large buffers on huge pages (bagel_jax/huge_pages.py)
     from bagel_jax.huge_pages import reexec_with_huge_pages
 
-    reexec_with_huge_pages()
+    reexec_with_huge_pages(program=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -128,8 +131,11 @@ def bench_config(data_dir: str, seq_len: int, hidden: int, layers: int, impl: st
     return validate(c)
 
 
-def time_steps(config, batches) -> list[float]:
-    """Seconds of each train step on ``batches[1:]`` after one warm-up step on ``batches[0]`` (the compile)."""
+def time_steps(config, batches) -> tuple[list[float], float]:
+    """Seconds of each train step on ``batches[1:]`` after one warm-up step on ``batches[0]`` (the compile), each
+    waited for; then the mean seconds per step of the same rows dispatched back to back and waited for once at the
+    end, as bagel_jax.train's loop runs them (it waits only to log): the host's work for a step (``shard_batch``,
+    the dispatch) then overlaps the previous step's compute."""
     mesh, rules = make_mesh(config, jax.devices()[:1]), logical_rules(config)
     model, init_fn = make_init_fn(config)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
@@ -156,7 +162,14 @@ def time_steps(config, batches) -> list[float]:
             CPU_SECONDS.append(time.process_time() - cpu)
         if not np.isfinite(float(metrics["loss"])):
             raise RuntimeError(f"non-finite loss at step {i}")
-    return times
+    t = time.perf_counter()
+    for batch in batches[1:]:
+        state, metrics = step(state, shard_batch(batch, mesh, rules))
+    jax.block_until_ready((state, metrics))
+    ahead = (time.perf_counter() - t) / max(len(batches) - 1, 1)
+    if not np.isfinite(float(metrics["loss"])):
+        raise RuntimeError("non-finite loss after the steps dispatched ahead")
+    return times, ahead
 
 
 def main(argv=None):
@@ -188,10 +201,10 @@ def main(argv=None):
             batches = [next(rows_it) for _ in range(args.steps + 1)]
             real = float(np.mean([(np.asarray(b.doc) != 0).sum() for b in batches[1:]]))
             for hidden, layers in models:
-                secs = {}
+                secs, ahead = {}, {}
                 for impl in impls:
                     del CPU_SECONDS[:]
-                    times = time_steps(bench_config(data_dir, seq_len, hidden, layers, impl), batches)
+                    times, ahead[impl] = time_steps(bench_config(data_dir, seq_len, hidden, layers, impl), batches)
                     secs[impl] = float(np.mean(times))
                     cpu = list(CPU_SECONDS)
                     raw.append(
@@ -202,22 +215,25 @@ def main(argv=None):
                             impl=impl,
                             step_s=times,
                             step_cpu_s=cpu,
+                            step_ahead_s=ahead[impl],
                         )
                     )
                     print(
                         f"  {hidden}x{layers} L={seq_len} {impl}: {secs[impl]:.3f} s/step "
-                        f"({real / secs[impl]:.0f} tokens/s; {np.median(cpu):.3f} CPU s/step)",
+                        f"({real / secs[impl]:.0f} tokens/s; {np.median(cpu):.3f} CPU s/step; dispatched ahead "
+                        f"{ahead[impl]:.3f} s/step)",
                         flush=True,
                     )
-                rows.append((hidden, layers, seq_len, real, secs))
+                rows.append((hidden, layers, seq_len, real, secs, ahead))
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-    head = "| model | pack (real tokens) | " + " | ".join(f"{i} s/step | {i} tokens/s" for i in impls)
+    head = "| model | pack (real tokens) | "
+    head += " | ".join(f"{i} s/step | {i} tokens/s | {i} s/step dispatched ahead" for i in impls)
     head += " | speed-up |" if set(IMPLS) <= set(impls) else " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for hidden, layers, seq_len, real, secs in rows:
+    for hidden, layers, seq_len, real, secs, ahead in rows:
         cells = [f"{hidden}×{layers}", f"{seq_len} ({real:.0f})"]
-        cells += [c for i in impls for c in (f"{secs[i]:.3f}", f"{real / secs[i]:.0f}")]
+        cells += [c for i in impls for c in (f"{secs[i]:.3f}", f"{real / secs[i]:.0f}", f"{ahead[i]:.3f}")]
         if set(IMPLS) <= set(impls):
             cells.append(f"{secs['reference'] / secs['auto']:.1f}×")
         lines.append("| " + " | ".join(cells) + " |")

@@ -3,11 +3,14 @@ gets transparent huge pages for glibc's large buffers."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import subprocess
 import sys
+import types
 
+import jax
 import pytest
 
 from bagel_jax import huge_pages
@@ -37,20 +40,27 @@ def test_thp_mode(tmp_path):
     assert huge_pages.thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_no_reexec_once_jax_is_imported_or_opted_out():
-    """In this process jax is imported (a test, a notebook): it runs as started, whatever the environment says."""
-    assert "jax" in sys.modules
+def test_only_bagel_jax_programs_reexecute(monkeypatch):
+    """A test runner (this process), a notebook or another program importing bagel_jax runs as it started."""
+    assert not huge_pages.is_bagel_jax_program()
     assert huge_pages.reexec_environment({"JAX_PLATFORMS": "cpu"}) is None
     huge_pages.reexec_with_huge_pages()  # returns (does not replace the test process)
+    for name, ours in [("bagel_jax.train.__main__", True), ("bagel_jax.train.vae_train", True), ("pytest", False)]:
+        main = types.ModuleType("__main__")
+        main.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, "__main__", main)
+        assert huge_pages.is_bagel_jax_program() is ours
+    jax.devices()  # this process's backends are started: it runs as it is, even as a program
+    assert huge_pages.jax_started() and huge_pages.reexec_environment({"JAX_PLATFORMS": "cpu"}, program=True) is None
 
 
-def _child(env_extra: dict[str, str]) -> dict:
-    """A fresh process that calls reexec_with_huge_pages, then touches a 256 MiB malloc'd buffer (numpy) and reports
-    its tunables, argv and how much of its anonymous memory is on huge pages."""
+def _child(env_extra: dict[str, str], stdin: bool = False) -> dict:
+    """A fresh process (a program) that calls reexec_with_huge_pages, then touches a 256 MiB malloc'd buffer (numpy)
+    and reports its tunables, argv and how much of its anonymous memory is on huge pages."""
     code = (
         "import json, os, sys\n"
         "from bagel_jax import huge_pages\n"
-        "huge_pages.reexec_with_huge_pages()\n"
+        "huge_pages.reexec_with_huge_pages(program=True)\n"
         "import numpy as np\n"
         "a = np.empty(64 * 2**20, np.float32); a.fill(1.0)\n"
         "huge = 0\n"
@@ -61,8 +71,9 @@ def _child(env_extra: dict[str, str]) -> dict:
     )
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **env_extra}
     env.pop("GLIBC_TUNABLES", None)
+    argv = [sys.executable, "-", "--an-argument"] if stdin else [sys.executable, "-c", code, "--an-argument"]
     out = subprocess.run(
-        [sys.executable, "-c", code, "--an-argument"], env=env, capture_output=True, text=True, timeout=120, check=True
+        argv, input=code if stdin else None, env=env, capture_output=True, text=True, timeout=120, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -81,3 +92,5 @@ def test_cpu_program_reexecutes_with_huge_pages():
     assert off["tunables"] is None and off["huge_kib"] < got["huge_kib"], (off, got)
     accelerator = _child({"JAX_PLATFORMS": "tpu"})  # not a CPU program
     assert accelerator["tunables"] is None
+    from_stdin = _child({}, stdin=True)  # a program read from stdin cannot be run again: it runs as started
+    assert from_stdin["tunables"] is None and from_stdin["sum"] == got["sum"]
