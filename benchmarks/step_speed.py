@@ -33,22 +33,24 @@ threads) is less sensitive to other jobs.
 Measured side by side with the official PyTorch code (2 cores, fp32: this file with ``--impls auto --models M
 --packs 1024,4096 --steps 5``, and ``benchmarks/official_step_speed.py`` with the same model, packs and steps,
 ``--threads 2``, interleaved per model: ours, official, official, ours; the official packs are built by its own
-``PackedDataset`` loop from samples of the same layout and mixture; docs/EXPERIMENTS.md, ninth session):
+``PackedDataset`` loop from samples of the same layout and mixture; docs/EXPERIMENTS.md, eleventh session; each of
+our steps waited for; two runs 40 minutes apart, the host ~15% slower in the second):
 
-| model | pack | ours: real tokens, s/step (round 1 / 2) | official: real tokens, s/step | ours ÷ official tokens/s |
+| model | pack | ours: real tokens, s/step (run 1: rounds 1 / 2; run 2) | official: tokens, s/step | ours ÷ official |
 |---|---|---|---|---|
-| 96×3 | 1024 | 1003, 0.113 / 0.115 | 1014, 0.110 / 0.112 | 0.96× / 0.97× |
-| 256×4 | 1024 | 1003, 0.297 / 0.294 | 1014, 0.284 / 0.286 | 0.95× / 0.96× |
-| 512×8 | 1024 | 1003, 1.416 / 1.431 | 1014, 1.350 / 1.325 | 0.94× / 0.92× |
-| 96×3 | 4096 | 3965, 0.367 / 0.354 | 4083, 0.384 / 0.369 | 1.01× / 1.01× |
-| 256×4 | 4096 | 3965, 1.014 / 0.983 | 4083, 0.939 / 0.932 | 0.90× / 0.92× |
-| 512×8 | 4096 | 3965, 4.761 / 4.693 | 4083, 4.564 / 4.474 | 0.93× / 0.93× |
+| 96×3 | 1024 | 1003, 0.116 / 0.115; 0.118 / 0.116 | 1014, 0.108 / 0.111; 0.140 / 0.136 | 0.92 / 0.96×; 1.17 / 1.17× |
+| 256×4 | 1024 | 1003, 0.265 / 0.269; 0.302 / 0.309 | 1014, 0.277 / 0.279; 0.352 / 0.337 | 1.03 / 1.03×; 1.15 / 1.08× |
+| 512×8 | 1024 | 1003, 1.375 / 1.353; 1.554 / 1.549 | 1014, 1.379 / 1.298; 1.525 / 1.519 | 0.99 / 0.95×; 0.97 / 0.97× |
+| 96×3 | 4096 | 3965, 0.310 / 0.309; 0.344 / 0.341 | 4083, 0.343 / 0.384; 0.430 / 0.428 | 1.08 / 1.20×; 1.22 / 1.22× |
+| 256×4 | 4096 | 3965, 0.848 / 0.859; 1.013 / 0.988 | 4083, 0.935 / 0.950; 1.092 / 1.143 | 1.07 / 1.07×; 1.05 / 1.12× |
+| 512×8 | 4096 | 3965, 4.367 / 4.224; 4.575 / 4.778 | 4083, 4.387 / 4.307; 4.663 / 5.083 | 0.98 / 0.99×; 0.99 / 1.03× |
 
-The host was steady in that run (the two rounds agree within 3%); the previous session's, which drifted by ±15%,
-read 0.84–1.03× at 1K and 0.83–1.11× at 4K. Ours uses fewer CPU seconds per token than the official step at 96×3
-(ratio 1.12–1.22) but keeps its two cores less busy (~1.7 of 2 at 96×3 / 1K). The official figures are
-better than those in issue 27's table (e.g. 96×3 at 4K: 0.37–0.38 s for 4083 tokens against 1.037 s for 4030):
-that table's packs were built from another layout (its VAE encode of 34 images took 0.86 s).
+Dispatched ahead (run 2 only): 96×3 0.105 / 0.101 s at 1K (1.32 / 1.34×) but 0.360 / 0.382 at 4K; 256×4 0.292 /
+0.350 and 1.019 / 1.081; 512×8 1.424 / 1.410 and 4.661 / 4.705: on two cores the host's work for the next step
+competes with the step's own threads, so it helps the smallest steps most and can cost at 4K. Ours uses fewer CPU
+seconds per token than the official step (ratio 1.04–1.60). The official figures are better than those in issue
+27's table (e.g. 96×3 at 4K: 0.34–0.43 s for 4083 tokens against 1.037 s for 4030): that table's packs were built
+from another layout (its VAE encode of 34 images took 0.86 s).
 
 Against the dense reference (a loaded CPU, an earlier run): 96×3 / 1024: 12.546 → 0.734 s/step (17.1×); 96×3 /
 4096: 27.76 → 0.994 CPU s/step (27.9×).
