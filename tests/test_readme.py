@@ -173,7 +173,8 @@ def check_command(argv: list[str]) -> list[str]:
 # argparse entry points that take ``--config.KEY=VALUE`` overrides of their ``--config`` file themselves
 ARGPARSE_OVERRIDES = {ROOT / "bagel_jax" / "infer" / "cli.py"}
 
-COMMANDS = bash_commands(README.read_text())
+README_COMMANDS = bash_commands(README.read_text())
+COMMANDS = README_COMMANDS + bash_commands((ROOT / "docs" / "USAGE.md").read_text())  # README's, continued
 
 
 def _name(argv: list[str]) -> str:
@@ -186,7 +187,7 @@ def test_command_checks(argv):
 
 
 def test_first_block_is_install_test_train():
-    first = [" ".join(argv) for b, argv in COMMANDS if b == 0]
+    first = [" ".join(argv) for b, argv in README_COMMANDS if b == 0]
     assert first[0].startswith("pip install") and first[-1].startswith("python -m bagel_jax.train"), first
     test_line = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)[0].splitlines()[1]
     assert test_line.split("&&")[-1].strip() == "pytest -q -n 2", test_line
