@@ -179,8 +179,20 @@ def make_optimizer(train_cfg, params: Any) -> tuple[optax.GradientTransformation
 
 
 def trainable_global_norm(tree: Any, mask: Any) -> jax.Array:
-    """Global L2 norm over the leaves of ``tree`` where ``mask`` (a bool tree) is True; f32 scalar."""
-    leaves = [x for x, keep in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if keep]
+    """Global L2 norm over the leaves of ``tree`` where ``mask`` (a bool tree) is True; f32 scalar.
+
+    ``optax.tree.norm`` of those leaves in tree order: the very expression ``clip_by_global_norm`` computes, so XLA
+    computes it once and the fused update's clip sees the same bits.
+    """
+    leaves = [x.astype(jnp.float32) for x, keep in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if keep]
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    return optax.tree.norm(leaves)
+
+
+UPDATE_IMPLS = ("fused", "optax")
+
+
+def update_impl(config) -> str:
+    """``train.update_impl`` (an older config has none: ``fused``)."""
+    return config.train.get("update_impl", "fused")

@@ -32,10 +32,10 @@ from jax.sharding import PartitionSpec as P
 
 from bagel_jax import xla_cpu
 from bagel_jax.config import ConfigError
-from bagel_jax.convert import param_subtree
 from bagel_jax.parallel.mesh import batch_shards, batch_spec, use_mesh
-from bagel_jax.train.optim import trainable_global_norm
-from bagel_jax.train.state import TrainState, ema_update
+from bagel_jax.train.optim import trainable_global_norm, update_impl
+from bagel_jax.train.state import TrainState
+from bagel_jax.train.update import fused_update, optax_update
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]  # (params, batch, rng[, counts=]) -> (loss, aux)
 CountsFn = Callable[[Any], dict[str, jax.Array]]  # batch -> {term: f32 normaliser}, additive over rows
@@ -162,6 +162,7 @@ def make_train_step(
     k = check_accumulation(config, mesh, rules)
     decay = float(config.train.ema_decay)
     mask_leaves = jax.tree.leaves(trainable)
+    fused = update_impl(config) == "fused"
 
     def step_fn(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -170,23 +171,20 @@ def make_train_step(
         )
         grad_norm = trainable_global_norm(grads, trainable)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        updated = jax.tree.leaves(optax.apply_updates(state.params, updates))
-        params = jax.tree.unflatten(  # frozen leaves are passed through (no add of a zero update, no copy)
-            jax.tree.structure(state.params),
-            [u if keep else p for u, p, keep in zip(updated, jax.tree.leaves(state.params), mask_leaves, strict=True)],
-        )
-        ema = ema_update(state.ema_params, param_subtree.like(params, state.ema_params), decay)  # trainable leaves
-
-        def where_ok(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
+        if fused:  # one elementwise pass per leaf, the guard included (train/update.py); the same bits as the oracle
+            params, opt_state, ema = fused_update(
+                config.train, schedule, state.params, grads, state.opt_state, state.ema_params, mask_leaves, ok, decay
+            )
+        else:
+            params, opt_state, ema = optax_update(
+                optimizer, state.params, grads, state.opt_state, state.ema_params, mask_leaves, ok, decay
+            )
         bad = (~ok).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
-            params=where_ok(params, state.params),
-            opt_state=where_ok(opt_state, state.opt_state),
-            ema_params=where_ok(ema, state.ema_params),
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
             nonfinite_steps=state.nonfinite_steps + bad,
         )
         metrics = dict(
