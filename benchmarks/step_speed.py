@@ -24,7 +24,8 @@ head) with the VAE encoding every image slot's full masked canvas (``model.vae.e
 [B, T, D] (``model.mlp_tokens="batched"``): this project's CPU step before ``auto``; ``auto`` resolves, on CPU, to
 the XLA block-sparse path (attention/gpu.py, 32-token tiles), the VAE encode by size (model/vae_batch.py: real
 images only), the MLPs on [B·T, D] (model/layers.py ``flat_mlp``) and the ViT on the used prefix of its patch slots
-(model/vit_prefix.py; the reference runs it on all ``max_vit_patches`` slots). Both compile with XLA's own
+(model/vit_prefix.py; the reference runs it on all ``max_vit_patches`` slots) and the fused parameter update
+(train/update.py; the reference: optax's chain, ``train.update_impl="optax"``). Both compile with XLA's own
 convolutions (bagel_jax/xla_cpu.py); run as a program, this file re-executes itself once with glibc's huge-page
 tunable, as bagel_jax's CPU programs do (bagel_jax/huge_pages.py; ``BAGEL_JAX_HUGE_PAGES=0``: without). Times are
 wall clock on a machine that may be shared: rerun for stable numbers; the printed CPU s/step (process CPU time, all
@@ -33,24 +34,24 @@ threads) is less sensitive to other jobs.
 Measured side by side with the official PyTorch code (2 cores, fp32: this file with ``--impls auto --models M
 --packs 1024,4096 --steps 5``, and ``benchmarks/official_step_speed.py`` with the same model, packs and steps,
 ``--threads 2``, interleaved per model: ours, official, official, ours; the official packs are built by its own
-``PackedDataset`` loop from samples of the same layout and mixture; docs/EXPERIMENTS.md, eleventh session; each of
-our steps waited for; two runs 40 minutes apart, the host ~15% slower in the second):
+``PackedDataset`` loop from samples of the same layout and mixture; docs/EXPERIMENTS.md, twelfth session; each of
+our steps waited for, "ahead" in brackets; 512×8 / 1K run twice, minutes apart):
 
-| model | pack | ours: real tokens, s/step (run 1: rounds 1 / 2; run 2) | official: tokens, s/step | ours ÷ official |
+| model | pack | ours: real tokens, s/step, rounds 1 / 2 (ahead) | official: tokens, s/step | ours ÷ official |
 |---|---|---|---|---|
-| 96×3 | 1024 | 1003, 0.116 / 0.115; 0.118 / 0.116 | 1014, 0.108 / 0.111; 0.140 / 0.136 | 0.92 / 0.96×; 1.17 / 1.17× |
-| 256×4 | 1024 | 1003, 0.265 / 0.269; 0.302 / 0.309 | 1014, 0.277 / 0.279; 0.352 / 0.337 | 1.03 / 1.03×; 1.15 / 1.08× |
-| 512×8 | 1024 | 1003, 1.375 / 1.353; 1.554 / 1.549 | 1014, 1.379 / 1.298; 1.525 / 1.519 | 0.99 / 0.95×; 0.97 / 0.97× |
-| 96×3 | 4096 | 3965, 0.310 / 0.309; 0.344 / 0.341 | 4083, 0.343 / 0.384; 0.430 / 0.428 | 1.08 / 1.20×; 1.22 / 1.22× |
-| 256×4 | 4096 | 3965, 0.848 / 0.859; 1.013 / 0.988 | 4083, 0.935 / 0.950; 1.092 / 1.143 | 1.07 / 1.07×; 1.05 / 1.12× |
-| 512×8 | 4096 | 3965, 4.367 / 4.224; 4.575 / 4.778 | 4083, 4.387 / 4.307; 4.663 / 5.083 | 0.98 / 0.99×; 0.99 / 1.03× |
+| 96×3 | 1024 | 1003, 0.139 / 0.127 (0.112 / 0.109) | 1014, 0.127 / 0.131 | 0.91 / 1.02× (1.12 / 1.19×) |
+| 256×4 | 1024 | 1003, 0.288 / 0.293 (0.284 / 0.300) | 1014, 0.352 / 0.342 | 1.21 / 1.16× (1.23 / 1.13×) |
+| 512×8 | 1024 | 1003, 1.681 / 1.410; 1.346 / 1.343 | 1014, 1.489 / 1.497; 1.470 / 1.490 | 0.88 / 1.05×; 1.08 / 1.10× |
+| 96×3 | 4096 | 3965, 0.362 / 0.352 (0.334 / 0.317) | 4083, 0.447 / 0.427 | 1.20 / 1.18× (1.30 / 1.31×) |
+| 256×4 | 4096 | 3965, 1.016 / 1.155 (1.085 / 1.075) | 4083, 1.097 / 1.081 | 1.05 / 0.91× (0.98 / 0.98×) |
+| 512×8 | 4096 | 3965, 4.845 / 4.755 (4.903 / 4.651) | 4083, 4.945 / 4.923 | 0.99 / 1.01× (0.98 / 1.03×) |
 
-Dispatched ahead (run 2 only): 96×3 0.105 / 0.101 s at 1K (1.32 / 1.34×) but 0.360 / 0.382 at 4K; 256×4 0.292 /
-0.350 and 1.019 / 1.081; 512×8 1.424 / 1.410 and 4.661 / 4.705: on two cores the host's work for the next step
-competes with the step's own threads, so it helps the smallest steps most and can cost at 4K. Ours uses fewer CPU
-seconds per token than the official step (ratio 1.04–1.60). The official figures are better than those in issue
-27's table (e.g. 96×3 at 4K: 0.34–0.43 s for 4083 tokens against 1.037 s for 4030): that table's packs were built
-from another layout (its VAE encode of 34 images took 0.86 s).
+The host was noisy: the same code's 256×4 / 4K step took 1.016 and 1.155 s in one run, 512×8 / 1K 1.681 s in one
+round and 1.34–1.41 s in the three others. Dispatching ahead helps the smallest steps most and can cost at 4K, where
+the host's work for the next step competes with the step's own two threads. By process CPU seconds per token the
+ratio is 0.97–1.45 (0.97–1.17 at 512×8). The official figures are better than those in issue 27's table (e.g.
+96×3 at 4K: 0.34–0.45 s for 4083 tokens against 1.037 s for 4030): that table's packs were built from another
+layout (its VAE encode of 34 images took 0.86 s).
 
 Against the dense reference (a loaded CPU, an earlier run): 96×3 / 1024: 12.546 → 0.734 s/step (17.1×); 96×3 /
 4096: 27.76 → 0.994 CPU s/step (27.9×).
@@ -128,6 +129,7 @@ def bench_config(data_dir: str, seq_len: int, hidden: int, layers: int, impl: st
     c.model.vae.encode = "masked" if impl == "reference" else "auto"
     c.model.mlp_tokens = "batched" if impl == "reference" else "auto"
     c.model.vit_patches = "all" if impl == "reference" else "auto"
+    c.train.update_impl = "optax" if impl == "reference" else "fused"
     c.evals = {}
     c.train.update(sample_every=0, warmup_steps=1)
     return validate(c)

@@ -3,15 +3,15 @@
 ``optax_update`` (the oracle): ``optim.make_optimizer``'s transformation (global-norm clip, ``optax.adamw``,
 per-module lr factors), ``optax.apply_updates``, the EMA, then ``where(ok, new, old)`` over params, optimizer state
 and EMA, which drops a non-finite step. ``fused_update`` (the default): the same operations in the same order on
-each leaf, written as one elementwise expression per parameter: params and optimizer state are the same bit for bit,
-the EMA to float rounding (XLA:CPU contracts the oracle's EMA multiply-add into an FMA, ≤ 1 ulp a step; ``tests/test_update.py``), and the
-optimizer state keeps ``optax``'s tree (checkpoints do not change).
+each leaf, written as one elementwise expression per parameter. Equal to rounding, not bit for bit: XLA:CPU
+contracts some multiply-adds into FMAs in one program's fusions and not the other's (~1 ulp a step;
+``tests/test_update.py``). The optimizer state keeps ``optax``'s tree (checkpoints do not change).
 
 Why: written as optax's chain, XLA:CPU materialises each stage (the clipped gradient, the new moments, the update)
 and then selects old against new in separate passes; the selects read buffers the updates overwrite in place, so it
 also copies every param and moment at the start of the step. Here the guard is applied to the moments before the
 update reads them, and every output is written once, in place: at 512×8 (64M trainable f32 params) the update takes
-~0.19 s against ~0.37 s (torch's ``clip_grad_norm_`` + ``AdamW.step`` + EMA: ~0.29 s), DESIGN_NOTES 65.
+0.15 s against 0.31 s (torch's ``clip_grad_norm_`` + ``AdamW.step`` + EMA: 0.29 s), DESIGN_NOTES 65.
 """
 
 from __future__ import annotations
