@@ -129,7 +129,7 @@ def bench_config(data_dir: str, seq_len: int, hidden: int, layers: int, impl: st
     c.model.vae.encode = "masked" if impl == "reference" else "auto"
     c.model.mlp_tokens = "batched" if impl == "reference" else "auto"
     c.model.vit_patches = "all" if impl == "reference" else "auto"
-    c.train.update_impl = "optax" if impl == "reference" else "fused"
+    c.train.update_impl = "optax" if impl == "reference" else "auto"
     c.evals = {}
     c.train.update(sample_every=0, warmup_steps=1)
     return validate(c)

@@ -191,3 +191,13 @@ def test_bad_update_impl_is_one_line():
     config.train.update_impl = "adam"
     with pytest.raises(ConfigError, match=r"^train\.update_impl: "):
         validate(config)
+
+
+def test_auto_is_fused_on_one_device_and_optax_on_several():
+    config = T.toy_config()
+    assert config.train.update_impl == "auto"
+    assert optim.update_impl(config, 1) == "fused" and optim.update_impl(config, 8) == "optax"
+    config.train.update_impl = "fused"
+    assert optim.update_impl(config, 8) == "fused"
+    del config.train["update_impl"]  # a config saved before the key existed
+    assert optim.update_impl(config, 1) == "fused"

@@ -162,7 +162,7 @@ def make_train_step(
     k = check_accumulation(config, mesh, rules)
     decay = float(config.train.ema_decay)
     mask_leaves = jax.tree.leaves(trainable)
-    fused = update_impl(config) == "fused"
+    fused = update_impl(config, mesh.devices.size) == "fused"
 
     def step_fn(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
