@@ -190,9 +190,6 @@ def trainable_global_norm(tree: Any, mask: Any) -> jax.Array:
     return optax.tree.norm(leaves)
 
 
-UPDATE_IMPLS = ("auto", "fused", "optax")
-
-
 def update_impl(config, num_devices: int) -> str:
     """``train.update_impl`` resolved for a mesh of ``num_devices``: ``auto`` (and an older config, which has none) is
     ``fused`` on one device and ``optax`` on several: with the fused update, XLA:CPU's in-process collectives on an

@@ -21,6 +21,7 @@ step counter advances (the batch is consumed), ``nonfinite_steps`` counts it, me
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -162,7 +163,10 @@ def make_train_step(
     k = check_accumulation(config, mesh, rules)
     decay = float(config.train.ema_decay)
     mask_leaves = jax.tree.leaves(trainable)
-    fused = update_impl(config, mesh.devices.size) == "fused"
+    if update_impl(config, mesh.devices.size) == "fused":  # one elementwise pass per leaf, guard included
+        apply_update = functools.partial(fused_update, config.train, schedule)
+    else:  # the oracle: optax's chain, apply_updates, EMA, then old-vs-new selects (train/update.py)
+        apply_update = functools.partial(optax_update, optimizer)
 
     def step_fn(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -171,14 +175,9 @@ def make_train_step(
         )
         grad_norm = trainable_global_norm(grads, trainable)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-        if fused:  # one elementwise pass per leaf, the guard included (train/update.py); the same bits as the oracle
-            params, opt_state, ema = fused_update(
-                config.train, schedule, state.params, grads, state.opt_state, state.ema_params, mask_leaves, ok, decay
-            )
-        else:
-            params, opt_state, ema = optax_update(
-                optimizer, state.params, grads, state.opt_state, state.ema_params, mask_leaves, ok, decay
-            )
+        params, opt_state, ema = apply_update(
+            state.params, grads, state.opt_state, state.ema_params, mask_leaves, ok, decay
+        )
         bad = (~ok).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
