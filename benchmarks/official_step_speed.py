@@ -458,9 +458,12 @@ def make_step(model, ema, vae, lr: float, ema_decay: float):
     return step
 
 
-def time_steps(step, packs) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds of each step on ``packs[1:]`` after one warm-up step on ``packs[0]``."""
+def time_steps(step, packs, warm_pass: bool = False) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each step on ``packs[1:]`` after one warm-up step on ``packs[0]`` (with ``warm_pass``:
+    ``packs[1:]`` also run once untimed first, as step_speed.py's ``--warm_pass``)."""
     wall, cpu = [], []
+    for batch in packs if warm_pass else []:
+        step(batch)
     for i, batch in enumerate(packs):
         t, c = time.perf_counter(), time.process_time()
         loss = step(batch)
@@ -483,6 +486,11 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--warm_pass",
+        action="store_true",
+        help="steady state: run the timed packs once untimed after the warm-up, then time them",
+    )
     p.add_argument("--out", default="", help="also write the table and raw numbers as JSON here")
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.official_src, "modeling", "bagel", "bagel.py")):
@@ -495,7 +503,8 @@ def main(argv=None):
     patch_official()
     print(
         f"official BAGEL, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
-        f"act_ckpt={args.act_ckpt}; mean over {args.steps} packs after 1 warm-up pack",
+        f"act_ckpt={args.act_ckpt}; mean over {args.steps} packs after 1 warm-up pack"
+        f"{' and a warm pass over them' if args.warm_pass else ''}",
         flush=True,
     )
     rows, raw = [], []
@@ -505,11 +514,19 @@ def main(argv=None):
         docs = float(np.mean([len(b["sample_lens"]) for b in batches[1:]]))
         for hidden, layers in models:
             model, ema, vae = build(hidden, layers, args.act_ckpt, args.seed)
-            wall, cpu = time_steps(make_step(model, ema, vae, args.lr, args.ema), batches)
+            wall, cpu = time_steps(make_step(model, ema, vae, args.lr, args.ema), batches, args.warm_pass)
             secs = float(np.mean(wall))
             del model, ema, vae
             raw.append(
-                dict(model=f"{hidden}x{layers}", pack=pack, real_tokens=real, samples=docs, step_s=wall, step_cpu_s=cpu)
+                dict(
+                    model=f"{hidden}x{layers}",
+                    pack=pack,
+                    real_tokens=real,
+                    samples=docs,
+                    step_s=wall,
+                    step_cpu_s=cpu,
+                    warm_pass=args.warm_pass,
+                )
             )
             print(
                 f"  {hidden}x{layers} pack={pack} ({real:.0f} real tokens, {docs:.1f} samples): {secs:.3f} s/step "

@@ -135,11 +135,12 @@ def bench_config(data_dir: str, seq_len: int, hidden: int, layers: int, impl: st
     return validate(c)
 
 
-def time_steps(config, batches) -> tuple[list[float], float]:
+def time_steps(config, batches, warm_pass: bool = False) -> tuple[list[float], float]:
     """Seconds of each train step on ``batches[1:]`` after one warm-up step on ``batches[0]`` (the compile), each
     waited for; then the mean seconds per step of the same rows dispatched back to back and waited for once at the
     end, as bagel_jax.train's loop runs them (it waits only to log): the host's work for a step (``shard_batch``,
-    the dispatch) then overlaps the previous step's compute."""
+    the dispatch) then overlaps the previous step's compute. ``warm_pass``: all rows run once untimed first, so the
+    timed steps are in steady state (every branch the rows take has run once, the allocator has settled)."""
     mesh, rules = make_mesh(config, jax.devices()[:1]), logical_rules(config)
     model, init_fn = make_init_fn(config)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
@@ -157,6 +158,9 @@ def time_steps(config, batches) -> tuple[list[float], float]:
         batch_metrics_fn=lambda b: packing_stats(b.doc),
     )
     times = []
+    for batch in batches if warm_pass else []:  # untimed: the compile, and the one-time costs of the rows' first runs
+        state, metrics = step(state, shard_batch(batch, mesh, rules))
+    jax.block_until_ready(state)
     for i, batch in enumerate(batches):
         t, cpu = time.perf_counter(), time.process_time()
         state, metrics = step(state, shard_batch(batch, mesh, rules))
@@ -182,6 +186,11 @@ def main(argv=None):
     p.add_argument("--models", default="96x3,256x4", help="HIDDENxLAYERS, comma separated")
     p.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up)")
     p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument(
+        "--warm_pass",
+        action="store_true",
+        help="steady state: run the timed rows once untimed after the compile, then time them",
+    )
     p.add_argument("--out", default="", help="also write the table and raw numbers as JSON here")
     args = p.parse_args(argv)
     packs = [int(x) for x in args.packs.split(",")]
@@ -195,7 +204,7 @@ def main(argv=None):
         synthetic_shapes.build(data_dir, num_examples=800, seed=0, square=True)
         print(
             f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; auto → {resolve_impl('auto')}; "
-            f"mean over {args.steps} rows after 1 warm-up row",
+            f"mean over {args.steps} rows after 1 warm-up row{' and a warm pass over them' if args.warm_pass else ''}",
             flush=True,
         )
         for seq_len in packs:
@@ -208,7 +217,9 @@ def main(argv=None):
                 secs, ahead = {}, {}
                 for impl in impls:
                     del CPU_SECONDS[:]
-                    times, ahead[impl] = time_steps(bench_config(data_dir, seq_len, hidden, layers, impl), batches)
+                    times, ahead[impl] = time_steps(
+                        bench_config(data_dir, seq_len, hidden, layers, impl), batches, args.warm_pass
+                    )
                     secs[impl] = float(np.mean(times))
                     cpu = list(CPU_SECONDS)
                     raw.append(
@@ -220,6 +231,7 @@ def main(argv=None):
                             step_s=times,
                             step_cpu_s=cpu,
                             step_ahead_s=ahead[impl],
+                            warm_pass=args.warm_pass,
                         )
                     )
                     print(

@@ -201,3 +201,46 @@ def test_auto_is_fused_on_one_device_and_optax_on_several():
     assert optim.update_impl(config, 8) == "fused"
     del config.train["update_impl"]  # a config saved before the key existed
     assert optim.update_impl(config, 1) == "fused"
+
+
+def test_fused_update_on_a_sharded_mesh_has_the_oracles_collectives():
+    """On 8 devices (fsdp 4 × tensor 2, leaves sharded both ways, sharded on one axis and replicated) the fused update
+    compiles to exactly the oracle's collectives (the global norm's all-reduce: the update itself is per shard) and
+    gives its values; the state keeps its shardings."""
+    from collections import Counter
+
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("fsdp", "tensor"))
+    specs = [P("fsdp", "tensor"), P("tensor", None), P(None), P("fsdp", None), P("fsdp", "tensor", None), P(), P()]
+    shapes = [(8, 6), (4, 5), (5,), (8, 5), (8, 2, 3), (5, 7), (5, 6)]
+    rng = np.random.default_rng(0)
+    leaves = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+
+    def put(vals):
+        return _tree([jax.device_put(v, NamedSharding(mesh, s)) for v, s in zip(vals, specs, strict=True)])
+
+    params, grads = put(leaves), put([v * 0.3 + 0.1 for v in leaves])
+    cfg = _cfg(0.05, 0.1, "cosine", 2, {"und": 0.1}, ("vit",), 0.9, 0.95)
+    tx, schedule = optim.make_optimizer(cfg, params)
+    mask = optim.trainable_mask(params, tuple(cfg.freeze))
+    mask_leaves = jax.tree.leaves(mask)
+    ema = param_subtree.select(params, mask)
+    state = jax.jit(tx.init)(params)
+
+    def run(update):
+        ok = jnp.isfinite(optim.trainable_global_norm(grads, mask))
+        fn = jax.jit(lambda p, g, s, e, ok: update(p, g, s, e, mask_leaves, ok, 0.9))
+        compiled = fn.lower(params, grads, state, ema, ok).compile()
+        kinds = re.findall(
+            r" (all-gather|all-reduce|collective-permute|reduce-scatter|all-to-all)\(", compiled.as_text()
+        )
+        return Counter(kinds), compiled(params, grads, state, ema, ok)
+
+    fused_kinds, fused = run(lambda *a: fused_update(cfg, schedule, *a))
+    oracle_kinds, oracle = run(lambda *a: optax_update(tx, *a))
+    assert fused_kinds == oracle_kinds and set(fused_kinds) == {"all-reduce"}, (fused_kinds, oracle_kinds)
+    _assert_same(fused, oracle)
+    for new, old in zip(jax.tree.leaves(fused[0]), jax.tree.leaves(params), strict=True):
+        assert new.sharding.is_equivalent_to(old.sharding, new.ndim)
