@@ -2,7 +2,8 @@
 fp32, on packs comparable to benchmarks/step_speed.py's: the "official" column next to our step.
 
     python benchmarks/official_step_speed.py --official_src=/path/to/Bagel \\
-        [--models 96x3,256x4,512x8] [--packs 1024,4096] [--steps 5] [--threads 2] [--out official.json]
+        [--models 96x3,256x4,512x8] [--packs 1024,4096] [--steps 5] [--threads 2] [--warm_pass]
+        [--out official.json]
 
 ``--official_src`` is a checkout of github.com/ByteDance-Seed/Bagel (read at 056b5fd); nothing of it lives in this
 repository. Needs torch (CPU), transformers, einops, safetensors, pillow, numpy, pyarrow; torchvision, decord and
@@ -18,7 +19,7 @@ EMA update of a deep copy of the model (``_foreach_mul_ / _foreach_add_`` on the
 ``fsdp_ema_update``); ``zero_grad``. fp32 throughout, ``torch.set_num_threads`` (2). Timed: exactly that, per pack
 (wall clock, and process CPU time of all threads); the data pipeline (sample construction, ``pack_sequence``,
 ``to_tensor``) is not timed, as in ours. One warm-up step, then ``--steps`` timed steps, each on a new pack (the
-same packs for every model).
+same packs for every model); ``--warm_pass``: the timed packs also run once untimed first, as step_speed.py's.
 
 Packs, built by the OFFICIAL data code: ``PackedDataset.__iter__`` (data/dataset_base.py: mandatory groups, weighted
 group choice, the overflow buffer, ``pack_sequence``, ``to_tensor``) on an instance made with ``object.__new__``

@@ -1,6 +1,7 @@
 """Tokens/s of one full BAGEL train step on this machine's CPU: the dense attention oracle vs ``attention_impl="auto"``.
 
-    python benchmarks/step_speed.py [--packs 1024,4096] [--models 96x3,256x4] [--steps 3] [--out step_speed.json]
+    python benchmarks/step_speed.py [--packs 1024,4096] [--models 96x3,256x4] [--steps 3] [--warm_pass]
+        [--out step_speed.json]
 
 What one step is: ``make_train_step`` on the BAGEL loss exactly as the trainer runs it (forward of the frozen
 VAE encode, ViT, MoT LLM; CE + flow loss; backward; global-norm clip; AdamW; EMA), fp32, one packed row per step,
@@ -16,9 +17,11 @@ Models: ``HxN`` = hidden H, N MoT layers, 4 q / 2 kv heads, MLP 4·H; ViT 3 × 6
 tiny_repro. Initialised from random weights (speed does not depend on them).
 
 Columns: model; pack (seq_len, and the mean real tokens of the timed rows); for each impl, the mean seconds of one
-step over ``--steps`` timed rows after one warm-up row (the compile), each step waited for, and tokens/s = real
-tokens ÷ seconds; "dispatched ahead": the mean seconds per step of the same rows dispatched back to back and waited
-for once, as bagel_jax.train's loop runs (the host's ``shard_batch`` and dispatch overlap the previous step);
+step over ``--steps`` timed rows after one warm-up row (the compile; with ``--warm_pass`` the timed rows also run
+once untimed first: steady state, past each branch's first run and the allocator's first faults), each step waited
+for, and tokens/s = real tokens ÷ seconds; "dispatched ahead": the mean seconds per step of the same rows
+dispatched back to back and waited for once, as bagel_jax.train's loop runs (the host's ``shard_batch`` and
+dispatch overlap the previous step);
 speed-up = reference seconds ÷ auto seconds. ``reference`` is the dense oracle over the whole row (an L × L mask per
 head) with the VAE encoding every image slot's full masked canvas (``model.vae.encode="masked"``) and the MLPs on
 [B, T, D] (``model.mlp_tokens="batched"``): this project's CPU step before ``auto``; ``auto`` resolves, on CPU, to
@@ -52,6 +55,10 @@ the host's work for the next step competes with the step's own two threads. By p
 ratio is 0.97–1.45 (0.97–1.17 at 512×8). The official figures are better than those in issue 27's table (e.g.
 96×3 at 4K: 0.34–0.45 s for 4083 tokens against 1.037 s for 4030): that table's packs were built from another
 layout (its VAE encode of 34 images took 0.86 s).
+
+In steady state (``--warm_pass`` here and on the official side, the same protocol; docs/EXPERIMENTS.md, thirteenth
+session), ours ÷ official: 0.92–0.98 / 1.02–1.06 / 1.02–1.06× at 1K (96×3, 256×4, 512×8), 1.21–1.27 / 0.94–0.97 /
+1.03–1.08× at 4K; the official code gains as much from the warm pass as ours.
 
 Against the dense reference (a loaded CPU, an earlier run): 96×3 / 1024: 12.546 → 0.734 s/step (17.1×); 96×3 /
 4096: 27.76 → 0.994 CPU s/step (27.9×).
