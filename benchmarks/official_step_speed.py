@@ -463,8 +463,9 @@ def time_steps(step, packs, warm_pass: bool = False) -> tuple[list[float], list[
     """Wall and CPU seconds of each step on ``packs[1:]`` after one warm-up step on ``packs[0]`` (with ``warm_pass``:
     ``packs[1:]`` also run once untimed first, as step_speed.py's ``--warm_pass``)."""
     wall, cpu = [], []
-    for batch in packs if warm_pass else []:
-        step(batch)
+    if warm_pass:  # untimed: the one-time costs of the packs' first runs
+        for batch in packs:
+            step(batch)
     for i, batch in enumerate(packs):
         t, c = time.perf_counter(), time.process_time()
         loss = step(batch)

@@ -165,9 +165,10 @@ def time_steps(config, batches, warm_pass: bool = False) -> tuple[list[float], f
         batch_metrics_fn=lambda b: packing_stats(b.doc),
     )
     times = []
-    for batch in batches if warm_pass else []:  # untimed: the compile, and the one-time costs of the rows' first runs
-        state, metrics = step(state, shard_batch(batch, mesh, rules))
-    jax.block_until_ready(state)
+    if warm_pass:  # untimed: the compile, and the one-time costs of the rows' first runs
+        for batch in batches:
+            state, metrics = step(state, shard_batch(batch, mesh, rules))
+        jax.block_until_ready(state)
     for i, batch in enumerate(batches):
         t, cpu = time.perf_counter(), time.process_time()
         state, metrics = step(state, shard_batch(batch, mesh, rules))
