@@ -126,10 +126,14 @@ def host_batch_size(config) -> int:
 def shard_batch(host_batch: Any, mesh: Mesh, rules) -> Any:
     """Per-host numpy batch (pytree, leading dim = this host's rows) -> global ``jax.Array`` pytree.
 
-    Each host passes only its own rows; the global batch is their concatenation along dim 0.
+    Each host passes only its own rows; the global batch is their concatenation along dim 0. On one host the local
+    rows are the global batch: one ``device_put`` of the whole tree (one batched transfer; half the host time of a
+    per-leaf ``make_array_from_process_local_data``, which a step waits for when it is not dispatched ahead).
     """
     sharding = NamedSharding(mesh, batch_spec(rules))
     n_proc = jax.process_count()
+    if n_proc == 1:
+        return jax.device_put(jax.tree.map(np.asarray, host_batch), sharding)
 
     def put(x):
         x = np.asarray(x)
